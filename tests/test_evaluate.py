@@ -1,0 +1,173 @@
+"Integration tests of agenb.evaluate: the command line on prediction files, bad files, and RUN_DIR mode."
+import json, subprocess, sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from agenb import evaluate as ev
+
+PLOTS = ['scatter.png', 'error_hist.png', 'bland_altman.png', 'mae_by_age.png', 'residual_vs_age.png']
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, '-m', 'agenb.evaluate', *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def fake_preds(n_subj, seed, imgs=(3, 2, 1), shrink=0.6):
+    "Prediction table like predict_split's: uneven images per subject, predictions shrunk toward 50."
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_subj):
+        age = round(float(rng.uniform(5, 90)), 1)
+        for k in range(imgs[i % len(imgs)]):
+            rows.append({'path': f'/data/anon_{i}_{k + 1}.png', 'filename': f'anon_{i}_{k + 1}.png', 'subject': str(i),
+                         'age': age, 'pred': shrink * age + (1 - shrink) * 50 + rng.normal(0, 2)})
+    return pd.DataFrame(rows)
+
+
+def test_predictions_csv_cli(tmp_path):
+    # hand-checkable: errors +2, -2, +3, 0 over subjects 1 (2 images) and 2 (2 images)
+    p = tmp_path / 'preds.csv'
+    p.write_text('image,target,prediction\nanon_1_1.png,10,12\nanon_1_2.png,10,8\nanon_2_1.png,30,33\nanon_2_2.png,30,30\n')
+    r = cli('--predictions', p, '--out', tmp_path / 'out', '--train-mean-age', '25')
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
+    assert m['n_images'] == 4 and m['n_subjects'] == 2
+    assert m['overall']['mae'] == pytest.approx(1.75)
+    assert m['overall']['bias'] == pytest.approx(0.75)
+    assert m['subject_level']['mae'] == pytest.approx((0 + 1.5) / 2)   # subject means 10 and 31.5
+    assert m['baseline']['mae'] == pytest.approx(10.0) and m['baseline']['train_mean_age'] == 25
+    assert m['corrected'] is None and 'no validation' in m['bias_correction']['reason']
+    assert m['overall_metrics']['Accuracy_5years'] == pytest.approx(100.0)
+    assert [g['age_range'] for g in m['age_group_analysis']] == ['10-20', '30-40']
+    assert m['age_group_analysis'][0]['mean_pred_age'] == pytest.approx(10.0)
+    for f in ['predictions.csv', 'subject_predictions.csv', *PLOTS]:
+        assert (tmp_path / 'out' / f).stat().st_size > 0, f
+    pc = pd.read_csv(tmp_path / 'out' / 'predictions.csv')
+    assert list(pc.columns[:5]) == ['path', 'filename', 'subject', 'age', 'pred']
+    assert list(pc['error']) == [2.0, -2.0, 3.0, 0.0]
+    assert 'MAE 1.75' in r.stdout
+
+
+def test_legacy_json_cli_with_val(tmp_path):
+    test, val = fake_preds(12, 1), fake_preds(10, 2)
+    for name, df in [('test.json', test), ('val.json', val)]:
+        (tmp_path / name).write_text(json.dumps({'predictions': df['pred'].tolist(), 'targets': df['age'].tolist(),
+                                                 'filenames': df['filename'].tolist()}))
+    r = cli('--predictions', tmp_path / 'test.json', '--val-predictions', tmp_path / 'val.json', '--out', tmp_path / 'o')
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / 'o' / 'metrics.json').read_text())
+    assert m['n_subjects'] == 12 and m['subject_level']['n'] == 12
+    bc = m['bias_correction']
+    assert bc['applied'] and bc['fitted_on'] == 'val' and bc['n'] == len(val)
+    assert bc['a'] == pytest.approx(0.6, abs=0.1)
+    assert m['corrected']['mae'] < m['overall']['mae']            # raw and corrected both reported
+    assert m['overall']['slope'] < 0.75 and m['corrected']['slope'] == pytest.approx(1.0, abs=0.15)
+    pc = pd.read_csv(tmp_path / 'o' / 'predictions.csv')
+    np.testing.assert_allclose(pc['corrected'], (test['pred'] - bc['b']) / bc['a'])
+
+
+@pytest.mark.parametrize('name,content,msg', [
+    ('missing.csv', None, 'does not exist'),
+    ('cols.csv', 'x,y\n1,2\n', '--true-col'),
+    ('text.csv', 'age,pred\n30,31\n40,forty\n', "row 2 is 'forty'"),
+    ('nan.csv', 'age,pred\n30,31\n,41\n', 'row 2'),
+    ('empty.csv', '', 'cannot be read as CSV'),
+    ('header.csv', 'age,pred\n', 'no predictions'),
+    ('broken.json', '{"predictions": [1, 2', 'not valid JSON'),
+    ('uneven.json', '{"predictions": [1, 2], "targets": [1], "filenames": ["a", "b"]}', 'different lengths'),
+    ('scalar.json', '42', 'parallel lists'),
+])
+def test_bad_prediction_files(tmp_path, name, content, msg):
+    p = tmp_path / name
+    if content is not None: p.write_text(content)
+    r = cli('--predictions', p, '--out', tmp_path / 'o')
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith('agenb: error:') and msg in r.stderr and 'Traceback' not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / 'o' / 'metrics.json').exists()
+
+
+def test_cli_argument_errors(tmp_path):
+    r = cli('--predictions', tmp_path / 'x.csv')
+    assert r.returncode == 2 and '--out' in r.stderr
+    r = cli(tmp_path)                                              # not a run folder
+    assert r.returncode == 2 and 'no split.csv' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_bias_correction_fitted_on_val_only(monkeypatch):
+    test, val = fake_preds(15, 3), fake_preds(10, 4)
+    seen = []
+    real = ev.fit_bias_correction
+    def spy(t, p, **kw):
+        seen.append((np.asarray(t, float).copy(), np.asarray(p, float).copy())); return real(t, p, **kw)
+    monkeypatch.setattr(ev, 'fit_bias_correction', spy)
+    m1, d1, _ = ev._evaluate(test, val)
+    changed = test.assign(age=test['age'][::-1].to_numpy() + 11.0)   # other test labels
+    m2, d2, _ = ev._evaluate(changed, val)
+    assert len(seen) == 2
+    for t, p in seen:                                              # the fit only ever saw validation data
+        np.testing.assert_array_equal(t, val['age'].to_numpy()); np.testing.assert_array_equal(p, val['pred'].to_numpy())
+    assert m1['bias_correction'] == m2['bias_correction']
+    np.testing.assert_allclose(d1['corrected'], d2['corrected'])
+    assert m1['corrected']['mae'] != m2['corrected']['mae']       # metrics do use the (changed) labels
+
+
+def test_refused_correction_is_recorded():
+    test = fake_preds(6, 5)
+    val = fake_preds(6, 6).assign(pred=lambda d: 50 - 0.3 * d['age'])   # negative slope
+    m = ev.evaluate_predictions(test, val)
+    assert not m['bias_correction']['applied'] and 'below' in m['bias_correction']['reason']
+    assert m['corrected'] is None and m['corrected_subject_level'] is None and m['overall'] is not None
+
+
+def test_subject_level_uneven():
+    df = pd.DataFrame({'subject': ['b', 'a', 'b', 'c', 'a', 'b'], 'age': [40.0, 20, 40, 60, 20, 40],
+                       'pred': [42.0, 25, 44, 50, 19, 46]})
+    s = ev.subject_level(df).set_index('subject')
+    assert list(s.index) == ['b', 'a', 'c']
+    assert s.loc['b', 'pred'] == 44.0 and s.loc['a', 'pred'] == 22.0 and s.loc['c', 'pred'] == 50.0
+    assert list(s['n_images']) == [3, 2, 1]
+    m = ev.evaluate_predictions(df)
+    assert m['n_subjects'] == 3 and m['subject_level']['mae'] == pytest.approx((4 + 2 + 10) / 3)
+    assert m['overall']['mae'] == pytest.approx((2 + 5 + 4 + 10 + 1 + 6) / 6)
+
+
+def test_subject_pattern_matches_data_module():
+    data = pytest.importorskip('agenb.data')
+    assert ev.SUBJECT_PATTERN == data.DEFAULT_PATTERN
+
+
+def _fake_run(tmp_path):
+    run = tmp_path / 'run_20260101_000000'
+    run.mkdir()
+    parts = {'train': fake_preds(20, 7), 'val': fake_preds(8, 8), 'test': fake_preds(10, 9)}
+    split = pd.concat([d.assign(split=s) for s, d in parts.items()])
+    split[['path', 'filename', 'subject', 'age', 'split']].to_csv(run / 'split.csv', index=False)
+    return run, parts
+
+
+@pytest.mark.parametrize('which', ['test', 'val'])
+def test_run_dir_mode(tmp_path, monkeypatch, capsys, which):
+    train = pytest.importorskip('agenb.train')
+    run, parts = _fake_run(tmp_path)
+    calls = []
+    def fake_predict(run_dir, split='test', device='cpu'):
+        calls.append(split); return parts[split].assign(split=split)
+    monkeypatch.setattr(train, 'predict_split', fake_predict, raising=False)
+    m = ev.main([str(run), '--split', which])
+    prefix = '' if which == 'test' else 'val_'
+    saved = json.loads((run / f'{prefix}metrics.json').read_text())
+    assert saved['overall']['mae'] == pytest.approx(m['overall']['mae'])
+    assert saved['n_images'] == len(parts[which])
+    assert saved['baseline']['train_mean_age'] == pytest.approx(parts['train']['age'].mean())
+    for f in PLOTS: assert (run / f'{prefix}{f}').exists()
+    if which == 'test':
+        assert calls == ['test', 'val'] and saved['bias_correction']['applied']
+    else:
+        assert calls == ['val'] and saved['corrected'] is None
+        assert not (run / 'metrics.json').exists()                 # test files untouched
+    assert 'MAE' in capsys.readouterr().out

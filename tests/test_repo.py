@@ -1,0 +1,44 @@
+"""The repository's own promises: agenb/ is exactly what nbs/ exports, notebooks are clean, installs are pinned."""
+import shutil, subprocess, sys
+from pathlib import Path
+
+from conftest import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def _copy_repo(tmp_path):
+    dst = tmp_path / 'repo'
+    dst.mkdir()
+    for name in ('settings.ini', 'setup.py'): shutil.copy(ROOT / name, dst / name)
+    shutil.copytree(ROOT / 'nbs', dst / 'nbs', ignore=shutil.ignore_patterns('.ipynb_checkpoints'))
+    shutil.copytree(ROOT / 'agenb', dst / 'agenb', ignore=shutil.ignore_patterns('__pycache__'))
+    return dst
+
+
+def _tree(path, pattern):
+    return {p.relative_to(path).as_posix(): p.read_text() for p in sorted(path.glob(pattern))}
+
+
+def test_nbdev_export_reproduces_agenb(tmp_path):
+    repo = _copy_repo(tmp_path)
+    for p in (repo / 'agenb').glob('*.py'):
+        if p.name != '__init__.py': p.unlink()
+    r = subprocess.run([BIN / 'nbdev_export'], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert _tree(repo / 'agenb', '*.py') == _tree(ROOT / 'agenb', '*.py')
+
+
+def test_notebooks_are_clean(tmp_path):
+    repo = _copy_repo(tmp_path)
+    r = subprocess.run([BIN / 'nbdev_clean'], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert _tree(repo / 'nbs', '*.ipynb') == _tree(ROOT / 'nbs', '*.ipynb')
+
+
+def test_ci_calls_make_test_and_installs_are_pinned():
+    assert 'make test' in (ROOT / '.ci' / 'run').read_text()
+    lock = (ROOT / 'requirements.lock').read_text().splitlines()
+    pins = [l for l in lock if l.strip() and not l.startswith('#')]
+    assert pins and all('==' in l for l in pins)
+    assert 'torch==2.14.1' in pins and 'torchvision==0.29.1' in pins and 'nbdev==2.4.14' in pins
