@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 NBDEV_TEST_FLAGS ?=
 
-.PHONY: install test unit integration demo bench export clean-venv
+.PHONY: install test unit integration demo bench export readme
 
 $(STAMP): requirements.lock setup.py settings.ini
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,18 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-## make demo: generate the synthetic demo dataset, train the mae recipe on it, render the report
+## make demo: generate the synthetic demo dataset, train the mae recipe on it (nbs/train.ipynb via papermill),
+## render the run's report.html and print where it is
 demo: $(STAMP)
 	@test -f $(DEMO_DATA)/synth_meta.json || $(BIN)/python -m agenb.synth $(DEMO_DATA) --preset demo
 	$(BIN)/python -m agenb.data check --image-dir $(DEMO_DATA)/TA/Healthy/Images --excel-path $(DEMO_DATA)/TA/characteristics.xlsx
+	@mkdir -p runs
+	$(BIN)/papermill nbs/train.ipynb runs/demo_train.ipynb -k python3
+	@run=$$(ls -td runs/run_*/ | head -n 1); run=$${run%/}; \
+	 echo; echo "Demo run:      $$run"; \
+	 echo "Test metrics:  $$($(BIN)/python -c "import json,sys; m=json.load(open('$$run/metrics.json')); print(f\"MAE {m['overall']['mae']:.2f} years (always predicting the training mean: {m['baseline']['mae']:.2f})\")")"; \
+	 echo "Report:        $$run/report.html  (open it in a browser)"; \
+	 echo "Notebook:      runs/demo_train.ipynb"
 
 ## make bench: speed and accuracy benchmarks, results in bench/results.json
 bench: $(STAMP)
@@ -40,3 +48,7 @@ bench: $(STAMP)
 export: $(STAMP)
 	$(BIN)/nbdev_export
 	$(BIN)/nbdev_clean
+
+## make readme: README.md is the markdown of nbs/index.ipynb
+readme:
+	$(PYTHON) -c "import json; nb = json.load(open('nbs/index.ipynb')); open('README.md', 'w').write('\n\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown') + '\n')"

@@ -95,7 +95,7 @@ def test_preprocessing_record_and_validation():
     assert (d['roi'], d['mask_annotations']) == ('none', False)
     assert Preprocessing.from_dict(json.loads(json.dumps(d))) == p
     assert Preprocessing(interpolation='nearest').to_dict()['antialias'] is False
-    for bad in ({'roi': 'muscle'}, {'mask_annotations': True}, {'resize': 'crop'}, {'image_size': 0},
+    for bad in ({'roi': 'muscle'}, {'mask_annotations': 'yes'}, {'resize': 'crop'}, {'image_size': 0},
                 {'image_size': (1, 2, 3)}, {'std': (0, 1, 1)}):
         with pytest.raises(InputError):
             Preprocessing(**bad)

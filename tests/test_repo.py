@@ -42,3 +42,11 @@ def test_ci_calls_make_test_and_installs_are_pinned():
     pins = [l for l in lock if l.strip() and not l.startswith('#')]
     assert pins and all('==' in l for l in pins)
     assert 'torch==2.14.1' in pins and 'torchvision==0.29.1' in pins and 'nbdev==2.4.14' in pins
+
+
+def test_readme_is_generated_from_index():
+    import json
+    nb = json.loads((ROOT / 'nbs' / 'index.ipynb').read_text())
+    text = '\n\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown') + '\n'
+    assert (ROOT / 'README.md').read_text() == text, 'run make readme'
+    assert 'make demo' in text and 'make test' in text
