@@ -103,3 +103,13 @@ def test_unwritable_output_dir_fails_early(data_args, tmp_path):
         ro = tmp_path / 'ro'; ro.mkdir(); ro.chmod(0o500); target = ro / 'runs'
     r = agenb('train', *data_args, *TINY, '--output-dir', target)
     assert r.returncode == 2 and '--output-dir' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_checkpoint_of_another_architecture_or_size_is_refused(tiny_run, tmp_path):
+    run = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    cfg = json.loads((run / 'config.json').read_text()); cfg['status'] = 'interrupted'; cfg['args']['epochs'] = 4
+    (run / 'config.json').write_text(json.dumps(cfg))
+    for flag, value, needle in (('--arch', 'resnet34', "arch='resnet18'"), ('--image-size', '96', 'image_size=64')):
+        r = agenb('train', '--resume', run, flag, value)
+        assert r.returncode == 2 and needle in r.stderr and 'Traceback' not in r.stderr, r.stderr
