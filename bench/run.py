@@ -1,0 +1,521 @@
+#!/usr/bin/env python
+"""agenb speed and accuracy benchmark: `python bench/run.py` (or `make bench`) -> bench/results.json and a table.
+
+Sections (see bench/README.md for what each figure means):
+  loader      users' per-epoch PIL pipeline vs agenb's decode-once cache + per-batch tensor augmentation
+  efficiency  agenb Trainer.train_epoch vs the bare model step, and vs a minimal hand-written loop
+  ddp         torchrun 2 CPU processes (gloo) vs 1 process, via the trainer CLI
+  accuracy    the trainer CLI on the bench synthetic data set: test MAE vs the generator's oracle and the baseline
+
+`--quick` runs every section with tiny settings (a smoke test of the benchmark itself, figures meaningless).
+"""
+from __future__ import annotations
+import argparse, json, os, platform, shutil, statistics, subprocess, sys, time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / 'bench' / 'out'          # git-ignored: data sets, caches, run folders
+SECTIONS = ('loader', 'efficiency', 'ddp', 'accuracy')
+
+# Sizes: planned so the full benchmark fits in about 15 minutes on a 2-core CPU machine.
+FULL = dict(
+    data_preset='bench',
+    loader=dict(n_images=300, workers=2, batch_size=32, image_size=224, repeats=3),
+    efficiency=dict(n_images=192, image_size=128, batch_size=32, arch='resnet18', repeats=4),
+    ddp=dict(image_size=64, arch='resnet18', epochs=5, batch_size=32, subjects=100, timeout=900),
+    # epochs: as many as fit in budget_s, from the 1-process DDP run's epoch time (same model, size and batch)
+    accuracy=dict(arch='resnet18', image_size=64, batch_size=32, epochs='auto', budget_s=420, min_epochs=8,
+                  max_epochs=60, fallback_epochs=30, lr=1e-3, warmup_epochs=2, extra=[], timeout=1800),
+)
+QUICK = dict(
+    data_preset='quick',
+    loader=dict(n_images=48, workers=2, batch_size=16, image_size=224, repeats=3),
+    efficiency=dict(n_images=32, image_size=64, batch_size=16, arch='resnet18', repeats=3),
+    ddp=dict(image_size=48, arch='resnet18', epochs=4, batch_size=16, subjects=None, timeout=300),
+    accuracy=dict(arch='resnet18', image_size=48, batch_size=16, epochs='auto', budget_s=30, min_epochs=2,
+                  max_epochs=3, fallback_epochs=2, lr=1e-3, warmup_epochs=0, extra=[], timeout=300),
+)
+
+# --------------------------------------------------------------------------- helpers
+
+def summary(xs, digits=3):
+    "Median, min, max and the raw values of repeated measurements."
+    xs = [float(x) for x in xs]
+    r = lambda v: round(v, digits)
+    return {'median': r(statistics.median(xs)), 'min': r(min(xs)), 'max': r(max(xs)), 'n': len(xs),
+            'values': [r(x) for x in xs]}
+
+def loadavg():
+    try: return [round(x, 2) for x in os.getloadavg()]
+    except OSError: return None
+
+def machine_info():
+    import torch
+    cpu = None
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'): cpu = line.split(':', 1)[1].strip(); break
+    except OSError: pass
+    ram = None
+    try:
+        for line in Path('/proc/meminfo').read_text().splitlines():
+            if line.startswith('MemTotal'): ram = round(int(line.split()[1]) / 1024 ** 2, 1); break
+    except OSError: pass
+    try: usable = len(os.sched_getaffinity(0))
+    except AttributeError: usable = os.cpu_count()
+    import torchvision
+    return {'cpu_model': cpu or platform.processor() or platform.machine(), 'cores': os.cpu_count(),
+            'usable_cores': usable, 'ram_gib': ram, 'platform': platform.platform(), 'python': platform.python_version(),
+            'torch': torch.__version__, 'torchvision': torchvision.__version__, 'torch_threads': torch.get_num_threads(),
+            'cuda_available': torch.cuda.is_available(), 'date': datetime.now().isoformat(timespec='seconds'),
+            'loadavg_at_start': loadavg()}
+
+def ensure_data(preset, data_root=None):
+    "The synthetic data set the benchmark runs on (generated once under bench/out/)."
+    if data_root is not None:
+        root = Path(data_root)
+        if not (root / 'synth_meta.json').is_file(): sys.exit(f'bench: {root} has no synth_meta.json; give a folder written by agenb.synth')
+        return root
+    root = OUT / ('data' if preset == 'bench' else 'data_quick')
+    if not (root / 'synth_meta.json').is_file():
+        args = ['--preset', 'bench'] if preset == 'bench' else ['--preset', 'test', '--size', '480', '512']
+        print(f'bench: generating the synthetic data set in {root} ({" ".join(args)}) ...', flush=True)
+        if root.exists(): shutil.rmtree(root)
+        subprocess.run([sys.executable, '-m', 'agenb.synth', str(root), *args], check=True, cwd=ROOT)
+    return root
+
+def data_paths(root):
+    d = Path(root) / 'TA'
+    return d / 'Healthy' / 'Images', d / 'characteristics.xlsx'
+
+def trainer_options(root, **kw):
+    "Fully resolved trainer options (the CLI's defaults plus `kw`) for in-process measurements."
+    from agenb.train import resolve_options
+    image_dir, excel = data_paths(root)
+    return resolve_options(dict(image_dir=str(image_dir), excel_path=str(excel), pretrained=False, device='cpu',
+                                report=False, **kw))
+
+def augmentation_of(o):
+    "The Augmentation the trainer builds from options `o` (same mapping as agenb.train.prepare_data)."
+    from agenb.images import Augmentation
+    return Augmentation(rotation_deg=o.rotation, translate=o.translate, brightness=o.brightness,
+                        contrast=o.contrast, hflip_p=o.hflip, vflip_p=o.vflip)
+
+# --------------------------------------------------------------------------- 1. loader
+
+class UsersDataset:
+    "The users' way: PIL decode, .convert('RGB'), resize to 224, ToTensor, ImageNet normalisation, per item per epoch."
+    def __init__(self, paths, size):
+        import torchvision.transforms as T
+        from agenb.images import IMAGENET_MEAN, IMAGENET_STD
+        self.paths = paths
+        self.tf = T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    def __len__(self): return len(self.paths)
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.paths[i]) as im: return self.tf(im.convert('RGB'))
+
+def users_epoch(paths, cfg):
+    "Seconds for one epoch of the users' DataLoader (workers start per epoch, as with persistent_workers=False)."
+    import torch
+    dl = torch.utils.data.DataLoader(UsersDataset(paths, cfg['image_size']), batch_size=cfg['batch_size'],
+                                     shuffle=True, num_workers=cfg['workers'])
+    t0 = time.perf_counter(); n = 0
+    for x in dl: n += len(x)
+    assert n == len(paths) and tuple(x.shape[1:]) == (3, cfg['image_size'], cfg['image_size'])
+    return time.perf_counter() - t0
+
+def agenb_batches(images, prep, aug, batch_size, gen, parts=None):
+    """Seconds for one epoch of the trainer's per-batch work: index uint8 -> float -> Augmentation.apply -> normalize.
+    `parts` (dict) accumulates the seconds of each stage."""
+    import torch
+    pc = time.perf_counter
+    t0 = pc(); ti = ta = tn = 0.0
+    order = torch.randperm(len(images), generator=gen)
+    for i in range(0, len(images), batch_size):
+        t1 = pc(); x = images[order[i:i + batch_size]].float().div_(255)
+        t2 = pc(); x = aug.apply(x, gen)
+        t3 = pc(); x = prep.normalize(x)
+        t4 = pc(); ti += t2 - t1; ta += t3 - t2; tn += t4 - t3
+    assert x.shape[1] == 3
+    if parts is not None:
+        for k, v in (('index_float', ti), ('augment', ta), ('normalize', tn)): parts.setdefault(k, []).append(v)
+    return time.perf_counter() - t0
+
+def bench_loader(root, cfg):
+    import torch
+    from agenb.images import Preprocessing, load_images
+    image_dir, _ = data_paths(root)
+    paths = sorted(str(p) for p in image_dir.glob('*.png'))[:cfg['n_images']]
+    from PIL import Image
+    with Image.open(paths[0]) as im: src_size = list(im.size[::-1])
+    prep = Preprocessing(image_size=cfg['image_size'])
+    aug = augmentation_of(trainer_options(root))
+    gen = torch.Generator().manual_seed(0)
+    cache_root = OUT / 'loader_cache'
+    shutil.rmtree(cache_root, ignore_errors=True)
+    from agenb.images import Augmentation
+    users, cold_load, warm_load, batches, noaug, parts = [], [], [], [], [], {}
+    users_epoch(paths[:cfg['batch_size']], cfg)                      # warm-up: imports, page cache
+    for r in range(cfg['repeats']):
+        users.append(users_epoch(paths, cfg))
+        cdir = cache_root / f'r{r}'
+        info = {}
+        t0 = time.perf_counter()
+        images = load_images(paths, prep, cache_dir=cdir, num_threads=cfg['workers'], info=info)
+        cold_load.append(time.perf_counter() - t0)
+        assert info['cache_misses'] == len(paths), info
+        info = {}
+        t0 = time.perf_counter()
+        images = load_images(paths, prep, cache_dir=cdir, num_threads=cfg['workers'], info=info)
+        warm_load.append(time.perf_counter() - t0)
+        assert info['cache_hits'] == len(paths), info
+        batches.append(agenb_batches(images, prep, aug, cfg['batch_size'], gen, parts))
+        noaug.append(agenb_batches(images, prep, Augmentation(), cfg['batch_size'], gen))
+    shutil.rmtree(cache_root, ignore_errors=True)
+    n = len(paths)
+    ips = lambda ts: summary([n / t for t in ts], 1)
+    res = {
+        'settings': {**cfg, 'n_images': n, 'source_size_hw': src_size, 'augmentation': aug.to_dict(),
+                     'users_way': 'torch DataLoader(shuffle, num_workers=W), per item: PIL open, convert("RGB"), '
+                                  'Resize((S, S)), ToTensor, Normalize(ImageNet); workers restart every epoch',
+                     'agenb_way': 'load_images(paths, Preprocessing(S), cache_dir, num_threads=W) once, then per batch: '
+                                  'uint8 index -> float/255 -> Augmentation.apply (trainer defaults) -> Preprocessing.normalize',
+                     'main_process_torch_threads': torch.get_num_threads()},
+        'users_images_per_s': ips(users),
+        'agenb_cold_decode_images_per_s': ips(cold_load),
+        'agenb_warm_cache_load_images_per_s': ips(warm_load),
+        'agenb_batches_images_per_s': ips(batches),
+        # a whole first epoch: load (cold or warm cache) + one pass of per-batch work
+        'agenb_cold_first_epoch_images_per_s': ips([a + b for a, b in zip(cold_load, batches)]),
+        'agenb_warm_first_epoch_images_per_s': ips([a + b for a, b in zip(warm_load, batches)]),
+        'agenb_later_epochs_images_per_s': ips(batches),
+        # like for like with the users' way (which augments nothing): the same work without the augmentation
+        'agenb_no_augmentation_batches_images_per_s': ips(noaug),
+        'agenb_no_augmentation_warm_first_epoch_images_per_s': ips([a + b for a, b in zip(warm_load, noaug)]),
+        'agenb_batch_stage_ms_per_image': {k: summary([1000 * t / n for t in v], 3) for k, v in parts.items()},
+    }
+    pair = lambda ts: summary([u / t for u, t in zip(users, ts)], 2)
+    res['speedup_warm_first_epoch'] = pair([a + b for a, b in zip(warm_load, batches)])
+    res['speedup_cold_first_epoch'] = pair([a + b for a, b in zip(cold_load, batches)])
+    res['speedup_later_epochs'] = pair(batches)
+    res['speedup_warm_first_epoch_no_augmentation'] = pair([a + b for a, b in zip(warm_load, noaug)])
+    res['speedup_later_epochs_no_augmentation'] = pair(noaug)
+    return res
+
+# --------------------------------------------------------------------------- 2 + 3. efficiency and overhead
+
+def bench_efficiency(root, cfg):
+    import torch
+    from torch import nn
+    from agenb.train import Dist, Trainer, prepare_data, build_optimizer
+    from agenb.model import build_model
+    bs, n = cfg['batch_size'], cfg['n_images'] - cfg['n_images'] % cfg['batch_size']
+    o = trainer_options(root, arch=cfg['arch'], image_size=cfg['image_size'], batch_size=bs, epochs=1000,
+                        num_workers=2, cache_dir=str(OUT / 'cache'), warmup_epochs=0, scheduler='none')
+    d = Dist('cpu')
+    data = prepare_data(o, d, log=lambda *a: None)
+    data.idx['train'] = data.idx['train'][:n]                     # a fixed number of whole batches
+    assert len(data.idx['train']) == n
+    train_ages = data.ages[data.idx['train']]
+    mean_age = float(train_ages.mean())
+
+    def fresh_model():
+        torch.manual_seed(o.seed)
+        return build_model(o.arch, pretrained=False, dropout=o.dropout, init_bias=mean_age)
+
+    trainer = Trainer(o, data, d, fresh_model())
+
+    # bare step: forward + backward + optimizer step on one fixed random batch, no data work at all
+    bare_model = fresh_model().train()
+    bare_opt = build_optimizer(o, bare_model.parameters())
+    xb = torch.randn(bs, 3, o.image_size, o.image_size)
+    yb = train_ages[:bs].clone()
+    l1 = nn.L1Loss()
+    def bare_epoch():
+        t0 = time.perf_counter()
+        for _ in range(n // bs):
+            loss = l1(bare_model(xb).squeeze(1), yb)
+            loss.backward(); bare_opt.step(); bare_opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    # minimal hand-written loop: same data in memory, augmentation, optimizer, clipping and loss logging
+    hand_model = fresh_model()
+    hand_opt = build_optimizer(o, hand_model.parameters())
+    images, ages, idx = data.images, data.ages, torch.as_tensor(data.idx['train'])
+    aug, prep = data.aug, data.prep
+    gen = torch.Generator().manual_seed(1)
+    def hand_epoch():
+        hand_model.train()
+        t0 = time.perf_counter(); total = 0.0
+        perm = idx[torch.randperm(n, generator=gen)]
+        for i in range(0, n, bs):
+            b = perm[i:i + bs]
+            x = prep.normalize(aug.apply(images[b].float().div_(255), gen))
+            loss = l1(hand_model(x).squeeze(1), ages[b])
+            loss.backward()
+            nn.utils.clip_grad_norm_(hand_model.parameters(), o.max_grad_norm)
+            hand_opt.step(); hand_opt.zero_grad(set_to_none=True)
+            total += loss.item() * len(b)
+        return time.perf_counter() - t0
+
+    def agenb_epoch():
+        t0 = time.perf_counter()
+        trainer.train_epoch()
+        trainer.epoch += 1
+        return time.perf_counter() - t0
+
+    runs = {'bare': bare_epoch, 'hand': hand_epoch, 'agenb': agenb_epoch}
+    for f in runs.values(): f()                                   # warm-up (allocator, first-call costs)
+    times = {k: [] for k in runs}
+    order = list(runs)
+    for r in range(cfg['repeats']):                               # interleaved, rotating order: drift hits all alike
+        for k in order[r % 3:] + order[:r % 3]: times[k].append(runs[k]())
+    ips = lambda ts: summary([n / t for t in ts], 2)
+    return {
+        'settings': {**cfg, 'n_images': n, 'steps_per_epoch': n // bs, 'optimizer': o.optimizer, 'lr': o.lr,
+                     'weight_decay': o.weight_decay, 'max_grad_norm': o.max_grad_norm, 'loss': o.loss,
+                     'augmentation': data.aug.to_dict(), 'torch_threads': torch.get_num_threads(),
+                     'bare_step': 'fixed random (B,3,S,S) batch in memory; forward + L1 + backward + AdamW step; no clipping',
+                     'hand_loop': 'randperm, index uint8, /255, Augmentation.apply, normalize, forward, L1, backward, '
+                                  'clip_grad_norm_, AdamW step, loss.item()',
+                     'agenb': 'agenb.train.Trainer.train_epoch (prepare_data in memory, default augmentation)'},
+        'bare_step_images_per_s': ips(times['bare']),
+        'hand_loop_images_per_s': ips(times['hand']),
+        'agenb_epoch_images_per_s': ips(times['agenb']),
+        'pipeline_efficiency': summary([b / a for a, b in zip(times['agenb'], times['bare'])], 3),
+        'trainer_overhead': summary([a / h for a, h in zip(times['agenb'], times['hand'])], 3),
+    }
+
+# --------------------------------------------------------------------------- CLI runs (ddp, accuracy)
+
+def run_cli(cmd, env_extra, log_path, timeout):
+    "Run a trainer command line; returns the run folder it printed. Output goes to `log_path`."
+    env = {**os.environ, **env_extra, 'PYTHONUNBUFFERED': '1'}
+    t0 = time.perf_counter()
+    with open(log_path, 'w') as log:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True, timeout=timeout)
+    log_text = p.stdout
+    Path(log_path).with_suffix('.stdout').write_text(log_text)
+    if p.returncode != 0:
+        raise RuntimeError(f'{" ".join(cmd)} exited {p.returncode}; see {log_path}')
+    lines = [l for l in log_text.strip().splitlines() if l.strip()]
+    return Path(lines[-1].strip()), time.perf_counter() - t0
+
+def train_cmd(root, out_dir, name, **opts):
+    image_dir, excel = data_paths(root)
+    cmd = ['-m', 'agenb.train', '--image-dir', str(image_dir), '--excel-path', str(excel), '--no-pretrained',
+           '--device', 'cpu', '--no-report', '--checkpoint-every', '0', '--plot-interval', '100000',
+           '--cache-dir', str(OUT / 'cache'), '--output-dir', str(out_dir), '--run-name', name]
+    for k, v in opts.items():
+        flag = '--' + k.replace('_', '-')
+        if isinstance(v, bool): cmd.append(flag if v else '--no-' + flag[2:])
+        else: cmd += [flag, str(v)]
+    return cmd
+
+def ddp_data(root, cfg):
+    "A smaller data set of the same kind for the DDP runs (same generator, fewer subjects), or `root` itself."
+    if not cfg.get('subjects'): return Path(root)
+    d = OUT / f'data_ddp_{cfg["subjects"]}'
+    if not (d / 'synth_meta.json').is_file():
+        if d.exists(): shutil.rmtree(d)
+        subprocess.run([sys.executable, '-m', 'agenb.synth', str(d), '--subjects', str(cfg['subjects']),
+                        '--pathological', '0', '--size', '480', '512'], check=True, cwd=ROOT)
+    return d
+
+def bench_ddp(root, cfg):
+    root = ddp_data(root, cfg)
+    out_dir = OUT / 'ddp_runs'
+    shutil.rmtree(out_dir, ignore_errors=True)
+    common = dict(arch=cfg['arch'], image_size=cfg['image_size'], epochs=cfg['epochs'], patience=0,
+                  warmup_epochs=0)
+    res = {'settings': {**cfg, 'data_dir': str(root), 'backend': 'gloo', 'launcher': 'torchrun --standalone --nproc_per_node=2',
+                        'same_effective_batch': True,
+                        'throughput': 'training images / epoch_seconds from history.json (the epoch includes its '
+                                      'validation pass, sharded over the ranks); epoch 1 excluded (warm-up)'}}
+    # 1 process: both cores as intra-op threads; 2 processes: one thread each, half the batch each
+    variants = {
+        '1proc': ([sys.executable] + train_cmd(root, out_dir, 'p1', batch_size=cfg['batch_size'], num_workers=2, **common),
+                  {'OMP_NUM_THREADS': '2'}),
+        '2proc': ([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+                  + train_cmd(root, out_dir, 'p2', batch_size=cfg['batch_size'] // 2, num_workers=1, **common),
+                  {'OMP_NUM_THREADS': '1'}),   # train_cmd starts with `-m agenb.train`: torchrun's --module
+    }
+    ips = {}
+    for k, (cmd, env) in variants.items():
+        run_dir, wall = run_cli(cmd, env, OUT / f'ddp_{k}.log', cfg['timeout'])
+        hist = json.loads((run_dir / 'history.json').read_text())
+        conf = json.loads((run_dir / 'config.json').read_text())
+        n_train = conf['dataset']['train_samples']
+        secs = [h['epoch_seconds'] for h in hist]
+        ips[k] = [n_train / s for s in secs[1:]]
+        res[k] = {'omp_num_threads': int(env['OMP_NUM_THREADS']), 'world_size': conf['world_size'],
+                  'n_images': conf['dataset'].get('total_samples'),
+                  'batch_size_per_process': conf['training']['batch_size'],
+                  'effective_batch_size': conf['training']['effective_batch_size'], 'n_train': n_train,
+                  'epoch_seconds': [round(s, 2) for s in secs], 'images_per_s': summary(ips[k], 1),
+                  'wall_seconds_incl_startup': round(wall, 1), 'run_dir': str(run_dir.relative_to(ROOT))}
+    res['ddp_speedup'] = summary([b / a for a, b in zip(ips['1proc'], ips['2proc'])], 3)
+    return res
+
+def accuracy_epochs(root, cfg, res):
+    "The accuracy run's epochs: fixed, or as many as fit in the time budget at the 1-process DDP run's epoch time."
+    if cfg['epochs'] != 'auto': return cfg['epochs'], 'fixed'
+    d = res.get('ddp', {}).get('1proc')
+    same = d and all(res['ddp']['settings'][k] == cfg[k] for k in ('arch', 'image_size', 'batch_size'))
+    if not same: return cfg['fallback_epochs'], 'fixed fallback (no 1-process DDP run with the same model, size and batch)'
+    # the fastest epoch after the first: the machine's speed (a busy spell in one epoch would not shorten the run)
+    secs = min(d['epoch_seconds'][1:]) * 1.05                        # + a little for checkpoints between epochs
+    n_acc = json.loads((Path(root) / 'synth_meta.json').read_text())['counts']['TA']['Healthy']['images']
+    secs *= n_acc / d['n_images']                                    # the DDP data set may be smaller: scale
+    n = max(cfg['min_epochs'], min(cfg['max_epochs'], int(cfg['budget_s'] // secs)))
+    return n, f'{cfg["budget_s"]} s budget / {secs:.1f} s per epoch (fastest epoch of the 1-process DDP run, scaled to {n_acc} images), clamped to [{cfg["min_epochs"]}, {cfg["max_epochs"]}]'
+
+def bench_accuracy(root, cfg, res=None):
+    import pandas as pd
+    out_dir = OUT / 'accuracy_runs'
+    shutil.rmtree(out_dir, ignore_errors=True)
+    epochs, why = accuracy_epochs(root, cfg, res or {})
+    print(f'bench: accuracy run with {epochs} epochs ({why})', flush=True)
+    opts = dict(arch=cfg['arch'], image_size=cfg['image_size'], batch_size=cfg['batch_size'], epochs=epochs,
+                lr=cfg['lr'], warmup_epochs=cfg['warmup_epochs'], num_workers=2, loss='mae')
+    opts.update(cfg.get('options', {}))
+    cmd = [sys.executable] + train_cmd(root, out_dir, 'acc', **opts) + list(cfg.get('extra', []))
+    run_dir, wall = run_cli(cmd, {'OMP_NUM_THREADS': str(os.cpu_count() or 1)}, OUT / 'accuracy.log', cfg['timeout'])
+    m = json.loads((run_dir / 'metrics.json').read_text())
+    conf = json.loads((run_dir / 'config.json').read_text())
+    hist = json.loads((run_dir / 'history.json').read_text())
+    meta = json.loads((Path(root) / 'synth_meta.json').read_text())
+    # the oracle on exactly the test images (synth_latents.csv holds its prediction for every healthy image)
+    pred = pd.read_csv(run_dir / 'predictions.csv')
+    lat = pd.read_csv(Path(root) / 'synth_latents.csv')
+    lat = lat[(lat.muscle == 'TA') & (lat.cohort == 'Healthy')][['filename', 'oracle_pred']]
+    j = pred.merge(lat, on='filename', how='left')
+    assert j.oracle_pred.notna().all() and len(j) == len(pred)
+    oracle_test = float((j.oracle_pred - j.age).abs().mean())
+    mae, base = m['overall']['mae'], m['baseline']['mae']
+    a = conf['args']
+    return {
+        'settings': {k: a[k] for k in ('arch', 'pretrained', 'image_size', 'batch_size', 'epochs', 'lr', 'weight_decay',
+                                       'optimizer', 'scheduler', 'warmup_epochs', 'max_grad_norm', 'patience', 'loss',
+                                       'rotation', 'translate', 'brightness', 'contrast', 'hflip', 'vflip', 'dropout', 'seed')},
+        'epochs_chosen_by': why,
+        'recipe': 'mae recipe (AdamW, warmup + cosine, clipping 1.0, L1) with the settings above; ImageNet weights '
+                  'are not reachable offline, so the model starts from scratch',
+        'n_test_images': m['n_images'], 'n_test_subjects': m['n_subjects'],
+        'test_mae': round(mae, 3), 'test_rmse': round(m['overall']['rmse'], 3),
+        'test_pearson_r': m['overall'].get('pearson_r'),
+        'subject_level_mae': (m.get('subject_level') or {}).get('mae'),
+        'bias_corrected_mae': (m.get('corrected') or {}).get('mae'),
+        'best_epoch': conf.get('best_epoch'), 'best_val_mae': conf.get('best_val_mae'),
+        'epochs_completed': conf.get('epochs_completed'), 'stop_reason': conf.get('stop_reason'),
+        'val_mae_per_epoch': [round(h['val_mae'], 2) for h in hist],
+        'median_epoch_seconds': round(statistics.median(h['epoch_seconds'] for h in hist), 2),
+        'wall_seconds': round(wall, 1),
+        'oracle_mae_all_images': round(meta['oracle_mae'], 3), 'oracle_mae_test_images': round(oracle_test, 3),
+        'baseline_mae': round(base, 3), 'baseline': m['baseline'],
+        'mae_over_oracle': round(mae / oracle_test, 3), 'mae_over_oracle_all_images': round(mae / meta['oracle_mae'], 3),
+        'mae_over_baseline': round(mae / base, 3), 'run_dir': str(run_dir.relative_to(ROOT)),
+    }
+
+# --------------------------------------------------------------------------- report
+
+def print_table(res):
+    rows = []
+    def add(name, s, unit=''):
+        if s is None: return
+        rows.append((name, f"{s['median']:.3g}{unit}", f"{s['min']:.3g} .. {s['max']:.3g}", str(s['n'])))
+    L = res.get('loader')
+    if L:
+        add('loader: users\' way, images/s', L['users_images_per_s'])
+        add('loader: agenb cold cache, first epoch, images/s', L['agenb_cold_first_epoch_images_per_s'])
+        add('loader: agenb warm cache, first epoch, images/s', L['agenb_warm_first_epoch_images_per_s'])
+        add('loader: agenb later epochs, images/s', L['agenb_later_epochs_images_per_s'])
+        add('loader speedup, warm cache, first epoch, with augmentation', L['speedup_warm_first_epoch'], 'x')
+        add('loader speedup, cold cache', L['speedup_cold_first_epoch'], 'x')
+        add('loader speedup, later epochs', L['speedup_later_epochs'], 'x')
+        add('loader speedup, warm cache, no augmentation (like for like)', L['speedup_warm_first_epoch_no_augmentation'], 'x')
+        add('loader_speedup: later epochs, no augmentation (like for like)', L['speedup_later_epochs_no_augmentation'], 'x')
+        for k, v in L['agenb_batch_stage_ms_per_image'].items(): add(f'  agenb per-batch stage {k}, ms/image', v)
+    E = res.get('efficiency')
+    if E:
+        add('bare model step, images/s', E['bare_step_images_per_s'])
+        add('hand-written loop, images/s', E['hand_loop_images_per_s'])
+        add('agenb Trainer.train_epoch, images/s', E['agenb_epoch_images_per_s'])
+        add('pipeline_efficiency (agenb / bare)', E['pipeline_efficiency'])
+        add('trainer_overhead (agenb time / hand time)', E['trainer_overhead'])
+    D = res.get('ddp')
+    if D:
+        add('DDP 1 process (OMP 2), images/s', D['1proc']['images_per_s'])
+        add('DDP 2 processes (OMP 1 each), images/s', D['2proc']['images_per_s'])
+        add('ddp_speedup (2 / 1)', D['ddp_speedup'], 'x')
+    A = res.get('accuracy')
+    if A:
+        rows.append(('test MAE (years)', f"{A['test_mae']:.3f}", '', '1'))
+        rows.append(('oracle MAE, test images / all images', f"{A['oracle_mae_test_images']:.3f} / {A['oracle_mae_all_images']:.3f}", '', ''))
+        rows.append(('baseline MAE (train mean)', f"{A['baseline_mae']:.3f}", '', ''))
+        rows.append(('mae_over_oracle / mae_over_baseline', f"{A['mae_over_oracle']:.3f} / {A['mae_over_baseline']:.3f}", '', ''))
+    w = max(len(r[0]) for r in rows) if rows else 10
+    print(f"\n{'figure':<{w}}  {'median':>12}  {'min .. max':>20}  n")
+    for r in rows: print(f'{r[0]:<{w}}  {r[1]:>12}  {r[2]:>20}  {r[3]}')
+    m = res['machine']
+    print(f"\nmachine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB, torch {m['torch']} "
+          f"({m['torch_threads']} threads), {m['date']}; load average start {m['loadavg_at_start']} end {m.get('loadavg_at_end')}")
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--quick', action='store_true', help='tiny settings: checks the benchmark runs, figures are meaningless')
+    p.add_argument('--only', nargs='+', choices=SECTIONS, help='run only these sections')
+    p.add_argument('--data-dir', help='an existing agenb.synth folder (default: generated under bench/out/)')
+    p.add_argument('--out', help='results file (default bench/results.json; with --quick bench/out/results_quick.json)')
+    p.add_argument('--accuracy-epochs', type=int, help='override the accuracy run\'s epochs')
+    a = p.parse_args(argv)
+    cfg = QUICK if a.quick else FULL
+    if a.accuracy_epochs: cfg['accuracy']['epochs'] = a.accuracy_epochs
+    out = Path(a.out) if a.out else (OUT / 'results_quick.json' if a.quick else ROOT / 'bench' / 'results.json')
+    OUT.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    t_start = time.perf_counter()
+    res = {'machine': machine_info(), 'quick': a.quick}
+    root = ensure_data(cfg['data_preset'], a.data_dir)
+    meta = json.loads((root / 'synth_meta.json').read_text())
+    res['data'] = {'dir': str(root), 'preset': meta.get('preset'), 'params': meta.get('params'),
+                   'oracle_mae': meta.get('oracle_mae'), 'counts': meta.get('counts')}
+    fns = {'loader': bench_loader, 'efficiency': bench_efficiency, 'ddp': bench_ddp, 'accuracy': bench_accuracy}
+    res['section_seconds'], res['section_loadavg'] = {}, {}
+    for name in (a.only or SECTIONS):
+        print(f'bench: {name} ...', flush=True)
+        t0 = time.perf_counter(); la0 = loadavg()
+        res[name] = fns[name](root, cfg[name], res) if name == 'accuracy' else fns[name](root, cfg[name])
+        res['section_seconds'][name] = round(time.perf_counter() - t0, 1)
+        res['section_loadavg'][name] = {'start': la0, 'end': loadavg()}
+        print(f'bench: {name} done in {res["section_seconds"][name]:.0f} s', flush=True)
+    g = lambda sec, *keys: _dig(res.get(sec), keys)
+    head = {'loader_speedup': g('loader', 'speedup_later_epochs_no_augmentation', 'median'),
+            'loader_speedup_definition': ('per-epoch images/s once the images are decoded (warm cache, in memory), '
+                                          'same work on both sides (decode/resize vs index, normalise; no augmentation, '
+                                          'as the users\' loader had none); the other loader figures are under "loader"'),
+            'pipeline_efficiency': g('efficiency', 'pipeline_efficiency', 'median'),
+            'trainer_overhead': g('efficiency', 'trainer_overhead', 'median'),
+            'ddp_speedup': g('ddp', 'ddp_speedup', 'median'),
+            'mae_over_oracle': g('accuracy', 'mae_over_oracle'),
+            'mae_over_baseline': g('accuracy', 'mae_over_baseline')}
+    res['machine']['loadavg_at_end'] = loadavg()
+    res['total_seconds'] = round(time.perf_counter() - t_start, 1)
+    res = {**head, 'machine': res.pop('machine'), **res}
+    from agenb.core import atomic_write_json
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, res)
+    print_table(res)
+    print(f'\nwrote {out} in {res["total_seconds"]:.0f} s')
+    return 0
+
+def _dig(d, keys):
+    for k in keys:
+        if not isinstance(d, dict): return None
+        d = d.get(k)
+    return d
+
+if __name__ == '__main__':
+    sys.exit(main())
