@@ -20,21 +20,39 @@ def test_images(tiny_run, tmp_path_factory):
     return d
 
 
+A, B = 0.8, 5.0  # a bias correction the copied run is given, so the corrected path is always exercised
+
+
 @pytest.fixture(scope='module')
-def predicted(tiny_run, test_images, data_args, tmp_path_factory):
+def corrected_run(tiny_run, tmp_path_factory):
+    """A copy of the tiny run whose validation fit is a known, applied correction (a 2-epoch model's own fit on 3
+    validation subjects may be refused), with its files made consistent with it."""
+    run = tmp_path_factory.mktemp('corrected') / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    m = json.loads((run / 'metrics.json').read_text())
+    m['bias_correction'] = {**m['bias_correction'], 'a': A, 'b': B, 'applied': True, 'reason': None}
+    m['corrected'] = m['corrected_subject_level'] = None  # not recomputed here: those comparisons are skipped
+    (run / 'metrics.json').write_text(json.dumps(m))
+    pred = pd.read_csv(run / 'predictions.csv', dtype={'subject': str})
+    pred.assign(corrected=(pred.pred - B) / A).to_csv(run / 'predictions.csv', index=False)
+    return run
+
+
+@pytest.fixture(scope='module')
+def predicted(corrected_run, test_images, data_args, tmp_path_factory):
     "One prediction with the spreadsheet: (output folder, CompletedProcess)."
     out = tmp_path_factory.mktemp('pred')
     excel = data_args[data_args.index('--excel-path') + 1]
-    r = agenb('predict', tiny_run, '--image-dir', test_images, '--excel-path', excel, '--cohort', 'Healthy',
+    r = agenb('predict', corrected_run, '--image-dir', test_images, '--excel-path', excel, '--cohort', 'Healthy',
               '--out', out / 'new.csv')
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 
 
-def test_reproduces_the_runs_predictions(tiny_run, predicted):
+def test_reproduces_the_runs_predictions(corrected_run, predicted):
     out, _ = predicted
     new = pd.read_csv(out / 'new.csv', dtype={'subject': str})
-    run = pd.read_csv(tiny_run / 'predictions.csv', dtype={'subject': str})
+    run = pd.read_csv(corrected_run / 'predictions.csv', dtype={'subject': str})
     assert len(new) == len(run) > 0
     m = run.merge(new, on='filename', suffixes=('_run', '_new'))
     assert len(m) == len(run)
@@ -54,10 +72,10 @@ def test_one_row_per_subject(predicted):
     assert {'pred_sd', 'corrected', 'age'} <= set(subj.columns)
 
 
-def test_metrics_match_the_run(tiny_run, predicted):
+def test_metrics_match_the_run(corrected_run, predicted):
     out, r = predicted
     mine = json.loads((out / 'new_metrics.json').read_text())
-    run = json.loads((tiny_run / 'metrics.json').read_text())
+    run = json.loads((corrected_run / 'metrics.json').read_text())
     assert mine['bias_correction']['a'] == run['bias_correction']['a']
     for k in ('overall', 'subject_level', 'corrected', 'corrected_subject_level'):
         if run.get(k) is None: continue
@@ -65,7 +83,7 @@ def test_metrics_match_the_run(tiny_run, predicted):
             assert abs(mine[k][stat] - run[k][stat]) < 1e-4, (k, stat)
     assert 'MAE' in r.stdout and 'subjects' in r.stdout
     info = json.loads((out / 'new.json').read_text())
-    assert info['checkpoint_sha256'] == file_sha256(tiny_run / 'best_model.pth')
+    assert info['checkpoint_sha256'] == file_sha256(corrected_run / 'best_model.pth')
     assert info['tta']['enabled'] is False and info['skipped'] == []
     assert info['preprocessing']['image_size'] == 64 and info['n_predicted'] == len(pd.read_csv(out / 'new.csv'))
 

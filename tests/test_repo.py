@@ -1,10 +1,12 @@
 """The repository's own promises: agenb/ is exactly what nbs/ exports, notebooks are clean, installs are pinned."""
-import shutil, subprocess, sys
+import os, shutil, subprocess, sys
 from pathlib import Path
 
 from conftest import ROOT
 
 BIN = Path(sys.executable).parent
+# nbdev's test_nb (run in-process by another test) sets IN_TEST=1, which turns nbdev_export into a no-op
+ENV = {k: v for k, v in os.environ.items() if k != 'IN_TEST'}
 
 
 def _copy_repo(tmp_path):
@@ -24,14 +26,14 @@ def test_nbdev_export_reproduces_agenb(tmp_path):
     repo = _copy_repo(tmp_path)
     for p in (repo / 'agenb').glob('*.py'):
         if p.name != '__init__.py': p.unlink()
-    r = subprocess.run([BIN / 'nbdev_export'], cwd=repo, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([BIN / 'nbdev_export'], cwd=repo, capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
     assert _tree(repo / 'agenb', '*.py') == _tree(ROOT / 'agenb', '*.py')
 
 
 def test_notebooks_are_clean(tmp_path):
     repo = _copy_repo(tmp_path)
-    r = subprocess.run([BIN / 'nbdev_clean'], cwd=repo, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([BIN / 'nbdev_clean'], cwd=repo, capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
     assert _tree(repo / 'nbs', '*.ipynb') == _tree(ROOT / 'nbs', '*.ipynb')
 
