@@ -216,7 +216,7 @@ def bench_efficiency(root, cfg):
     o = trainer_options(root, arch=cfg['arch'], image_size=cfg['image_size'], batch_size=bs, epochs=1000,
                         num_workers=2, cache_dir=str(OUT / 'cache'), warmup_epochs=0, scheduler='none')
     d = Dist('cpu')
-    data = prepare_data(o, d, log=lambda *a: None)
+    data = prepare_data(o)
     data.idx['train'] = data.idx['train'][:n]                     # a fixed number of whole batches
     assert len(data.idx['train']) == n
     train_ages = data.ages[data.idx['train']]
