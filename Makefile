@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 NBDEV_TEST_FLAGS ?=
 
-.PHONY: install test unit integration demo bench export readme
+.PHONY: install test unit integration demo bench export readme outputs
 
 $(STAMP): requirements.lock setup.py settings.ini
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ demo: $(STAMP)
 	@test -f $(DEMO_DATA)/synth_meta.json || $(BIN)/python -m agenb.synth $(DEMO_DATA) --preset demo
 	$(BIN)/python -m agenb.data check --image-dir $(DEMO_DATA)/TA/Healthy/Images --excel-path $(DEMO_DATA)/TA/characteristics.xlsx
 	@mkdir -p runs
-	$(BIN)/papermill nbs/train.ipynb runs/demo_train.ipynb -k python3
+	$(BIN)/papermill --engine agenb nbs/train.ipynb runs/demo_train.ipynb -k python3
 	@run=$$(ls -td runs/run_*/ | head -n 1); run=$${run%/}; \
 	 echo; echo "Demo run:      $$run"; \
 	 echo "Test metrics:  $$($(BIN)/python -c "import json,sys; m=json.load(open('$$run/metrics.json')); print(f\"MAE {m['overall']['mae']:.2f} years (always predicting the training mean: {m['baseline']['mae']:.2f})\")")"; \
@@ -47,6 +47,12 @@ bench: $(STAMP)
 ## make export: regenerate agenb/ from nbs/ and clean the notebooks (run after editing a notebook)
 export: $(STAMP)
 	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+
+## make outputs: re-execute chapters in place so they keep their figures and tables (slow/gpu cells skipped)
+NBS ?= $(wildcard nbs/[0-9][0-9]_*.ipynb)
+outputs: $(STAMP)
+	$(BIN)/python tools/execute_notebooks.py $(NBS)
 	$(BIN)/nbdev_clean
 
 ## make readme: README.md is the markdown of nbs/index.ipynb

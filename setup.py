@@ -11,5 +11,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['agenb', 'agenb.*']),
     python_requires='>=' + cfg['min_python'],
     install_requires=cfg['requirements'].split(),
+    extras_require={'export': cfg.get('export_requirements', '').split(), 'dev': cfg.get('dev_requirements', '').split()},
+    entry_points={'papermill.engine': ['agenb = agenb.report:IPCEngine']},
     include_package_data=True, zip_safe=False,
 )

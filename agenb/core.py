@@ -4,8 +4,12 @@
 
 # %% ../nbs/00_core.ipynb #d2bea071
 from __future__ import annotations
-import contextlib, hashlib, io, json, os, platform, socket, subprocess, sys, tempfile
+import contextlib, hashlib, io, json, math, os, platform, socket, subprocess, sys, tempfile
+from contextlib import contextmanager
+from importlib.metadata import version, PackageNotFoundError
 from pathlib import Path
+
+import agenb
 
 # %% auto #0
 __all__ = ['InputError', 'run_cli', 'atomic_write', 'atomic_write_text', 'atomic_write_json', 'atomic_torch_save',
@@ -27,8 +31,6 @@ def run_cli(main, argv=None):
         sys.exit(InputError.exit_code)
 
 # %% ../nbs/00_core.ipynb #604ed60a
-from contextlib import contextmanager
-
 _UMASK = os.umask(0); os.umask(_UMASK)
 
 @contextmanager
@@ -55,7 +57,6 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, ensure_ascii=False) + '\n')
 
 def _json_safe(o):
-    import math
     if isinstance(o, float): return None if (math.isnan(o) or math.isinf(o)) else o
     if isinstance(o, dict): return {str(k): _json_safe(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)): return [_json_safe(v) for v in o]
@@ -65,7 +66,7 @@ def _json_safe(o):
 
 def atomic_torch_save(obj, path):
     "`torch.save` to `path` atomically."
-    import torch
+    import torch  # heavy, and only the trainer saves tensors: imported where used so core stays light
     with atomic_write(path) as tmp: torch.save(obj, tmp)
 
 def atomic_savefig(fig, path, **kw):
@@ -83,7 +84,6 @@ def file_sha256(path, chunk=1 << 20):
 
 def git_info(path=None):
     "Commit and dirty flag of the git checkout holding `path` (this package by default), or None."
-    import agenb
     path = Path(path or Path(agenb.__file__).parent)
     def git(*a):
         return subprocess.run(['git', *a], cwd=path, capture_output=True, text=True, timeout=10)
@@ -97,7 +97,6 @@ def git_info(path=None):
 
 def package_versions(names=('torch', 'torchvision', 'numpy', 'pandas', 'scikit-learn', 'pillow', 'matplotlib')):
     "Installed versions of the libraries a run depends on."
-    from importlib.metadata import version, PackageNotFoundError
     out = {}
     for n in names:
         try: out[n] = version(n)
@@ -106,8 +105,7 @@ def package_versions(names=('torch', 'torchvision', 'numpy', 'pandas', 'scikit-l
 
 def environment_info():
     "What this process runs on: Python, host, agenb version and git commit, library versions."
-    from agenb import __version__
-    return {'agenb_version': __version__, 'git': git_info(), 'python_version': platform.python_version(),
+    return {'agenb_version': agenb.__version__, 'git': git_info(), 'python_version': platform.python_version(),
             'platform': platform.platform(), 'hostname': socket.gethostname(),
             'packages': package_versions(), 'command_line': [sys.executable, *sys.argv]}
 

@@ -18,8 +18,8 @@ from .core import InputError, atomic_write, atomic_write_json
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CACHE_FORMAT_VERSION', 'ROIS', 'ANNOTATION_REGIONS', 'ROI_ORDER', 'MASK_RULE',
-           'last_cache_info', 'decode_grey', 'Preprocessing', 'Augmentation', 'mask_path_for', 'find_mask', 'read_mask',
-           'load_images', 'load_image']
+           'last_cache_info', 'decode_grey', 'Preprocessing', 'affine_warp', 'Augmentation', 'mask_path_for',
+           'find_mask', 'read_mask', 'load_images', 'load_image']
 
 # %% ../nbs/04_images.ipynb #00b91f6d
 _SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
@@ -240,6 +240,21 @@ class Preprocessing:
 
 _DERIVED = {'height', 'width', 'antialias', 'channels', 'resize_backend', 'decode', 'input_range', 'roi_order', 'mask_file'}
 
+# %% ../nbs/04_images.ipynb #d2c676ac
+def affine_warp(x: torch.Tensor, angle=0.0, flip_x=1.0, flip_y=1.0, shift_x=0.0, shift_y=0.0) -> torch.Tensor:
+    """Rotate (`angle`, radians), flip (`flip_x`/`flip_y` = -1) and shift (fractions of the image) each image of the
+    float batch `x` (B, C, H, W); each parameter is one number or a tensor of B numbers."""
+    b, _, h, w = x.shape
+    per_image = lambda v: torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(b)
+    angle, fx, fy, tx, ty = map(per_image, (angle, flip_x, flip_y, shift_x, shift_y))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * fx, -sin * (h / w) * fy   # flips act on the output coordinates first
+    theta[:, 1, 0], theta[:, 1, 1] = sin * (w / h) * fx, cos * fy
+    theta[:, 0, 2], theta[:, 1, 2] = 2 * tx, 2 * ty
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+
 # %% ../nbs/04_images.ipynb #70dec092
 @dataclass
 class Augmentation:
@@ -288,18 +303,10 @@ class Augmentation:
         u = torch.rand(b, 7, generator=generator, dtype=torch.float64) * 2 - 1  # CPU, in [-1, 1)
         u = u.to(device=x.device, dtype=x.dtype)
         if self.rotation_deg or self.translate or self.hflip_p or self.vflip_p:
-            a = u[:, 0] * math.radians(self.rotation_deg)
-            cos, sin = torch.cos(a), torch.sin(a)
-            fx = torch.where((u[:, 1] + 1) / 2 < self.hflip_p, -1.0, 1.0).to(x.dtype)
-            fy = torch.where((u[:, 2] + 1) / 2 < self.vflip_p, -1.0, 1.0).to(x.dtype)
-            theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
-            # rotation in pixel space on a possibly non-square grid (normalised coords scale by W/2, H/2),
-            # flips applied to the output coordinates first
-            theta[:, 0, 0], theta[:, 0, 1] = cos * fx, -sin * (h / w) * fy
-            theta[:, 1, 0], theta[:, 1, 1] = sin * (w / h) * fx, cos * fy
-            theta[:, 0, 2], theta[:, 1, 2] = 2 * self.translate * u[:, 3], 2 * self.translate * u[:, 4]
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+            x = affine_warp(x, angle=u[:, 0] * math.radians(self.rotation_deg),
+                            flip_x=torch.where((u[:, 1] + 1) / 2 < self.hflip_p, -1.0, 1.0),
+                            flip_y=torch.where((u[:, 2] + 1) / 2 < self.vflip_p, -1.0, 1.0),
+                            shift_x=self.translate * u[:, 3], shift_y=self.translate * u[:, 4])
         if self.brightness: x = x + (self.brightness * u[:, 5]).view(b, 1, 1, 1)
         if self.contrast:
             m = x.mean(dim=(1, 2, 3), keepdim=True)

@@ -14,7 +14,7 @@ import torchvision
 from .core import InputError, file_sha256
 
 # %% auto #0
-__all__ = ['ARCHS', 'head_linear', 'build_model', 'describe_model', 'gradcam_target_layer']
+__all__ = ['ARCHS', 'head_linear', 'min_image_size', 'build_model', 'describe_model', 'gradcam_target_layer']
 
 # %% ../nbs/05_model.ipynb #f34d5e50
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'efficientnet_b0', 'efficientnet_b1', 'convnext_tiny')
@@ -47,6 +47,12 @@ def head_linear(model, arch) -> nn.Linear:
     "The regression head's final `Linear(features, 1)`."
     m = _unwrap(model); fam = _family(arch)
     return (m.fc if fam == 'resnet' else m.classifier if fam == 'efficientnet' else m.classifier[2])[1]
+
+# %% ../nbs/05_model.ipynb #27a07c80
+def min_image_size(arch) -> int:
+    "The smallest image side (px) at which `arch`'s last feature map is still at least 1 x 1: its total stride."
+    _check_arch(arch)
+    return 32
 
 # %% ../nbs/05_model.ipynb #53538f2c
 _HASH_RE = re.compile(r'-([a-f0-9]+)\.')

@@ -13,10 +13,11 @@ from sklearn.model_selection import (GroupKFold, GroupShuffleSplit, ShuffleSplit
                                      StratifiedShuffleSplit)
 
 from .core import InputError, atomic_write, file_sha256
+from matplotlib.figure import Figure  # never pyplot: drawing must not switch the caller's backend
 
 # %% auto #0
 __all__ = ['SPLITS', 'METHODS', 'SPLIT_COLUMNS', 'subject_sort_key', 'canonical_order', 'check_no_leakage', 'split_stats',
-           'save_split', 'load_split', 'apply_filter', 'make_split']
+           'save_split', 'load_split', 'apply_filter', 'make_split', 'split_summary', 'age_hist_figure']
 
 # %% ../nbs/03_split.ipynb #fda94f75
 SPLITS = ('train', 'val', 'test')
@@ -377,3 +378,27 @@ def _draw(table, subj, subjects, test_size, val_size, seed, stratify, bin_width,
     out = pd.Series(index=table.index, dtype=object)
     out.iloc[order] = labels
     return out
+
+# %% ../nbs/03_split.ipynb #a81679f6
+def split_summary(df: pd.DataFrame) -> pd.DataFrame:
+    "One row per split (train, val, test) and one for all images: images, subjects, age mean/sd/min/max over images."
+    def row(name, t):
+        a = pd.to_numeric(t['age'], errors='coerce') if 'age' in t else pd.Series(dtype=float)
+        return {'split': name, 'images': int(len(t)), 'subjects': int(t['subject'].nunique()) if 'subject' in t else None,
+                'age_mean': float(a.mean()) if a.notna().any() else None,
+                'age_sd': float(a.std(ddof=1)) if a.notna().sum() > 1 else None,
+                'age_min': float(a.min()) if a.notna().any() else None, 'age_max': float(a.max()) if a.notna().any() else None}
+    return pd.DataFrame([row(s, df[df['split'] == s]) for s in SPLITS] + [row('all', df)])
+
+def age_hist_figure(df: pd.DataFrame, bin_width=5) -> Figure:
+    "Histogram of true age per split (images), one panel per split with shared bins."
+    ages = pd.to_numeric(df['age'], errors='coerce').dropna()
+    lo = math.floor(ages.min() / bin_width) * bin_width if len(ages) else 0
+    hi = math.ceil((ages.max() + 1e-9) / bin_width) * bin_width if len(ages) else bin_width
+    bins = np.arange(lo, max(hi, lo + bin_width) + bin_width / 2, bin_width)
+    fig = Figure(figsize=(11, 2.8), layout='tight'); axes = fig.subplots(1, 3, sharex=True)
+    for ax, s, col in zip(axes, SPLITS, ('C0', 'C1', 'C2')):
+        a = pd.to_numeric(df.loc[df['split'] == s, 'age'], errors='coerce').dropna()
+        ax.hist(a, bins=bins, color=col, edgecolor='white')
+        ax.set(title=f'{s}: {len(a)} images', xlabel='age (years)', ylabel='images' if s == 'train' else None)
+    return fig

@@ -74,7 +74,8 @@ def step_throughput(torch, nn, device, arch, size, bs, dtype, channels_last, war
 
 def pipeline_efficiency(torch, nn, device, arch, size, bs, steps, repeats, log):
     "agenb Trainer.train_epoch on in-memory uint8 images vs the bare step with the same AMP / memory format."
-    from agenb.train import Dist, Trainer, resolve_options
+    from agenb.trainer import Dist, Trainer
+    from agenb.options import resolve_options
     from agenb.images import Preprocessing, Augmentation
     from agenb.model import build_model
     o = resolve_options(dict(image_dir='(in memory)', excel_path='(in memory)', arch=arch, pretrained=False,

@@ -47,7 +47,7 @@ def test_ddp_run_completes_and_records_the_world(ddp_run):
 
 def test_ddp_val_mae_equals_single_process_evaluation(ddp_run):
     "Each validation sample counted once (odd count: the ranks hold 1 more / 1 fewer) and the numbers equal 1 process."
-    from agenb.train import predict_split
+    from agenb.runs import predict_split
     cfg = json.loads((ddp_run / 'config.json').read_text())
     assert cfg['dataset']['val_samples'] % 2 == 1
     last_val_mae = json.loads((ddp_run / 'history.json').read_text())[-1]['val_mae']

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import ROOT, run_cmd
 from agenb.core import InputError
-from agenb.train import OPTION_NAMES
-from agenb.report import notebook_defaults, run_ddp, demo_dataset
+from agenb.options import OPTION_NAMES, PLAIN_DEFAULTS
+from agenb.launch import run_training, demo_dataset
 
 NBS = ROOT / 'nbs'
 
@@ -25,7 +25,7 @@ def test_train_parameters_are_the_trainer_options():
     exec(parameters_cell(NBS / 'train.ipynb').source, ns)
     names = [k for k in ns if not k.startswith('__')]
     assert names == OPTION_NAMES + ['nproc']
-    assert {k: ns[k] for k in OPTION_NAMES} == notebook_defaults() and ns['nproc'] == 1
+    assert {k: ns[k] for k in OPTION_NAMES} == PLAIN_DEFAULTS and ns['nproc'] == 1
 
 
 def test_report_parameters():
@@ -87,6 +87,6 @@ def test_ddp_launcher_reports_input_errors(tmp_path):
     "nproc > 1: torchrun in a subprocess; an input error on the ranks comes back as one InputError."
     lines = []
     with pytest.raises(InputError, match='nope'):
-        run_ddp({'image_dir': str(tmp_path / 'nope'), 'excel_path': str(tmp_path / 'nope.xlsx'), 'device': 'cpu'}, 2,
+        run_training({'image_dir': str(tmp_path / 'nope'), 'excel_path': str(tmp_path / 'nope.xlsx'), 'device': 'cpu'}, 2,
                 source={'entry': 'notebook'}, log=lines.append)
     assert lines[0].startswith('$ ') and '--nproc_per_node=2' in lines[0]
