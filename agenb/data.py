@@ -121,13 +121,15 @@ def _why(e):
 
 def _read_csv(path, shown):
     try:
-        df = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, sep=None, engine='python',
-                         skip_blank_lines=False, encoding='utf-8-sig')
-    except Exception as e:   # pandas and the csv sniffer raise UnicodeDecodeError, ParserError, csv.Error, ValueError...
+        with open(path, encoding='utf-8-sig', newline='') as f: first = next((l for l in f if l.strip()), '')
+        seps = [c for c in (',', ';', '\t', '|') if c in first]
+        df = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, engine='python', skip_blank_lines=False,
+                         encoding='utf-8-sig', sep=max(seps, key=first.count) if seps else ',')
+    except Exception as e:   # pandas raises UnicodeDecodeError, ParserError, EmptyDataError, ValueError, OSError...
         raise InputError(f'{shown} cannot be read as a CSV table ({_why(e)}): save it as UTF-8 CSV with one header row')
     return None, [list(r) for r in df.itertuples(index=False)]
 
-# %% ../nbs/02_data.ipynb #84aa008a
+# %% ../nbs/02_data.ipynb #3c4fc869
 def _is_formula(v):
     return (isinstance(v, str) and v.startswith('=')) or type(v).__name__ in ('ArrayFormula', 'DataTableFormula')
 
@@ -241,7 +243,7 @@ def _blocks(rows):
 def _span(cols):
     return f'{_col_letter(cols[0][0])}-{_col_letter(cols[-1][0])}' if cols else 'empty'
 
-# %% ../nbs/02_data.ipynb #ae447d5e
+# %% ../nbs/02_data.ipynb #fa52a84f
 def _natural(name):
     return [int(t) if i % 2 else t.lower() for i, t in enumerate(re.split(r'(\d+)', name))]
 
@@ -310,7 +312,7 @@ def _rows_list(items, n=10):
     s = ', '.join(items[:n])
     return s + (f' and {len(items) - n} more' if len(items) > n else '')
 
-# %% ../nbs/02_data.ipynb #7bc4ce2a
+# %% ../nbs/02_data.ipynb #6073f988
 def _table_file(v, root):
     "(file name, None) for a file-column cell inside the image folder `root` (resolved); (None, reason) otherwise."
     if _blank(v): return None, None
@@ -341,8 +343,18 @@ def _mask_for(masks_dir, name):
     except (OSError, RuntimeError): return None   # no mask for this image (missing, dangling)
 
 def _verify_image(path):
+    "Check that `path` is a whole image file of a sane size (beyond PIL's decompression-bomb limit is an error)."
+    import warnings
     try:
-        with Image.open(path) as im: im.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)   # said below, in one line
+            with Image.open(path) as im:
+                w, h = im.size
+                if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+                    raise InputError(f'image {show_name(path)} declares {w} x {h} pixels, more than PIL decodes safely '
+                                     f'({Image.MAX_IMAGE_PIXELS:,}; a decompression bomb?): replace the file or remove it from the folder')
+                im.verify()
+    except InputError: raise
     except Exception as e:   # PIL raises many types (OSError, SyntaxError, ValueError, struct.error...) for bad files
         raise InputError(f'image {show_name(path)} cannot be decoded ({_why(e)}): replace the file or remove it from the folder')
 
@@ -357,7 +369,7 @@ def _check_text(**kw):
         if v is not None and not _is_utf8(str(v)):
             raise InputError(f'--{flag.replace("_", "-")} {_q(str(v))} is not valid UTF-8 text: type it again')
 
-# %% ../nbs/02_data.ipynb #7be81c15
+# %% ../nbs/02_data.ipynb #dc1b3e85
 def _raise_uncomputed(src, cells):
     raise InputError(f'{src}, cell{"s" if len(cells) > 1 else ""} {_rows_list(cells, 5)}: a formula whose value was never '
                      'computed (the file was written by a program, not saved by a spreadsheet program); open and save the '
@@ -470,7 +482,7 @@ def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, ag
                            layout_match=layout_match, headers=headers, ii=ii, ai=ai, fi=fi, label=label, recs=recs,
                            subj=subj, by_file=by_file, dup_rows=dup_rows, rows_without_id=rows_without_id)
 
-# %% ../nbs/02_data.ipynb #85c8dd17
+# %% ../nbs/02_data.ipynb #68040447
 def _table(image_dir, matched, subj, layout_match, cohort):
     "(tidy table of the matched images [(file, subject, index)] sorted by subject, index, name; counts for the summary)."
     masks_dir = next((p for p in (image_dir.parent / 'Masks', image_dir.parent / 'masks') if p.is_dir()), None)
