@@ -129,7 +129,7 @@ def _read_csv(path, shown):
         raise InputError(f'{shown} cannot be read as a CSV table ({_why(e)}): save it as UTF-8 CSV with one header row')
     return None, [list(r) for r in df.itertuples(index=False)]
 
-# %% ../nbs/02_data.ipynb #3c4fc869
+# %% ../nbs/02_data.ipynb #6806e8a6
 def _is_formula(v):
     return (isinstance(v, str) and v.startswith('=')) or type(v).__name__ in ('ArrayFormula', 'DataTableFormula')
 
@@ -137,6 +137,10 @@ def _read_xlsx(path, shown, sheet, max_expanded_mb):
     from openpyxl import load_workbook
     bad = lambda e: InputError(f'{shown} is not a readable Excel .xlsx workbook ({_why(e)}): '
                                'open it in Excel and save it as .xlsx, or export it as CSV')
+    with open(path, 'rb') as f: magic = f.read(8)
+    if magic == b'\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1':   # an OLE compound file: a password-protected workbook, or an .xls renamed
+        raise InputError(f'{shown} is a password-protected workbook or an old .xls file with an .xlsx name: open it in '
+                         'Excel, remove the password (File > Info > Protect Workbook) and save it as .xlsx')
     try:
         with zipfile.ZipFile(path) as z: infos = z.infolist()
     except Exception as e: raise bad(e)   # BadZipFile, OSError, ValueError, ... for a file that is no zip
@@ -243,7 +247,7 @@ def _blocks(rows):
 def _span(cols):
     return f'{_col_letter(cols[0][0])}-{_col_letter(cols[-1][0])}' if cols else 'empty'
 
-# %% ../nbs/02_data.ipynb #fa52a84f
+# %% ../nbs/02_data.ipynb #325a1278
 def _natural(name):
     return [int(t) if i % 2 else t.lower() for i, t in enumerate(re.split(r'(\d+)', name))]
 
@@ -312,7 +316,7 @@ def _rows_list(items, n=10):
     s = ', '.join(items[:n])
     return s + (f' and {len(items) - n} more' if len(items) > n else '')
 
-# %% ../nbs/02_data.ipynb #6073f988
+# %% ../nbs/02_data.ipynb #fdb5d030
 def _table_file(v, root):
     "(file name, None) for a file-column cell inside the image folder `root` (resolved); (None, reason) otherwise."
     if _blank(v): return None, None
@@ -369,7 +373,7 @@ def _check_text(**kw):
         if v is not None and not _is_utf8(str(v)):
             raise InputError(f'--{flag.replace("_", "-")} {_q(str(v))} is not valid UTF-8 text: type it again')
 
-# %% ../nbs/02_data.ipynb #dc1b3e85
+# %% ../nbs/02_data.ipynb #52a03025
 def _raise_uncomputed(src, cells):
     raise InputError(f'{src}, cell{"s" if len(cells) > 1 else ""} {_rows_list(cells, 5)}: a formula whose value was never '
                      'computed (the file was written by a program, not saved by a spreadsheet program); open and save the '
@@ -482,7 +486,7 @@ def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, ag
                            layout_match=layout_match, headers=headers, ii=ii, ai=ai, fi=fi, label=label, recs=recs,
                            subj=subj, by_file=by_file, dup_rows=dup_rows, rows_without_id=rows_without_id)
 
-# %% ../nbs/02_data.ipynb #68040447
+# %% ../nbs/02_data.ipynb #0c89d2fa
 def _table(image_dir, matched, subj, layout_match, cohort):
     "(tidy table of the matched images [(file, subject, index)] sorted by subject, index, name; counts for the summary)."
     masks_dir = next((p for p in (image_dir.parent / 'Masks', image_dir.parent / 'masks') if p.is_dir()), None)
