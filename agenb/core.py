@@ -11,11 +11,13 @@ from importlib.metadata import version, PackageNotFoundError
 from pathlib import Path
 
 import agenb
+from jupyter_client.manager import KernelManager
+from traitlets import default
 
 # %% auto #0
-__all__ = ['InputError', 'Parser', 'run_cli', 'show_path', 'ensure_output_dir', 'timestamped', 'atomic_write',
-           'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'atomic_savefig', 'file_sha256', 'git_info',
-           'package_versions', 'environment_info', 'run_process_state']
+__all__ = ['InputError', 'Parser', 'run_cli', 'show_path', 'ensure_output_dir', 'timestamped', 'IPCKernelManager', 'IPCEngine',
+           'atomic_write', 'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'atomic_savefig',
+           'file_sha256', 'git_info', 'package_versions', 'environment_info', 'run_process_state']
 
 # %% ../nbs/00_core.ipynb #13fbd2fa
 class InputError(Exception):
@@ -79,6 +81,26 @@ def timestamped(parent, stem) -> Path:
         p = Path(parent) / (base if i == 1 else f'{base}_{i}')
         if not p.exists(): return p
     raise InputError(f'too many outputs named {base} in {parent}')
+
+# %% ../nbs/00_core.ipynb #8973092c
+class IPCKernelManager(KernelManager):
+    "A Jupyter kernel manager whose kernels talk over local IPC sockets rather than unencrypted TCP."
+    @default('transport')
+    def _transport_default(self): return 'ipc'
+
+class IPCEngine:
+    "papermill's nbclient engine with `IPCKernelManager`: `papermill --engine agenb ...`."
+    @staticmethod
+    def _nbclient():
+        from papermill.engines import NBClientEngine  # papermill imports this engine while importing itself
+        return NBClientEngine
+    @classmethod
+    def execute_notebook(cls, nb, kernel_name, **kwargs):
+        return cls._nbclient().execute_notebook(nb, kernel_name, kernel_manager_class=IPCKernelManager, **kwargs)
+    @classmethod
+    def nb_kernel_name(cls, nb, name=None): return cls._nbclient().nb_kernel_name(nb, name)
+    @classmethod
+    def nb_language(cls, nb, language=None): return cls._nbclient().nb_language(nb, language)
 
 # %% ../nbs/00_core.ipynb #604ed60a
 _UMASK = os.umask(0); os.umask(_UMASK)

@@ -15,13 +15,10 @@ import papermill as pm
 from matplotlib.figure import Figure  # never pyplot: drawing must not switch the caller's backend
 from nbconvert import HTMLExporter
 from nbformat.v4 import new_notebook, new_code_cell, new_output
-from jupyter_client.manager import KernelManager
-from papermill.engines import NBClientEngine
-from traitlets import default
 from PIL import Image
 
 import agenb
-from .core import InputError, Parser, run_cli, atomic_write_text, show_path
+from .core import InputError, IPCKernelManager, Parser, run_cli, atomic_write_text, show_path
 from .split import load_split, split_summary, age_hist_figure
 from .options import RECIPE_KEYS
 from .runs import curves_figure, is_run_dir
@@ -32,9 +29,9 @@ __all__ = ['DASH', 'STYLE', 'METRIC_COLUMNS', 'PLOT_TITLES', 'load_run', 'Html',
            'png_tag', 'img_file', 'fig_tag', 'header_section', 'option_sources', 'option_sources_html',
            'identity_section', 'environment_section', 'dataset_section', 'model_section', 'training_section',
            'curves_section', 'metrics_frame', 'metrics_section', 'plots_section', 'age_groups_section',
-           'gradcam_section', 'thumbnail', 'gallery', 'predictions_section', 'files_section', 'IPCKernelManager',
-           'IPCEngine', 'repo_root', 'report_notebook', 'self_contained', 'external_refs', 'notebook_html',
-           'summary_markdown', 'render_report', 'val_curves_figure', 'compare_html', 'render_compare', 'main']
+           'gradcam_section', 'thumbnail', 'gallery', 'predictions_section', 'files_section', 'repo_root',
+           'report_notebook', 'self_contained', 'external_refs', 'notebook_html', 'summary_markdown', 'render_report',
+           'val_curves_figure', 'compare_html', 'render_compare', 'main']
 
 # %% ../nbs/12_report.ipynb #2b4f75e9
 def _read_json(path):
@@ -469,18 +466,6 @@ def _size(n):
     for unit in ('B', 'KB', 'MB', 'GB'):
         if n < 1024 or unit == 'GB': return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
         n /= 1024
-
-# %% ../nbs/12_report.ipynb #09b51e76
-class IPCKernelManager(KernelManager):
-    "A Jupyter kernel manager whose kernels talk over local IPC sockets rather than unencrypted TCP."
-    @default('transport')
-    def _transport_default(self): return 'ipc'
-
-class IPCEngine(NBClientEngine):
-    "papermill's nbclient engine with `IPCKernelManager`: `papermill --engine agenb ...`."
-    @classmethod
-    def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
-        return super().execute_managed_notebook(nb_man, kernel_name, kernel_manager_class=IPCKernelManager, **kwargs)
 
 # %% ../nbs/12_report.ipynb #482cf4be
 def repo_root() -> Path:
