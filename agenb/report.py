@@ -176,6 +176,8 @@ def header_section(r) -> Html:
     if c.get('stop_reason'): out.append(f' &nbsp; stop reason: {html.escape(str(c["stop_reason"]))}')
     out.append('</p>')
     if c.get('description'): out.append(f'<p>{html.escape(str(c["description"]))}</p>')
+    if (Path(r.dir) / 'agegap' / 'agegap.html').is_file():   # python -m agenb.agegap: a page of its own, linked here
+        out.append('<p>Clinical cohorts: <a href="agegap/agegap.html">age-gap page</a> (agegap/agegap.html)</p>')
     if c.get('error'):
         out.append(f'<div class="agenb-error-box">{html.escape(str(c["error"]))}'
                    + (f'\n(at epoch {fmt(c.get("failed_at_epoch"))})' if c.get('failed_at_epoch') else '') + '</div>')
