@@ -18,7 +18,8 @@ from .core import InputError, file_sha256
 # %% auto #0
 __all__ = ['ARCHS', 'is_timm', 'check_arch', 'AgeNet', 'head_linear', 'image_body', 'fixed_image_size', 'min_image_size',
            'check_image_size', 'build_model', 'backbone_stages', 'set_trainable', 'freeze_batchnorm', 'param_groups',
-           'parse_age_bins', 'RegressionHead', 'DistributionHead', 'coverage', 'describe_model', 'gradcam_target_layer']
+           'parse_age_bins', 'RegressionHead', 'DistributionHead', 'AgeOutput', 'coverage', 'describe_model',
+           'gradcam_target_layer']
 
 # %% ../nbs/05_model.ipynb #f34d5e50
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'efficientnet_b0', 'efficientnet_b1', 'convnext_tiny',
@@ -57,7 +58,7 @@ def _unwrap(model):
     while True:
         if hasattr(model, '_orig_mod'): model = model._orig_mod
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
-        elif isinstance(model, torch.optim.swa_utils.AveragedModel): model = model.module
+        elif isinstance(model, (torch.optim.swa_utils.AveragedModel, AgeOutput)): model = model.module
         else: return model
 
 def _torchvision_head_path(model) -> str:
@@ -349,10 +350,11 @@ def set_trainable(model, arch, freeze_backbone=False, unfreeze_last=None) -> dic
         train = set(head) | (set(neck) if n else set()) | {p for _, g in stages[len(stages) - n:] for p in g}
         for name, p in m.named_parameters(): p.requires_grad_(name in train)
     tr = [s for s, g in stages if g and all(dict(m.named_parameters())[p].requires_grad for p in g)]
-    return {'freeze_backbone': bool(freeze_backbone), 'unfreeze_last': unfreeze_last,
+    m.agenb_trainable = {'freeze_backbone': bool(freeze_backbone), 'unfreeze_last': unfreeze_last,
             'stages': [s for s, _ in stages] or None, 'trainable_stages': tr if stages else 'all',
             'n_parameters': sum(p.numel() for p in m.parameters()),
             'n_trainable_parameters': sum(p.numel() for p in m.parameters() if p.requires_grad)}
+    return m.agenb_trainable
 
 def freeze_batchnorm(model):
     "Put BatchNorm layers whose parameters are all frozen in eval mode (call after `model.train()`)."
@@ -423,6 +425,16 @@ class DistributionHead:
                 'prediction': 'mean of the softmax distribution over bin centres',
                 'intervals': 'central 80% and 95% intervals of that distribution (uniform within a bin)'}
 
+class AgeOutput(nn.Module):
+    "`model` whose output is the predicted age (B, 1) whatever its head: what Grad-CAM and exports look at."
+    def __init__(self, model, head=None):
+        super().__init__()
+        self.module = model
+        self.register_buffer('centers', None if head is None else torch.tensor(head.centers, dtype=torch.float32))
+    def forward(self, x, *args):
+        out = self.module(x, *args)
+        return out[:, :1] if self.centers is None else (torch.softmax(out.float(), 1) @ self.centers)[:, None]
+
 def coverage(true, lo, hi) -> float:
     "Share of `true` inside [lo, hi]."
     t = np.asarray(true, float)
@@ -458,7 +470,8 @@ def describe_model(model, arch=None, pretrained=None, weights=None, dropout=None
             'dropout': b['dropout'], 'init_bias': b['init_bias'], 'head_loaded_from_file': b['head_loaded_from_file'],
             'head': head, 'n_covariates': b.get('n_covariates', 0), 'view_pool': b.get('view_pool'),
             'n_parameters': n_params,
-            'n_trainable_parameters': sum(p.numel() for p in m.parameters() if p.requires_grad)}
+            'n_trainable_parameters': sum(p.numel() for p in m.parameters() if p.requires_grad),
+            'fine_tuning': getattr(m, 'agenb_trainable', None)}
 
 def _last_block(mod):
     "The last child of a Sequential stage unless that child is a bare layer (an activation): Grad-CAM's layer."
