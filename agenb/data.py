@@ -4,18 +4,20 @@
 
 # %% ../nbs/02_data.ipynb #b07b7264
 from __future__ import annotations
-import argparse, json, math, os, re, sys
-from pathlib import Path
+import argparse, itertools, json, math, os, re, stat, sys, unicodedata, zipfile
+from pathlib import Path, PureWindowsPath
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .core import InputError, run_cli, file_sha256
+from .core import InputError, Parser, run_cli, file_sha256
 
 # %% auto #0
 __all__ = ['DEFAULT_PATTERN', 'IMAGE_EXTS', 'ID_NAMES', 'AGE_NAMES', 'SEX_NAMES', 'HEIGHT_NAMES', 'WEIGHT_NAMES', 'FILE_NAMES',
-           'COLUMNS', 'BMI_RANGE', 'norm_id', 'read_cells', 'load_dataset', 'read_image', 'format_summary', 'main']
+           'COLUMNS', 'BMI_RANGE', 'MAX_TABLE_MB', 'MAX_EXPANDED_MB', 'CELLS_PER_MB', 'norm_id', 'show_name',
+           'read_cells', 'list_images', 'load_dataset', 'format_summary', 'main']
 
 # %% ../nbs/02_data.ipynb #028603c1
 DEFAULT_PATTERN = r'^anon_(\d+)_(\d+)\.(png|jpe?g|tiff?|bmp)$'
@@ -30,8 +32,19 @@ COLUMNS = ['path', 'filename', 'subject', 'image_index', 'age', 'sex', 'height_c
            'cohort', 'mask_path']
 BMI_RANGE = (10.0, 60.0)
 
+class _Uncomputed:
+    "A formula cell whose value was never computed: openpyxl's `data_only` reading gives None for it."
+    __slots__ = ('address',)
+    def __init__(self, address): self.address = address
+    def __repr__(self): return f'<formula in {self.address}, never computed>'
+
 def _blank(v):
-    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+    return (v is None or isinstance(v, _Uncomputed) or (isinstance(v, float) and math.isnan(v))
+            or (isinstance(v, str) and not v.strip()))
+
+def _digits(s):
+    "ASCII digits of a string of decimal digits of any script ('٣' -> '3'), leading zeros dropped."
+    return ''.join(str(unicodedata.decimal(c)) for c in s).lstrip('0') or '0'
 
 def norm_id(v):
     "Subject ID as a string; numeric IDs normalised (12, 12.0, '012' -> '12'); None when blank."
@@ -40,16 +53,17 @@ def norm_id(v):
     if isinstance(v, (int, np.integer)): return str(int(v))
     if isinstance(v, (float, np.floating)): return str(int(v)) if float(v).is_integer() else repr(float(v))
     s = str(v).strip()
-    if re.fullmatch(r'\d+(\.0*)?', s): return str(int(s.split('.')[0]))
-    return s
+    m = re.fullmatch(r'(\d+)(\.0*)?', s)
+    return _digits(m.group(1)) if m else s   # no int(): a 5000-digit ID would pass Python's int-to-str limit
 
 def _num(v):
     "A float, None when blank, or the string 'bad' when it is not a number."
     if _blank(v): return None
     if isinstance(v, (bool, np.bool_)): return 'bad'
-    if isinstance(v, (int, float, np.integer, np.floating)): return float(v)
-    try: return float(str(v).strip().replace(',', '.'))
-    except ValueError: return 'bad'
+    try:
+        if isinstance(v, (int, float, np.integer, np.floating)): return float(v)
+        return float(str(v).strip().replace(',', '.'))
+    except (ValueError, OverflowError): return 'bad'   # OverflowError: an integer beyond a float
 
 def _norm_sex(v):
     if _blank(v): return None
@@ -60,49 +74,137 @@ def _norm_sex(v):
 
 def _id_key(s):
     "Sort key: numeric IDs by value, before the others."
-    return (0, int(s), '') if s.isdigit() else (1, 0, s)
+    return (0, len(s), s) if s.isascii() and s.isdigit() else (1, 0, s)
 
 def _norm_header(h):
     return ' '.join(str(h).strip().lower().split()) if not _blank(h) else ''
 
+def show_name(name) -> str:
+    "A file name or path as printable text for messages: bytes that are not UTF-8 as `\\xNN`, control characters escaped."
+    name = os.fspath(name)
+    try: b = name if isinstance(name, bytes) else os.fsencode(name)   # undecodable bytes come back from os.listdir as surrogates
+    except UnicodeEncodeError: b = name.encode('utf-8', 'backslashreplace')
+    return ''.join(c if c.isprintable() else ascii(c)[1:-1] for c in b.decode('utf-8', 'backslashreplace'))
+
+def _is_utf8(name) -> bool:
+    try: os.fspath(name).encode('utf-8'); return True
+    except UnicodeEncodeError: return False
+
+def _q(name) -> str:
+    "A name in quotes for a message, escaped by `show_name` (not `repr`, which would double every backslash)."
+    return f"'{show_name(name)}'"
+
 # %% ../nbs/02_data.ipynb #8b010c4b
+MAX_TABLE_MB, MAX_EXPANDED_MB = 50, 200
+CELLS_PER_MB = 50_000
+
 def _col_letter(i):
     from openpyxl.utils import get_column_letter
     return get_column_letter(i + 1)
 
-def read_cells(path, sheet=None):
-    "Read a table file's cells: (sheet name or None for CSV, list of rows of values). Raises InputError."
+def _limit(value, env, default, flag):
+    "A limit in MB: `value`, else the environment variable `env`, else `default`."
+    src = flag
+    if value is None:
+        raw = os.environ.get(env, '').strip()
+        if not raw: return float(default)
+        value, src = raw, env
+    try: v = float(value)
+    except (TypeError, ValueError): v = float('nan')
+    if not (v > 0 and math.isfinite(v)):
+        raise InputError(f'{src} must be a positive number of megabytes, got {value!r}: e.g. {src}={default * 4}')
+    return v
+
+def _why(e):
+    "An exception as a short text for a message."
+    return f'{type(e).__name__}: {show_name(str(e).splitlines()[0] if str(e) else "")[:120]}'
+
+def _read_csv(path, shown):
+    try:
+        with open(path, encoding='utf-8-sig', newline='') as f: first = next((l for l in f if l.strip()), '')
+        seps = [c for c in (',', ';', '\t', '|') if c in first]
+        df = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, engine='python', skip_blank_lines=False,
+                         encoding='utf-8-sig', sep=max(seps, key=first.count) if seps else ',')
+    except Exception as e:   # pandas raises UnicodeDecodeError, ParserError, EmptyDataError, ValueError, OSError...
+        raise InputError(f'{shown} cannot be read as a CSV table ({_why(e)}): save it as UTF-8 CSV with one header row')
+    return None, [list(r) for r in df.itertuples(index=False)]
+
+# %% ../nbs/02_data.ipynb #6806e8a6
+def _is_formula(v):
+    return (isinstance(v, str) and v.startswith('=')) or type(v).__name__ in ('ArrayFormula', 'DataTableFormula')
+
+def _read_xlsx(path, shown, sheet, max_expanded_mb):
+    from openpyxl import load_workbook
+    bad = lambda e: InputError(f'{shown} is not a readable Excel .xlsx workbook ({_why(e)}): '
+                               'open it in Excel and save it as .xlsx, or export it as CSV')
+    with open(path, 'rb') as f: magic = f.read(8)
+    if magic == b'\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1':   # an OLE compound file: a password-protected workbook, or an .xls renamed
+        raise InputError(f'{shown} is a password-protected workbook or an old .xls file with an .xlsx name: open it in '
+                         'Excel, remove the password (File > Info > Protect Workbook) and save it as .xlsx')
+    try:
+        with zipfile.ZipFile(path) as z: infos = z.infolist()
+    except Exception as e: raise bad(e)   # BadZipFile, OSError, ValueError, ... for a file that is no zip
+    unzipped = sum(i.file_size for i in infos)
+    if unzipped > max_expanded_mb * 1e6:
+        raise InputError(f'{shown} expands to {unzipped / 1e6:,.0f} MB unzipped, above the limit of {max_expanded_mb:g} MB '
+                         '(a subjects table is far smaller; this may be a zip bomb): check the file, or raise the limit '
+                         'with --max-expanded-mb or AGENB_MAX_EXPANDED_MB')
+    max_cells, n_cells = int(max_expanded_mb * CELLS_PER_MB), 0
+    books = []
+    try:
+        try:
+            books.append(load_workbook(path, read_only=True, data_only=True))
+            names = books[0].sheetnames
+            if sheet is None: name = names[0]
+            elif sheet in names: name = sheet
+            else: raise InputError(f'{shown} has no sheet {sheet!r}; its sheets are {", ".join(map(repr, names))}: pass one of them as the sheet')
+            books.append(load_workbook(path, read_only=True, data_only=False))   # the same cells, formulas as text
+            sheets = [b[name] for b in books]
+            for s in sheets: s.reset_dimensions()   # ignore the declared range: it may claim billions of empty cells
+            rows = []
+            for k, (vals, forms) in enumerate(itertools.zip_longest(*(s.iter_rows(values_only=True) for s in sheets),
+                                                                    fillvalue=())):
+                n_cells += max(len(vals), 1)
+                if n_cells > max_cells:
+                    raise InputError(f'{shown} sheet {name!r} has more than {max_cells:,} cells (at row {k + 1}), above the '
+                                     f'limit for {max_expanded_mb:g} MB: check the file, or raise the limit with '
+                                     '--max-expanded-mb or AGENB_MAX_EXPANDED_MB')
+                row = list(vals)
+                for c, f in enumerate(forms):
+                    if c < len(row) and row[c] is None and _is_formula(f): row[c] = _Uncomputed(f'{_col_letter(c)}{k + 1}')
+                while row and row[-1] is None: row.pop()
+                rows.append(row)
+        except InputError: raise
+        except Exception as e: raise bad(e)   # openpyxl raises zipfile, KeyError, XML and value errors, also mid-sheet
+    finally:
+        for b in books: b.close()
+    return name, rows
+
+def read_cells(path, sheet=None, max_table_mb=None, max_expanded_mb=None):
+    """Read a table file's cells: (sheet name or None for CSV, list of rows of values). Raises InputError.
+    Limits in MB (default: env AGENB_MAX_TABLE_MB / AGENB_MAX_EXPANDED_MB, else 50 / 200)."""
     path = Path(path)
-    if not path.exists(): raise InputError(f'spreadsheet {path} does not exist: check --excel-path')
-    if not path.is_file(): raise InputError(f'spreadsheet {path} is not a file: pass the .xlsx or .csv file itself')
+    shown = show_name(path)
+    max_table_mb = _limit(max_table_mb, 'AGENB_MAX_TABLE_MB', MAX_TABLE_MB, '--max-table-mb')
+    max_expanded_mb = _limit(max_expanded_mb, 'AGENB_MAX_EXPANDED_MB', MAX_EXPANDED_MB, '--max-expanded-mb')
+    try: st = path.stat()
+    except FileNotFoundError: raise InputError(f'spreadsheet {shown} does not exist: check --excel-path')
+    except OSError as e: raise InputError(f'spreadsheet {shown} cannot be opened ({_why(e)}): check --excel-path and its permissions')
+    if not stat.S_ISREG(st.st_mode): raise InputError(f'spreadsheet {shown} is not a file: pass the .xlsx or .csv file itself')
+    if st.st_size > max_table_mb * 1e6:
+        raise InputError(f'{shown} is {st.st_size / 1e6:,.1f} MB, above the limit of {max_table_mb:g} MB for a subjects table: '
+                         'check that it is the right file, or raise the limit with --max-table-mb or AGENB_MAX_TABLE_MB')
+    try: open(path, 'rb').close()
+    except OSError as e: raise InputError(f'spreadsheet {shown} cannot be opened ({_why(e)}): check that you may read it')
     ext = path.suffix.lower()
     if ext in ('.csv', '.tsv', '.txt'):
-        if sheet is not None: raise InputError(f'{path} is a CSV file, it has no sheets: leave out the sheet option')
-        try:
-            df = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, sep=None, engine='python',
-                             skip_blank_lines=False)
-        except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as e:
-            raise InputError(f'{path} cannot be read as a CSV table ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}): save it as UTF-8 CSV with one header row')
-        return None, [list(r) for r in df.itertuples(index=False)]
+        if sheet is not None: raise InputError(f'{shown} is a CSV file, it has no sheets: leave out the sheet option')
+        return _read_csv(path, shown)
     if ext == '.xls':
-        raise InputError(f'{path} is an old .xls workbook, which agenb does not read: open it in Excel and save it as .xlsx')
+        raise InputError(f'{shown} is an old .xls workbook, which agenb does not read: open it in Excel and save it as .xlsx')
     if ext not in ('.xlsx', '.xlsm'):
-        raise InputError(f'{path}: unknown table type {ext!r}: pass an .xlsx workbook or a .csv file')
-    from openpyxl import load_workbook
-    try:
-        wb = load_workbook(path, read_only=True, data_only=True)
-    except Exception as e:   # openpyxl raises zipfile, KeyError, XML and value errors for non-workbooks
-        raise InputError(f'{path} is not a readable Excel .xlsx workbook ({type(e).__name__}: {str(e)[:120]}): '
-                         'open it in Excel and save it as .xlsx, or export it as CSV')
-    try:
-        names = wb.sheetnames
-        if sheet is None: name = names[0]
-        elif sheet in names: name = sheet
-        else: raise InputError(f'{path} has no sheet {sheet!r}; its sheets are {", ".join(map(repr, names))}: pass one of them as the sheet')
-        rows = [list(r) for r in wb[name].iter_rows(values_only=True)]
-    finally:
-        wb.close()
-    return name, rows
+        raise InputError(f'{shown}: unknown table type {_q(ext)}: pass an .xlsx workbook or a .csv file')
+    return _read_xlsx(path, shown, sheet, max_expanded_mb)
 
 # %% ../nbs/02_data.ipynb #e93ccf81
 def _find_col(headers, wanted, defaults, what, flag, where, required=True):
@@ -131,7 +233,7 @@ def _is_grouped(rows, id_col=None, age_col=None):
     return bool(r1) and bool(r2 & keys) and not (r1 & (keys | set(FILE_NAMES)))
 
 def _blocks(rows):
-    "Blocks of the two-header-row layout: [(label, [(col, header), ...])]."
+    "Blocks of the two-header-row layout: [(label, [(col, header), ...], (first col, end col))]."
     r1, r2 = rows[0], rows[1]
     width = max(len(r1), len(r2))
     starts = [c for c in range(len(r1)) if not _blank(r1[c])]
@@ -139,40 +241,151 @@ def _blocks(rows):
     for j, c0 in enumerate(starts):
         c1 = starts[j + 1] if j + 1 < len(starts) else width
         cols = [(c, r2[c]) for c in range(c0, min(c1, len(r2))) if not _blank(r2[c])]
-        out.append((str(r1[c0]).strip(), cols))
+        out.append((str(r1[c0]).strip(), cols, (c0, c1)))
     return out
 
 def _span(cols):
     return f'{_col_letter(cols[0][0])}-{_col_letter(cols[-1][0])}' if cols else 'empty'
 
-# %% ../nbs/02_data.ipynb #aa570a1d
-def _list_images(image_dir):
-    return sorted(p.name for p in image_dir.iterdir()
-                  if p.is_file() and not p.name.startswith('.') and p.suffix.lower() in IMAGE_EXTS)
+# %% ../nbs/02_data.ipynb #325a1278
+def _natural(name):
+    return [int(t) if i % 2 else t.lower() for i, t in enumerate(re.split(r'(\d+)', name))]
 
-def _verify_image(path):
-    try:
-        with Image.open(path) as im: im.verify()
-    except Exception as e:   # PIL raises many types (OSError, SyntaxError, ValueError, struct.error...) for bad files
-        raise InputError(f'image {path} cannot be decoded ({type(e).__name__}: {str(e)[:100]}): replace the file or remove it from the folder')
+def _compile(pattern):
+    try: rx = re.compile(pattern, re.IGNORECASE)
+    except (re.error, TypeError, ValueError) as e:
+        raise InputError(f'--pattern {_q(str(pattern))} is not a valid regular expression ({e})')
+    if rx.groups < 1: raise InputError(f'--pattern {_q(pattern)} has no group: group 1 must capture the subject ID')
+    return rx
+
+def _image_key(name, rx):
+    m = rx.match(name) if rx is not None else None
+    if m and m.group(1) is not None:
+        g2 = m.group(2) if rx.groups >= 2 else None
+        return (0, _id_key(norm_id(m.group(1)) or ''), int(g2) if g2 and g2.isdecimal() else -1, _natural(name), name)
+    return (1, (0, 0, ''), -1, _natural(name), name)
+
+def list_images(folder, pattern=None) -> list[Path]:
+    """The image files directly in `folder`, as `Path(folder) / name`, in natural order (by subject, then image index,
+    when `pattern` is given). Dot-files, sub-folders and other extensions are skipped; links leading out of the folder,
+    dangling links, non-regular files and names that are not valid UTF-8 raise InputError naming them; so does an
+    empty, missing or unreadable folder."""
+    d = Path(folder)
+    rx = _compile(pattern) if pattern is not None else None
+    try: root = d.resolve(strict=True)
+    except FileNotFoundError: raise InputError(f'image folder {show_name(d)} does not exist: check --image-dir')
+    except (OSError, RuntimeError) as e:   # RuntimeError: a link loop (Python < 3.13)
+        raise InputError(f'image folder {show_name(d)} cannot be opened ({_why(e)}): check --image-dir')
+    if not root.is_dir(): raise InputError(f'--image-dir {show_name(d)} is not a folder: pass the folder that holds the images')
+    try: names = os.listdir(root)
+    except OSError as e: raise InputError(f'image folder {show_name(d)} cannot be listed ({_why(e)}): check its permissions')
+    files, outside, broken, odd, undecodable = [], [], [], [], []
+    for name in names:
+        if name.startswith('.') or os.path.splitext(name)[1].lower() not in IMAGE_EXTS: continue
+        p = root / name
+        try:
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                target = p.resolve(strict=True)
+                if not target.is_relative_to(root): outside.append(f'{show_name(name)} -> {show_name(target)}'); continue
+                st = os.stat(p)
+        except (OSError, RuntimeError): broken.append(show_name(name)); continue   # dangling, looping, vanished
+        if stat.S_ISDIR(st.st_mode): continue
+        if not stat.S_ISREG(st.st_mode): odd.append(show_name(name)); continue
+        if not _is_utf8(name): undecodable.append(show_name(name)); continue
+        files.append(name)
+    where = show_name(d)
+    if outside:
+        raise InputError(f'{len(outside)} image link(s) in {where} lead outside it ({_rows_list(sorted(outside), 5)}): agenb reads '
+                         'images only from inside the image folder; copy the files in, or point --image-dir at the folder that holds them')
+    if broken:
+        raise InputError(f'{len(broken)} image link(s) in {where} lead nowhere (dangling or looping: {_rows_list(sorted(broken), 5)}): '
+                         'fix or remove them')
+    if odd:
+        raise InputError(f'{len(odd)} entries in {where} are named like images but are not regular files (a FIFO, socket '
+                         f'or device: {_rows_list(sorted(odd), 5)}): remove them from the image folder')
+    if undecodable:
+        raise InputError(f'{len(undecodable)} image file name(s) in {where} are not valid UTF-8 ({_rows_list(sorted(undecodable), 5)}; '
+                         'odd bytes shown as \\xNN): rename them, e.g. convmv -f latin1 -t utf-8 --notest *, '
+                         'as file names are written into UTF-8 tables and must find the same files again')
+    if not files:
+        raise InputError(f'no image files ({"/".join(e[1:] for e in IMAGE_EXTS)}) in {where}: check --image-dir')
+    return [d / n for n in sorted(files, key=lambda n: _image_key(n, rx))]
 
 def _rows_list(items, n=10):
     s = ', '.join(items[:n])
     return s + (f' and {len(items) - n} more' if len(items) > n else '')
 
-def load_dataset(image_dir, excel_path, cohort=None, sheet=None, pattern=DEFAULT_PATTERN, id_col=None, age_col=None,
-                 file_col=None, strict=False, verify=True):
-    """Read images and the subjects' spreadsheet into one tidy table (one row per image) and a summary dict.
-    See the module's decisions above; every problem with the input raises `InputError`."""
-    image_dir, excel_path = Path(image_dir), Path(excel_path)
-    if not image_dir.exists(): raise InputError(f'image folder {image_dir} does not exist: check --image-dir')
-    if not image_dir.is_dir(): raise InputError(f'--image-dir {image_dir} is not a folder: pass the folder that holds the images')
-    try: rx = re.compile(pattern, re.IGNORECASE)
-    except re.error as e: raise InputError(f'--pattern {pattern!r} is not a valid regular expression ({e})')
-    if rx.groups < 1: raise InputError(f'--pattern {pattern!r} has no group: group 1 must capture the subject ID')
-    sheet_name, rows = read_cells(excel_path, sheet)
-    src = f'{excel_path}' + (f' sheet {sheet_name!r}' if sheet_name else '')
+# %% ../nbs/02_data.ipynb #fdb5d030
+def _table_file(v, root):
+    "(file name, None) for a file-column cell inside the image folder `root` (resolved); (None, reason) otherwise."
+    if _blank(v): return None, None
+    s = str(v).strip()
+    if s.startswith(('/', '\\')) or PureWindowsPath(s).drive:
+        try: inside = s.startswith('/') and Path(os.path.abspath(s)).parent.resolve() == root
+        except (OSError, RuntimeError, ValueError): inside = False   # a loop, a NUL byte
+        return (os.path.basename(s), None) if inside else (None, 'an absolute path outside the image folder')
+    parts = [p for p in re.split(r'[\\/]', s) if p not in ('', '.')]
+    if not parts: return None, 'not a file name'
+    if '..' in parts: return None, 'a path that climbs out of the image folder (..)'
+    dirs = [p.casefold() for p in parts[:-1]]
+    if dirs and [p.casefold() for p in root.parts[-len(dirs):]] != dirs:
+        return None, f'a path into another folder than {show_name(root.name)}'
+    return parts[-1], None
+
+def _nfc(s): return unicodedata.normalize('NFC', s)
+
+def _mask_for(masks_dir, name):
+    "The mask of image `name`: a regular file in `masks_dir` (resolved) or None; a link leading out raises InputError."
+    if masks_dir is None: return None
+    p = masks_dir / name
+    try:
+        if p.is_symlink() and not p.resolve(strict=True).is_relative_to(masks_dir.resolve()):
+            raise InputError(f'mask {show_name(p)} is a link leading outside {show_name(masks_dir)} (to {show_name(p.resolve())}): '
+                             'copy the mask in, or remove the link')
+        return p if stat.S_ISREG(os.stat(p).st_mode) else None
+    except (OSError, RuntimeError): return None   # no mask for this image (missing, dangling)
+
+def _verify_image(path):
+    "Check that `path` is a whole image file of a sane size (beyond PIL's decompression-bomb limit is an error)."
+    import warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)   # said below, in one line
+            with Image.open(path) as im:
+                w, h = im.size
+                if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+                    raise InputError(f'image {show_name(path)} declares {w} x {h} pixels, more than PIL decodes safely '
+                                     f'({Image.MAX_IMAGE_PIXELS:,}; a decompression bomb?): replace the file or remove it from the folder')
+                im.verify()
+    except InputError: raise
+    except Exception as e:   # PIL raises many types (OSError, SyntaxError, ValueError, struct.error...) for bad files
+        raise InputError(f'image {show_name(path)} cannot be decoded ({_why(e)}): replace the file or remove it from the folder')
+
+def _uncomputed(rows, row_range, cols):
+    "Addresses of the never-computed formula cells in `rows[row_range]`, columns `cols` (None: all)."
+    return [v.address for k in row_range if k < len(rows) for c, v in enumerate(rows[k])
+            if isinstance(v, _Uncomputed) and (cols is None or c in cols)]
+
+def _check_text(**kw):
+    "Refuse option values that cannot be written as UTF-8 (bytes a shell passed through undecoded)."
+    for flag, v in kw.items():
+        if v is not None and not _is_utf8(str(v)):
+            raise InputError(f'--{flag.replace("_", "-")} {_q(str(v))} is not valid UTF-8 text: type it again')
+
+# %% ../nbs/02_data.ipynb #52a03025
+def _raise_uncomputed(src, cells):
+    raise InputError(f'{src}, cell{"s" if len(cells) > 1 else ""} {_rows_list(cells, 5)}: a formula whose value was never '
+                     'computed (the file was written by a program, not saved by a spreadsheet program); open and save the '
+                     'file in Excel or LibreOffice, or type the value')
+
+def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, age_col, file_col, max_table_mb, max_expanded_mb):
+    "The spreadsheet's subjects (and files, one row per image) for `load_dataset`, as a namespace; raises InputError."
+    root = image_dir.resolve()
+    sheet_name, rows = read_cells(excel_path, sheet, max_table_mb=max_table_mb, max_expanded_mb=max_expanded_mb)
+    src = show_name(excel_path) + (f' sheet {sheet_name!r}' if sheet_name else '')
     if not rows or all(all(_blank(v) for v in r) for r in rows):
+        if bad := _uncomputed(rows, range(len(rows)), None): _raise_uncomputed(src, bad)
         raise InputError(f'{src} is empty: it needs a header row with a subject ID and an age column')
     layout_match = image_dir.name.lower() == 'images'
     folder_cohort = image_dir.parent.name if layout_match else None
@@ -180,19 +393,20 @@ def load_dataset(image_dir, excel_path, cohort=None, sheet=None, pattern=DEFAULT
     # layout and block
     if _is_grouped(rows, id_col, age_col):
         blocks = _blocks(rows)
-        labels = [b[0] for b in blocks]
         want = cohort if cohort is not None else image_dir.parent.name
         hit = [b for b in blocks if b[0].lower() == str(want).lower()]
         if not hit and cohort is None and len(blocks) == 1: hit = blocks
         if not hit:
-            desc = ', '.join(f'{l!r} ({_span(c)})' for l, c in blocks)
+            desc = ', '.join(f'{l!r} ({_span(c)})' for l, c, _ in blocks)
             if cohort is not None:
                 raise InputError(f'{src} has no block {cohort!r} in row 1; its blocks are {desc}: pass --cohort with one of them')
             raise InputError(f'{src} has blocks {desc} and the image folder\'s parent {image_dir.parent.name!r} names none of them: pass --cohort with one of them')
-        block_label, headers = hit[0]
+        block_label, headers, span = hit[0]
         table_cohort, data_start, table_format = block_label, 2, 'two_header_rows'
         where = f'{src} block {block_label!r} (row 2)'
+        if bad := _uncomputed(rows, range(2), set(range(*span))): _raise_uncomputed(src, bad)
     else:
+        if bad := _uncomputed(rows, range(1), None): _raise_uncomputed(src, bad)
         headers = [(c, h) for c, h in enumerate(rows[0]) if not _blank(h)]
         block_label, table_cohort, data_start = None, cohort if cohort is not None else folder_cohort, 1
         where = f'{src} (header row 1)'
@@ -209,30 +423,33 @@ def load_dataset(image_dir, excel_path, cohort=None, sheet=None, pattern=DEFAULT
     cid, cage, csex, ch, cw, cfile = map(col, (ii, ai, si, hi, wi, fi))
     label = lambda i: f'{headers[i][1]!r} (column {_col_letter(headers[i][0])})' if sheet_name else repr(headers[i][1])
     get = lambda r, c: (r[c] if c is not None and c < len(r) else None)
+    used = {c for c in (cid, cage, csex, ch, cw, cfile) if c is not None}
+    if bad := _uncomputed(rows, range(data_start, len(rows)), used): _raise_uncomputed(src, bad)
 
     # the spreadsheet's rows
-    recs, bad_age = [], []
+    recs, bad_age, bad_file = [], [], []
     for k, r in enumerate(rows[data_start:], start=data_start + 1):
         vals = [get(r, c) for c, _ in headers]
         if all(_blank(v) for v in vals): continue
         rec = dict(row=k, id=norm_id(get(r, cid)), age=_num(get(r, cage)), sex=_norm_sex(get(r, csex)),
                    height=_num(get(r, ch)), weight=_num(get(r, cw)))
         if cfile is not None:
-            f = get(r, cfile)
-            rec['file'] = None if _blank(f) else re.split(r'[\\/]', str(f).strip())[-1]
+            rec['file'], why = _table_file(get(r, cfile), root)
+            if why: bad_file.append(f'row {k} ({_q(str(get(r, cfile)))}: {why})')
         a = rec['age']
         if a == 'bad' or (a is not None and not (0 <= a <= 120)):
-            bad_age.append(f'row {k} ({get(r, cage)!r})')
+            bad_age.append(f'row {k} ({show_name(repr(get(r, cage)))})')
         recs.append(rec)
+    if not recs:
+        raise InputError(f'{where} has headers but no data rows: add one row per subject (or per image) below the headers'
+                         + (', or pass --cohort with a block that has rows' if block_label else ''))
     if bad_age:
         raise InputError(f'{where} column {label(ai)}: the age is not a number between 0 and 120 in '
                          f'{_rows_list(bad_age)}: fix those cells (age in years, e.g. 37.1)')
-
-    # images on disk
-    files = _list_images(image_dir)
-    if not files:
-        raise InputError(f'no image files ({"/".join(e[1:] for e in IMAGE_EXTS)}) in {image_dir}: check --image-dir')
-    by_file = {}
+    if bad_file:
+        raise InputError(f'{where} column {label(fi)} names files outside the image folder {show_name(image_dir)} in '
+                         f'{_rows_list(bad_file, 5)}: write the names of files in that folder (e.g. anon_1_1.png)')
+    by_file, file_conflicts = {}, []
     if table_format == 'per_image':
         for rec in recs:
             if rec['file'] is None: continue
@@ -240,10 +457,17 @@ def load_dataset(image_dir, excel_path, cohort=None, sheet=None, pattern=DEFAULT
                 m = rx.match(rec['file'])
                 rec['id'] = norm_id(m.group(1)) if m else None
                 if rec['id'] is None:
-                    raise InputError(f'{where} row {rec["row"]}: no subject ID column and the file name {rec["file"]!r} does not match the pattern {pattern!r}: pass --id-col or --pattern')
-            by_file.setdefault(rec['file'], rec)
+                    raise InputError(f'{where} row {rec["row"]}: no subject ID column and the file name {_q(rec["file"])} does not match the pattern {pattern!r}: pass --id-col or --pattern')
+            first = by_file.setdefault(_nfc(rec['file']), rec)
+            if first['id'] != rec['id']:
+                file_conflicts.append(f'{show_name(rec["file"])} in rows {first["row"]} (subject {first["id"]}) and {rec["row"]} (subject {rec["id"]})')
+    if file_conflicts:
+        raise InputError(f'{where} column {label(fi)}: the same file belongs to different subjects: {_rows_list(file_conflicts, 5)}: '
+                         'keep one subject per file')
     recs_with_id = [r for r in recs if r['id'] is not None]
     rows_without_id = len(recs) - len(recs_with_id)
+    if not recs_with_id and table_format != 'per_image':
+        raise InputError(f'{where} column {label(ii)}: no row has a subject ID: fill in the IDs, or pass --id-col with the right column')
 
     # subjects: one age per subject
     subj, dup_rows, conflicts = {}, 0, []
@@ -258,45 +482,13 @@ def load_dataset(image_dir, excel_path, cohort=None, sheet=None, pattern=DEFAULT
     if conflicts:
         raise InputError(f'{where} column {label(ai)}: the same subject has different ages: {_rows_list(conflicts, 5)}: '
                          'keep one age per subject')
+    return SimpleNamespace(sheet_name=sheet_name, src=src, where=where, table_format=table_format, table_cohort=table_cohort,
+                           layout_match=layout_match, headers=headers, ii=ii, ai=ai, fi=fi, label=label, recs=recs,
+                           subj=subj, by_file=by_file, dup_rows=dup_rows, rows_without_id=rows_without_id)
 
-    # match images to subjects
-    matched, not_matching, unmatched = [], [], []
-    for f in files:
-        m = rx.match(f)
-        if table_format == 'per_image':
-            rec = by_file.get(f)
-            if rec is None: unmatched.append(f); continue
-            sid = rec['id']
-        else:
-            if not m: not_matching.append(f); continue
-            sid = norm_id(m.group(1))
-        idx = None
-        if m and rx.groups >= 2 and m.group(2) is not None and m.group(2).isdigit(): idx = int(m.group(2))
-        if sid not in subj: unmatched.append(f); continue
-        matched.append((f, sid, idx))
-    if not matched:
-        if table_format == 'per_image':
-            raise InputError(f'no image in {image_dir} is named in {where} column {label(fi)} (files seen: {_rows_list(files, 5)}): check --file-col and --image-dir')
-        if not any(rx.match(f) for f in files):
-            raise InputError(f'no image file in {image_dir} matches the pattern {pattern!r} (files seen: {_rows_list(files, 5)}): pass --pattern with a regular expression whose group 1 is the subject ID')
-        raise InputError(f'no image in {image_dir} belongs to a subject of {where} (files seen: {_rows_list(files, 5)}; '
-                         f'IDs in the sheet: {_rows_list(sorted(subj, key=_id_key), 5)}): check --cohort, --id-col and --pattern')
-
-    missing_age = sorted({sid for _, sid, _ in matched if subj[sid]['age'] is None}, key=_id_key)
-    matched = [t for t in matched if subj[t[1]]['age'] is not None]
-    with_images = {sid for _, sid, _ in matched}
-    without_images = sorted((s for s in subj if s not in with_images and s not in missing_age), key=_id_key)
-    if strict:
-        probs = []
-        if unmatched: probs.append(f'{len(unmatched)} images without a spreadsheet row ({_rows_list(unmatched, 5)})')
-        if without_images: probs.append(f'{len(without_images)} subjects without images ({_rows_list(without_images, 5)})')
-        if missing_age: probs.append(f'{len(missing_age)} subjects with images but a blank age ({_rows_list(missing_age, 5)})')
-        if probs: raise InputError(f'strict check of {image_dir} against {where}: ' + '; '.join(probs) +
-                                   ': fix the spreadsheet or the folder, or run without --strict')
-    if not matched:
-        raise InputError(f'every subject with images in {image_dir} has a blank age in {where}: fill in the ages')
-
-    # the table
+# %% ../nbs/02_data.ipynb #0c89d2fa
+def _table(image_dir, matched, subj, layout_match, cohort):
+    "(tidy table of the matched images [(file, subject, index)] sorted by subject, index, name; counts for the summary)."
     masks_dir = next((p for p in (image_dir.parent / 'Masks', image_dir.parent / 'masks') if p.is_dir()), None)
     muscle = image_dir.parent.parent.name if layout_match else None
     out, bmi_bad, bmi_missing = [], set(), set()
@@ -308,28 +500,29 @@ def load_dataset(image_dir, excel_path, cohort=None, sheet=None, pattern=DEFAULT
         bmi = w / (h / 100) ** 2 if (h and w) else None
         if h is None or w is None: bmi_missing.add(sid)
         elif not (BMI_RANGE[0] <= bmi <= BMI_RANGE[1]): bmi_bad.add(sid); bmi = None
-        mp = masks_dir / f if masks_dir is not None and (masks_dir / f).is_file() else None
+        mp = _mask_for(masks_dir, f)
         out.append(dict(path=os.path.abspath(image_dir / f), filename=f, subject=sid, image_index=idx, age=float(s['age']),
-                        sex=s['sex'], height_cm=h, weight_kg=w, bmi=bmi, muscle=muscle, cohort=table_cohort,
+                        sex=s['sex'], height_cm=h, weight_kg=w, bmi=bmi, muscle=muscle, cohort=cohort,
                         mask_path=os.path.abspath(mp) if mp else None))
     out.sort(key=lambda r: (_id_key(r['subject']), r['image_index'] is None, r['image_index'] or 0, r['filename']))
-    if verify:
-        for r in out: _verify_image(r['path'])
     t = pd.DataFrame(out, columns=COLUMNS)
     t['image_index'] = t['image_index'].astype('Int64')
     for c in ('age', 'height_cm', 'weight_kg', 'bmi'): t[c] = t[c].astype(float)
     t['mask_path'] = pd.Series([r['mask_path'] for r in out], dtype=object)
+    return t, dict(bmi_implausible=len(bmi_bad), bmi_missing=len(bmi_missing), muscle=muscle)
 
-    # the summary
+def _summary(t, x, s, image_dir, excel_path, pattern, unmatched, without_images, missing_age, not_matching, strict):
+    "The summary dict of table `t` (with counts `x` from `_table`), read with the spreadsheet namespace `s`."
     per_subj = t.groupby('subject', sort=False).agg(age=('age', 'first'), n=('filename', 'size'), sex=('sex', 'first'))
     ages = per_subj['age']
     ips = per_subj['n'].value_counts().sort_index()
     dec = (ages // 10 * 10).astype(int).value_counts().sort_index()
-    summary = dict(
+    h = s.headers
+    return dict(
         image_dir=os.path.abspath(image_dir), excel_path=os.path.abspath(excel_path), excel_sha256=file_sha256(excel_path),
-        sheet=sheet_name, cohort=table_cohort, muscle=muscle, table_format=table_format, pattern=pattern,
-        id_col=headers[ii][1] if ii is not None else None, age_col=headers[ai][1],
-        file_col=headers[fi][1] if fi is not None else None,
+        sheet=s.sheet_name, cohort=s.table_cohort, muscle=x['muscle'], table_format=s.table_format, pattern=pattern,
+        id_col=h[s.ii][1] if s.ii is not None else None, age_col=h[s.ai][1],
+        file_col=h[s.fi][1] if s.fi is not None else None,
         n_images=len(t), n_subjects=int(len(per_subj)),
         images_per_subject={str(k): int(v) for k, v in ips.items()},
         age=dict(min=float(ages.min()), max=float(ages.max()), mean=float(ages.mean()),
@@ -337,25 +530,69 @@ def load_dataset(image_dir, excel_path, cohort=None, sheet=None, pattern=DEFAULT
         subjects_per_decade={f'{d}-{d + 9}': int(n) for d, n in dec.items()},
         sex={str(k): int(v) for k, v in per_subj['sex'].fillna('blank').value_counts().sort_index().items()},
         unmatched_images=unmatched, subjects_without_images=without_images, subjects_missing_age=missing_age,
-        files_not_matching_pattern=not_matching, rows_without_id=rows_without_id, duplicate_rows=int(dup_rows),
-        bmi_implausible=len(bmi_bad), bmi_missing=len(bmi_missing), n_masks=int(t['mask_path'].notna().sum()),
-        strict=bool(strict))
-    return t, summary
+        files_not_matching_pattern=not_matching, rows_without_id=s.rows_without_id, duplicate_rows=int(s.dup_rows),
+        bmi_implausible=x['bmi_implausible'], bmi_missing=x['bmi_missing'],
+        n_masks=int(t['mask_path'].notna().sum()), strict=bool(strict))
 
-# %% ../nbs/02_data.ipynb #e614dd14
-def read_image(path):
-    "Decode an image file into a (H, W) uint8 greyscale array; any problem raises InputError naming the file."
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-                a = np.asarray(im, dtype=np.float64)
-                return np.clip(np.round(a / (257 if a.max() > 255 else 1)), 0, 255).astype(np.uint8)
-            return np.asarray(im.convert('L'), dtype=np.uint8).copy()
-    except FileNotFoundError:
-        raise InputError(f'image {path} does not exist: check the image folder')
-    except Exception as e:   # every decode failure (PIL raises OSError, SyntaxError, ValueError, ...)
-        raise InputError(f'image {path} cannot be decoded ({type(e).__name__}: {str(e)[:100]}): replace the file or remove it from the folder')
+# %% ../nbs/02_data.ipynb #aa570a1d
+def load_dataset(image_dir, excel_path, cohort=None, sheet=None, pattern=DEFAULT_PATTERN, id_col=None, age_col=None,
+                 file_col=None, strict=False, verify=True, max_table_mb=None, max_expanded_mb=None):
+    """Read images and the subjects' spreadsheet into one tidy table (one row per image) and a summary dict.
+    See the module's decisions above; every problem with the input raises `InputError`. `max_table_mb` and
+    `max_expanded_mb` bound the spreadsheet (default: env AGENB_MAX_TABLE_MB / AGENB_MAX_EXPANDED_MB, else 50 / 200)."""
+    _check_text(cohort=cohort, sheet=sheet, pattern=pattern, id_col=id_col, age_col=age_col, file_col=file_col)
+    for p, flag in ((image_dir, '--image-dir'), (excel_path, '--excel-path')):
+        if not _is_utf8(os.path.abspath(p)):
+            raise InputError(f'{flag} {show_name(os.path.abspath(p))} is not valid UTF-8 (odd bytes shown as \\xNN): rename '
+                             'the folders on that path, as it is written into UTF-8 files')
+    image_dir, excel_path = Path(image_dir), Path(excel_path)
+    rx = _compile(pattern)
+    files = [p.name for p in list_images(image_dir, pattern)]   # checks the folder and every image in it
+    t = _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, age_col, file_col, max_table_mb, max_expanded_mb)
+    subj, where, shown_dir = t.subj, t.where, show_name(image_dir)
+    shown = lambda names, n: _rows_list([show_name(f) for f in names], n)
+
+    # match images to subjects
+    matched, not_matching, unmatched = [], [], []
+    for f in files:
+        m = rx.match(f)
+        if t.table_format == 'per_image':
+            rec = t.by_file.get(_nfc(f))
+            if rec is None: unmatched.append(f); continue
+            sid = rec['id']
+        else:
+            if not m or m.group(1) is None: not_matching.append(f); continue
+            sid = norm_id(m.group(1))
+        idx = None
+        if m and rx.groups >= 2 and m.group(2) is not None and m.group(2).isdecimal(): idx = int(m.group(2))
+        if sid not in subj: unmatched.append(f); continue
+        matched.append((f, sid, idx))
+    if not matched:
+        if t.table_format == 'per_image':
+            raise InputError(f'no image in {shown_dir} is named in {where} column {t.label(t.fi)} (files seen: {shown(files, 5)}): check --file-col and --image-dir')
+        if not any(rx.match(f) for f in files):
+            raise InputError(f'no image file in {shown_dir} matches the pattern {pattern!r} (files seen: {shown(files, 5)}): pass --pattern with a regular expression whose group 1 is the subject ID')
+        raise InputError(f'no image in {shown_dir} belongs to a subject of {where} (files seen: {shown(files, 5)}; '
+                         f'IDs in the sheet: {shown(sorted(subj, key=_id_key), 5)}): check --cohort, --id-col and --pattern')
+
+    missing_age = sorted({sid for _, sid, _ in matched if subj[sid]['age'] is None}, key=_id_key)
+    matched = [m for m in matched if subj[m[1]]['age'] is not None]
+    with_images = {sid for _, sid, _ in matched}
+    without_images = sorted((s for s in subj if s not in with_images and s not in missing_age), key=_id_key)
+    if strict:
+        probs = []
+        if unmatched: probs.append(f'{len(unmatched)} images without a spreadsheet row ({shown(unmatched, 5)})')
+        if without_images: probs.append(f'{len(without_images)} subjects without images ({shown(without_images, 5)})')
+        if missing_age: probs.append(f'{len(missing_age)} subjects with images but a blank age ({shown(missing_age, 5)})')
+        if probs: raise InputError(f'strict check of {shown_dir} against {where}: ' + '; '.join(probs) +
+                                   ': fix the spreadsheet or the folder, or run without --strict')
+    if not matched:
+        raise InputError(f'every subject with images in {shown_dir} has a blank age in {where}: fill in the ages')
+    table, counts = _table(image_dir, matched, subj, t.layout_match, t.table_cohort)
+    if verify:
+        for p in table['path']: _verify_image(p)
+    summary = _summary(table, counts, t, image_dir, excel_path, pattern, unmatched, without_images, missing_age, not_matching, strict)
+    return table, summary
 
 # %% ../nbs/02_data.ipynb #a661b487
 def format_summary(s):
@@ -373,7 +610,7 @@ def format_summary(s):
          'Sex:         ' + ', '.join(f'{k}: {v}' for k, v in s['sex'].items()),
          f"BMI:         {s['bmi_implausible']} subjects implausible (<10 or >60, set missing), {s['bmi_missing']} without length/weight"]
     def lst(title, items):
-        L.append(f'{title}: {len(items)}' + (f"  ({_rows_list([str(i) for i in items], 8)})" if items else ''))
+        L.append(f'{title}: {len(items)}' + (f"  ({_rows_list([show_name(str(i)) for i in items], 8)})" if items else ''))
     lst('Images without a spreadsheet row', s['unmatched_images'])
     lst('Subjects without images', s['subjects_without_images'])
     lst('Subjects with images but a blank age (left out)', s['subjects_missing_age'])
@@ -383,7 +620,7 @@ def format_summary(s):
     return '\n'.join(L)
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog='python -m agenb.data', description='Read and check an image folder and its spreadsheet.')
+    p = Parser(prog='python -m agenb.data', description='Read and check an image folder and its spreadsheet.')
     sub = p.add_subparsers(dest='cmd', required=True)
     c = sub.add_parser('check', help='print a summary of the data set (exit 0), or one line saying what is wrong (exit 2)')
     c.add_argument('--image-dir', required=True, help='folder holding the images, e.g. data/TA/Healthy/Images')
@@ -394,9 +631,12 @@ def main(argv=None):
     c.add_argument('--id-col'); c.add_argument('--age-col'); c.add_argument('--file-col')
     c.add_argument('--strict', action='store_true', help='unmatched images, subjects without images or blank ages are errors')
     c.add_argument('--json', action='store_true', help='print the summary as JSON')
+    c.add_argument('--max-table-mb', help=f'largest spreadsheet file to read, MB (default {MAX_TABLE_MB}, or env AGENB_MAX_TABLE_MB)')
+    c.add_argument('--max-expanded-mb', help=f'largest unzipped size of an .xlsx, MB (default {MAX_EXPANDED_MB}, or env AGENB_MAX_EXPANDED_MB)')
     a = p.parse_args(argv)
     _, s = load_dataset(a.image_dir, a.excel_path, cohort=a.cohort, sheet=a.sheet, pattern=a.pattern, id_col=a.id_col,
-                        age_col=a.age_col, file_col=a.file_col, strict=a.strict)
+                        age_col=a.age_col, file_col=a.file_col, strict=a.strict,
+                        max_table_mb=a.max_table_mb, max_expanded_mb=a.max_expanded_mb)
     print(json.dumps(s, indent=2) if a.json else format_summary(s))
     return 0
 

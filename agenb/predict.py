@@ -14,16 +14,15 @@ import pandas as pd
 import torch
 
 import agenb
-from .core import InputError, run_cli, atomic_write, atomic_write_json, file_sha256
-from .data import DEFAULT_PATTERN, load_dataset, norm_id
+from .core import InputError, Parser, ensure_output_dir, run_cli, atomic_write, atomic_write_json, file_sha256
+from .data import DEFAULT_PATTERN, IMAGE_EXTS, list_images, load_dataset, norm_id, show_name
 from .images import affine_warp, load_image
-from .runs import RunModel, load_run_model, predict_outputs, interval_tables, calibration, INTERVAL_COLS
+from .runs import RUN_OWN_FILES, RunModel, is_run_dir, load_run_model, predict_outputs, interval_tables, calibration, INTERVAL_COLS
 from .evaluate import apply_bias_correction, regression_metrics, subject_level, age_group_table
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'RUN_OWN_FILES', 'tta_views', 'apply_view', 'list_images', 'parse_subject', 'read_images',
-           'predict_tensor', 'predict_images', 'subject_table', 'metrics_for', 'metrics_text', 'output_paths',
-           'build_parser', 'main']
+__all__ = ['tta_views', 'apply_view', 'find_images', 'parse_subject', 'read_images', 'predict_tensor', 'predict_images',
+           'subject_table', 'metrics_for', 'metrics_text', 'output_paths', 'build_parser', 'main']
 
 # %% ../nbs/13_predict.ipynb #9177c699
 def tta_views(augmentation: dict, max_rotation=5.0, max_shift=0.05) -> list[dict]:
@@ -47,17 +46,13 @@ def apply_view(x: torch.Tensor, view: dict) -> torch.Tensor:
                        flip_y=-1.0 if view['vflip'] else 1.0, shift_x=view['shift_x'], shift_y=view['shift_y']).clamp(0, 1)
 
 # %% ../nbs/13_predict.ipynb #35dccb26
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
-
 def _natural(name):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r'(\d+)', name)]
 
-def list_images(image_dir) -> list[Path]:
-    "Image files directly in `image_dir`, in natural order (anon_2 before anon_10)."
-    d = Path(image_dir)
-    if not d.is_dir(): raise InputError(f'--image-dir {str(d)!r} is not a folder; pass the folder holding the images')
-    files = sorted((p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS), key=lambda p: _natural(p.name))
-    if not files: raise InputError(f'--image-dir {str(d)!r} holds no image files ({", ".join(IMAGE_EXTS)})')
+def find_images(image_dir) -> list[Path]:
+    "The image files directly in `image_dir` (`agenb.data.list_images`: inside the folder, natural order); none is an error."
+    files = list_images(image_dir)
+    if not files: raise InputError(f'--image-dir {show_name(image_dir)} holds no image files ({", ".join(IMAGE_EXTS)})')
     return files
 
 def parse_subject(filename, pattern) -> tuple:
@@ -170,15 +165,13 @@ def metrics_text(m) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/13_predict.ipynb #4d916670
-RUN_OWN_FILES = {'predictions.csv', 'subject_predictions.csv', 'metrics.json', 'config.json', 'history.json', 'split.csv'}
-
 def output_paths(out, run_dir) -> dict:
     "The files a prediction writes next to `out`; refuses `.json` names and the run folder's own files."
     out = Path(out)
     if out.suffix.lower() != '.csv': raise InputError(f'--out {str(out)!r} must be a .csv file name (e.g. predictions.csv)')
     paths = {'images': out, 'subjects': out.with_name(f'{out.stem}_subjects.csv'), 'info': out.with_suffix('.json'),
              'metrics': out.with_name(f'{out.stem}_metrics.json')}
-    if out.resolve().parent == Path(run_dir).resolve():
+    if out.resolve().parent == Path(run_dir).resolve() or is_run_dir(out.resolve().parent):
         clash = [p.name for p in paths.values() if p.name in RUN_OWN_FILES]
         if clash: raise InputError(f'--out {str(out)!r} would overwrite the run\'s own {", ".join(clash)}; choose another name')
     return paths
@@ -187,7 +180,7 @@ def _write_csv(df, path):
     with atomic_write(path) as tmp: df.to_csv(tmp, index=False)
 
 def build_parser():
-    p = argparse.ArgumentParser(prog='python -m agenb.predict',
+    p = Parser(prog='python -m agenb.predict',
                                 description="Predict ages for a folder of images with a trained run's best model "
                                             "and the run's recorded preprocessing.")
     p.add_argument('run_dir', help='run folder made by python -m agenb.train')
@@ -220,7 +213,7 @@ def main(argv=None):
     rm = load_run_model(a.run_dir, a.checkpoint, a.device)
     if a.pattern: parse_subject('x', a.pattern); rm.pattern = a.pattern
     paths = output_paths(a.out, a.run_dir)
-    files = list_images(a.image_dir)
+    files = find_images(a.image_dir)
     df, skipped, views = predict_images(rm, files, a.batch_size, a.tta, a.skip_bad, a.num_workers)
     for s in skipped: print(f'skipped {s["file"]}: {s["reason"]}', file=sys.stderr)
     metrics, data_summary = None, None
@@ -230,7 +223,7 @@ def main(argv=None):
         df['error'] = df['pred'] - df['age']
         if 'corrected' in df: df['corrected_error'] = df['corrected'] - df['age']
         metrics = metrics_for(df, rm.bias_correction, bin_width=rm.args.get('bin_width') or 10)
-    paths['images'].parent.mkdir(parents=True, exist_ok=True)
+    ensure_output_dir(paths['images'].parent)
     _write_csv(df, paths['images'])
     written = [paths['images']]
     subj = subject_table(df, rm) if df['subject'].notna().any() else None

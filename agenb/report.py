@@ -21,10 +21,10 @@ from traitlets import default
 from PIL import Image
 
 import agenb
-from .core import InputError, run_cli, atomic_write_text
+from .core import InputError, Parser, run_cli, atomic_write_text, show_path
 from .split import load_split, split_summary, age_hist_figure
 from .options import RECIPE_KEYS
-from .runs import curves_figure
+from .runs import curves_figure, is_run_dir
 from .compare import compare_runs, find_runs, METRIC_COLS
 
 # %% auto #0
@@ -598,14 +598,17 @@ def render_compare(run_dirs, out='compare_report.html') -> Path:
 
 # %% ../nbs/12_report.ipynb #4f6349ff
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog='python -m agenb.report',
+    ap = Parser(prog='python -m agenb.report',
                                  description="Render a run's report.html, or one HTML page comparing runs.")
     ap.add_argument('runs', nargs='+', metavar='RUN_DIR', help='run folder(s); with --compare also folders that hold runs')
     ap.add_argument('--compare', action='store_true', help='write one comparison page of all RUN_DIRs')
     ap.add_argument('--out', help='output HTML file (one run: default RUN_DIR/report.html; --compare: compare_report.html)')
     a = ap.parse_args(argv)
     for d in map(Path, a.runs):
-        if not d.is_dir(): raise InputError(f'{d} is not a folder; pass run folders made by python -m agenb.train')
+        if not d.is_dir(): raise InputError(f'{show_path(d)} is not a folder; pass run folders made by python -m agenb.train')
+    if a.out and Path(a.out).is_dir(): raise InputError(f'--out {show_path(a.out)} is a folder; --out names the HTML file to write')
+    if a.out and is_run_dir(Path(a.out).resolve().parent) and Path(a.out).resolve().parent not in {Path(d).resolve() for d in a.runs}:
+        raise InputError(f'--out {show_path(a.out)} is inside another run folder, whose files belong to that run; write elsewhere')
     if a.compare:
         dirs = []
         for d in map(Path, a.runs):
@@ -615,6 +618,10 @@ def main(argv=None):
         path = render_compare(dirs, a.out or 'compare_report.html')
         print(path); return [path]
     if a.out and len(a.runs) > 1: raise InputError('--out names one file: give one RUN_DIR, or use --compare')
+    for d in a.runs:
+        if not is_run_dir(d):
+            raise InputError(f'{show_path(d)} is not a run folder (no config.json written by python -m agenb.train): '
+                             'nothing is written into it; pass a run folder, or --compare for a folder of runs')
     paths = []
     for d in a.runs:
         paths.append(render_report(d, a.out)); print(paths[-1])
