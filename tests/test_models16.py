@@ -64,12 +64,15 @@ def test_timm_pretrained_offline_is_one_line(data_args, tmp_path):
 
 
 def test_bad_model_options_exit_2(data_args, tmp_path):
-    for extra, words in ((['--arch', 'resnet1001'], 'unknown architecture'), (['--arch', 'squeezenet1_0'], 'convolution'),
-                         (['--freeze-backbone', '--unfreeze-last', '1'], 'not both'), (['--ema-decay', '1'], '--ema-decay'),
-                         (['--head', 'distribution', '--age-bins', '0:100:7'], 'whole number'),
-                         (['--head', 'distribution', '--age-bins', '30:60:1'], 'widen --age-bins')):
-        r = agenb('train', *data_args, *ONE, '--output-dir', tmp_path, *extra)
-        assert r.returncode == 2 and words in r.stderr and 'Traceback' not in r.stderr, (extra, r.stderr[-500:])
+    from agenb.options import resolve_options
+    base = dict(image_dir='d', excel_path='x')
+    for extra, words in ((dict(arch='resnet1001'), 'unknown architecture'), (dict(arch='squeezenet1_0'), 'convolution'),
+                         (dict(freeze_backbone=True, unfreeze_last=1), 'not both'), (dict(ema_decay=1.0), '--ema-decay'),
+                         (dict(arch='vit_b_16', image_size=96), 'only 224'), (dict(arch='timm:nope_net'), 'timm has no model'),
+                         (dict(head='distribution', age_bins='0:100:7'), 'whole number')):
+        with pytest.raises(InputError, match=words): resolve_options({**base, **extra})
+    r = agenb('train', *data_args, *ONE, '--output-dir', tmp_path, '--head', 'distribution', '--age-bins', '30:60:1')
+    assert r.returncode == 2 and 'widen --age-bins' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-500:]
 
 
 def test_freeze_backbone_sgd_step_recorded(data_args, tmp_path):
@@ -87,7 +90,8 @@ def test_freeze_backbone_sgd_step_recorded(data_args, tmp_path):
 
 
 def test_unfreeze_last_and_backbone_lr_recorded(data_args, tmp_path):
-    run = _train(data_args, tmp_path, '--unfreeze-last', '1', '--backbone-lr-mult', '0.1', '--scheduler', 'onecycle')
+    run = _train(data_args, tmp_path, '--unfreeze-last', '1', '--backbone-lr-mult', '0.1', '--scheduler', 'onecycle',
+                 '--warmup-epochs', '0')
     cfg = _cfg(run)
     ft = cfg['model']['fine_tuning']
     assert ft['trainable_stages'] == ['layer4'] and ft['stages'][0] == 'stem'
