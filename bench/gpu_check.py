@@ -74,7 +74,14 @@ def step_throughput(torch, nn, device, arch, size, bs, dtype, channels_last, war
 
 def pipeline_efficiency(torch, nn, device, arch, size, bs, steps, repeats, log):
     "agenb Trainer.train_epoch on in-memory uint8 images vs the bare step with the same AMP / memory format."
-    from agenb.train import Dist, Trainer, resolve_options
+    import importlib                   # agenb.trainer / agenb.options after the split of agenb.train (issue 14)
+    def obj(name):
+        for mod in ('agenb.trainer', 'agenb.options', 'agenb.train'):
+            try: m = importlib.import_module(mod)
+            except ImportError: continue
+            if hasattr(m, name): return getattr(m, name)
+        raise ImportError(f'{name} is in none of agenb.trainer, agenb.options, agenb.train')
+    Dist, Trainer, resolve_options = obj('Dist'), obj('Trainer'), obj('resolve_options')
     from agenb.images import Preprocessing, Augmentation
     from agenb.model import build_model
     o = resolve_options(dict(image_dir='(in memory)', excel_path='(in memory)', arch=arch, pretrained=False,
