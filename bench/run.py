@@ -49,7 +49,7 @@ FULL = dict(
     # epochs: as many as fit in budget_s, from the 1-process DDP run's epoch time (same model, size and batch)
     # 96 px, 40 epochs: with generator version 1, 64 px for 60 epochs ended further from the oracle in about the same time
     accuracy=dict(arch='resnet18', image_size=96, batch_size=32, epochs=40, budget_s=420, min_epochs=8,
-                  max_epochs=60, fallback_epochs=30, lr=1e-3, warmup_epochs=2, extra=[], timeout=1800, plain_loop=True),
+                  max_epochs=60, fallback_epochs=30, lr=1e-3, warmup_epochs=2, extra=[], timeout=4 * 3600, plain_loop=True),
 )
 QUICK = dict(
     data_preset='quick',
@@ -414,7 +414,7 @@ def bench_accuracy(root, cfg, res=None):
                 lr=cfg['lr'], warmup_epochs=cfg['warmup_epochs'], num_workers=2, loss='mae', deterministic=True)
     opts.update(cfg.get('options', {}))
     cmd = [sys.executable] + train_cmd(root, out_dir, 'acc', **opts) + list(cfg.get('extra', []))
-    run_dir, wall = run_cli(cmd, {'OMP_NUM_THREADS': str(os.cpu_count() or 1)}, OUT / 'accuracy.log', cfg['timeout'])
+    run_dir, wall = run_cli(cmd, ACCURACY_ENV, OUT / 'accuracy.log', cfg['timeout'])
     m = json.loads((run_dir / 'metrics.json').read_text())
     conf = json.loads((run_dir / 'config.json').read_text())
     hist = json.loads((run_dir / 'history.json').read_text())
@@ -437,7 +437,7 @@ def bench_accuracy(root, cfg, res=None):
         'epochs_chosen_by': why,
         'recipe': 'mae recipe (AdamW, warmup + cosine, clipping 1.0, L1) with the settings above; ImageNet weights '
                   'are not reachable offline, so the model starts from scratch',
-        'omp_num_threads': os.cpu_count() or 1,
+        'environment': ACCURACY_ENV,
         'n_test_images': m['n_images'], 'n_test_subjects': m['n_subjects'],
         'test_mae': round(mae, 3), 'test_rmse': round(m['overall']['rmse'], 3),
         'test_pearson_r': m['overall'].get('pearson_r'),
@@ -457,7 +457,7 @@ def bench_accuracy(root, cfg, res=None):
     j = j.assign(oracle=j.oracle_pred)
     if cfg.get('plain_loop'):
         print(f'bench: plain PyTorch loop on the same split, {epochs} epochs ...', flush=True)
-        p = plain_loop(run_dir, out['settings'])
+        p = plain_loop_subprocess(run_dir, out['settings'], cfg['timeout'])
         plain = p.pop('predictions')
         assert p['n_test_images'] == m['n_images'], (p['n_test_images'], m['n_images'])
         j['plain'] = j.filename.map(plain)
@@ -485,6 +485,23 @@ def ratio_ci(j, others, n_boot=2000, seed=0):
         out[key] = [round(float(v), 3) for v in np.percentile(r, [2.5, 97.5])]
     return out
 
+# The accuracy runs' threads: as many as cores (the figures depend on the thread count, so it is fixed and recorded),
+# and OpenMP threads that sleep rather than spin while they wait: the same arithmetic, so the same figures, but a
+# busy machine slows the run down in proportion instead of stalling it (spinning threads oversubscribe the cores).
+ACCURACY_ENV = {'OMP_NUM_THREADS': str(os.cpu_count() or 1), 'OMP_WAIT_POLICY': 'PASSIVE'}
+
+def plain_loop_subprocess(run_dir, settings, timeout):
+    "`plain_loop` in a fresh process with ACCURACY_ENV (OpenMP reads it only at start)."
+    res = OUT / 'plain_loop.json'
+    res.unlink(missing_ok=True)
+    env = {**os.environ, **ACCURACY_ENV, 'PYTHONUNBUFFERED': '1'}
+    with open(OUT / 'plain_loop.log', 'w') as log:
+        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), '--plain-loop-child', str(run_dir),
+                            json.dumps(settings), str(res)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                           timeout=timeout)
+    if p.returncode: raise RuntimeError(f'the plain loop exited {p.returncode}; see {OUT / "plain_loop.log"}')
+    return json.loads(res.read_text())
+
 PLAIN_LOOP = ('torchvision resnet18 (weights=None, fc -> Linear(512, 1)); images: PIL open, convert("RGB"), Resize((S, S)), '
               'ToTensor, Normalize(ImageNet), decoded once into memory; no augmentation; L1Loss; AdamW (lr, weight decay '
               'as agenb); CosineAnnealingLR(T_max=epochs) stepped per epoch, no warmup, no clipping; batches from a seeded '
@@ -511,7 +528,7 @@ def plain_loop(run_dir, settings, seed=0):
         return torch.stack(xs), torch.tensor(d.age.to_numpy(), dtype=torch.float32)
     (xtr, ytr), (xva, yva), (xte, yte) = (load(s) for s in ('train', 'val', 'test'))
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(os.cpu_count() or 1); torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(int(ACCURACY_ENV['OMP_NUM_THREADS'])); torch.use_deterministic_algorithms(True)
     try:
         torch.manual_seed(seed)
         model = torchvision.models.resnet18(weights=None)
@@ -542,7 +559,8 @@ def plain_loop(run_dir, settings, seed=0):
         with torch.no_grad(): pte = torch.cat([model(xte[i:i + 256]).squeeze(1) for i in range(0, len(xte), 256)])
     finally:
         torch.set_num_threads(threads); torch.use_deterministic_algorithms(det)
-    return {'what': PLAIN_LOOP, 'seed': seed, 'torch_threads': os.cpu_count() or 1,
+    return {'what': PLAIN_LOOP, 'seed': seed, 'torch_threads': int(ACCURACY_ENV['OMP_NUM_THREADS']),
+            'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY'),
             'n_train_images': len(xtr), 'n_val_images': len(xva), 'n_test_images': len(xte),
             'test_mae': round(test, 3), 'best_epoch': best_epoch, 'best_val_mae': round(best, 3),
             'val_mae_per_epoch': val_hist, 'median_epoch_seconds': round(statistics.median(secs), 2),
@@ -597,6 +615,11 @@ def print_table(res):
           f"({m['torch_threads']} threads), {m['date']}; load average start {m['loadavg_at_start']} end {m.get('loadavg_at_end')}")
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['--plain-loop-child']:                     # plain_loop_subprocess's child: RUN_DIR SETTINGS OUT
+        from agenb.core import atomic_write_json
+        atomic_write_json(Path(argv[3]), plain_loop(Path(argv[1]), json.loads(argv[2])))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--quick', action='store_true', help='tiny settings: checks the benchmark runs, figures are meaningless')
     p.add_argument('--only', nargs='+', choices=SECTIONS, help='run only these sections')
@@ -619,7 +642,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     res = {'machine': machine_info(), 'quick': a.quick,
            'agenb': {'version': __version__, **git_info(ROOT)},   # read before anything is written
-           'command': ' '.join(['bench/run.py', *(argv if argv is not None else sys.argv[1:])])}
+           'command': ' '.join(['bench/run.py', *argv])}
     root = ensure_data(cfg['data_preset'], a.data_dir)
     res['data'] = data_record(root)
     fns = {'loader': bench_loader, 'efficiency': bench_efficiency, 'ddp': bench_ddp, 'accuracy': bench_accuracy}
