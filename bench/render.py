@@ -2,7 +2,8 @@
 """Render the benchmark's figures from bench/results.json into markdown, so that no figure is typed by hand.
 
     python bench/render.py                       # rewrite the <!-- results:begin/end --> block of bench/README.md
-    python bench/render.py --readme README.md    # also fill a <!-- bench:begin/end --> block there with the summary
+    python bench/render.py --readme nbs/index.ipynb   # also fill a <!-- bench:begin/end --> block there (a markdown
+                                                      # cell of a notebook, or any text file) with the summary
     python bench/render.py --summary             # print the summary (the project README's few lines)
 
 bench/run.py calls `update_readme` after writing bench/results.json.
@@ -179,11 +180,21 @@ def fill(text, name, body):
     return pat.sub(lambda m: m.group(1) + '\n' + body.strip('\n') + '\n' + m.group(2), text, count=1)
 
 def update_readme(path=README, res=None, name='results', body=None):
-    "Rewrite the marked block of `path` from `res` (default: bench/results.json)."
+    """Rewrite the marked block of `path` from `res` (default: bench/results.json). In a notebook (.ipynb) the block
+    is looked for in the markdown cells, so that a README generated from the notebook carries it."""
     res = res if res is not None else json.loads(RESULTS.read_text())
+    body = body if body is not None else bench_block(res)
     path = Path(path)
     text = path.read_text()
-    new = fill(text, name, body if body is not None else bench_block(res))
+    if path.suffix == '.ipynb':
+        nb = json.loads(text)
+        cells = [c for c in nb['cells'] if c['cell_type'] == 'markdown' and f'<!-- {name}:begin -->' in ''.join(c['source'])]
+        if not cells: raise SystemExit(f'render: no markdown cell of {path} holds a <!-- {name}:begin --> block')
+        new_src = fill(''.join(cells[0]['source']), name, body)
+        cells[0]['source'] = new_src.splitlines(keepends=True)
+        new = json.dumps(nb, indent=1, ensure_ascii=False) + '\n'
+    else:
+        new = fill(text, name, body)
     if new != text: path.write_text(new)
     return new
 
