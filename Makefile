@@ -27,10 +27,11 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-## make demo: generate the synthetic demo dataset, train the mae recipe on it (nbs/train.ipynb via papermill),
-## render the run's report.html and print where it is
+## make demo: generate the synthetic demo dataset (reused only if the current generator wrote it with these
+## parameters), train the mae recipe on it (nbs/train.ipynb via papermill), render the run's report.html and
+## print where it is
 demo: $(STAMP)
-	@test -f $(DEMO_DATA)/synth_meta.json || $(BIN)/python -m agenb.synth $(DEMO_DATA) --preset demo
+	$(BIN)/python -m agenb.synth $(DEMO_DATA) --preset demo --reuse
 	$(BIN)/python -m agenb.data check --image-dir $(DEMO_DATA)/TA/Healthy/Images --excel-path $(DEMO_DATA)/TA/characteristics.xlsx
 	@mkdir -p runs
 	$(BIN)/papermill --engine agenb nbs/train.ipynb runs/demo_train.ipynb -k python3
