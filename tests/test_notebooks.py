@@ -53,11 +53,17 @@ def test_nbdev_clean_keeps_the_parameters_tag():
         assert tagged, f'nbdev_clean would strip the parameters tag of {name}: settings.ini needs allowed_cell_metadata_keys = tags'
 
 
-def test_demo_dataset_is_reused(synth_root):
-    "An existing generated dataset (synth_meta.json present) is used as it is, not generated again."
+def test_demo_dataset_is_reused_only_when_current(tmp_path):
+    "Data the current generator wrote with the same parameters is used as it is; anything else is regenerated, saying why."
     msgs = []
-    d = demo_dataset(synth_root, log=msgs.append)
-    assert msgs == [] and Path(d['image_dir']).is_dir() and Path(d['excel_path']).is_file()
+    d = demo_dataset(tmp_path / 'demo', log=msgs.append, preset='test')
+    assert Path(d['image_dir']).is_dir() and Path(d['excel_path']).is_file() and msgs[-1].startswith('generating')
+    msgs.clear(); demo_dataset(tmp_path / 'demo', log=msgs.append, preset='test')
+    assert len(msgs) == 1 and msgs[0].startswith('using')                      # reused, not generated again
+    meta = json.loads((tmp_path / 'demo' / 'synth_meta.json').read_text())
+    (tmp_path / 'demo' / 'synth_meta.json').write_text(json.dumps({**meta, 'version': 1}))   # written by an older generator
+    msgs.clear(); demo_dataset(tmp_path / 'demo', log=msgs.append, preset='test')
+    assert msgs[0].startswith('regenerating') and 'version' in msgs[0]
 
 
 def test_train_notebook_with_papermill(data_args, tmp_path):
