@@ -125,15 +125,17 @@ def test_refused_correction_is_recorded():
 
 
 def test_subject_level_uneven():
-    df = pd.DataFrame({'subject': ['b', 'a', 'b', 'c', 'a', 'b'], 'age': [40.0, 20, 40, 60, 20, 40],
-                       'pred': [42.0, 25, 44, 50, 19, 46]})
+    "Per-subject mean (not median, not first image): subject b's images 41, 42, 52 average 45, their median is 42."
+    df = pd.DataFrame({'subject': ['b', 'a', 'b', 'c', 'a', 'b', 'a'], 'age': [40.0, 20, 40, 60, 20, 40, 20],
+                       'pred': [41.0, 25, 42, 50, 19, 52, 28]})
     s = ev.subject_level(df).set_index('subject')
     assert list(s.index) == ['b', 'a', 'c']
-    assert s.loc['b', 'pred'] == 44.0 and s.loc['a', 'pred'] == 22.0 and s.loc['c', 'pred'] == 50.0
-    assert list(s['n_images']) == [3, 2, 1]
+    assert s.loc['b', 'pred'] == 45.0 and s.loc['a', 'pred'] == 24.0 and s.loc['c', 'pred'] == 50.0
+    assert list(s['n_images']) == [3, 3, 1]
+    assert s.loc['b', 'pred_sd'] == pytest.approx(np.std([41, 42, 52], ddof=1)) and np.isnan(s.loc['c', 'pred_sd'])
     m = ev.evaluate_predictions(df)
-    assert m['n_subjects'] == 3 and m['subject_level']['mae'] == pytest.approx((4 + 2 + 10) / 3)
-    assert m['overall']['mae'] == pytest.approx((2 + 5 + 4 + 10 + 1 + 6) / 6)
+    assert m['n_subjects'] == 3 and m['subject_level']['mae'] == pytest.approx((5 + 4 + 10) / 3)
+    assert m['overall']['mae'] == pytest.approx((1 + 5 + 2 + 10 + 1 + 12 + 8) / 7)
 
 
 def _fake_run(tmp_path):
