@@ -107,6 +107,8 @@ def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, 
     source = source or {'entry': 'cli', 'script_name': 'agenb.train'}
     d = Dist(o.device)
     try:
+        if o.sync_bn and d.ddp and d.device.type != 'cuda':
+            raise InputError('--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU); drop --sync-bn')
         if o.deterministic: torch.use_deterministic_algorithms(True)
         state = load_checkpoint(Path(resume_dir) / 'last.pth', o.arch, o.image_size) if resume_dir is not None else None
         if state is not None and state['epoch'] >= o.epochs:
@@ -127,8 +129,10 @@ def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, 
             cfg = build_config(o, explicit, data, trainer, d, run_dir, source, gpus)
             if resume_dir is not None:
                 old = read_run_config(run_dir)
+                for tmp in run_dir.glob('.*.tmp'): tmp.unlink()  # left half-written by a killed process
                 cfg['resumes'] = old.get('resumes', []) + [{'at': datetime.now().isoformat(timespec='seconds'),
-                                                           'from_epoch': trainer.epoch, 'previous_status': old.get('status')}]
+                                                           'from_epoch': trainer.epoch, 'previous_status': old.get('status'),
+                                                           'world_size': d.world, 'previous_world_size': old.get('world_size')}]
                 cfg['started_at'], cfg['timestamp'] = old.get('started_at'), old.get('timestamp')
             files = RunWriter(run_dir, cfg, o)
             files.write_config()

@@ -35,9 +35,11 @@ def run_dir_of(r):
     return Path(r.stdout.strip().splitlines()[-1])
 
 
-def probe_log(d):
-    "{rank: [records]} written by train_probe.py's AGENB_PROBE_LOG."
-    return {int(p.stem[4:]): [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(Path(d).glob('rank*.jsonl'))}
+def probe_log(d, drop=('bn',)):
+    """{rank: [records]} written by train_probe.py's AGENB_PROBE_LOG, without the keys `drop` (BatchNorm statistics
+    after training differ between ranks unless --sync-bn)."""
+    read = lambda p: [{k: v for k, v in json.loads(line).items() if k not in drop} for line in p.read_text().splitlines()]
+    return {int(p.stem[4:]): read(p) for p in sorted(Path(d).glob('rank*.jsonl'))}
 
 
 @pytest.fixture(scope='session')
