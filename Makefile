@@ -47,6 +47,7 @@ bench: $(STAMP)
 ## make export: regenerate agenb/ from nbs/ and clean the notebooks (run after editing a notebook)
 export: $(STAMP)
 	$(BIN)/nbdev_export
+	$(BIN)/python -c "from agenb.launch import sync_train_notebook; sync_train_notebook()"
 	$(BIN)/nbdev_clean
 
 ## make outputs: re-execute chapters in place so they keep their figures and tables (slow/gpu cells skipped)

@@ -12,6 +12,6 @@ setuptools.setup(
     python_requires='>=' + cfg['min_python'],
     install_requires=cfg['requirements'].split(),
     extras_require={'export': cfg.get('export_requirements', '').split(), 'dev': cfg.get('dev_requirements', '').split()},
-    entry_points={'papermill.engine': ['agenb = agenb.report:IPCEngine']},
+    entry_points={'papermill.engine': ['agenb = agenb.core:IPCEngine']},
     include_package_data=True, zip_safe=False,
 )

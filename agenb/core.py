@@ -4,31 +4,103 @@
 
 # %% ../nbs/00_core.ipynb #d2bea071
 from __future__ import annotations
-import contextlib, hashlib, io, json, math, os, platform, socket, subprocess, sys, tempfile
+import argparse, contextlib, hashlib, io, json, math, os, platform, socket, subprocess, sys, tempfile, traceback
+from datetime import datetime
 from contextlib import contextmanager
 from importlib.metadata import version, PackageNotFoundError
 from pathlib import Path
 
 import agenb
+from jupyter_client.manager import KernelManager
+from traitlets import default
 
 # %% auto #0
-__all__ = ['InputError', 'run_cli', 'atomic_write', 'atomic_write_text', 'atomic_write_json', 'atomic_torch_save',
-           'atomic_savefig', 'file_sha256', 'git_info', 'package_versions', 'environment_info', 'run_process_state']
+__all__ = ['InputError', 'Parser', 'run_cli', 'show_path', 'ensure_output_dir', 'timestamped', 'IPCKernelManager', 'IPCEngine',
+           'atomic_write', 'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'atomic_savefig',
+           'file_sha256', 'git_info', 'package_versions', 'environment_info', 'run_process_state']
 
-# %% ../nbs/00_core.ipynb #1f3e0253
+# %% ../nbs/00_core.ipynb #13fbd2fa
 class InputError(Exception):
     "A problem with the user's input (files, spreadsheet, flags). Its message is one line that says what to do."
     exit_code = 2
 
+class Parser(argparse.ArgumentParser):
+    "argparse for agenb's commands: a bad flag or value is an `InputError` (one line, exit 2), not a usage dump."
+    def error(self, message): raise InputError(f'{message}; see {self.prog} --help')
+
+def _say(msg):
+    if os.environ.get('RANK', '0') == '0':  # under torchrun every rank finds the same problem: say it once
+        print(msg, file=sys.stderr, flush=True)
+
+def _internal_error_log(e) -> Path:
+    "Write the traceback of an unexpected exception to a log file; returns its path."
+    log = Path(tempfile.gettempdir()) / f'agenb-error-{datetime.now():%Y%m%d_%H%M%S}-{os.getpid()}.log'
+    log.write_text(f'{" ".join(sys.argv)}\n\n' + ''.join(traceback.format_exception(e)))
+    return log
+
 def run_cli(main, argv=None):
-    "Call `main(argv)`; an `InputError` becomes one line on stderr and exit code 2 (no traceback)."
+    """Call `main(argv)` as a command: an `InputError` becomes one line on stderr and exit code 2; so does an error of
+    the operating system (a file that cannot be read or written, a full disk); any other exception is an internal
+    error: one line with the path of a log holding the traceback, exit code 1. Never a bare traceback."""
     try:
         return main(argv)
     except InputError as e:
-        msg = ' '.join(str(e).split())  # always one line
-        if os.environ.get('RANK', '0') == '0':  # under torchrun every rank finds the same problem: say it once
-            print(f'agenb: error: {msg}', file=sys.stderr)
+        _say(f'agenb: error: {" ".join(str(e).split())}')   # always one line
         sys.exit(InputError.exit_code)
+    except OSError as e:
+        what = f'{e.strerror or type(e).__name__}' + (f': {show_path(e.filename)}' if e.filename else '')
+        _say(f'agenb: error: {what}; check the path, its permissions and the free disk space')
+        sys.exit(InputError.exit_code)
+    except Exception as e:
+        log = _internal_error_log(e)   # every rank: their errors differ
+        rank = f' (rank {os.environ["RANK"]})' if 'RANK' in os.environ and os.environ.get('WORLD_SIZE', '1') != '1' else ''
+        print(f'agenb: internal error{rank}: {type(e).__name__}: {" ".join(str(e).split())[:300]} (traceback in {log}); '
+              'please report it with that file', file=sys.stderr, flush=True)
+        sys.exit(1)
+
+def show_path(p) -> str:
+    "A path as text that can always be printed: undecodable bytes as \\xNN escapes."
+    return os.fsdecode(p).encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace') if p is not None else ''
+
+# %% ../nbs/00_core.ipynb #ecb43f95
+def ensure_output_dir(path, flag='--out') -> Path:
+    "Create the output folder `path` (and its parents) and check it can be written; a one-line `InputError` otherwise."
+    path = Path(path)
+    if path.exists() and not path.is_dir(): raise InputError(f'{flag} {show_path(path)} exists and is not a folder; choose a folder')
+    try: path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f'{flag} {show_path(path)}: cannot create the folder ({e.strerror or type(e).__name__}); choose another') from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f'{flag} {show_path(path)} is not writable; choose another folder')
+    return path
+
+def timestamped(parent, stem) -> Path:
+    "A new, not yet existing path `parent/stem_YYYYMMDD_HHMMSS[_N]` for a command's outputs."
+    base = f'{stem}_{datetime.now():%Y%m%d_%H%M%S}'
+    for i in range(1, 1000):
+        p = Path(parent) / (base if i == 1 else f'{base}_{i}')
+        if not p.exists(): return p
+    raise InputError(f'too many outputs named {base} in {parent}')
+
+# %% ../nbs/00_core.ipynb #8973092c
+class IPCKernelManager(KernelManager):
+    "A Jupyter kernel manager whose kernels talk over local IPC sockets rather than unencrypted TCP."
+    @default('transport')
+    def _transport_default(self): return 'ipc'
+
+class IPCEngine:
+    "papermill's nbclient engine with `IPCKernelManager`: `papermill --engine agenb ...`."
+    @staticmethod
+    def _nbclient():
+        from papermill.engines import NBClientEngine  # papermill imports this engine while importing itself
+        return NBClientEngine
+    @classmethod
+    def execute_notebook(cls, nb, kernel_name, **kwargs):
+        return cls._nbclient().execute_notebook(nb, kernel_name, kernel_manager_class=IPCKernelManager, **kwargs)
+    @classmethod
+    def nb_kernel_name(cls, nb, name=None): return cls._nbclient().nb_kernel_name(nb, name)
+    @classmethod
+    def nb_language(cls, nb, language=None): return cls._nbclient().nb_language(nb, language)
 
 # %% ../nbs/00_core.ipynb #604ed60a
 _UMASK = os.umask(0); os.umask(_UMASK)

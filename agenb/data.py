@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .core import InputError, run_cli, file_sha256
+from .core import InputError, Parser, run_cli, file_sha256
 
 # %% auto #0
 __all__ = ['DEFAULT_PATTERN', 'IMAGE_EXTS', 'ID_NAMES', 'AGE_NAMES', 'SEX_NAMES', 'HEIGHT_NAMES', 'WEIGHT_NAMES', 'FILE_NAMES',
@@ -620,7 +620,7 @@ def format_summary(s):
     return '\n'.join(L)
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog='python -m agenb.data', description='Read and check an image folder and its spreadsheet.')
+    p = Parser(prog='python -m agenb.data', description='Read and check an image folder and its spreadsheet.')
     sub = p.add_subparsers(dest='cmd', required=True)
     c = sub.add_parser('check', help='print a summary of the data set (exit 0), or one line saying what is wrong (exit 2)')
     c.add_argument('--image-dir', required=True, help='folder holding the images, e.g. data/TA/Healthy/Images')

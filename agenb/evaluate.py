@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import linregress
 
-from .core import InputError, run_cli, atomic_write, atomic_write_json, atomic_savefig
+from .core import InputError, Parser, run_cli, atomic_write, atomic_write_json, atomic_savefig, ensure_output_dir, timestamped
 from .data import DEFAULT_PATTERN
-from .runs import predict_split, read_split
+from .runs import predict_split, read_split, refuse_run_dir
 from matplotlib.figure import Figure  # never pyplot: drawing must not switch the caller's backend
 
 # %% auto #0
@@ -378,11 +378,10 @@ def _run_mode(a):
     test = predict_split(run, split=a.split, device=a.device)
     val = predict_split(run, split='val', device=a.device) if a.split == 'test' and (split['split'] == 'val').any() else None
     train_ages = split.loc[split['split'] == 'train', 'age'].to_numpy(dtype=float)
-    prefix = '' if a.split == 'test' else f'{a.split}_'
-    return Path(a.out or run), test, val, train_ages, prefix
+    return Path(a.out) if a.out else timestamped(run / 'evaluations', a.split), test, val, train_ages
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog='python -m agenb.evaluate',
+    ap = Parser(prog='python -m agenb.evaluate',
                                  description='Evaluate a run (RUN_DIR) or a predictions file; writes metrics.json, '
                                              'predictions.csv and plots.')
     ap.add_argument('run_dir', nargs='?', help='run folder to re-evaluate with its best model')
@@ -391,7 +390,7 @@ def main(argv=None):
     ap.add_argument('--predictions', help='CSV or legacy JSON with true and predicted ages')
     ap.add_argument('--val-predictions', help='validation predictions (same format) to fit the bias correction')
     ap.add_argument('--train-mean-age', type=float, help='training mean age for the baseline (--predictions mode)')
-    ap.add_argument('--out', help='output folder (default: the run folder; required with --predictions)')
+    ap.add_argument('--out', help='output folder, not a run folder (default RUN_DIR/evaluations/<split>_<timestamp>; required with --predictions)')
     ap.add_argument('--true-col'); ap.add_argument('--pred-col'); ap.add_argument('--file-col'); ap.add_argument('--subject-col')
     ap.add_argument('--bin-width', type=float, default=10, help='age group width in years (default 10)')
     ap.add_argument('--min-slope', type=float, default=0.1, help='refuse the bias correction below this slope')
@@ -404,10 +403,11 @@ def main(argv=None):
         test = load_predictions(a.predictions, **kw)
         val = load_predictions(a.val_predictions, **kw) if a.val_predictions else None
         train_ages = [a.train_mean_age] if a.train_mean_age is not None else None
-        out, prefix = Path(a.out), ''
+        out = Path(a.out)
     else:
-        out, test, val, train_ages, prefix = _run_mode(a)
-    m = write_evaluation(out, test, val, train_ages, prefix=prefix, bin_width=a.bin_width, min_slope=a.min_slope)
+        out, test, val, train_ages = _run_mode(a)
+    refuse_run_dir(out, instead='a new folder (RUN_DIR mode writes RUN_DIR/evaluations/<split>_<timestamp>/ by default)')
+    m = write_evaluation(ensure_output_dir(out), test, val, train_ages, bin_width=a.bin_width, min_slope=a.min_slope)
     print(summary_text(m))
     print(f'wrote {", ".join(m["files"].values())} to {out}')
     return m

@@ -12,10 +12,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .core import InputError, run_cli, atomic_write_json, atomic_savefig, atomic_write_text
+from .core import InputError, Parser, run_cli, atomic_write_json, atomic_savefig, atomic_write_text, ensure_output_dir, timestamped
 from .images import Preprocessing, load_images, read_mask, mask_path_for
 from .model import ARCHS, build_model, gradcam_target_layer
-from .runs import load_run_model, read_split
+from .runs import load_run_model, read_split, refuse_run_dir
 from matplotlib.figure import Figure  # never pyplot: drawing must not switch the caller's backend
 
 # %% auto #0
@@ -149,10 +149,12 @@ def _module_name(model, arch):
     return f"{arch} {next((n for n, m in model.named_modules() if m is layer), type(layer).__name__)}"
 
 def explain_run(run_dir, n: int = 4, split: str = 'test', device='cpu', checkpoint: str = 'best_model.pth',
-                batch_size: int = 16, update_metrics: bool = True) -> dict:
-    """Grad-CAM of a run's `split`: writes gradcam_best_worst.png and gradcam.csv into `run_dir`, adds `shortcut_score`
-    to its metrics.json; returns {'shortcut_score', 'shortcut', 'files', 'metrics_updated'}."""
+                batch_size: int = 16, out_dir=None) -> dict:
+    """Grad-CAM of a run's `split`: writes gradcam_best_worst.png and gradcam.csv into `out_dir`; without `out_dir` (the
+    trainer, at the end of its own run) into `run_dir`, adding `shortcut_score` to its metrics.json.
+    Returns {'shortcut_score', 'shortcut', 'files', 'metrics_updated'}."""
     run_dir = Path(run_dir)
+    out, update_metrics = (Path(out_dir), False) if out_dir is not None else (run_dir, True)
     rm = load_run_model(run_dir, checkpoint=checkpoint, device=device)
     df = read_split(run_dir, split)
     arch = rm.arch
@@ -165,9 +167,9 @@ def explain_run(run_dir, n: int = 4, split: str = 'test', device='cpu', checkpoi
     rec = _shortcut_record(ex, _module_name(rm.model, arch), rm.prep, split, df, best, worst)
     fig = overlay_figure(ex, best + worst, titles=['best'] * len(best) + ['worst'] * len(worst),
                          ages=df.age.to_numpy(float))
-    atomic_savefig(fig, run_dir / FIGURE, dpi=90)
+    atomic_savefig(fig, out / FIGURE, dpi=90)
     cols = ['filename', 'subject', 'age', 'pred', 'abs_error', 'shortcut_score', 'muscle_share']
-    atomic_write_text(run_dir / TABLE, df[cols].to_csv(index=False))
+    atomic_write_text(out / TABLE, df[cols].to_csv(index=False))
     updated = False
     mpath = run_dir / 'metrics.json'
     if update_metrics and mpath.is_file():
@@ -181,13 +183,13 @@ def explain_run(run_dir, n: int = 4, split: str = 'test', device='cpu', checkpoi
             'metrics_updated': updated}
 
 # %% ../nbs/11_explain.ipynb #d83853ff
-def explain_files(run_dir, images, out='.', device='cpu', checkpoint='best_model.pth') -> pd.DataFrame:
+def explain_files(run_dir, images, out, device='cpu', checkpoint='best_model.pth') -> pd.DataFrame:
     "Overlays `<name>_gradcam.png` in `out` for the image files `images`; one row per image with pred and scores."
     rm = load_run_model(run_dir, checkpoint=checkpoint, device=device)
     images = [Path(p) for p in images]
     for p in images:
         if not p.is_file(): raise InputError(f'{p}: no such image file')
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = ensure_output_dir(out)
     ex = explain_images(rm.model, rm.arch, rm.prep, images, device=rm.device)
     t = read_split(run_dir)
     known = {str(Path(p).resolve()): a for p, a in zip(t.path, t.age)}
@@ -203,29 +205,29 @@ def explain_files(run_dir, images, out='.', device='cpu', checkpoint='best_model
     return pd.DataFrame(rows)
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog='python -m agenb.explain',
+    p = Parser(prog='python -m agenb.explain',
                                 description='Grad-CAM overlays of a trained run: for chosen images, or (no images) '
                                             'the best and worst predictions of its test split.')
     p.add_argument('run_dir', help='run folder made by python -m agenb.train')
     p.add_argument('images', nargs='*', help='image files to explain (none: the run\'s test split)')
-    p.add_argument('--out', default=None, help='folder for the overlays of IMAGE... (default: current folder)')
+    p.add_argument('--out', default=None, help='output folder, not a run folder (default RUN_DIR/explanations/<images|split>_<timestamp>)')
     p.add_argument('--n', type=int, default=4, help='without images: how many best and worst (default 4)')
     p.add_argument('--split', default='test', choices=('train', 'val', 'test'), help='without images: which split')
     p.add_argument('--device', default='cpu', help='cpu, cuda or auto')
     p.add_argument('--checkpoint', default='best_model.pth', help='checkpoint file in RUN_DIR')
     a = p.parse_args(argv)
+    out = Path(a.out) if a.out else timestamped(Path(a.run_dir) / 'explanations', 'images' if a.images else a.split)
+    refuse_run_dir(out, instead='a new folder (the default is RUN_DIR/explanations/<images|split>_<timestamp>/)')
     if a.images:
-        df = explain_files(a.run_dir, a.images, a.out or '.', device=a.device, checkpoint=a.checkpoint)
+        df = explain_files(a.run_dir, a.images, out, device=a.device, checkpoint=a.checkpoint)
         for r in df.itertuples():
             age = f'true {r.age:5.1f}  ' if np.isfinite(r.age) else ''
             print(f'{Path(r.image).name}: {age}pred {r.pred:5.1f}  shortcut {r.shortcut_score:.2f}  -> {r.overlay}')
         return df
-    if a.out: raise InputError('--out is for IMAGE...; without images the overlays go into the run folder')
-    res = explain_run(a.run_dir, n=a.n, split=a.split, device=a.device, checkpoint=a.checkpoint)
+    res = explain_run(a.run_dir, n=a.n, split=a.split, device=a.device, checkpoint=a.checkpoint, out_dir=ensure_output_dir(out))
     s = res['shortcut_score']
     print(f"{a.split}: mean shortcut score {s:.3f} over {res['shortcut']['n_images']} images; wrote "
-          f"{Path(a.run_dir) / res['files']['figure']} and {res['files']['table']}"
-          + ('; updated metrics.json' if res['metrics_updated'] else ''))
+          f"{out / res['files']['figure']} and {out / res['files']['table']}")
     return res
 
 # %% ../nbs/11_explain.ipynb #491ba2b8

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import agenb
-from .core import InputError, run_cli, atomic_write, atomic_write_json, atomic_write_text, file_sha256, package_versions
+from .core import InputError, Parser, ensure_output_dir, run_cli, atomic_write, atomic_write_json, atomic_write_text, file_sha256, package_versions
 from .split import split_summary
-from .runs import load_run_model, read_split, RunModel
+from .runs import load_run_model, read_split, refuse_run_dir, RunModel
 from .predict import read_images
 
 # %% auto #0
@@ -265,8 +265,8 @@ def export_run(run_dir, out_dir=None, formats=None, checkpoint='best_model.pth',
             if f not in FORMATS: raise InputError(f'--format {f!r} is not one of {", ".join(FORMATS)}')
             if avail[f]: raise InputError(f'--format {f}: {avail[f]}')
     out = Path(out_dir) if out_dir else run_dir / 'export'
-    try: out.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise InputError(f'cannot create the output folder {out}: {e.strerror}; choose another --out')
+    refuse_run_dir(out, instead='a new folder (the default is RUN_DIR/export/)')
+    out = ensure_output_dir(out)
     h, w = rm.prep.size
     wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std).eval()
     example = torch.rand(2, 1, h, w, generator=torch.Generator().manual_seed(0))
@@ -281,7 +281,7 @@ def export_run(run_dir, out_dir=None, formats=None, checkpoint='best_model.pth',
     return card
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog='python -m agenb.export',
+    p = Parser(prog='python -m agenb.export',
                                 description="Export a run's best model (TorchScript and/or ONNX) with model_card.json and README.md.")
     p.add_argument('run_dir', help='run folder made by python -m agenb.train')
     p.add_argument('--format', nargs='+', choices=FORMATS, help='formats to write (default: every one this installation can)')

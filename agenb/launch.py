@@ -8,13 +8,34 @@ import dataclasses, json, os, queue, re, subprocess, sys, threading, warnings
 from pathlib import Path
 
 from .core import InputError
-from .options import Options, DEMO_OPTIONS, OPTION_NAMES, cli_flags, options_from_params, resolve_options
+from .options import Options, DEMO_OPTIONS, OPTIONS, OPTION_NAMES, PLAIN_DEFAULTS, cli_flags, options_from_params, resolve_options
 from .trainer import read_table
 from .report import Html, fmt, kv_table, repo_root
 
 # %% auto #0
-__all__ = ['demo_dataset', 'Job', 'notebook_job', 'train_command', 'run_training', 'run_job', 'dataset_overview',
-           'train_from_notebook']
+__all__ = ['PARAMETERS_HEADER', 'parameters_source', 'sync_train_notebook', 'demo_dataset', 'Job', 'notebook_job',
+           'train_command', 'run_training', 'run_job', 'dataset_overview', 'train_from_notebook']
+
+# %% ../nbs/16_launch.ipynb #863ad341
+PARAMETERS_HEADER = ('# Parameters: one per trainer option, with the names and defaults of `python -m agenb.train --help`\n'
+                     '# (None: the loss\'s recipe decides, or not set), plus nproc. Override with papermill: -p NAME VALUE.\n')
+
+def parameters_source() -> str:
+    "The source of nbs/train.ipynb's parameters cell: every option with its plain default and help, then `nproc`."
+    rows = [(o.name, repr(PLAIN_DEFAULTS[o.name]), o.help) for o in OPTIONS]
+    rows.append(('nproc', '1', 'number of processes: 1 runs python -m agenb.train, N > 1 torchrun with N processes (DDP)'))
+    return PARAMETERS_HEADER + '\n'.join(f'{f"{n} = {v}":<30}# {h}' for n, v, h in rows)
+
+def sync_train_notebook(path=None) -> bool:
+    "Rewrite the parameters cell of nbs/train.ipynb from the option table; True when it changed."
+    path = Path(path or repo_root() / 'nbs' / 'train.ipynb')
+    nb = json.loads(path.read_text())
+    (cell,) = [c for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', [])]
+    new = parameters_source().splitlines(keepends=True)
+    if cell['source'] == new: return False
+    cell['source'] = new
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
+    return True
 
 # %% ../nbs/16_launch.ipynb #f964dfea
 def demo_dataset(root=None, log=print) -> dict:

@@ -8,7 +8,7 @@ import argparse, dataclasses, re
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from .core import InputError
+from .core import InputError, Parser
 from .model import ARCHS, min_image_size
 
 # %% auto #0
@@ -35,7 +35,9 @@ OPTIONS = [
     ('file_col', str, None, 'file-name column of a one-row-per-image table'),
     ('strict', bool, False, 'images without a spreadsheet row, or subjects without images, are errors'),
     ('min_age', float, None, 'exclude subjects younger than this (applied after the split)'),
-    ('max_age', float, None, 'exclude subjects older than this (applied after the split)')),
+    ('max_age', float, None, 'exclude subjects older than this (applied after the split)'),
+    ('max_table_mb', float, None, 'largest spreadsheet read, MB on disk (default 50, or $AGENB_MAX_TABLE_MB)'),
+    ('max_expanded_mb', float, None, 'largest spreadsheet read, MB unzipped (default 200, or $AGENB_MAX_EXPANDED_MB)')),
     *_rows('split',
     ('test_size', float, 0.2, 'share of subjects in the test set'),
     ('val_size', float, 0.1, 'share of subjects in the validation set'),
@@ -180,13 +182,9 @@ def _check_options(o):
     if o['weights']: need(Path(o['weights']).is_file(), f'--weights {o["weights"]}: file not found')
 
 # %% ../nbs/06_options.ipynb #5e6c507e
-class _Parser(argparse.ArgumentParser):
-    "argparse, but a bad flag or value is an `InputError` (one line, exit 2) rather than argparse's usage dump."
-    def error(self, message): raise InputError(f'{message}; see {self.prog} --help')
-
 def build_parser(prog='python -m agenb.train') -> argparse.ArgumentParser:
     "The trainer's parser: `--config`, `--resume` and one flag per option, in argument groups."
-    p = _Parser(prog=prog, argument_default=argparse.SUPPRESS,
+    p = Parser(prog=prog, argument_default=argparse.SUPPRESS,
                 description='Train an age-regression model on a folder of images and a spreadsheet of ages.')
     p.add_argument('--config', help='config.json of an earlier run: train again with its settings (flags override)')
     p.add_argument('--resume', metavar='RUN_DIR', help='continue an interrupted run in its own folder')

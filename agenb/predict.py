@@ -14,15 +14,15 @@ import pandas as pd
 import torch
 
 import agenb
-from .core import InputError, run_cli, atomic_write, atomic_write_json, file_sha256
+from .core import InputError, Parser, ensure_output_dir, run_cli, atomic_write, atomic_write_json, file_sha256
 from .data import DEFAULT_PATTERN, IMAGE_EXTS, list_images, load_dataset, norm_id, show_name
 from .images import affine_warp, load_image
-from .runs import RunModel, load_run_model
+from .runs import RUN_OWN_FILES, RunModel, is_run_dir, load_run_model
 from .evaluate import apply_bias_correction, regression_metrics, subject_level, age_group_table
 
 # %% auto #0
-__all__ = ['RUN_OWN_FILES', 'tta_views', 'apply_view', 'find_images', 'parse_subject', 'read_images', 'predict_tensor',
-           'predict_images', 'subject_table', 'metrics_for', 'metrics_text', 'output_paths', 'build_parser', 'main']
+__all__ = ['tta_views', 'apply_view', 'find_images', 'parse_subject', 'read_images', 'predict_tensor', 'predict_images',
+           'subject_table', 'metrics_for', 'metrics_text', 'output_paths', 'build_parser', 'main']
 
 # %% ../nbs/13_predict.ipynb #9177c699
 def tta_views(augmentation: dict, max_rotation=5.0, max_shift=0.05) -> list[dict]:
@@ -157,15 +157,13 @@ def metrics_text(m) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/13_predict.ipynb #4d916670
-RUN_OWN_FILES = {'predictions.csv', 'subject_predictions.csv', 'metrics.json', 'config.json', 'history.json', 'split.csv'}
-
 def output_paths(out, run_dir) -> dict:
     "The files a prediction writes next to `out`; refuses `.json` names and the run folder's own files."
     out = Path(out)
     if out.suffix.lower() != '.csv': raise InputError(f'--out {str(out)!r} must be a .csv file name (e.g. predictions.csv)')
     paths = {'images': out, 'subjects': out.with_name(f'{out.stem}_subjects.csv'), 'info': out.with_suffix('.json'),
              'metrics': out.with_name(f'{out.stem}_metrics.json')}
-    if out.resolve().parent == Path(run_dir).resolve():
+    if out.resolve().parent == Path(run_dir).resolve() or is_run_dir(out.resolve().parent):
         clash = [p.name for p in paths.values() if p.name in RUN_OWN_FILES]
         if clash: raise InputError(f'--out {str(out)!r} would overwrite the run\'s own {", ".join(clash)}; choose another name')
     return paths
@@ -174,7 +172,7 @@ def _write_csv(df, path):
     with atomic_write(path) as tmp: df.to_csv(tmp, index=False)
 
 def build_parser():
-    p = argparse.ArgumentParser(prog='python -m agenb.predict',
+    p = Parser(prog='python -m agenb.predict',
                                 description="Predict ages for a folder of images with a trained run's best model "
                                             "and the run's recorded preprocessing.")
     p.add_argument('run_dir', help='run folder made by python -m agenb.train')
@@ -217,7 +215,7 @@ def main(argv=None):
         df['error'] = df['pred'] - df['age']
         if 'corrected' in df: df['corrected_error'] = df['corrected'] - df['age']
         metrics = metrics_for(df, rm.bias_correction, bin_width=rm.args.get('bin_width') or 10)
-    paths['images'].parent.mkdir(parents=True, exist_ok=True)
+    ensure_output_dir(paths['images'].parent)
     _write_csv(df, paths['images'])
     written = [paths['images']]
     subj = subject_table(df) if df['subject'].notna().any() else None

@@ -15,16 +15,13 @@ import papermill as pm
 from matplotlib.figure import Figure  # never pyplot: drawing must not switch the caller's backend
 from nbconvert import HTMLExporter
 from nbformat.v4 import new_notebook, new_code_cell, new_output
-from jupyter_client.manager import KernelManager
-from papermill.engines import NBClientEngine
-from traitlets import default
 from PIL import Image
 
 import agenb
-from .core import InputError, run_cli, atomic_write_text
+from .core import InputError, IPCKernelManager, Parser, run_cli, atomic_write_text, show_path
 from .split import load_split, split_summary, age_hist_figure
 from .options import RECIPE_KEYS
-from .runs import curves_figure
+from .runs import curves_figure, is_run_dir
 from .compare import compare_runs, find_runs, METRIC_COLS
 
 # %% auto #0
@@ -32,9 +29,9 @@ __all__ = ['DASH', 'STYLE', 'METRIC_COLUMNS', 'PLOT_TITLES', 'load_run', 'Html',
            'png_tag', 'img_file', 'fig_tag', 'header_section', 'option_sources', 'option_sources_html',
            'identity_section', 'environment_section', 'dataset_section', 'model_section', 'training_section',
            'curves_section', 'metrics_frame', 'metrics_section', 'plots_section', 'age_groups_section',
-           'gradcam_section', 'thumbnail', 'gallery', 'predictions_section', 'files_section', 'IPCKernelManager',
-           'IPCEngine', 'repo_root', 'report_notebook', 'self_contained', 'external_refs', 'notebook_html',
-           'summary_markdown', 'render_report', 'val_curves_figure', 'compare_html', 'render_compare', 'main']
+           'gradcam_section', 'thumbnail', 'gallery', 'predictions_section', 'files_section', 'repo_root',
+           'report_notebook', 'self_contained', 'external_refs', 'notebook_html', 'summary_markdown', 'render_report',
+           'val_curves_figure', 'compare_html', 'render_compare', 'main']
 
 # %% ../nbs/12_report.ipynb #2b4f75e9
 def _read_json(path):
@@ -470,18 +467,6 @@ def _size(n):
         if n < 1024 or unit == 'GB': return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
         n /= 1024
 
-# %% ../nbs/12_report.ipynb #09b51e76
-class IPCKernelManager(KernelManager):
-    "A Jupyter kernel manager whose kernels talk over local IPC sockets rather than unencrypted TCP."
-    @default('transport')
-    def _transport_default(self): return 'ipc'
-
-class IPCEngine(NBClientEngine):
-    "papermill's nbclient engine with `IPCKernelManager`: `papermill --engine agenb ...`."
-    @classmethod
-    def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
-        return super().execute_managed_notebook(nb_man, kernel_name, kernel_manager_class=IPCKernelManager, **kwargs)
-
 # %% ../nbs/12_report.ipynb #482cf4be
 def repo_root() -> Path:
     "The checkout agenb is installed from (editable install): the folder holding `agenb/` and `nbs/`."
@@ -598,14 +583,17 @@ def render_compare(run_dirs, out='compare_report.html') -> Path:
 
 # %% ../nbs/12_report.ipynb #4f6349ff
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog='python -m agenb.report',
+    ap = Parser(prog='python -m agenb.report',
                                  description="Render a run's report.html, or one HTML page comparing runs.")
     ap.add_argument('runs', nargs='+', metavar='RUN_DIR', help='run folder(s); with --compare also folders that hold runs')
     ap.add_argument('--compare', action='store_true', help='write one comparison page of all RUN_DIRs')
     ap.add_argument('--out', help='output HTML file (one run: default RUN_DIR/report.html; --compare: compare_report.html)')
     a = ap.parse_args(argv)
     for d in map(Path, a.runs):
-        if not d.is_dir(): raise InputError(f'{d} is not a folder; pass run folders made by python -m agenb.train')
+        if not d.is_dir(): raise InputError(f'{show_path(d)} is not a folder; pass run folders made by python -m agenb.train')
+    if a.out and Path(a.out).is_dir(): raise InputError(f'--out {show_path(a.out)} is a folder; --out names the HTML file to write')
+    if a.out and is_run_dir(Path(a.out).resolve().parent) and Path(a.out).resolve().parent not in {Path(d).resolve() for d in a.runs}:
+        raise InputError(f'--out {show_path(a.out)} is inside another run folder, whose files belong to that run; write elsewhere')
     if a.compare:
         dirs = []
         for d in map(Path, a.runs):
@@ -615,6 +603,10 @@ def main(argv=None):
         path = render_compare(dirs, a.out or 'compare_report.html')
         print(path); return [path]
     if a.out and len(a.runs) > 1: raise InputError('--out names one file: give one RUN_DIR, or use --compare')
+    for d in a.runs:
+        if not is_run_dir(d):
+            raise InputError(f'{show_path(d)} is not a run folder (no config.json written by python -m agenb.train): '
+                             'nothing is written into it; pass a run folder, or --compare for a folder of runs')
     paths = []
     for d in a.runs:
         paths.append(render_report(d, a.out)); print(paths[-1])

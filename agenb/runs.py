@@ -21,9 +21,10 @@ from .model import build_model
 from .options import Options, OPTION_NAMES, PLAIN_DEFAULTS
 
 # %% auto #0
-__all__ = ['CHECKPOINT_VERSION', 'TRAIN_STATE_KEYS', 'new_run_dir', 'read_run_config', 'run_options', 'check_resumable',
-           'read_split', 'read_history', 'run_bias_correction', 'curves_figure', 'make_checkpoint', 'load_checkpoint',
-           'resolve_device', 'RunModel', 'load_run_model', 'predict_batches', 'predict_split']
+__all__ = ['RUN_OWN_FILES', 'CHECKPOINT_VERSION', 'TRAIN_STATE_KEYS', 'new_run_dir', 'read_run_config', 'run_options',
+           'check_resumable', 'read_split', 'read_history', 'run_bias_correction', 'is_run_dir', 'refuse_run_dir',
+           'curves_figure', 'make_checkpoint', 'load_checkpoint', 'resolve_device', 'RunModel', 'load_run_model',
+           'predict_batches', 'predict_split']
 
 # %% ../nbs/07_runs.ipynb #47e17dad
 def new_run_dir(output_dir, run_name=None, now=None) -> Path:
@@ -92,6 +93,21 @@ def run_bias_correction(run_dir) -> dict | None:
         raise InputError(f'{p} is not valid JSON ({e}); re-create it with python -m agenb.evaluate {p.parent}')
     bc = m.get('bias_correction') if isinstance(m, dict) else None
     return bc if isinstance(bc, dict) else None
+
+# %% ../nbs/07_runs.ipynb #dfb3053e
+RUN_OWN_FILES = ('config.json', 'history.json', 'split.csv', 'train.log', 'metrics.json', 'predictions.csv',
+                 'subject_predictions.csv', 'best_model.pth', 'last.pth', 'training_curves.png', 'report.html', 'report.md')
+
+def is_run_dir(path) -> bool:
+    "Is `path` a run folder (a `config.json` with an `args` section, as agenb.train writes)?"
+    try: read_run_config(path); return Path(path).is_dir()
+    except InputError: return False
+
+def refuse_run_dir(path, flag='--out', instead='a new folder'):
+    "An `InputError` when `path` is a run folder: its files belong to the run."
+    if is_run_dir(path):
+        raise InputError(f'{flag} {path} is a run folder: its files belong to the run and are not overwritten; '
+                         f'write to {instead}')
 
 # %% ../nbs/07_runs.ipynb #00974eb9
 def curves_figure(history) -> Figure:

@@ -75,7 +75,8 @@ def gpu_names(d: Dist) -> list:
 # %% ../nbs/08_trainer.ipynb #aff0d859
 def read_table(o: Options):
     "`agenb.data.load_dataset` with the data options of `o`: (table, summary)."
-    kw = {k: getattr(o, k) for k in ('cohort', 'id_col', 'age_col', 'file_col', 'pattern') if getattr(o, k) is not None}
+    kw = {k: getattr(o, k) for k in ('cohort', 'id_col', 'age_col', 'file_col', 'pattern', 'max_table_mb', 'max_expanded_mb')
+          if getattr(o, k) is not None}
     return load_dataset(o.image_dir, o.excel_path, strict=o.strict, **kw)
 
 @dataclasses.dataclass(frozen=True)

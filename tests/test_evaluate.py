@@ -154,16 +154,19 @@ def test_run_dir_mode(tmp_path, monkeypatch, capsys, which):
     def fake_predict(run_dir, split='test', device='cpu'):
         calls.append(split); return parts[split].assign(split=split)
     monkeypatch.setattr(ev, 'predict_split', fake_predict)   # the name evaluate calls
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
     m = ev.main([str(run), '--split', which])
-    prefix = '' if which == 'test' else 'val_'
-    saved = json.loads((run / f'{prefix}metrics.json').read_text())
+    (out,) = (run / 'evaluations').iterdir()                       # a new folder of the evaluate command's own
+    assert out.name.startswith(f'{which}_')
+    saved = json.loads((out / 'metrics.json').read_text())
     assert saved['overall']['mae'] == pytest.approx(m['overall']['mae'])
     assert saved['n_images'] == len(parts[which])
     assert saved['baseline']['train_mean_age'] == pytest.approx(parts['train']['age'].mean())
-    for f in PLOTS: assert (run / f'{prefix}{f}').exists()
+    for f in PLOTS: assert (out / f).exists()
     if which == 'test':
         assert calls == ['test', 'val'] and saved['bias_correction']['applied']
+        assert saved['bias_correction']['n'] == len(parts['val'])  # fitted on the validation predictions
     else:
         assert calls == ['val'] and saved['corrected'] is None
-        assert not (run / 'metrics.json').exists()                 # test files untouched
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before   # the run's own files untouched
     assert 'MAE' in capsys.readouterr().out

@@ -90,3 +90,14 @@ def test_ddp_launcher_reports_input_errors(tmp_path):
         run_training({'image_dir': str(tmp_path / 'nope'), 'excel_path': str(tmp_path / 'nope.xlsx'), 'device': 'cpu'}, 2,
                 source={'entry': 'notebook'}, log=lines.append)
     assert lines[0].startswith('$ ') and '--nproc_per_node=2' in lines[0]
+
+
+def test_papermill_engine_agenb_starts_kernels_without_the_tcp_warning(tmp_path):
+    "`papermill --engine agenb` (make demo) talks to its kernel over IPC: no 'running over TCP without encryption'."
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('print(6 * 7)')],
+                                  metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}})
+    nbformat.write(nb, tmp_path / 'in.ipynb')
+    r = run_cmd([sys.executable, '-m', 'papermill', '--engine', 'agenb', str(tmp_path / 'in.ipynb'), str(tmp_path / 'out.ipynb')])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'without encryption' not in r.stderr
+    assert nbformat.read(tmp_path / 'out.ipynb', as_version=4).cells[0].outputs[0]['text'] == '42\n'

@@ -121,8 +121,10 @@ def test_best_model_is_the_epoch_of_lowest_val_mae(tiny_run):
 def test_checkpoints_load_safely(tiny_run):
     ck = torch.load(tiny_run / 'best_model.pth', weights_only=True)
     assert ck['arch'] == 'resnet18' and ck['image_size'] == 64 and 'fc.1.weight' in ck['model']
+    assert ck['format'] == 'agenb-checkpoint' and ck['train_state'] is None     # weights only: the one layout
     last = torch.load(tiny_run / 'last.pth', weights_only=True)
-    assert last['epoch'] == 2 and len(last['history']) == 2 and last['rng']
+    assert last['format'] == 'agenb-checkpoint' and last['epoch'] == 2
+    assert len(last['train_state']['history']) == 2 and last['train_state']['rng'] and last['train_state']['optimizer']
 
 
 def test_reproduce_from_config(tiny_run, tmp_path):
