@@ -30,7 +30,7 @@ def _same_weights(a, b, name='last.pth'):
 
 # Epoch 1 is made the best by shifting every rank's validation predictions of epochs 2 and 3 (tests/train_probe.py):
 # a resume that forgot the best MAE so far would call epoch 2 an improvement and overwrite best_model.pth.
-WORSE_LATER = json.dumps({f'{r}:{e}': off for r in (0, 1) for e, off in ((2, 60.0), (3, 30.0))})
+WORSE_LATER = json.dumps({f'{r}:{e}': off for r in (0, 1) for e, off in ((2, 500.0), (3, 300.0))})
 
 
 @pytest.mark.parametrize('nproc,kill', [(1, {'AGENB_PROBE_KILL_WRITE': 'last.pth:2'}),   # SIGKILL half-way through last.pth
@@ -89,7 +89,8 @@ def test_sync_bn_on_the_cpu_is_refused(data_args, tmp_path):
     r = run_cmd([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'agenb.train',
                  *data_args, *TINY, '--sync-bn', '--output-dir', tmp_path / 'runs'], timeout=180)
     assert r.returncode != 0
-    assert 'agenb: error: --sync-bn needs CUDA' in r.stderr and 'Traceback' not in r.stderr
+    assert 'agenb: error: --sync-bn needs CUDA' in r.stderr
+    assert 'rank0]: Traceback' not in r.stderr and 'SyncBatchNorm layers' not in r.stderr   # torchrun's own report aside
     assert r.stderr.count('agenb: error') == 1                                   # said once, by rank 0
     assert not (tmp_path / 'runs').exists() or not any((tmp_path / 'runs').iterdir())
 
