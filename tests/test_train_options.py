@@ -37,7 +37,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope='module')
 def huber_run(data_args, tmp_path_factory, cache):
     return train(data_args, tmp_path_factory.mktemp('huber'), '--loss', 'huber', '--scheduler', 'plateau',
-                 '--plateau-patience', '0', '--stratify', '--bin-width', '20', '--min-age', '15', '--max-age', '75',
+                 '--plateau-patience', '0', '--stratify', '--bin-width', '30', '--min-age', '15', '--max-age', '75',
                  '--cache-dir', cache)
 
 
@@ -75,12 +75,12 @@ def test_huber_loss_and_plateau_schedule(huber_run):
 def test_stratified_split_filtered_by_age_after_splitting(huber_run, table):
     run, cfg = huber_run
     ds = cfg['dataset']
-    assert ds['stratified'] is True and (ds['min_age'], ds['max_age']) == (15, 75)
+    assert ds['stratified'] is True and ds['stratify_fallback'] is None and (ds['min_age'], ds['max_age']) == (15, 75)
     outside = (table.age < 15) | (table.age > 75)
     assert outside.any() and ds['excluded_by_age_filter'] == int(outside.sum()) == ds['n_images_excluded']
     split = read_split(run)
     assert split.age.between(15, 75).all() and len(split) == int((~outside).sum())
-    full, _ = make_split(table, seed=42, stratify=True, bin_width=20)                 # the unfiltered split
+    full, _ = make_split(table, seed=42, stratify=True, bin_width=30)                 # the unfiltered split
     want = per_subject(table.assign(split=full)[~outside])
     assert per_subject(split) == want                                             # kept subjects keep their place
 
@@ -88,8 +88,9 @@ def test_stratified_split_filtered_by_age_after_splitting(huber_run, table):
 def test_image_cache_is_written_then_read(huber_run, fold_run, cache):
     (_, a), (_, b) = huber_run, fold_run
     assert any(cache.iterdir())
-    assert a['image_cache']['cache_misses'] == a['dataset']['total_samples'] and a['image_cache']['cache_hits'] == 0
-    assert b['image_cache']['cache_hits'] == b['dataset']['total_samples'] and b['image_cache']['cache_misses'] == 0
+    n_a, n_b = a['dataset']['total_samples'], b['dataset']['total_samples']    # a kept only ages 15-75
+    assert n_a < n_b and (a['image_cache']['cache_misses'], a['image_cache']['cache_hits']) == (n_a, 0)
+    assert (b['image_cache']['cache_hits'], b['image_cache']['cache_misses']) == (n_a, n_b - n_a)
 
 
 def test_fold_and_smoothl1(fold_run, table):
