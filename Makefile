@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 NBDEV_TEST_FLAGS ?=
 
-.PHONY: install test unit integration demo bench export readme outputs
+.PHONY: install test unit integration demo bench export readme outputs mutate
 
 $(STAMP): requirements.lock setup.py settings.ini
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,3 +60,12 @@ outputs: $(STAMP)
 ## make readme: README.md is the markdown of nbs/index.ipynb
 readme:
 	$(PYTHON) -c "import json; nb = json.load(open('nbs/index.ipynb')); open('README.md', 'w').write('\n\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown') + '\n')"
+
+## make mutate: mutation testing (mutmut, pinned in requirements.lock) of the code whose bugs would falsify results
+## (split, evaluate, the trainer's decisions and checkpoints, runs, predict's preprocessing) with the fast in-process
+## tests; writes mutation/REPORT.md (counts, and every survivor with why it is equivalent). Not part of make test.
+MUTATE_DIR := build/mutate
+mutate: $(STAMP)
+	$(BIN)/python mutation/prepare.py $(MUTATE_DIR)
+	cd $(MUTATE_DIR) && OMP_NUM_THREADS=1 MPLBACKEND=Agg $(abspath $(BIN))/mutmut run --max-children 2
+	$(BIN)/python mutation/report.py $(MUTATE_DIR) mutation/REPORT.md

@@ -87,7 +87,8 @@ def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: 
                           'torch_compile': o.compile, 'sync_batchnorm': o.sync_bn and d.ddp,
                           'images_on_device': trainer.images_on_device,
                           'pinned_memory': d.device.type == 'cuda' and not trainer.images_on_device,
-                          'deterministic': torch.are_deterministic_algorithms_enabled()},
+                          'deterministic': torch.are_deterministic_algorithms_enabled(),
+                          'deterministic_warn_only': torch.is_deterministic_algorithms_warn_only_enabled()},
         'preprocessing': data.prep.to_dict(), 'augmentation': data.aug.to_dict(), 'image_cache': data.cache_info,
         'data_fingerprint': data_fingerprint(data.table, o.excel_path),
         'environment': environment_info(), 'source': source,
@@ -124,7 +125,12 @@ def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, 
     source = source or {'entry': 'cli', 'script_name': 'agenb.train'}
     d = Dist(o.device)
     try:
-        if o.deterministic: torch.use_deterministic_algorithms(True)
+        if o.sync_bn and d.ddp and d.device.type != 'cuda':
+            raise InputError('--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU); drop --sync-bn')
+        if o.deterministic:  # cuBLAS needs a fixed workspace (set before its first use); the backward of AdaptiveAvgPool2d
+            os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')   # (every backbone) has no kernel PyTorch calls
+            torch.use_deterministic_algorithms(True, warn_only=True)        # deterministic on CUDA: warn, do not stop
+            torch.backends.cudnn.benchmark = False
         state = load_checkpoint(Path(resume_dir) / 'last.pth', o.arch, o.image_size) if resume_dir is not None else None
         if state is not None and state['epoch'] >= o.epochs:
             raise InputError(f'{resume_dir} already trained {state["epoch"]} of {o.epochs} epochs; nothing to resume')
@@ -144,8 +150,10 @@ def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, 
             cfg = build_config(o, explicit, data, trainer, d, run_dir, source, gpus)
             if resume_dir is not None:
                 old = read_run_config(run_dir)
+                for tmp in run_dir.glob('.*.tmp'): tmp.unlink()  # left half-written by a killed process
                 cfg['resumes'] = old.get('resumes', []) + [{'at': datetime.now().isoformat(timespec='seconds'),
-                                                           'from_epoch': trainer.epoch, 'previous_status': old.get('status')}]
+                                                           'from_epoch': trainer.epoch, 'previous_status': old.get('status'),
+                                                           'world_size': d.world, 'previous_world_size': old.get('world_size')}]
                 cfg['started_at'], cfg['timestamp'] = old.get('started_at'), old.get('timestamp')
             files = RunWriter(run_dir, cfg, o)
             files.write_config()
