@@ -103,7 +103,9 @@ def test_papermill_engine_agenb_starts_kernels_without_the_tcp_warning(tmp_path)
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('print(6 * 7)')],
                                   metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}})
     nbformat.write(nb, tmp_path / 'in.ipynb')
-    r = run_cmd([sys.executable, '-m', 'papermill', '--engine', 'agenb', str(tmp_path / 'in.ipynb'), str(tmp_path / 'out.ipynb')])
+    r = run_cmd([sys.executable, '-m', 'papermill', '--engine', 'agenb', str(tmp_path / 'in.ipynb'), str(tmp_path / 'out.ipynb')],
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'without encryption' not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['in.ipynb', 'out.ipynb']     # no socket files left behind
     assert nbformat.read(tmp_path / 'out.ipynb', as_version=4).cells[0].outputs[0]['text'] == '42\n'
