@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 NBDEV_TEST_FLAGS ?=
 
-.PHONY: install test unit integration demo bench export readme outputs
+.PHONY: install test unit integration demo bench export readme outputs mutate
 
 $(STAMP): requirements.lock setup.py settings.ini
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,11 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-## make demo: generate the synthetic demo dataset, train the mae recipe on it (nbs/train.ipynb via papermill),
-## render the run's report.html and print where it is
+## make demo: generate the synthetic demo dataset (reused only if the current generator wrote it with these
+## parameters), train the mae recipe on it (nbs/train.ipynb via papermill), render the run's report.html and
+## print where it is
 demo: $(STAMP)
-	@test -f $(DEMO_DATA)/synth_meta.json || $(BIN)/python -m agenb.synth $(DEMO_DATA) --preset demo
+	$(BIN)/python -m agenb.synth $(DEMO_DATA) --preset demo --reuse
 	$(BIN)/python -m agenb.data check --image-dir $(DEMO_DATA)/TA/Healthy/Images --excel-path $(DEMO_DATA)/TA/characteristics.xlsx
 	@mkdir -p runs
 	$(BIN)/papermill --engine agenb nbs/train.ipynb runs/demo_train.ipynb -k python3
@@ -59,3 +60,12 @@ outputs: $(STAMP)
 ## make readme: README.md is the markdown of nbs/index.ipynb
 readme:
 	$(PYTHON) -c "import json; nb = json.load(open('nbs/index.ipynb')); open('README.md', 'w').write('\n\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown') + '\n')"
+
+## make mutate: mutation testing (mutmut, pinned in requirements.lock) of the code whose bugs would falsify results
+## (split, evaluate, the trainer's decisions and checkpoints, runs, predict's preprocessing) with the fast in-process
+## tests; writes mutation/REPORT.md (counts, and every survivor with why it is equivalent). Not part of make test.
+MUTATE_DIR := build/mutate
+mutate: $(STAMP)
+	$(BIN)/python mutation/prepare.py $(MUTATE_DIR)
+	cd $(MUTATE_DIR) && OMP_NUM_THREADS=1 MPLBACKEND=Agg $(abspath $(BIN))/mutmut run --max-children 2
+	$(BIN)/python mutation/report.py $(MUTATE_DIR) mutation/REPORT.md

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #d2bea071
 from __future__ import annotations
-import argparse, contextlib, hashlib, io, json, math, os, platform, socket, subprocess, sys, tempfile, traceback
+import argparse, contextlib, hashlib, io, json, math, os, platform, socket, subprocess, sys, tempfile, traceback, uuid
 from datetime import datetime
 from contextlib import contextmanager
 from importlib.metadata import version, PackageNotFoundError
@@ -87,6 +87,8 @@ class IPCKernelManager(KernelManager):
     "A Jupyter kernel manager whose kernels talk over local IPC sockets rather than unencrypted TCP."
     @default('transport')
     def _transport_default(self): return 'ipc'
+    @default('ip')   # the socket files' prefix: in the temporary folder, not the current one (jupyter_client removes them)
+    def _ip_default(self): return os.path.join(tempfile.gettempdir(), f'agenb-kernel-{uuid.uuid4().hex[:12]}')
 
 class IPCEngine:
     "papermill's nbclient engine with `IPCKernelManager`: `papermill --engine agenb ...`."

@@ -34,6 +34,9 @@ def gradcam(model, x: torch.Tensor, arch: str, relu: bool = True) -> torch.Tenso
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)  # captum needs a graph back to the input
             attr = LayerGradCam(model, layer).attribute(x, target=0, relu_attributions=relu)
+        if attr.ndim != 4:
+            raise InputError(f'Grad-CAM needs a spatial feature map, but {arch}\'s last block gives a {attr.ndim}-D output '
+                             '(a transformer\'s tokens); train with --gradcam-n 0')
         cam = LayerAttribution.interpolate(attr.detach(), tuple(x.shape[-2:]), interpolate_mode='bilinear')
     finally:
         model.train(was_training)
@@ -158,7 +161,7 @@ def explain_run(run_dir, n: int = 4, split: str = 'test', device='cpu', checkpoi
     rm = load_run_model(run_dir, checkpoint=checkpoint, device=device)
     df = read_split(run_dir, split)
     arch = rm.arch
-    ex = explain_images(rm.model, arch, rm.prep, df.path.tolist(), device=rm.device, batch_size=batch_size)
+    ex = explain_images(rm.age_model, arch, rm.prep, df.path.tolist(), device=rm.device, batch_size=batch_size)
     df = df.assign(pred=ex['pred'], abs_error=np.abs(ex['pred'] - df.age.to_numpy(float)),
                    shortcut_score=ex['shortcut_score'], muscle_share=ex['muscle_share'])
     order = np.argsort(df.abs_error.to_numpy(), kind='stable')
@@ -190,7 +193,7 @@ def explain_files(run_dir, images, out, device='cpu', checkpoint='best_model.pth
     for p in images:
         if not p.is_file(): raise InputError(f'{p}: no such image file')
     out = ensure_output_dir(out)
-    ex = explain_images(rm.model, rm.arch, rm.prep, images, device=rm.device)
+    ex = explain_images(rm.age_model, rm.arch, rm.prep, images, device=rm.device)
     t = read_split(run_dir)
     known = {str(Path(p).resolve()): a for p, a in zip(t.path, t.age)}
     ages = np.array([known.get(str(p.resolve()), np.nan) for p in images], float)

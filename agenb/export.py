@@ -25,15 +25,23 @@ __all__ = ['FORMATS', 'FILENAMES', 'ONNX_OPSET', 'README', 'AgeRegressor', 'avai
 
 # %% ../nbs/14_export.ipynb #f69f775d
 class AgeRegressor(nn.Module):
-    "Float (B, 1, H, W) grey in [0, 1] -> predicted age in years (B,); grey-to-RGB and normalisation inside."
-    def __init__(self, model: nn.Module, mean, std):
+    """Float (B, 1, H, W) grey in [0, 1] -> predicted age in years (B,); grey-to-RGB and normalisation inside.
+    With a distribution head (`head`, from `agenb.runs`) -> (age, age_sd): the mean and SD of the distribution over bins."""
+    def __init__(self, model: nn.Module, mean, std, head=None):
         super().__init__()
         self.model = model
         self.register_buffer('mean', torch.tensor([float(v) for v in mean], dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer('std', torch.tensor([float(v) for v in std], dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer('centers', None if head is None else torch.tensor(head.centers, dtype=torch.float32))
+        self.register_buffer('bin_var', None if head is None else torch.tensor(np.diff(head.edges) ** 2 / 12, dtype=torch.float32))
+        self.output_names = ['age'] if head is None else ['age', 'age_sd']
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std).squeeze(1)  # broadcasting replicates grey to 3 channels
+    def forward(self, x: torch.Tensor):
+        out = self.model((x - self.mean) / self.std)  # broadcasting replicates grey to 3 channels
+        if self.centers is None: return out.squeeze(1)
+        p = torch.softmax(out.float(), 1)
+        age = p @ self.centers
+        return age, (p @ (self.centers ** 2 + self.bin_var) - age ** 2).clamp_min(0).sqrt()
 
 # %% ../nbs/14_export.ipynb #110217df
 FORMATS = ('torchscript', 'onnx')
@@ -59,13 +67,14 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path, opset=ONNX_OPSET
         warnings.simplefilter('ignore')
         with atomic_write(path) as tmp:
             torch.onnx.export(module, (example,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=['image'], output_names=['age'],
-                              dynamic_axes={'image': {0: 'batch'}, 'age': {0: 'batch'}})
+                              input_names=['image'], output_names=module.output_names,
+                              dynamic_axes={'image': {0: 'batch'}, **{k: {0: 'batch'} for k in module.output_names}})
     import onnx  # optional (pip install agenb[export]): imported only when exporting to ONNX
     onnx.checker.check_model(str(path))
 
-def load_exported(path):
-    "A function numpy float32 (B, 1, H, W) in [0, 1] -> numpy ages (B,) for a bundle's model file (.pt or .onnx)."
+def load_exported(path, all_outputs=False):
+    """A function numpy float32 (B, 1, H, W) in [0, 1] -> numpy ages (B,) for a bundle's model file (.pt or .onnx);
+    `all_outputs`: a list of every output (age and, for a distribution head, age_sd)."""
     path = Path(path)
     if not path.is_file(): raise InputError(f'{path}: no such model file')
     if path.suffix == '.onnx':
@@ -73,12 +82,17 @@ def load_exported(path):
         except ImportError: raise InputError('onnxruntime is not installed: pip install onnxruntime to run model.onnx') from None
         sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
         name = sess.get_inputs()[0].name
-        return lambda x: sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0].astype(float)
+        def run_onnx(x):
+            outs = [o.astype(float) for o in sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})]
+            return outs if all_outputs else outs[0]
+        return run_onnx
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         m = torch.jit.load(str(path), map_location='cpu').eval()
     def run(x):
-        with torch.no_grad(): return m(torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))).double().numpy()
+        with torch.no_grad(): outs = m(torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)))
+        outs = [o.double().numpy() for o in (outs if isinstance(outs, (tuple, list)) else [outs])]
+        return outs if all_outputs else outs[0]
     return run
 
 # %% ../nbs/14_export.ipynb #e8f4d01c
@@ -113,7 +127,11 @@ def model_card(rm: RunModel, metrics: dict, out_dir, files: dict, verification: 
         'output': {'name': 'age', 'shape': ['batch'], 'dtype': 'float32', 'unit': 'years',
                    'meaning': 'predicted age, raw (not bias-corrected)',
                    'bias_corrected': '(age - b) / a with bias_correction.a/b' if bc and bc.get('applied') else
-                                     'no bias correction was fitted for this run'},
+                                     'no bias correction was fitted for this run',
+                   **({'meaning': 'predicted age: the mean of the predicted distribution over age bins, raw (not bias-corrected)',
+                       'second_output': {'name': 'age_sd', 'shape': ['batch'], 'dtype': 'float32', 'unit': 'years',
+                                         'meaning': 'SD of the predicted distribution over age bins (predictive uncertainty)'},
+                       'age_bins': rm.head.describe()} if rm.head is not None else {})},
         'bias_correction': bc,
         'training_data': {'splits': split_summary(read_split(rm.run_dir)).set_index('split').to_dict('index'),
                           'cohort': ds.get('cohort'), 'table_format': ds.get('table_format'),
@@ -160,7 +178,7 @@ def verify_bundle(rm: RunModel, out_dir, files: dict, tol=1e-4) -> dict:
     "Run the exported files on the run's test images; max |difference| to predictions.csv (and to the PyTorch model)."
     out_dir = Path(out_dir)
     pc = rm.run_dir / 'predictions.csv'
-    wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std).eval()
+    wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std, rm.head).eval()
     res = {'tolerance_years': tol}
     ref = None
     try:
@@ -173,7 +191,9 @@ def verify_bundle(rm: RunModel, out_dir, files: dict, tol=1e-4) -> dict:
         h, w = rm.prep.size
         x = torch.rand(4, 1, h, w, generator=torch.Generator().manual_seed(0)).numpy()
         res['against'] = f'the in-memory PyTorch model on 4 random images ({" ".join(str(e).split())})'
-    with torch.no_grad(): torch_pred = wrapped(torch.from_numpy(x).to(rm.device)).double().cpu().numpy()
+    with torch.no_grad():
+        torch_pred = wrapped(torch.from_numpy(x).to(rm.device))
+        torch_pred = (torch_pred[0] if isinstance(torch_pred, tuple) else torch_pred).double().cpu().numpy()
     if ref is None: ref = torch_pred
     res['n'] = len(ref)
     res['pytorch_max_abs_diff'] = float(np.abs(torch_pred - ref).max())
@@ -234,6 +254,10 @@ def _readme(card) -> str:
         examples += ["import onnxruntime as ort", "age = ort.InferenceSession('model.onnx').run(None, {'image': x})[0]"]
     if 'torchscript' in card['files']:
         examples += ["import torch", "age = torch.jit.load('model.torchscript.pt')(torch.from_numpy(x)).detach().numpy()"]
+    extra = card['output'].get('second_output')
+    sd_line = (f' A second output `age_sd` is the SD (years) of the predicted distribution over age bins '
+               f'(bins {card["output"]["age_bins"]["bin_edges"]}, width {card["output"]["age_bins"]["bin_width"]}); '
+               '`age` is its mean.' if extra else '')
     correction = (f'Bias-corrected age: `(age - {bc["b"]:.4f}) / {bc["a"]:.4f}` (fitted on the run\'s validation set).'
                   if bc and bc.get('applied') else 'The run has no bias correction.')
     src = card['source_run']
@@ -241,7 +265,7 @@ def _readme(card) -> str:
                          epoch=src['checkpoint_epoch'], h=inp['height'], w=inp['width'],
                          files='\n'.join(f'- `{v["file"]}`: {k}' for k, v in card['files'].items()) + '\n- `model_card.json`: the model card',
                          prepare='\n'.join(f'{i + 1}. {s}' for i, s in enumerate(inp['how_to_prepare'])),
-                         mean=inp['normalisation']['mean'], std=inp['normalisation']['std'], correction=correction,
+                         mean=inp['normalisation']['mean'], std=inp['normalisation']['std'], correction=correction + sd_line,
                          metrics=metrics, resample=inp['preprocessing']['interpolation'].upper(),
                          example='\n'.join(examples), limitations='\n'.join(f'- {s}' for s in card['limitations']))
 
@@ -268,7 +292,7 @@ def export_run(run_dir, out_dir=None, formats=None, checkpoint='best_model.pth',
     refuse_run_dir(out, instead='a new folder (the default is RUN_DIR/export/)')
     out = ensure_output_dir(out)
     h, w = rm.prep.size
-    wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std).eval()
+    wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std, rm.head).eval()
     example = torch.rand(2, 1, h, w, generator=torch.Generator().manual_seed(0))
     files = {}
     for f in formats:

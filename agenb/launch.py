@@ -8,6 +8,7 @@ import dataclasses, json, os, queue, re, subprocess, sys, threading, warnings
 from pathlib import Path
 
 from .core import InputError
+from .synth import ensure_synth
 from .options import Options, DEMO_OPTIONS, OPTIONS, OPTION_NAMES, PLAIN_DEFAULTS, cli_flags, options_from_params, resolve_options
 from .trainer import read_table
 from .report import Html, fmt, kv_table, repo_root
@@ -38,17 +39,11 @@ def sync_train_notebook(path=None) -> bool:
     return True
 
 # %% ../nbs/16_launch.ipynb #f964dfea
-def demo_dataset(root=None, log=print) -> dict:
-    "The data options of the synthetic demo dataset in `root` (default <repo>/data/demo), generated on first use."
-    rel = Path('data') / 'demo'
-    root = Path(root) if root else repo_root() / rel
-    if not (root / 'synth_meta.json').is_file():   # synth writes it last: its absence means missing or incomplete
-        log(f'no image_dir/excel_path given: generating the synthetic demo dataset in {root} (first use) ...')
-        target = str(rel) if root == repo_root() / rel else str(root)
-        cmd = [sys.executable, '-m', 'agenb.synth', target, '--preset', 'demo'] + (['--overwrite'] if root.exists() else [])
-        res = subprocess.run(cmd, cwd=repo_root(), capture_output=True, text=True)
-        if res.returncode: raise RuntimeError(f'generating the demo dataset failed: {res.stderr.strip()[-2000:]}')
-        log(res.stdout.strip())
+def demo_dataset(root=None, log=print, preset='demo') -> dict:
+    """The data options of the synthetic demo dataset in `root` (default <repo>/data/demo): reused only when the current
+    generator wrote it with the same parameters (`agenb.synth.ensure_synth`), else generated there."""
+    root = Path(root) if root else repo_root() / 'data' / 'demo'
+    ensure_synth(root, preset=preset, log=log)
     return {'image_dir': str(root / 'TA' / 'Healthy' / 'Images'), 'excel_path': str(root / 'TA' / 'characteristics.xlsx')}
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from .core import InputError, Parser
-from .model import ARCHS, min_image_size
+from .model import ARCHS, check_arch, check_image_size, parse_age_bins
 
 # %% auto #0
 __all__ = ['RECIPE', 'OPTIONS', 'OPTION_NAMES', 'OPTION_TYPES', 'PLAIN_DEFAULTS', 'RECIPES', 'RECIPE_KEYS', 'DEMO_OPTIONS',
@@ -49,10 +49,19 @@ OPTIONS = [
     ('fold', int, 0, 'which fold is the test set'),
     ('split_file', str, None, 'reuse a saved split.csv exactly')),
     *_rows('model',
-    ('arch', str, 'resnet50', ', '.join(ARCHS)),
-    ('pretrained', bool, True, 'start from ImageNet weights (torchvision weights API)'),
+    ('arch', str, 'resnet50', f'any torchvision classification model (e.g. {", ".join(ARCHS)}) or timm:<name>'),
+    ('pretrained', bool, True, 'start from ImageNet weights (torchvision weights API, or timm\'s download)'),
     ('weights', str, None, 'local weights file (ImageNet backbone or an agenb checkpoint)'),
-    ('dropout', float, 0.5, 'dropout before the regression head')),
+    ('dropout', float, 0.5, 'dropout before the head'),
+    ('freeze_backbone', bool, False, 'train the head only'),
+    ('unfreeze_last', int, None, 'train only the last N stages of the backbone (and the head)'),
+    ('backbone_lr_mult', float, 1.0, 'backbone learning rate = this x the head\'s'),
+    ('ema_decay', float, None, 'keep an exponential moving average of the weights with this decay (e.g. 0.999); '
+                               'validation, the best model and the test use it'),
+    ('head', str, 'regression', 'regression (one output) or distribution (age bins, soft labels, KL divergence; '
+                                'gives a predictive SD and intervals)'),
+    ('age_bins', str, '0:100:2', 'distribution head: bins START:STOP:WIDTH in years'),
+    ('label_sigma', float, 1.0, 'distribution head: SD (years) of the Gaussian soft labels')),
     *_rows('preprocessing',
     ('image_size', int, 224, 'images are resized to SxS'),
     ('roi', str, 'none', 'none, mask (zero outside the muscle mask), mask-bbox (crop to the mask\'s box), crop (fixed --roi-box)'),
@@ -73,8 +82,13 @@ OPTIONS = [
     ('accum_steps', int, 1, 'gradient accumulation steps'),
     ('lr', float, RECIPE, 'learning rate'),
     ('weight_decay', float, RECIPE, 'weight decay'),
-    ('optimizer', str, RECIPE, 'adam or adamw'),
-    ('scheduler', str, RECIPE, 'cosine, plateau or none'),
+    ('optimizer', str, RECIPE, 'adam, adamw or sgd'),
+    ('momentum', float, 0.9, 'sgd: momentum'),
+    ('nesterov', bool, True, 'sgd: Nesterov momentum'),
+    ('scheduler', str, RECIPE, 'cosine, plateau, step, onecycle or none'),
+    ('step_size', int, 30, 'step: multiply the learning rate by --step-gamma every N epochs'),
+    ('step_gamma', float, 0.1, 'step: factor'),
+    ('onecycle_pct', float, 0.3, 'onecycle: share of the epochs spent raising the learning rate (OneCycleLR pct_start)'),
     ('warmup_epochs', int, RECIPE, 'linear warmup epochs before the scheduler'),
     ('eta_min', float, RECIPE, 'cosine: final learning rate'),
     ('t_max', int, RECIPE, 'cosine: T_max in epochs (default: epochs)'),
@@ -141,9 +155,9 @@ Options.__module__ = __name__
 
 # %% ../nbs/06_options.ipynb #973553b1
 _PLAIN_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
-CHOICES = dict(loss=tuple(RECIPES), optimizer=('adam', 'adamw'), scheduler=('cosine', 'plateau', 'none'),
+CHOICES = dict(loss=tuple(RECIPES), optimizer=('adam', 'adamw', 'sgd'), scheduler=('cosine', 'plateau', 'step', 'onecycle', 'none'),
                nan_policy=('stop', 'skip'), device=('auto', 'cpu', 'cuda'), amp=('auto', 'off'),
-               channels_last=('auto', 'on', 'off'), split_method=('by_subject_id', 'by_image'), arch=tuple(ARCHS),
+               channels_last=('auto', 'on', 'off'), split_method=('by_subject_id', 'by_image'), head=('regression', 'distribution'),
                roi=('none', 'mask', 'mask-bbox', 'crop'))
 
 def resolve_options(given: dict) -> Options:
@@ -153,6 +167,7 @@ def resolve_options(given: dict) -> Options:
     o = {**PLAIN_DEFAULTS, **given}
     if o['loss'] not in RECIPES: raise InputError(f'--loss {o["loss"]!r} is not one of {", ".join(RECIPES)}')
     recipe = RECIPES[o['loss']]
+    if o.get('scheduler') == 'onecycle' and o.get('warmup_epochs') is None: o['warmup_epochs'] = 0  # it warms up itself
     for k in RECIPE_KEYS + ['description']:
         if o.get(k) is None: o[k] = recipe[k]
     if o['t_max'] is None and o['scheduler'] == 'cosine': o['t_max'] = o['epochs']
@@ -173,13 +188,31 @@ def _check_options(o):
     need(o['lr'] > 0, f'--lr must be > 0, got {o["lr"]}')
     need(0 <= o['dropout'] < 1, f'--dropout must be in [0, 1), got {o["dropout"]}')
     need(o['val_size'] > 0, '--val-size must be > 0: the best model and early stopping are chosen on the validation set')
-    smallest = min_image_size(o['arch'])
-    need(o['image_size'] >= smallest, f'--image-size {o["image_size"]} is too small for {o["arch"]}: its feature map '
-                                      f'vanishes below {smallest} px; use --image-size {smallest} or more')
+    check_arch(o['arch']); check_image_size(o['arch'], o['image_size'])
+    _check_model_options(o, need, flag)
     if o['run_name'] is not None:
         need(bool(_PLAIN_NAME.match(str(o['run_name']))), f'--run-name {o["run_name"]!r} must be a plain name '
              '(letters, digits, . _ -; no path separator): the run folder is run_<timestamp>_<name> in --output-dir')
     if o['weights']: need(Path(o['weights']).is_file(), f'--weights {o["weights"]}: file not found')
+
+def _check_model_options(o, need, flag):
+    "The fine-tuning, EMA, optimizer, schedule and head options."
+    need(not (o['freeze_backbone'] and o['unfreeze_last'] is not None), 'give --freeze-backbone or --unfreeze-last, not both')
+    if o['unfreeze_last'] is not None:
+        need(isinstance(o['unfreeze_last'], int) and o['unfreeze_last'] >= 1, f'--unfreeze-last must be a whole number >= 1, got {o["unfreeze_last"]!r}')
+    need(o['backbone_lr_mult'] > 0, f'--backbone-lr-mult must be > 0 (freeze with --freeze-backbone), got {o["backbone_lr_mult"]}')
+    if o['ema_decay'] is not None: need(0 < o['ema_decay'] < 1, f'--ema-decay must be in (0, 1), e.g. 0.999, got {o["ema_decay"]}')
+    need(0 <= o['momentum'] < 1, f'--momentum must be in [0, 1), got {o["momentum"]}')
+    if o['optimizer'] == 'sgd' and o['nesterov']:
+        need(o['momentum'] > 0, '--nesterov needs --momentum > 0 (or give --no-nesterov)')
+    need(isinstance(o['step_size'], int) and o['step_size'] >= 1, f'--step-size must be a whole number >= 1, got {o["step_size"]!r}')
+    need(0 < o['step_gamma'] <= 1, f'--step-gamma must be in (0, 1], got {o["step_gamma"]}')
+    need(0 < o['onecycle_pct'] < 1, f'--onecycle-pct must be in (0, 1), got {o["onecycle_pct"]}')
+    if o['scheduler'] == 'onecycle':
+        need(not o['warmup_epochs'], '--scheduler onecycle warms up itself (--onecycle-pct); drop --warmup-epochs or give 0')
+    if o['head'] == 'distribution':
+        parse_age_bins(o['age_bins'])
+        need(o['label_sigma'] > 0, f'--label-sigma must be > 0 years, got {o["label_sigma"]}')
 
 # %% ../nbs/06_options.ipynb #5e6c507e
 def build_parser(prog='python -m agenb.train') -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ import agenb
 from .core import InputError, Parser, ensure_output_dir, run_cli, atomic_write, atomic_write_json, file_sha256
 from .data import DEFAULT_PATTERN, IMAGE_EXTS, list_images, load_dataset, norm_id, show_name
 from .images import affine_warp, load_image
-from .runs import RUN_OWN_FILES, RunModel, is_run_dir, load_run_model
+from .runs import RUN_OWN_FILES, RunModel, is_run_dir, load_run_model, predict_outputs, interval_tables, calibration, INTERVAL_COLS
 from .evaluate import apply_bias_correction, regression_metrics, subject_level, age_group_table
 
 # %% auto #0
@@ -88,7 +88,7 @@ def predict_tensor(rm: RunModel, images, batch_size=64, views=None):
     out = []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(rm.device).float().div_(255)
-        per_view = [rm.model(rm.prep.normalize(apply_view(x, v))).squeeze(1).float().cpu() for v in views]
+        per_view = [rm.age_model(rm.prep.normalize(apply_view(x, v)))[:, 0].float().cpu() for v in views]
         out.append(torch.stack(per_view, 1))
     p = torch.cat(out).double().numpy() if out else np.zeros((0, len(views)))
     return p.mean(1), (p.std(1, ddof=0) if len(views) > 1 else None)
@@ -103,12 +103,17 @@ def predict_images(rm: RunModel, paths, batch_size=64, tta=False, skip_bad=False
                        'subject': pd.array([s for s, _ in subj], dtype='string'),
                        'image_index': pd.array([i for _, i in subj], dtype='Int64'), 'pred': pred})
     if sd is not None: df['tta_sd'] = sd
+    if rm.head is not None:  # distribution head: predictive SD and intervals (of the unaugmented image)
+        probs = rm.head.probs(predict_outputs(rm, images, batch_size)).numpy()
+        img, _ = interval_tables(rm.head, df[['subject']].fillna(''), probs)
+        for c in INTERVAL_COLS: df[c] = img[c].to_numpy()
+        df.attrs['probs'] = probs
     bc = rm.bias_correction
     if bc and bc.get('applied'):
         df['corrected'] = apply_bias_correction(df['pred'], bc)
     return df, skipped, views
 
-def subject_table(df) -> pd.DataFrame:
+def subject_table(df, rm=None) -> pd.DataFrame:
     "One row per known subject: subject, n_images, pred (mean), pred_sd, pred_min, pred_max[, corrected][, age]."
     d = df[df['subject'].notna()]
     g = d.groupby('subject', sort=False)
@@ -117,6 +122,9 @@ def subject_table(df) -> pd.DataFrame:
     if 'corrected' in d: out['corrected'] = g['corrected'].mean()
     if 'age' in d: out['age'] = g['age'].mean()
     out = out.reset_index()
+    if rm is not None and rm.head is not None and len(d):  # a subject's distribution: the mixture of its images'
+        _, sub = interval_tables(rm.head, d[['subject']], df.attrs['probs'][df['subject'].notna().to_numpy()])
+        out = out.merge(sub[['subject', *INTERVAL_COLS]].rename(columns={'pred_sd': 'dist_sd'}), on='subject', how='left')
     return out.iloc[sorted(range(len(out)), key=lambda i: _natural(str(out.subject.iloc[i])))].reset_index(drop=True)
 
 # %% ../nbs/13_predict.ipynb #0d055048
@@ -218,8 +226,10 @@ def main(argv=None):
     ensure_output_dir(paths['images'].parent)
     _write_csv(df, paths['images'])
     written = [paths['images']]
-    subj = subject_table(df) if df['subject'].notna().any() else None
+    subj = subject_table(df, rm) if df['subject'].notna().any() else None
     if subj is not None: _write_csv(subj, paths['subjects']); written.append(paths['subjects'])
+    if metrics is not None and rm.head is not None and subj is not None and 'age' in subj:
+        metrics['calibration'] = calibration(df, subj.drop(columns='pred_sd').rename(columns={'dist_sd': 'pred_sd'}))
     if metrics is not None:
         metrics['predictions'] = paths['images'].name
         atomic_write_json(paths['metrics'], metrics); written.append(paths['metrics'])

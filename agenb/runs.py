@@ -17,14 +17,15 @@ from .core import InputError, file_sha256, run_process_state
 from .data import DEFAULT_PATTERN
 from .split import load_split
 from .images import Preprocessing, load_images
-from .model import build_model
+from .model import build_model, DistributionHead, AgeOutput, parse_age_bins, coverage
 from .options import Options, OPTION_NAMES, PLAIN_DEFAULTS
 
 # %% auto #0
-__all__ = ['RUN_OWN_FILES', 'CHECKPOINT_VERSION', 'TRAIN_STATE_KEYS', 'new_run_dir', 'read_run_config', 'run_options',
-           'check_resumable', 'read_split', 'read_history', 'run_bias_correction', 'is_run_dir', 'refuse_run_dir',
-           'curves_figure', 'make_checkpoint', 'load_checkpoint', 'resolve_device', 'RunModel', 'load_run_model',
-           'predict_batches', 'predict_split']
+__all__ = ['RUN_OWN_FILES', 'CHECKPOINT_VERSION', 'TRAIN_STATE_KEYS', 'INTERVAL_COLS', 'new_run_dir', 'read_run_config',
+           'run_options', 'check_resumable', 'read_split', 'read_history', 'run_bias_correction', 'is_run_dir',
+           'refuse_run_dir', 'curves_figure', 'make_checkpoint', 'load_checkpoint', 'resolve_device', 'RunModel',
+           'distribution_head', 'model_kwargs', 'load_run_model', 'predict_outputs', 'outputs_to_age',
+           'predict_batches', 'interval_tables', 'calibration', 'predict_split']
 
 # %% ../nbs/07_runs.ipynb #47e17dad
 def new_run_dir(output_dir, run_name=None, now=None) -> Path:
@@ -178,11 +179,24 @@ class RunModel:
     "A run's trained model ready for inference, with everything that describes it."
     run_dir: Path; cfg: dict; options: Options; model: torch.nn.Module; prep: Preprocessing; device: torch.device
     pattern: str; augmentation: dict; checkpoint: Path; checkpoint_sha256: str; epoch: int | None
-    val_mae: float | None; bias_correction: dict | None
+    val_mae: float | None; bias_correction: dict | None; head: DistributionHead | None = None
     @property
     def args(self) -> dict: return self.cfg['args']
     @property
     def arch(self) -> str: return self.options.arch
+    @property
+    def age_model(self) -> torch.nn.Module:
+        "The model with the predicted age (B, 1) as its output, whatever the head (for Grad-CAM and exports)."
+        return AgeOutput(self.model, self.head).to(self.device).eval()
+
+def distribution_head(o: Options) -> DistributionHead | None:
+    "The distribution head of a run's options (None for plain regression)."
+    return DistributionHead(parse_age_bins(o.age_bins), o.label_sigma) if getattr(o, 'head', 'regression') == 'distribution' else None
+
+def model_kwargs(o: Options) -> dict:
+    "The `build_model` arguments, beyond the architecture, that the options `o` ask for."
+    h = distribution_head(o)
+    return dict(dropout=o.dropout, outputs=h.outputs if h else 1)
 
 def load_run_model(run_dir, checkpoint='best_model.pth', device='cpu') -> RunModel:
     "The model of a run folder in eval mode on `device`, with its preprocessing checked against the checkpoint."
@@ -198,7 +212,7 @@ def load_run_model(run_dir, checkpoint='best_model.pth', device='cpu') -> RunMod
         raise InputError(f'{ck_path} was saved with other preprocessing than {run_dir / "config.json"} records; '
                          'the run folder is inconsistent: use the checkpoint and config of the same run')
     dev = resolve_device(device)
-    model = build_model(o.arch, pretrained=False, dropout=o.dropout)
+    model = build_model(o.arch, pretrained=False, **model_kwargs(o))
     try: model.load_state_dict(ck['model'])
     except (RuntimeError, KeyError) as e:
         raise InputError(f'{ck_path}: weights do not fit a {o.arch} ({type(e).__name__}); is it a checkpoint of this run?')
@@ -206,16 +220,48 @@ def load_run_model(run_dir, checkpoint='best_model.pth', device='cpu') -> RunMod
     return RunModel(run_dir=run_dir, cfg=cfg, options=o, model=model, prep=Preprocessing.from_dict(cfg['preprocessing']),
                     device=dev, pattern=o.pattern or DEFAULT_PATTERN, augmentation=cfg.get('augmentation') or {},
                     checkpoint=ck_path, checkpoint_sha256=file_sha256(ck_path), epoch=ck.get('epoch'),
-                    val_mae=ck.get('val_mae'), bias_correction=run_bias_correction(run_dir))
+                    val_mae=ck.get('val_mae'), bias_correction=run_bias_correction(run_dir), head=distribution_head(o))
 
 @torch.no_grad()
-def predict_batches(rm: RunModel, images: torch.Tensor, batch_size=64) -> np.ndarray:
-    "float32 predictions for a uint8 image tensor (N, 1, H, W) decoded with `rm.prep`."
-    preds = []
+def predict_outputs(rm: RunModel, images: torch.Tensor, batch_size=64) -> torch.Tensor:
+    "float32 model outputs (N, outputs) for a uint8 image tensor (N, 1, H, W) decoded with `rm.prep`."
+    outs = []
     for i in range(0, len(images), batch_size):
         x = rm.prep.normalize(images[i:i + batch_size].to(rm.device).float().div_(255))
-        preds.append(rm.model(x).squeeze(1).float().cpu())
-    return torch.cat(preds).numpy().astype(float) if preds else np.zeros(0)
+        outs.append(rm.model(x).float().cpu())
+    return torch.cat(outs) if outs else torch.zeros(0, rm.head.outputs if rm.head else 1)
+
+def outputs_to_age(rm: RunModel, out: torch.Tensor) -> np.ndarray:
+    "Ages from model outputs: the output itself, or the mean of the distribution over age bins."
+    return (rm.head.age(out) if rm.head else out[:, 0]).double().numpy()
+
+def predict_batches(rm: RunModel, images: torch.Tensor, batch_size=64) -> np.ndarray:
+    "float32 predictions for a uint8 image tensor (N, 1, H, W) decoded with `rm.prep`."
+    return outputs_to_age(rm, predict_outputs(rm, images, batch_size))
+
+INTERVAL_COLS = ('pred_sd', 'lo80', 'hi80', 'lo95', 'hi95')
+
+def interval_tables(head: DistributionHead, frame: pd.DataFrame, probs) -> tuple:
+    """Per image (`frame` rows: subject[, age]) and per subject (the mixture of its images' distributions): pred, pred_sd
+    and the 80% / 95% intervals."""
+    probs = np.asarray(probs, dtype=float)
+    img = frame.reset_index(drop=True).assign(**head.summary(probs))
+    keys = frame['subject'].astype(str).to_numpy()
+    subjects = list(dict.fromkeys(keys))
+    mix = np.stack([probs[keys == s].mean(0) for s in subjects]) if subjects else np.zeros((0, probs.shape[1]))
+    subj = pd.DataFrame({'subject': subjects, 'n_images': [int((keys == s).sum()) for s in subjects]})
+    if 'age' in frame: subj['age'] = [float(frame['age'].to_numpy()[keys == s].mean()) for s in subjects]
+    return img, subj.assign(**head.summary(mix))
+
+def calibration(img: pd.DataFrame, subj: pd.DataFrame) -> dict:
+    "Share of true ages inside the 80% and 95% intervals, for images and subjects (the nominal rates are 0.80 and 0.95)."
+    out = {'nominal': {'80': 0.8, '95': 0.95}}
+    for name, d in (('images', img), ('subjects', subj)):
+        d = d[d['age'].notna()] if 'age' in d else d.iloc[:0]
+        out[name] = {'n': len(d), 'coverage_80': coverage(d['age'], d['lo80'], d['hi80']) if len(d) else None,
+                     'coverage_95': coverage(d['age'], d['lo95'], d['hi95']) if len(d) else None,
+                     'mean_pred_sd': float(d['pred_sd'].mean()) if len(d) else None}
+    return out
 
 def predict_split(run_dir, split='test', device='cpu', batch_size=64, checkpoint='best_model.pth') -> pd.DataFrame:
     "Predictions of a run's best model (or another `checkpoint`) on its own saved split: path, filename, subject, age, split, pred."

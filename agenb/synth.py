@@ -4,18 +4,20 @@
 
 # %% ../nbs/01_synth.ipynb #215d58a8
 from __future__ import annotations
-import argparse, csv, datetime as _dt, io, json, math, os, re, shutil, time, zipfile
+import argparse, csv, datetime as _dt, hashlib, io, json, math, os, re, shutil, time, zipfile
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 from PIL import Image, ImageDraw, ImageFont
 
-from .core import InputError, run_cli, atomic_write, atomic_write_json
+from .core import InputError, run_cli, atomic_write, atomic_write_json, file_sha256
 
 # %% auto #0
-__all__ = ['MODEL', 'MUSCLES', 'HEADERS', 'PRESETS', 'DEFAULTS', 'echo_mean', 'thickness_mean', 'render_image', 'oracle_predict',
-           'write_characteristics', 'generate', 'main']
+__all__ = ['MODEL', 'MUSCLES', 'HEADERS', 'GENERATOR_VERSION', 'OUTPUT_SHA256', 'GUARD', 'PRESETS', 'DEFAULTS', 'echo_mean',
+           'thickness_mean', 'bmi_mean', 'bmi_sd', 'sex_thickness_effect', 'render_image', 'oracle_predict',
+           'write_characteristics', 'resolve_params', 'files_sha256', 'generate', 'output_digest', 'data_fingerprint',
+           'stale_reason', 'ensure_synth', 'main']
 
 # %% ../nbs/01_synth.ipynb #799041b1
 MODEL = dict(
@@ -25,7 +27,8 @@ MODEL = dict(
     thick_subject_sd=0.07, thick_image_sd=0.04,         # the same on log(thickness)
     thick_child0=0.4, thick_old_loss=0.15,              # thickness at birth / lost from 50 to 90, relative
     gain_sd=0.08,                                       # per-image gain (log scale), independent of age
-    patho_echo=(0.3, 0.9), patho_thick=(0.6, 0.95),     # disease: echo offset and thickness factor, per subject
+    bmi_echo=0.02,                                      # covariate: echo per kg/m2 of BMI above the age's typical BMI
+    sex_log_thick=0.12,                                 # covariate: log thickness, men minus women (adults)
     fewer_images_frac=0.06,                             # share of subjects with fewer images than requested
     bmi_typo_frac=0.02, anthro_missing_frac=0.02,       # weight typos (implausible BMI) and blank length/weight
 )
@@ -49,6 +52,20 @@ def thickness_mean(age, adult_cm, m=MODEL):
     old = 1 - m['thick_old_loss'] * np.clip(a - 50, 0, None) / 40
     return adult_cm * grow * old
 
+def bmi_mean(age):
+    "Typical BMI at `age`: about 16 in childhood, 22 at 20, 25 from 60 on."
+    a = np.asarray(age, dtype=float)
+    return 16 + 6 * np.clip((a - 8) / 12, 0, 1) + 3 * np.clip((a - 20) / 40, 0, 1)
+
+def bmi_sd(age):
+    "Spread of BMI around `bmi_mean` at `age` (before clipping to 13-45)."
+    return np.where(np.asarray(age, dtype=float) > 18, 2.5, 1.2)
+
+def sex_thickness_effect(age, m=MODEL):
+    "Half the men-minus-women difference in log thickness at `age`: 0 before 10, the adult value from 18."
+    a = np.asarray(age, dtype=float)
+    return 0.5 * m['sex_log_thick'] * np.clip((a - 10) / 8, 0, 1)
+
 # %% ../nbs/01_synth.ipynb #e051ed4f
 def _draw_age(rng, pathological=False, m=MODEL):
     child = rng.random() < (0.15 if pathological else m['child_frac'])
@@ -56,14 +73,14 @@ def _draw_age(rng, pathological=False, m=MODEL):
     return round(float(age), 1)
 
 def _anthropometrics(rng, age, m=MODEL):
-    "Sex, length (cm) and weight (kg) plausible for `age`; with a small chance of a typo or a blank."
+    """Sex, length (cm), weight (kg) plausible for `age`, with a small chance of a typo or a blank, and the
+    true BMI (before any typo)."""
     sex = 'M' if rng.random() < 0.5 else 'F'
     adult_h = (180.0 if sex == 'M' else 167.0) + rng.normal(0, 7)
     k = 5.5
     growth = min(1.0, (1 - math.exp(-age / k)) / (1 - math.exp(-18 / k)))
     h = 50 + (adult_h - 50) * growth - max(age - 60, 0) * 0.1
-    bmi_mean = 16 + 6 * max(0.0, min(1.0, (age - 8) / 12)) + 3 * max(0.0, min(1.0, (age - 20) / 40))
-    bmi = float(np.clip(bmi_mean + rng.normal(0, 2.5 if age > 18 else 1.2), 13, 45))
+    bmi = float(np.clip(float(bmi_mean(age)) + rng.normal(0, float(bmi_sd(age))), 13, 45))
     w = bmi * (h / 100) ** 2
     r = rng.random()
     if r < m['bmi_typo_frac']: w = w * 10 if rng.random() < 0.5 else w / 10     # a typo the BMI filter must catch
@@ -71,7 +88,7 @@ def _anthropometrics(rng, age, m=MODEL):
     r = rng.random()
     if r < m['anthro_missing_frac'] / 2: length = None
     elif r < m['anthro_missing_frac']: weight = None
-    return sex, length, weight
+    return sex, length, weight, bmi
 
 # %% ../nbs/01_synth.ipynb #6a9cbd68
 _FONTS = {}
@@ -170,17 +187,22 @@ def render_image(rng, H, W, lat, label, label_z=None):
     return np.asarray(img_pil), mask
 
 # %% ../nbs/01_synth.ipynb #c27d7d40
-def _subject(seed, mi, muscle, number, cohort, n_req, size, width_jitter, shortcut, m=MODEL):
+def _subject(seed, mi, muscle, number, cohort, n_req, size, width_jitter, shortcut, age_shift=0.0, covariate=True,
+             m=MODEL):
     "Draw one subject and render its images. Returns (row for the spreadsheet, list of (name, image, mask, latents))."
     rng = np.random.default_rng([seed, mi, number])
     patho = cohort == 'Pathological'
     mus = MUSCLES[muscle]
     age = _draw_age(rng, patho, m)
-    sex, length, weight = _anthropometrics(rng, age, m)
+    sex, length, weight, bmi = _anthropometrics(rng, age, m)
     u = rng.normal(0, m['echo_subject_sd'])
     v = rng.normal(0, m['thick_subject_sd'])
-    d_echo = rng.uniform(*m['patho_echo']) if patho else 0.0
-    d_thick = rng.uniform(*m['patho_thick']) if patho else 1.0
+    muscle_age = max(0.0, age + age_shift) if patho else age     # disease: the muscle looks older
+    e0 = float(echo_mean(muscle_age, mus['echo_offset'], m))
+    lt0 = math.log(float(thickness_mean(muscle_age, mus['thick_adult_cm'], m)))
+    if covariate:                                                # BMI above the age's typical BMI: brighter; men: thicker
+        e0 += m['bmi_echo'] * (bmi - float(bmi_mean(age)))
+        lt0 += (1 if sex == 'M' else -1) * float(sex_thickness_effect(muscle_age, m))
     n = n_req if (n_req == 1 or rng.random() >= m['fewer_images_frac']) else int(rng.integers(1, n_req))
     depth = float(rng.choice([4.0, 5.0, 6.0], p=[0.2, 0.6, 0.2]))
     fat = float(rng.uniform(0.25, 0.9))
@@ -192,16 +214,17 @@ def _subject(seed, mi, muscle, number, cohort, n_req, size, width_jitter, shortc
     row = dict(number=number, age=age, length=length, weight=weight, sex=sex)
     images = []
     for k in range(1, n + 1):
-        echo = float(echo_mean(age, mus['echo_offset'], m)) + u + rng.normal(0, m['echo_image_sd']) + d_echo
-        thick = float(thickness_mean(age, mus['thick_adult_cm'], m)) * math.exp(v + rng.normal(0, m['thick_image_sd'])) * d_thick
+        echo = e0 + u + rng.normal(0, m['echo_image_sd'])
+        thick = math.exp(lt0 + v + rng.normal(0, m['thick_image_sd']))
         z = shortcut * age / m['age_max'] + (1 - shortcut) * rng.random()
         lat = dict(echo=echo, thickness_cm=thick, depth_cm=depth, fat_cm=fat * math.exp(rng.normal(0, 0.1)),
                    gain=math.exp(rng.normal(0, m['gain_sd'])), x_shift=float(rng.normal(0, 0.04)),
                    half_width=half_width * math.exp(rng.normal(0, 0.05)), atten=float(rng.uniform(0.0, 0.12)),
                    other=other)
         side = ('LI', 'RE')[(side0 + (k == 3)) % 2]            # most subjects: two views one side, one the other
-        img, mask = render_image(rng, H, W, lat, f"{mus['label']} {side}", label_z=z)
-        lat.update(label_z=z, side=side)
+        draw = np.random.default_rng([seed, mi, number, k])        # the pixels' own stream: the latents above
+        img, mask = render_image(draw, H, W, lat, f"{mus['label']} {side}", label_z=z)   # never depend on them
+        lat.update(label_z=z, side=side, sex=sex, bmi=bmi, muscle_age=muscle_age)
         images.append((f'anon_{number}_{k}.png', img, mask, lat))
     return row, images
 
@@ -211,28 +234,44 @@ def _age_prior(grid, m=MODEL):
                  (1 - m['child_frac']) / (m['age_max'] - m['adult_age']))
     return p / p.sum()
 
-def oracle_predict(echo, thickness_cm, muscle='TA', label_z=None, shortcut=0.0, m=MODEL, step=0.05):
-    "Posterior-median age of healthy images given their latent echo level and thickness (and label, if `label_z`)."
+def oracle_predict(echo, thickness_cm, muscle='TA', label_z=None, shortcut=0.0, covariate_effect=False,
+                   bmi=None, sex=None, m=MODEL, step=0.05):
+    """Posterior-median age of healthy images given their latent echo level and thickness (and label, if `label_z`).
+    `covariate_effect`: whether the data were generated with BMI and sex acting on the muscle. Without `bmi` and
+    `sex` the oracle averages over them (it sees the image only); with them (arrays, sex 'M'/'F') it knows them."""
     mus = MUSCLES[muscle]
+    if (bmi is None) != (sex is None): raise ValueError('give both bmi and sex, or neither')
     grid = np.arange(0, m['age_max'] + step / 2, step)
     logp_prior = np.log(_age_prior(grid, m))
     fe, lg = echo_mean(grid, mus['echo_offset'], m), np.log(thickness_mean(grid, mus['thick_adult_cm'], m))
+    bm, bs = bmi_mean(grid), bmi_sd(grid)
+    c = sex_thickness_effect(grid, m) if covariate_effect else np.zeros_like(grid)
+    beta = m['bmi_echo'] if covariate_effect else 0.0
     se2 = m['echo_subject_sd'] ** 2 + m['echo_image_sd'] ** 2
     st2 = m['thick_subject_sd'] ** 2 + m['thick_image_sd'] ** 2
+    ve = se2 + (beta * bs) ** 2                        # image only: the BMI term is extra echo variance
     echo, lt = np.asarray(echo, float), np.log(np.asarray(thickness_cm, float))
+    if bmi is not None: bmi, sgn = np.asarray(bmi, float), np.where(np.asarray(sex) == 'M', 1.0, -1.0)
     out = np.empty(len(echo))
     for i0 in range(0, len(echo), 512):
-        e, t = echo[i0:i0 + 512, None], lt[i0:i0 + 512, None]
-        lp = logp_prior - (e - fe) ** 2 / (2 * se2) - (t - lg) ** 2 / (2 * st2)
+        sl = slice(i0, i0 + 512)
+        e, t = echo[sl, None], lt[sl, None]
+        if bmi is None:
+            lp = (logp_prior - (e - fe) ** 2 / (2 * ve) - 0.5 * np.log(ve)
+                  + np.logaddexp(-(t - lg - c) ** 2 / (2 * st2), -(t - lg + c) ** 2 / (2 * st2)))
+        else:
+            b, s = bmi[sl, None], sgn[sl, None]
+            lp = (logp_prior - (e - fe - beta * (b - bm)) ** 2 / (2 * se2) - (t - lg - s * c) ** 2 / (2 * st2)
+                  - (b - bm) ** 2 / (2 * bs ** 2) - np.log(bs))
         if label_z is not None and shortcut > 0:
-            z = np.asarray(label_z, float)[i0:i0 + 512, None]
+            z = np.asarray(label_z, float)[sl, None]
             lo = shortcut * grid / m['age_max']
             tol = shortcut * step / m['age_max']
             ok = (z >= lo - tol) & (z <= lo + (1 - shortcut) + tol)
             lp = np.where(ok, lp, -np.inf)
         p = np.exp(lp - lp.max(axis=1, keepdims=True))
-        c = np.cumsum(p, axis=1); c /= c[:, -1:]
-        out[i0:i0 + 512] = grid[np.argmax(c >= 0.5, axis=1)]
+        cdf = np.cumsum(p, axis=1); cdf /= cdf[:, -1:]
+        out[sl] = grid[np.argmax(cdf >= 0.5, axis=1)]
     return out
 
 # %% ../nbs/01_synth.ipynb #6b410ff8
@@ -267,13 +306,44 @@ def write_characteristics(path, healthy_rows, patho_rows):
                 zout.writestr(zi, data)
 
 # %% ../nbs/01_synth.ipynb #70546641
+GENERATOR_VERSION = 2
+OUTPUT_SHA256 = {   # output_digest() of generate(d, **GUARD) per generator version: bump the version, record the new one
+    2: 'f98db9ae346d398618443e961de07c87db6fdb257a95a3bf9faec7fa291dca37',
+}
+GUARD = dict(subjects=10, pathological=4, images_per_subject=3, size=(48, 56), muscles=('TA', 'GM', 'BB'), seed=7,
+             label_age_shortcut=0.5, width_jitter=4)
+
 PRESETS = {
     'test': dict(subjects=24, pathological=6, size=(96, 104)),
     'demo': dict(subjects=150, pathological=30, size=(240, 256)),
     'bench': dict(subjects=400, pathological=50, size=(480, 512)),
 }
 DEFAULTS = dict(subjects=100, pathological=20, images_per_subject=3, size=(480, 512), muscles=('TA',),
-                label_age_shortcut=0.0, width_jitter=0)
+                label_age_shortcut=0.0, width_jitter=0, pathological_age_shift=15.0, covariate_effect=True)
+
+def resolve_params(preset=None, **given):
+    """The generator's parameters: `DEFAULTS`, overridden by the preset, overridden by `given` (None = not given);
+    checked, with JSON types (as `synth_meta.json` records them under `params`)."""
+    if preset is not None and preset not in PRESETS:
+        raise InputError(f'unknown preset {preset!r}: use one of {", ".join(PRESETS)}')
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown: raise TypeError(f'unknown generator parameter(s) {unknown}: use some of {list(DEFAULTS)}')
+    cfg = {**DEFAULTS, **(PRESETS[preset] if preset else {}), **{k: v for k, v in given.items() if v is not None}}
+    for k in ('subjects', 'pathological', 'images_per_subject', 'width_jitter'): cfg[k] = int(cfg[k])
+    cfg['size'], cfg['muscles'] = [int(s) for s in cfg['size']], [str(m) for m in cfg['muscles']]
+    cfg['label_age_shortcut'], cfg['pathological_age_shift'] = float(cfg['label_age_shortcut']), float(cfg['pathological_age_shift'])
+    cfg['covariate_effect'] = bool(cfg['covariate_effect'])
+    H, W = cfg['size']
+    if cfg['subjects'] < 1 or cfg['pathological'] < 0: raise InputError('--subjects must be >= 1 and --pathological >= 0')
+    if cfg['images_per_subject'] < 1: raise InputError('--images-per-subject must be >= 1')
+    if H < 48 or W < 48: raise InputError(f'--size {H} {W} is too small: use at least 48 x 48 pixels')
+    if not 0 <= cfg['label_age_shortcut'] <= 1: raise InputError('--label-age-shortcut must be between 0 and 1')
+    if not 0 <= cfg['width_jitter'] < W // 4: raise InputError('--width-jitter must be >= 0 and below a quarter of the width')
+    if not -90 <= cfg['pathological_age_shift'] <= 90:
+        raise InputError(f'--pathological-age-shift {cfg["pathological_age_shift"]} must be between -90 and 90 years')
+    bad = [m for m in cfg['muscles'] if m not in MUSCLES]
+    if bad or not cfg['muscles']: raise InputError(f'unknown muscle {bad}: use some of {", ".join(MUSCLES)}')
+    return cfg
 
 def _numbers(seed, mi, n_h, n_p):
     "Subject numbers for one muscle: distinct, not contiguous, healthy and pathological interleaved."
@@ -303,27 +373,39 @@ def _our_files(out):
                 files += sorted((out / m / c / k).glob('anon_*.png'))
     return [f for f in files if f.exists()]
 
+def _data_files(out):
+    "The generator's files under `out` except synth_meta.json, sorted by relative path."
+    out = Path(out)
+    return sorted((f for f in _our_files(out) if f.name != 'synth_meta.json'), key=lambda f: f.relative_to(out).as_posix())
+
+def files_sha256(out_dir):
+    "(hex digest, number of files): SHA-256 over the generator's files (relative path and bytes), synth_meta.json excluded."
+    out, h = Path(out_dir), hashlib.sha256()
+    files = _data_files(out)
+    for f in files: h.update(f.relative_to(out).as_posix().encode() + b'\0' + bytes.fromhex(file_sha256(f)))
+    return h.hexdigest(), len(files)
+
 # %% ../nbs/01_synth.ipynb #4c8dc885
+def _covariate_doc(on, m=MODEL):
+    "What the covariate effects are, for synth_meta.json."
+    return dict(
+        on=bool(on), bmi_echo=m['bmi_echo'] if on else 0.0, sex_log_thick=m['sex_log_thick'] if on else 0.0,
+        echo='echo += bmi_echo * (BMI - bmi_mean(age)), with the true BMI (before typos) and '
+             'bmi_mean(age) = 16 + 6 clip((age - 8) / 12, 0, 1) + 3 clip((age - 20) / 40, 0, 1)',
+        thickness='log(thickness) += c for men, -c for women, c = sex_log_thick / 2 * clip((muscle_age - 10) / 8, 0, 1)',
+        oracle='oracle_pred / oracle_mae see the image only: they average over BMI and sex as the generator draws '
+               'them; oracle_pred_cov / oracle_mae_with_covariates also know the sex and true BMI (and use what BMI '
+               'says about age), the floor for a model fusing the image with sex and BMI')
+
 def generate(out_dir, subjects=None, pathological=None, images_per_subject=None, size=None, muscles=None, seed=0,
-             preset=None, label_age_shortcut=None, width_jitter=None, workers=None, overwrite=False, progress=False):
+             preset=None, label_age_shortcut=None, width_jitter=None, pathological_age_shift=None,
+             covariate_effect=None, workers=None, overwrite=False, progress=False):
     """Write a synthetic muscle-ultrasound data set in the real layout under `out_dir` and return its meta dict
     (also written to `out_dir/synth_meta.json`, last, so its presence marks a complete data set)."""
     t0 = time.perf_counter()
-    if preset is not None and preset not in PRESETS:
-        raise InputError(f'unknown preset {preset!r}: use one of {", ".join(PRESETS)}')
-    cfg = {**DEFAULTS, **(PRESETS[preset] if preset else {})}
-    for k, v in dict(subjects=subjects, pathological=pathological, images_per_subject=images_per_subject,
-                     size=size, muscles=muscles, label_age_shortcut=label_age_shortcut, width_jitter=width_jitter).items():
-        if v is not None: cfg[k] = v
-    cfg['size'], cfg['muscles'] = tuple(int(s) for s in cfg['size']), tuple(cfg['muscles'])
-    H, W = cfg['size']
-    if cfg['subjects'] < 1 or cfg['pathological'] < 0: raise InputError('--subjects must be >= 1 and --pathological >= 0')
-    if cfg['images_per_subject'] < 1: raise InputError('--images-per-subject must be >= 1')
-    if H < 48 or W < 48: raise InputError(f'--size {H} {W} is too small: use at least 48 x 48 pixels')
-    if not 0 <= cfg['label_age_shortcut'] <= 1: raise InputError('--label-age-shortcut must be between 0 and 1')
-    if not 0 <= cfg['width_jitter'] < W // 4: raise InputError('--width-jitter must be >= 0 and below a quarter of the width')
-    bad = [m for m in cfg['muscles'] if m not in MUSCLES]
-    if bad or not cfg['muscles']: raise InputError(f'unknown muscle {bad}: use some of {", ".join(MUSCLES)}')
+    cfg = resolve_params(preset, subjects=subjects, pathological=pathological, images_per_subject=images_per_subject,
+                         size=size, muscles=muscles, label_age_shortcut=label_age_shortcut, width_jitter=width_jitter,
+                         pathological_age_shift=pathological_age_shift, covariate_effect=covariate_effect)
     out = Path(out_dir)
     if out.exists() and not out.is_dir(): raise InputError(f'{out} exists and is not a folder: choose another OUT_DIR')
     if out.exists() and any(out.iterdir()):
@@ -332,18 +414,20 @@ def generate(out_dir, subjects=None, pathological=None, images_per_subject=None,
         for f in _our_files(out): f.unlink()
     seed = int(seed)
     workers = workers or min(os.cpu_count() or 1, 8)
+    cov, shift = cfg['covariate_effect'], cfg['pathological_age_shift']
 
-    meta = dict(generator='agenb.synth', version=1, seed=seed, preset=preset,
-                params={**{k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}},
-                model=MODEL, muscle_params={m: MUSCLES[m] for m in cfg['muscles']}, counts={}, oracle={})
+    meta = dict(generator='agenb.synth', version=GENERATOR_VERSION, seed=seed, preset=preset, params=cfg,
+                model=MODEL, muscle_params={m: MUSCLES[m] for m in cfg['muscles']},
+                pathological_age_shift=shift, covariate_effects=_covariate_doc(cov), counts={}, oracle={},
+                pathological={})
     lat_rows = []
     for mi, muscle in enumerate(cfg['muscles']):
         nh, npat = _numbers(seed, mi, cfg['subjects'], cfg['pathological'])
         rows = {}
         for cohort, nums in (('Healthy', nh), ('Pathological', npat)):
             for k in ('Images', 'Masks'): (out / muscle / cohort / k).mkdir(parents=True, exist_ok=True)
-            jobs = [(out / muscle / cohort, (seed, mi, muscle, n, cohort, cfg['images_per_subject'], cfg['size'],
-                                             cfg['width_jitter'], cfg['label_age_shortcut'])) for n in nums]
+            jobs = [(out / muscle / cohort, (seed, mi, muscle, n, cohort, cfg['images_per_subject'], tuple(cfg['size']),
+                                             cfg['width_jitter'], cfg['label_age_shortcut'], shift, cov)) for n in nums]
             rows[cohort] = []
             if workers > 1 and len(jobs) > 4:
                 import multiprocessing as mp
@@ -356,30 +440,19 @@ def generate(out_dir, subjects=None, pathological=None, images_per_subject=None,
         meta['counts'][muscle] = {c: dict(subjects=len(rows[c]),
                                           images=sum(1 for r in lat_rows if r['muscle'] == muscle and r['cohort'] == c))
                                   for c in ('Healthy', 'Pathological')}
-        # the oracle, on this muscle's healthy images
-        sel = [r for r in lat_rows if r['muscle'] == muscle and r['cohort'] == 'Healthy']
-        age = np.array([r['age'] for r in sel])
-        e, t, z = (np.array([r[k] for r in sel]) for k in ('echo', 'thickness_cm', 'label_z'))
-        pred = oracle_predict(e, t, muscle)
-        s = cfg['label_age_shortcut']
-        pred_l = oracle_predict(e, t, muscle, label_z=z, shortcut=s) if s > 0 else pred
-        for r, p in zip(sel, pred): r['oracle_pred'] = round(float(p), 3)
-        err = np.abs(pred - age)
-        meta['oracle'][muscle] = dict(
-            mae=float(err.mean()), mae_with_label=float(np.abs(pred_l - age).mean()), n_images=len(sel),
-            mae_children=float(err[age < 18].mean()) if (age < 18).any() else None,
-            mae_adults=float(err[age >= 18].mean()) if (age >= 18).any() else None,
-            mae_per_decade={f'{d}-{d + 9}': float(err[(age >= d) & (age < d + 10)].mean())
-                            for d in range(0, 90, 10) if ((age >= d) & (age < d + 10)).any()})
+        _oracles(meta, muscle, [r for r in lat_rows if r['muscle'] == muscle], cfg)
     first = cfg['muscles'][0]
     meta['oracle_mae'] = meta['oracle'][first]['mae']
     meta['oracle_mae_with_label'] = meta['oracle'][first]['mae_with_label']
+    meta['oracle_mae_with_covariates'] = meta['oracle'][first]['mae_with_covariates']
     meta['oracle_note'] = ('MAE of the posterior-median age given each healthy image\'s latent echo level and '
                            f'thickness (exact Bayes on a 0.05-year grid); oracle_mae is for {first}/Healthy, the '
                            'per-muscle details are under oracle. oracle_mae_with_label also uses the label '
-                           'shortcut (equal to oracle_mae when label_age_shortcut is 0).')
-    keys = ['muscle', 'cohort', 'filename', 'subject', 'image_index', 'age', 'echo', 'thickness_cm', 'depth_cm',
-            'fat_cm', 'gain', 'label_z', 'side', 'oracle_pred']
+                           'shortcut (equal to oracle_mae when label_age_shortcut is 0); oracle_mae_with_covariates '
+                           'also knows sex and BMI (see covariate_effects). pathological.<muscle>.oracle_mean_age_gap: '
+                           'the same healthy oracle\'s mean predicted minus true age on the pathological images.')
+    keys = ['muscle', 'cohort', 'filename', 'subject', 'image_index', 'age', 'sex', 'bmi', 'muscle_age', 'echo',
+            'thickness_cm', 'depth_cm', 'fat_cm', 'gain', 'label_z', 'side', 'oracle_pred', 'oracle_pred_cov']
     with atomic_write(out / 'synth_latents.csv') as tmp:
         with open(tmp, 'w', newline='') as f:
             w = csv.DictWriter(f, keys, extrasaction='ignore', lineterminator='\n')
@@ -387,9 +460,35 @@ def generate(out_dir, subjects=None, pathological=None, images_per_subject=None,
             for r in lat_rows:
                 w.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
     meta['files'] = {'latents': 'synth_latents.csv'}
+    meta['content_sha256'], meta['n_files'] = files_sha256(out)
     meta['seconds'] = round(time.perf_counter() - t0, 2)   # not part of the data: the only field that varies
     atomic_write_json(out / 'synth_meta.json', meta)
     return meta
+
+def _oracles(meta, muscle, sel, cfg):
+    "The oracles' predictions into the latent rows `sel` (one muscle, both cohorts) and their summaries into `meta`."
+    age = np.array([r['age'] for r in sel])
+    e, t, z, bmi = (np.array([r[k] for r in sel], float) for k in ('echo', 'thickness_cm', 'label_z', 'bmi'))
+    sex = np.array([r['sex'] for r in sel])
+    h = np.array([r['cohort'] == 'Healthy' for r in sel])
+    cov, s = cfg['covariate_effect'], cfg['label_age_shortcut']
+    pred = oracle_predict(e, t, muscle, covariate_effect=cov)
+    pred_c = oracle_predict(e, t, muscle, covariate_effect=cov, bmi=bmi, sex=sex)
+    for r, p, pc in zip(sel, pred, pred_c): r['oracle_pred'], r['oracle_pred_cov'] = round(float(p), 3), round(float(pc), 3)
+    pred_l = oracle_predict(e[h], t[h], muscle, label_z=z[h], shortcut=s, covariate_effect=cov) if s > 0 else pred[h]
+    a, err = age[h], np.abs(pred[h] - age[h])
+    meta['oracle'][muscle] = dict(
+        mae=float(err.mean()), mae_with_label=float(np.abs(pred_l - a).mean()),
+        mae_with_covariates=float(np.abs(pred_c[h] - a).mean()), n_images=int(h.sum()),
+        mae_children=float(err[a < 18].mean()) if (a < 18).any() else None,
+        mae_adults=float(err[a >= 18].mean()) if (a >= 18).any() else None,
+        mae_per_decade={f'{d}-{d + 9}': float(err[(a >= d) & (a < d + 10)].mean())
+                        for d in range(0, 90, 10) if ((a >= d) & (a < d + 10)).any()})
+    p = ~h
+    meta['pathological'][muscle] = dict(
+        n_images=int(p.sum()), age_shift=cfg['pathological_age_shift'],
+        oracle_mean_age_gap=float((pred[p] - age[p]).mean()) if p.any() else None,
+        oracle_mean_age_gap_with_covariates=float((pred_c[p] - age[p]).mean()) if p.any() else None)
 
 def _collect(results, muscle, cohort, lat_rows):
     rows = []
@@ -399,6 +498,80 @@ def _collect(results, muscle, cohort, lat_rows):
             lat_rows.append(dict(muscle=muscle, cohort=cohort, filename=name, subject=row['number'], image_index=k,
                                  age=row['age'], **lat))
     return rows
+
+# %% ../nbs/01_synth.ipynb #faf4e345
+def output_digest(out_dir):
+    """SHA-256 over what a generated folder holds: synth_meta.json without its run time and file hash, then every
+    file by relative path: decoded pixels of the PNGs, cell values of the spreadsheets, bytes of the rest."""
+    from openpyxl import load_workbook
+    out, h = Path(out_dir), hashlib.sha256()
+    meta = json.loads((out / 'synth_meta.json').read_text())
+    for k in ('seconds', 'content_sha256'): meta.pop(k, None)
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for f in _data_files(out):
+        h.update(b'\0' + f.relative_to(out).as_posix().encode() + b'\0')
+        if f.suffix == '.png':
+            with Image.open(f) as im: a = np.asarray(im)
+            h.update(f'{im.mode} {a.shape} {a.dtype}'.encode()); h.update(a.tobytes())
+        elif f.suffix == '.xlsx':
+            wb = load_workbook(f, read_only=True)
+            for ws in wb.worksheets:
+                h.update(ws.title.encode())
+                for row in ws.iter_rows(values_only=True): h.update(repr(row).encode())
+            wb.close()
+        else: h.update(f.read_bytes())
+    return h.hexdigest()
+
+def data_fingerprint(out_dir) -> dict:
+    """What a folder written by `generate` holds: generator, version, seed, preset, parameters and the hash over its
+    files, computed now (`files_match`: it equals the hash recorded when the folder was written)."""
+    out = Path(out_dir)
+    meta = json.loads((out / 'synth_meta.json').read_text())
+    digest, n = files_sha256(out)
+    return dict(generator=meta.get('generator'), version=meta.get('version'), seed=meta.get('seed'),
+                preset=meta.get('preset'), params=meta.get('params'), content_sha256=digest, n_files=n,
+                files_match=digest == meta.get('content_sha256'))
+
+def stale_reason(out_dir, params, seed=0):
+    """Why `out_dir` does not hold what the current generator writes for `params` (as `resolve_params` returns them)
+    and `seed`, or None when it does."""
+    out = Path(out_dir)
+    if not out.is_dir() or not any(out.iterdir()): return 'no data there yet'
+    mp = out / 'synth_meta.json'
+    if not mp.is_file(): return 'no synth_meta.json (an interrupted write, or not written by agenb.synth)'
+    try: meta = json.loads(mp.read_text())
+    except (OSError, ValueError) as e: return f'synth_meta.json is unreadable ({e})'
+    if not isinstance(meta, dict) or meta.get('generator') != 'agenb.synth': return 'synth_meta.json was not written by agenb.synth'
+    if meta.get('version') != GENERATOR_VERSION:
+        return f'written by generator version {meta.get("version")}, current is {GENERATOR_VERSION}'
+    if meta.get('seed') != int(seed): return f'written with seed {meta.get("seed")}, asked for {int(seed)}'
+    old, new = meta.get('params') or {}, json.loads(json.dumps(params))
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff: return ('written with ' + ', '.join(f'{k}={old.get(k)}' for k in diff) + '; asked for '
+                     + ', '.join(f'{k}={new.get(k)}' for k in diff))
+    digest, n = files_sha256(out)
+    if digest != meta.get('content_sha256'):
+        return f'its files changed since they were written ({n} files now, {meta.get("n_files")} written)'
+    return None
+
+def ensure_synth(out_dir, preset=None, seed=0, log=print, workers=None, **params) -> dict:
+    """The data set `generate(out_dir, preset=preset, seed=seed, **params)` writes: reused when `out_dir` already holds
+    it (same generator version, seed and parameters, files unchanged), otherwise (re)generated there, with one line
+    through `log` saying why. Returns the meta dict (`synth_meta.json`)."""
+    out = Path(out_dir)
+    cfg = resolve_params(preset, **params)
+    why = stale_reason(out, cfg, seed)
+    if why is None:
+        if log: log(f'using {out}: written by agenb.synth version {GENERATOR_VERSION} with the same seed and parameters, files unchanged')
+        return json.loads((out / 'synth_meta.json').read_text())
+    if out.is_dir() and not (out / 'synth_meta.json').is_file():
+        ours = set(_our_files(out))
+        foreign = [f for f in out.rglob('*') if f.is_file() and f not in ours]
+        if foreign:
+            raise InputError(f'{out} holds files not written by agenb.synth (e.g. {foreign[0]}): '
+                             'choose another folder for the synthetic data set')
+    if log: log(f'{"generating" if why == "no data there yet" else "regenerating"} {out}: {why}')
+    return generate(out, preset=preset, seed=seed, workers=workers, overwrite=True, **params)
 
 # %% ../nbs/01_synth.ipynb #fb9ea4cd
 def main(argv=None):
@@ -413,17 +586,31 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--label-age-shortcut', type=float, help='0..1: how strongly the burned-in label carries age (default 0)')
     p.add_argument('--width-jitter', type=int, help='make image widths vary by up to PX pixels per subject (default 0)')
+    p.add_argument('--pathological-age-shift', type=float, metavar='YEARS',
+                   help='pathological muscles look YEARS older than their owners (default 15; the spreadsheet keeps the true age)')
+    p.add_argument('--covariate-effect', action=argparse.BooleanOptionalAction, default=None,
+                   help='BMI raises the echo level, men have thicker muscles (default: on)')
     p.add_argument('--workers', type=int, help='processes (default: CPU count, at most 8)')
-    p.add_argument('--overwrite', action='store_true', help='replace an earlier synthetic data set in OUT_DIR')
+    g = p.add_mutually_exclusive_group()
+    g.add_argument('--overwrite', action='store_true', help='replace an earlier synthetic data set in OUT_DIR')
+    g.add_argument('--reuse', action='store_true',
+                   help='keep OUT_DIR if it holds this very data set (same generator version, parameters, files), else write it again')
     a = p.parse_args(argv)
-    meta = generate(a.out_dir, subjects=a.subjects, pathological=a.pathological, images_per_subject=a.images_per_subject,
-                    size=a.size, muscles=a.muscles, seed=a.seed, preset=a.preset, label_age_shortcut=a.label_age_shortcut,
-                    width_jitter=a.width_jitter, workers=a.workers, overwrite=a.overwrite)
+    params = dict(subjects=a.subjects, pathological=a.pathological, images_per_subject=a.images_per_subject,
+                  size=a.size, muscles=a.muscles, label_age_shortcut=a.label_age_shortcut, width_jitter=a.width_jitter,
+                  pathological_age_shift=a.pathological_age_shift, covariate_effect=a.covariate_effect)
+    if a.reuse:
+        t0 = time.perf_counter()
+        meta = ensure_synth(a.out_dir, preset=a.preset, seed=a.seed, workers=a.workers, **params)
+        secs = time.perf_counter() - t0
+    else:
+        meta = generate(a.out_dir, seed=a.seed, preset=a.preset, workers=a.workers, overwrite=a.overwrite, **params)
+        secs = meta['seconds']
     for m, c in meta['counts'].items():
         print(f"{m}: healthy {c['Healthy']['subjects']} subjects / {c['Healthy']['images']} images, "
               f"pathological {c['Pathological']['subjects']} / {c['Pathological']['images']}; "
               f"oracle MAE {meta['oracle'][m]['mae']:.2f} years")
-    print(f"wrote {a.out_dir} in {meta['seconds']:.1f} s")
+    print(f"{'ready' if a.reuse else 'wrote'} {a.out_dir} in {secs:.1f} s")
     return 0
 
 # %% ../nbs/01_synth.ipynb #9db81972

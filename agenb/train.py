@@ -13,19 +13,19 @@ import torch
 from tqdm import tqdm
 
 import agenb
-from .core import InputError, run_cli, environment_info, file_sha256
+from .core import InputError, run_cli, environment_info, file_sha256, atomic_write, atomic_write_json
 from .split import save_split
-from .model import build_model, describe_model
+from .model import build_model, describe_model, set_trainable
 from .options import Options, build_parser, resolve_options, given_from_config
-from .runs import new_run_dir, read_run_config, check_resumable, load_checkpoint
+from .runs import new_run_dir, read_run_config, check_resumable, load_checkpoint, model_kwargs, distribution_head, interval_tables, calibration
 from .trainer import Dist, Trainer, RunWriter, PreparedData, NonFiniteLoss, prepare_data, gpu_names
 from .evaluate import write_evaluation
 from .explain import explain_run
 from .report import render_report
 
 # %% auto #0
-__all__ = ['parse_command_line', 'build_config', 'data_fingerprint', 'Interrupted', 'seed_everything', 'train', 'finish_run',
-           'render_report_safely', 'main']
+__all__ = ['parse_command_line', 'build_config', 'data_fingerprint', 'Interrupted', 'seed_everything', 'start_bias', 'train',
+           'finish_run', 'write_intervals', 'render_report_safely', 'main']
 
 # %% ../nbs/15_train.ipynb #bdca8d07
 def parse_command_line(argv=None) -> tuple:
@@ -61,10 +61,17 @@ def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: 
                     'read_summary': {k: v for k, v in data.summary.items() if k not in ('unmatched_images', 'subjects_without_images')},
                     'unmatched_images': len(data.summary.get('unmatched_images', [])),
                     'subjects_without_images': len(data.summary.get('subjects_without_images', []))},
-        'model': describe_model(trainer.model, arch=o.arch, pretrained=o.pretrained, weights=o.weights,
-                                dropout=o.dropout, init_bias=trainer.init_bias),
+        'model': {**describe_model(trainer.model, arch=o.arch, pretrained=o.pretrained, weights=o.weights,
+                                   dropout=o.dropout, init_bias=trainer.init_bias), 'output_head': trainer.head.describe()},
         'training': {'loss_function': trainer.loss_name, 'optimizer': type(trainer.opt).__name__,
-                     'optimizer_params': {'betas': list(opt_defaults['betas']), 'eps': opt_defaults['eps']},
+                     'optimizer_params': {k: list(v) if isinstance(v, tuple) else v for k, v in opt_defaults.items()
+                                          if k in ('betas', 'eps', 'momentum', 'nesterov', 'dampening')},
+                     'param_groups': [{'name': g.get('name'), 'base_lr': g.get('initial_lr', g['lr']),
+                                       'n_parameters': sum(p.numel() for p in g['params'])} for g in trainer.opt.param_groups],
+                     'ema': None if trainer.ema is None else {
+                         'decay': o.ema_decay, 'implementation': 'torch.optim.swa_utils.AveragedModel(get_ema_multi_avg_fn, '
+                         f'use_buffers={trainer.ema.use_buffers}), updated after every optimizer step',
+                         'used_for': 'validation, best-model choice, best_model.pth and the test'},
                      'lr_scheduler': sched_name, 'scheduler_params': sched_params,
                      'warmup_epochs': o.warmup_epochs, 'max_grad_norm': o.max_grad_norm, 'epochs': o.epochs,
                      'patience': o.patience, 'min_delta': o.min_delta, 'batch_size': o.batch_size,
@@ -80,7 +87,8 @@ def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: 
                           'torch_compile': o.compile, 'sync_batchnorm': o.sync_bn and d.ddp,
                           'images_on_device': trainer.images_on_device,
                           'pinned_memory': d.device.type == 'cuda' and not trainer.images_on_device,
-                          'deterministic': torch.are_deterministic_algorithms_enabled()},
+                          'deterministic': torch.are_deterministic_algorithms_enabled(),
+                          'deterministic_warn_only': torch.is_deterministic_algorithms_warn_only_enabled()},
         'preprocessing': data.prep.to_dict(), 'augmentation': data.aug.to_dict(), 'image_cache': data.cache_info,
         'data_fingerprint': data_fingerprint(data.table, o.excel_path),
         'environment': environment_info(), 'source': source,
@@ -102,20 +110,35 @@ def _raise_interrupt(signum, frame): raise Interrupted(signal.Signals(signum).na
 def seed_everything(seed, rank=0):
     random.seed(seed + rank); np.random.seed(seed + rank); torch.manual_seed(seed + rank)
 
+def start_bias(o: Options, train_ages: torch.Tensor):
+    "The head's starting bias: the mean training age, or the log of the training ages' soft-label distribution."
+    h = distribution_head(o)
+    if h is None: return float(train_ages.mean())
+    lo, hi = h.edges[0], h.edges[-1]
+    if train_ages.min() < lo or train_ages.max() > hi:
+        raise InputError(f'--age-bins {o.age_bins} covers {lo:g} to {hi:g} years but the training ages run from '
+                         f'{float(train_ages.min()):g} to {float(train_ages.max()):g}; widen --age-bins')
+    return h.soft_labels(train_ages).mean(0).clamp_min(1e-6).log().tolist()
+
 def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, quiet=False) -> Path:
     "Run a training described by options `o`; returns the run folder (on every rank)."
     source = source or {'entry': 'cli', 'script_name': 'agenb.train'}
     d = Dist(o.device)
     try:
-        if o.deterministic: torch.use_deterministic_algorithms(True)
+        if o.sync_bn and d.ddp and d.device.type != 'cuda':
+            raise InputError('--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU); drop --sync-bn')
+        if o.deterministic:  # cuBLAS needs a fixed workspace (set before its first use); the backward of AdaptiveAvgPool2d
+            os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')   # (every backbone) has no kernel PyTorch calls
+            torch.use_deterministic_algorithms(True, warn_only=True)        # deterministic on CUDA: warn, do not stop
+            torch.backends.cudnn.benchmark = False
         state = load_checkpoint(Path(resume_dir) / 'last.pth', o.arch, o.image_size) if resume_dir is not None else None
         if state is not None and state['epoch'] >= o.epochs:
             raise InputError(f'{resume_dir} already trained {state["epoch"]} of {o.epochs} epochs; nothing to resume')
         seed_everything(o.seed)                          # model initialisation identical on every rank
         data = prepare_data(o)
-        train_ages = data.ages[data.idx['train']]
-        init_bias = float(train_ages.mean())
-        model = build_model(o.arch, pretrained=o.pretrained, weights=o.weights, dropout=o.dropout, init_bias=init_bias)
+        init_bias = start_bias(o, data.ages[data.idx['train']])
+        model = build_model(o.arch, pretrained=o.pretrained, weights=o.weights, init_bias=init_bias, **model_kwargs(o))
+        set_trainable(model, o.arch, o.freeze_backbone, o.unfreeze_last)
         seed_everything(o.seed, d.rank)                  # augmentation and dropout: per-rank streams
         trainer = Trainer(o, data, d, model, init_bias)
         files, run_dir = None, None
@@ -127,8 +150,10 @@ def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, 
             cfg = build_config(o, explicit, data, trainer, d, run_dir, source, gpus)
             if resume_dir is not None:
                 old = read_run_config(run_dir)
+                for tmp in run_dir.glob('.*.tmp'): tmp.unlink()  # left half-written by a killed process
                 cfg['resumes'] = old.get('resumes', []) + [{'at': datetime.now().isoformat(timespec='seconds'),
-                                                           'from_epoch': trainer.epoch, 'previous_status': old.get('status')}]
+                                                           'from_epoch': trainer.epoch, 'previous_status': old.get('status'),
+                                                           'world_size': d.world, 'previous_world_size': old.get('world_size')}]
                 cfg['started_at'], cfg['timestamp'] = old.get('started_at'), old.get('timestamp')
             files = RunWriter(run_dir, cfg, o)
             files.write_config()
@@ -177,19 +202,34 @@ def finish_run(o: Options, d: Dist, data: PreparedData, trainer: Trainer, files:
     "Test and validation predictions of the best model, evaluated and written (rank 0)."
     best = load_checkpoint(run_dir / 'best_model.pth', o.arch, o.image_size, map_location=d.device) if files else None
     best = d.broadcast(best)
-    trainer.model.load_state_dict(best['model'])
-    preds = {s: trainer.predict(s, precise=True) for s in ('val', 'test')}  # float32: what predict/export reproduce
+    trainer.eval_model.load_state_dict(best['model'])
+    outs = {s: torch.from_numpy(trainer.outputs(s, precise=True)) for s in ('val', 'test')}  # float32: what predict/export reproduce
     if not files: return
-    frames = {s: data.frame(s).assign(pred=preds[s]) for s in preds}
+    frames = {s: data.frame(s).assign(pred=trainer.head.age(outs[s]).double().numpy()) for s in outs}
     metrics = write_evaluation(run_dir, frames['test'], frames['val'], data.ages[data.idx['train']].numpy())
     m = metrics.get('overall', metrics)
     files.log(f'test MAE {m.get("mae", float("nan")):.3f}  RMSE {m.get("rmse", float("nan")):.3f}  r {m.get("pearson_r") or float("nan"):.3f}')
+    if trainer.head.kind == 'distribution': write_intervals(run_dir, trainer.head, frames['test'], outs['test'], files)
     if o.gradcam_n:
         try:
             ex = explain_run(run_dir, n=o.gradcam_n, device=d.device)
             files.log(f'Grad-CAM: mean shortcut score {ex["shortcut_score"]:.3f} (gradcam_best_worst.png)')
         except Exception as e:  # an explanation failure is recorded, it does not fail a finished training
             files.log(f'warning: Grad-CAM failed: {type(e).__name__}: {e}'); files.write_config(gradcam_error=f'{type(e).__name__}: {e}')
+
+def write_intervals(run_dir, head, frame, out, files):
+    "intervals.csv and subject_intervals.csv (predictive SD, 80% and 95% intervals) and the calibration in metrics.json."
+    img, subj = interval_tables(head, frame[['path', 'filename', 'subject', 'age']], head.probs(out).numpy())
+    for df, name in ((img, 'intervals.csv'), (subj, 'subject_intervals.csv')):
+        with atomic_write(run_dir / name) as tmp: df.to_csv(tmp, index=False)
+    cal = calibration(img, subj)
+    mpath = run_dir / 'metrics.json'
+    metrics = json.loads(mpath.read_text())
+    metrics['calibration'] = cal
+    metrics.setdefault('files', {}).update(intervals='intervals.csv', subject_intervals='subject_intervals.csv')
+    atomic_write_json(mpath, metrics)
+    files.log(f'calibration: {cal["subjects"]["coverage_80"]:.2f} of test subjects inside their 80% interval, '
+              f'{cal["subjects"]["coverage_95"]:.2f} inside their 95% interval (mean SD {cal["subjects"]["mean_pred_sd"]:.1f} years)')
 
 def render_report_safely(run_dir, files):
     "Render report.html; a report failure is logged and recorded, it does not fail the run."

@@ -20,12 +20,13 @@ from .data import load_dataset
 from .split import make_split, split_stats, save_split
 from .images import Preprocessing, Augmentation, load_images
 from .options import Options, resolve_options
+from .model import RegressionHead, DistributionHead, parse_age_bins, param_groups, freeze_batchnorm
 from .runs import make_checkpoint, curves_figure
 
 # %% auto #0
 __all__ = ['LOSSES', 'Dist', 'gpu_names', 'read_table', 'PreparedData', 'preprocessing', 'augmentation', 'prepare_data',
-           'build_optimizer', 'LRSchedule', 'train_batches', 'eval_shard', 'NonFiniteLoss', 'fault', 'Trainer',
-           'RunWriter']
+           'output_head', 'build_optimizer', 'LRSchedule', 'train_batches', 'eval_shard', 'NonFiniteLoss', 'fault',
+           'Trainer', 'make_ema', 'RunWriter']
 
 # %% ../nbs/08_trainer.ipynb #63171103
 class Dist:
@@ -124,18 +125,32 @@ def prepare_data(o: Options) -> PreparedData:
 LOSSES = {'mae': ('MAE (L1Loss)', nn.L1Loss), 'mse': ('MSE (MSELoss)', nn.MSELoss),
           'huber': ('Huber (HuberLoss, delta=1.0)', nn.HuberLoss), 'smoothl1': ('Smooth L1 (SmoothL1Loss, beta=1.0)', nn.SmoothL1Loss)}
 
-def build_optimizer(o, params):
+def output_head(o):
+    "The head's loss and read-out: regression with the loss of `--loss`, or the distribution head."
+    if o.head == 'distribution': return DistributionHead(parse_age_bins(o.age_bins), o.label_sigma)
+    return RegressionHead(LOSSES[o.loss][1]())
+
+def build_optimizer(o, model_or_params):
+    "The optimizer of `o` over a model's trainable parameters (head at --lr, backbone at --lr x --backbone-lr-mult), or over `params`."
+    params = (param_groups(model_or_params, o.lr, o.backbone_lr_mult) if isinstance(model_or_params, nn.Module)
+              else model_or_params)
+    if o.optimizer == 'sgd':
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
     if o.optimizer == 'adamw': return torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.999), weight_decay=o.weight_decay)
     return torch.optim.Adam(params, lr=o.lr, betas=(0.9, 0.999), weight_decay=o.weight_decay)
 
 class LRSchedule:
-    "Linear warmup for `warmup_epochs`, then cosine annealing, plateau reduction or a constant rate; stepped once per epoch."
+    """Linear warmup for `warmup_epochs`, then cosine annealing, plateau reduction, steps, or a constant rate; or a
+    one-cycle schedule (its own warm-up); stepped once per epoch."""
     def __init__(self, o, opt):
         from torch.optim import lr_scheduler as S
         self.kind, self.warmup = o.scheduler, o.warmup_epochs
         self.warm = S.LinearLR(opt, start_factor=1 / (o.warmup_epochs + 1), total_iters=o.warmup_epochs) if o.warmup_epochs else None
         if o.scheduler == 'cosine': self.main = S.CosineAnnealingLR(opt, T_max=o.t_max, eta_min=o.eta_min)
         elif o.scheduler == 'plateau': self.main = S.ReduceLROnPlateau(opt, mode='min', factor=o.plateau_factor, patience=o.plateau_patience)
+        elif o.scheduler == 'step': self.main = S.StepLR(opt, step_size=o.step_size, gamma=o.step_gamma)
+        elif o.scheduler == 'onecycle':
+            self.main = S.OneCycleLR(opt, max_lr=[g['lr'] for g in opt.param_groups], total_steps=o.epochs, pct_start=o.onecycle_pct)
         else: self.main = None
         if self.warm is not None:  # the main scheduler's constructor may have reset the rate: start warm
             for g, base in zip(opt.param_groups, self.warm.base_lrs): g['lr'] = base * self.warm.start_factor
@@ -148,9 +163,14 @@ class LRSchedule:
     def describe(self):
         "The scheduler's name and parameters as actually constructed."
         if self.main is None: return 'none', {}
-        names = {'cosine': 'CosineAnnealingLR', 'plateau': 'ReduceLROnPlateau'}
-        keys = {'cosine': ('T_max', 'eta_min'), 'plateau': ('mode', 'factor', 'patience')}[self.kind]
-        return names[self.kind], {k: getattr(self.main, k) for k in keys}
+        keys = {'cosine': ('T_max', 'eta_min'), 'plateau': ('mode', 'factor', 'patience'), 'step': ('step_size', 'gamma'),
+                'onecycle': ('total_steps', 'cycle_momentum')}[self.kind]
+        out = {k: getattr(self.main, k) for k in keys}
+        if self.kind == 'onecycle':
+            g = self.main.optimizer.param_groups
+            out.update(anneal_strategy=self.main._anneal_func_type, pct_start=(self.main._schedule_phases[0]['end_step'] + 1) / out['total_steps'],
+                       max_lr=[x['max_lr'] for x in g], initial_lr=[x['initial_lr'] for x in g], min_lr=[x['min_lr'] for x in g])
+        return type(self.main).__name__, out
     def state_dict(self):
         return {'done': self.done, 'warm': self.warm.state_dict() if self.warm else None,
                 'main': self.main.state_dict() if self.main else None}
@@ -203,13 +223,26 @@ class Trainer:
         # batches are then indexed on the device; otherwise they are pinned for asynchronous copies.
         self.images_on_device = dev.type == 'cuda' and data.images.nbytes < 4 * 2**30
         self.images = data.images.to(dev) if self.images_on_device else data.images.pin_memory() if dev.type == 'cuda' else data.images
-        self.loss_name, loss_cls = LOSSES[o.loss]
-        self.criterion = loss_cls()
-        self.opt = build_optimizer(o, model.parameters())
+        self.head = output_head(o)
+        self.loss_name = LOSSES[o.loss][0] if self.head.kind == 'regression' else 'KL divergence to Gaussian soft labels (KLDivLoss)'
+        self.opt = build_optimizer(o, model)
+        self.frozen = any(not p.requires_grad for p in model.parameters())
+        self.ema = make_ema(model, o.ema_decay)
         self.sched = LRSchedule(o, self.opt)
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)
         self.gen = torch.Generator().manual_seed(o.seed * 1000 + dist_ctx.rank)  # augmentation draws, per rank
         self.epoch, self.best_mae, self.best_epoch, self.bad_epochs, self.history, self.skipped = 0, math.inf, None, 0, [], 0
+
+    @property
+    def eval_model(self) -> nn.Module:
+        "The weights that are validated, kept as the best model and tested: the EMA's when there is one."
+        return self.ema.module if self.ema is not None else self.model
+
+def make_ema(model, decay):
+    "An exponential moving average of `model`'s weights and buffers (torch's `AveragedModel`), or None without `decay`."
+    if decay is None: return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 # %% ../nbs/08_trainer.ipynb #7ed5c2fd
 @patch
@@ -231,6 +264,7 @@ def autocast(self: Trainer):
 def train_epoch(self: Trainer, progress=None):
     "One pass over this rank's share of the training set; returns the mean loss over all ranks."
     self.net.train()
+    if self.frozen: freeze_batchnorm(self.model)          # frozen stages keep their running statistics
     batches = train_batches(len(self.data.idx['train']), self.o.batch_size, self.epoch, self.o.seed, self.d.rank, self.d.world)
     dev = self.d.device
     total, count, bad = (torch.zeros((), dtype=torch.float64, device=dev) for _ in range(3))  # summed on the device:
@@ -241,7 +275,7 @@ def train_epoch(self: Trainer, progress=None):
         accumulate = (step + 1) % self.o.accum_steps and step + 1 < len(batches)
         with self.net.no_sync() if accumulate and self.d.ddp else contextlib.nullcontext():  # all-reduce once per step
             with self.autocast():
-                loss = self.criterion(self.net(x).squeeze(1).float(), y)
+                loss = self.head.loss(self.net(x), y)
             if fault('nan', self.d.rank, self.epoch + 1, step + 1): loss = loss * float('nan')
             self.scaler.scale(loss / self.o.accum_steps).backward()
         finite = torch.isfinite(loss.detach())
@@ -255,6 +289,7 @@ def train_epoch(self: Trainer, progress=None):
         if self.o.nan_policy == 'skip' and not self.scaler.is_enabled() and not torch.isfinite(gnorm):
             self.skipped += 1; self.opt.zero_grad(set_to_none=True); continue
         self.scaler.step(self.opt); self.scaler.update(); self.opt.zero_grad(set_to_none=True)  # fp16: the scaler skips inf steps
+        if self.ema is not None: self.ema.update_parameters(self.model)
     total, count, bad = self.d.sum(total.item(), count.item(), bad.item())
     if bad and self.o.nan_policy == 'stop':
         raise NonFiniteLoss(f'{int(bad)} non-finite loss value(s) in epoch {self.epoch + 1}: stopped; last.pth holds the '
@@ -264,27 +299,33 @@ def train_epoch(self: Trainer, progress=None):
 # %% ../nbs/08_trainer.ipynb #8e792efb
 @patch
 @torch.no_grad()
-def predict(self: Trainer, split, precise=False):
-    "Predictions for every sample of `split`, gathered from all ranks (each sample once, in order); `precise`: float32, no AMP."
-    self.net.eval()
+def outputs(self: Trainer, split, precise=False) -> np.ndarray:
+    "Model outputs (n, outputs) for every sample of `split`, gathered from all ranks (each once, in order); `precise`: float32, no AMP."
+    model = self.eval_model.eval()
     if self.d.ddp:  # BatchNorm statistics drift apart on each rank's last batches: evaluate rank 0's, the saved ones
-        for b in self.model.buffers(): dist.broadcast(b, 0)
+        for b in model.buffers(): dist.broadcast(b, 0)
     n, mine = len(self.data.idx[split]), eval_shard(len(self.data.idx[split]), self.d.rank, self.d.world)
     preds = []
     for i in range(0, len(mine), self.o.batch_size):
         x, _ = self.batch(mine[i:i + self.o.batch_size], split, train=False)
         with torch.autocast(self.d.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None and not precise):
-            preds.append(self.model(x).squeeze(1).float().cpu())
-    mine_pred = torch.cat(preds).tolist() if preds else []
-    out = np.full(n, np.nan)
+            preds.append(model(x).float().cpu())
+    mine_pred = torch.cat(preds).numpy() if preds else np.zeros((0, self.head.outputs), np.float32)
+    out = np.full((n, self.head.outputs), np.nan, dtype=np.float32)
     for pos, pr in self.d.gather((mine, mine_pred)): out[pos] = pr
     return out
 
 @patch
+def predict(self: Trainer, split, precise=False) -> np.ndarray:
+    "Predicted ages (the head's read-out) for every sample of `split`."
+    return self.head.age(torch.from_numpy(self.outputs(split, precise))).double().numpy()
+
+@patch
 def validate(self: Trainer):
-    pred = self.predict('val')
+    out = torch.from_numpy(self.outputs('val'))
+    pred = self.head.age(out).double().numpy()
     true = self.data.table.age.to_numpy(dtype=float)[self.data.idx['val']]
-    loss = float(self.criterion(torch.tensor(pred), torch.tensor(true)))
+    loss = float(self.head.loss(out, torch.tensor(true, dtype=torch.float32)))
     return dict(val_loss=loss, val_mae=float(np.mean(np.abs(pred - true))), val_rmse=float(np.sqrt(np.mean((pred - true) ** 2))))
 
 # %% ../nbs/08_trainer.ipynb #980926d5
@@ -322,14 +363,21 @@ def state(self: Trainer) -> dict:
     train_state = dict(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(),
                        best_mae=self.best_mae, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs, skipped=self.skipped,
                        history=self.history, rng=rng, world_size=self.d.world)
+    if self.ema is not None:  # 'model' holds the weights predictions use (the EMA); the raw weights continue training
+        train_state.update(raw_model=self.model.state_dict(), ema_n_averaged=int(self.ema.n_averaged))
     val_mae = self.history[-1]['val_mae'] if self.history else None
-    return make_checkpoint(self.model.state_dict(), self.epoch, val_mae, self.o, self.data.prep.to_dict(), train_state)
+    return make_checkpoint(self.eval_model.state_dict(), self.epoch, val_mae, self.o, self.data.prep.to_dict(), train_state)
 
 @patch
 def load_state(self: Trainer, ck: dict):
     "Continue from a checkpoint with `train_state` (`last.pth`)."
     s = ck['train_state']
-    self.model.load_state_dict(ck['model']); self.opt.load_state_dict(s['optimizer'])
+    if self.ema is not None:
+        if 'raw_model' not in s: raise InputError('the checkpoint was written without --ema-decay; resume without it')
+        self.model.load_state_dict(s['raw_model']); self.ema.module.load_state_dict(ck['model'])
+        self.ema.n_averaged.fill_(s['ema_n_averaged'])
+    else: self.model.load_state_dict(s.get('raw_model', ck['model']))
+    self.opt.load_state_dict(s['optimizer'])
     self.sched.load_state_dict(s['scheduler']); self.scaler.load_state_dict(s['scaler'])
     self.epoch = ck['epoch']
     for k in ('best_mae', 'best_epoch', 'bad_epochs', 'skipped', 'history'): setattr(self, k, s[k])

@@ -5,7 +5,12 @@ Sections (see bench/README.md for what each figure means):
   loader      users' per-epoch PIL pipeline vs agenb's decode-once cache + per-batch tensor augmentation
   efficiency  agenb Trainer.train_epoch vs the bare model step, and vs a minimal hand-written loop
   ddp         torchrun 2 CPU processes (gloo) vs 1 process, via the trainer CLI
-  accuracy    the trainer CLI on the bench synthetic data set: test MAE vs the generator's oracle and the baseline
+  accuracy    the trainer CLI on the bench synthetic data set: test MAE vs the generator's oracle, the baseline and
+              a plain hand-written PyTorch loop on the same split
+
+The data sets are generated under bench/out/ and reused only while they are what the current generator writes for
+the same parameters (agenb.synth.ensure_synth). results.json records the data's fingerprint, the agenb commit and
+whether the tree was dirty; bench/README.md's figures are rendered from it (bench/render.py).
 
 `--quick` runs every section with tiny settings (a smoke test of the benchmark itself, figures meaningless).
 """
@@ -16,6 +21,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / 'bench' / 'out'          # git-ignored: data sets, caches, run folders
+if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
+
+def agenb_obj(name):
+    """An agenb function or class by name, from the module that holds it: agenb.trainer / agenb.options after the
+    package's split of agenb.train (issue 14), agenb.train before."""
+    import importlib
+    for mod in ('agenb.trainer', 'agenb.options', 'agenb.train'):
+        try: m = importlib.import_module(mod)
+        except ImportError: continue
+        if hasattr(m, name): return getattr(m, name)
+    raise ImportError(f'{name} is in none of agenb.trainer, agenb.options, agenb.train')
+
+def rel(p):
+    "A path relative to the repository when it lies inside it (results.json must not carry this machine's paths)."
+    p = Path(p).resolve()
+    try: return p.relative_to(ROOT).as_posix()
+    except ValueError: return str(p)
 SECTIONS = ('loader', 'efficiency', 'ddp', 'accuracy')
 
 # Sizes: planned so the full benchmark fits in about 15 minutes on a 2-core CPU machine.
@@ -25,9 +47,9 @@ FULL = dict(
     efficiency=dict(n_images=192, image_size=128, batch_size=32, arch='resnet18', repeats=4),
     ddp=dict(image_size=64, arch='resnet18', epochs=5, batch_size=32, subjects=100, timeout=900),
     # epochs: as many as fit in budget_s, from the 1-process DDP run's epoch time (same model, size and batch)
-    # 96 px, 40 epochs (about 270 s here): 64 px for 60 epochs reached only 1.34x the oracle, 96 px 1.22x
+    # 96 px, 40 epochs: with generator version 1, 64 px for 60 epochs ended further from the oracle in about the same time
     accuracy=dict(arch='resnet18', image_size=96, batch_size=32, epochs=40, budget_s=420, min_epochs=8,
-                  max_epochs=60, fallback_epochs=30, lr=1e-3, warmup_epochs=2, extra=[], timeout=1800),
+                  max_epochs=60, fallback_epochs=30, lr=1e-3, warmup_epochs=2, extra=[], timeout=4 * 3600, plain_loop=True),
 )
 QUICK = dict(
     data_preset='quick',
@@ -35,8 +57,11 @@ QUICK = dict(
     efficiency=dict(n_images=32, image_size=64, batch_size=16, arch='resnet18', repeats=3),
     ddp=dict(image_size=48, arch='resnet18', epochs=4, batch_size=16, subjects=None, timeout=300),
     accuracy=dict(arch='resnet18', image_size=48, batch_size=16, epochs='auto', budget_s=30, min_epochs=2,
-                  max_epochs=3, fallback_epochs=2, lr=1e-3, warmup_epochs=0, extra=[], timeout=300),
+                  max_epochs=3, fallback_epochs=2, lr=1e-3, warmup_epochs=0, extra=[], timeout=300, plain_loop=True),
 )
+# the data sets: (folder under bench/out, agenb.synth parameters)
+DATA = {'bench': ('data', dict(preset='bench')),
+        'quick': ('data_quick', dict(preset='test', size=(480, 512)))}
 
 # --------------------------------------------------------------------------- helpers
 
@@ -73,18 +98,25 @@ def machine_info():
             'loadavg_at_start': loadavg()}
 
 def ensure_data(preset, data_root=None):
-    "The synthetic data set the benchmark runs on (generated once under bench/out/)."
+    """The synthetic data set the benchmark runs on: generated under bench/out/, and reused only while it is what the
+    current generator writes for the same parameters (else regenerated, with a line saying why)."""
+    from agenb.synth import ensure_synth
     if data_root is not None:
         root = Path(data_root)
         if not (root / 'synth_meta.json').is_file(): sys.exit(f'bench: {root} has no synth_meta.json; give a folder written by agenb.synth')
         return root
-    root = OUT / ('data' if preset == 'bench' else 'data_quick')
-    if not (root / 'synth_meta.json').is_file():
-        args = ['--preset', 'bench'] if preset == 'bench' else ['--preset', 'test', '--size', '480', '512']
-        print(f'bench: generating the synthetic data set in {root} ({" ".join(args)}) ...', flush=True)
-        if root.exists(): shutil.rmtree(root)
-        subprocess.run([sys.executable, '-m', 'agenb.synth', str(root), *args], check=True, cwd=ROOT)
-    return root
+    name, params = DATA[preset]
+    ensure_synth(OUT / name, log=lambda m: print(f'bench: {m}', flush=True), **params)
+    return OUT / name
+
+def data_record(root):
+    "What results.json says about a data folder: where (relative), its fingerprint, its oracle and counts."
+    from agenb.synth import data_fingerprint
+    meta = json.loads((Path(root) / 'synth_meta.json').read_text())
+    fp = data_fingerprint(root)
+    if not fp['files_match']: print(f'bench: warning: the files in {root} differ from those its synth_meta.json records', flush=True)
+    return {'dir': rel(root), 'fingerprint': fp, 'oracle_mae': meta.get('oracle_mae'),
+            'oracle_mae_with_covariates': meta.get('oracle_mae_with_covariates'), 'counts': meta.get('counts')}
 
 def data_paths(root):
     d = Path(root) / 'TA'
@@ -92,7 +124,7 @@ def data_paths(root):
 
 def trainer_options(root, **kw):
     "Fully resolved trainer options (the CLI's defaults plus `kw`) for in-process measurements."
-    from agenb.train import resolve_options
+    resolve_options = agenb_obj('resolve_options')
     image_dir, excel = data_paths(root)
     return resolve_options(dict(image_dir=str(image_dir), excel_path=str(excel), pretrained=False, device='cpu',
                                 report=False, **kw))
@@ -210,7 +242,7 @@ def bench_loader(root, cfg):
 def bench_efficiency(root, cfg):
     import torch
     from torch import nn
-    from agenb.train import Dist, Trainer, prepare_data, build_optimizer
+    Dist, Trainer, prepare_data, build_optimizer = (agenb_obj(n) for n in ('Dist', 'Trainer', 'prepare_data', 'build_optimizer'))
     from agenb.model import build_model
     bs, n = cfg['batch_size'], cfg['n_images'] - cfg['n_images'] % cfg['batch_size']
     o = trainer_options(root, arch=cfg['arch'], image_size=cfg['image_size'], batch_size=bs, epochs=1000,
@@ -293,7 +325,8 @@ def bench_efficiency(root, cfg):
 
 def run_cli(cmd, env_extra, log_path, timeout):
     "Run a trainer command line; returns the run folder it printed. Output goes to `log_path`."
-    env = {**os.environ, **env_extra, 'PYTHONUNBUFFERED': '1'}
+    path = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
+    env = {**os.environ, **env_extra, 'PYTHONUNBUFFERED': '1', 'PYTHONPATH': path}   # this checkout's agenb
     t0 = time.perf_counter()
     with open(log_path, 'w') as log:
         p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True, timeout=timeout)
@@ -317,12 +350,10 @@ def train_cmd(root, out_dir, name, **opts):
 
 def ddp_data(root, cfg):
     "A smaller data set of the same kind for the DDP runs (same generator, fewer subjects), or `root` itself."
+    from agenb.synth import ensure_synth
     if not cfg.get('subjects'): return Path(root)
     d = OUT / f'data_ddp_{cfg["subjects"]}'
-    if not (d / 'synth_meta.json').is_file():
-        if d.exists(): shutil.rmtree(d)
-        subprocess.run([sys.executable, '-m', 'agenb.synth', str(d), '--subjects', str(cfg['subjects']),
-                        '--pathological', '0', '--size', '480', '512'], check=True, cwd=ROOT)
+    ensure_synth(d, subjects=cfg['subjects'], pathological=0, size=(480, 512), log=lambda m: print(f'bench: {m}', flush=True))
     return d
 
 def bench_ddp(root, cfg):
@@ -331,7 +362,7 @@ def bench_ddp(root, cfg):
     shutil.rmtree(out_dir, ignore_errors=True)
     common = dict(arch=cfg['arch'], image_size=cfg['image_size'], epochs=cfg['epochs'], patience=0,
                   warmup_epochs=0)
-    res = {'settings': {**cfg, 'data_dir': str(root), 'backend': 'gloo', 'launcher': 'torchrun --standalone --nproc_per_node=2',
+    res = {'data': data_record(root), 'settings': {**cfg, 'data_dir': rel(root), 'backend': 'gloo', 'launcher': 'torchrun --standalone --nproc_per_node=2',
                         'same_effective_batch': True,
                         'throughput': 'training images / epoch_seconds from history.json (the epoch includes its '
                                       'validation pass, sharded over the ranks); epoch 1 excluded (warm-up)'}}
@@ -380,30 +411,33 @@ def bench_accuracy(root, cfg, res=None):
     epochs, why = accuracy_epochs(root, cfg, res or {})
     print(f'bench: accuracy run with {epochs} epochs ({why})', flush=True)
     opts = dict(arch=cfg['arch'], image_size=cfg['image_size'], batch_size=cfg['batch_size'], epochs=epochs,
-                lr=cfg['lr'], warmup_epochs=cfg['warmup_epochs'], num_workers=2, loss='mae')
+                lr=cfg['lr'], warmup_epochs=cfg['warmup_epochs'], num_workers=2, loss='mae', deterministic=True)
     opts.update(cfg.get('options', {}))
     cmd = [sys.executable] + train_cmd(root, out_dir, 'acc', **opts) + list(cfg.get('extra', []))
-    run_dir, wall = run_cli(cmd, {'OMP_NUM_THREADS': str(os.cpu_count() or 1)}, OUT / 'accuracy.log', cfg['timeout'])
+    run_dir, wall = run_cli(cmd, ACCURACY_ENV, OUT / 'accuracy.log', cfg['timeout'])
     m = json.loads((run_dir / 'metrics.json').read_text())
     conf = json.loads((run_dir / 'config.json').read_text())
     hist = json.loads((run_dir / 'history.json').read_text())
     meta = json.loads((Path(root) / 'synth_meta.json').read_text())
-    # the oracle on exactly the test images (synth_latents.csv holds its prediction for every healthy image)
+    # the oracles on exactly the test images (synth_latents.csv holds their predictions for every image)
     pred = pd.read_csv(run_dir / 'predictions.csv')
     lat = pd.read_csv(Path(root) / 'synth_latents.csv')
-    lat = lat[(lat.muscle == 'TA') & (lat.cohort == 'Healthy')][['filename', 'oracle_pred']]
+    lat = lat[(lat.muscle == 'TA') & (lat.cohort == 'Healthy')][['filename', 'oracle_pred', 'oracle_pred_cov']]
     j = pred.merge(lat, on='filename', how='left')
     assert j.oracle_pred.notna().all() and len(j) == len(pred)
     oracle_test = float((j.oracle_pred - j.age).abs().mean())
+    oracle_cov_test = float((j.oracle_pred_cov - j.age).abs().mean())
     mae, base = m['overall']['mae'], m['baseline']['mae']
     a = conf['args']
-    return {
+    out = {
         'settings': {k: a[k] for k in ('arch', 'pretrained', 'image_size', 'batch_size', 'epochs', 'lr', 'weight_decay',
                                        'optimizer', 'scheduler', 'warmup_epochs', 'max_grad_norm', 'patience', 'loss',
-                                       'rotation', 'translate', 'brightness', 'contrast', 'hflip', 'vflip', 'dropout', 'seed')},
+                                       'rotation', 'translate', 'brightness', 'contrast', 'hflip', 'vflip', 'dropout',
+                                       'seed', 'deterministic')},
         'epochs_chosen_by': why,
         'recipe': 'mae recipe (AdamW, warmup + cosine, clipping 1.0, L1) with the settings above; ImageNet weights '
                   'are not reachable offline, so the model starts from scratch',
+        'environment': ACCURACY_ENV,
         'n_test_images': m['n_images'], 'n_test_subjects': m['n_subjects'],
         'test_mae': round(mae, 3), 'test_rmse': round(m['overall']['rmse'], 3),
         'test_pearson_r': m['overall'].get('pearson_r'),
@@ -415,10 +449,123 @@ def bench_accuracy(root, cfg, res=None):
         'median_epoch_seconds': round(statistics.median(h['epoch_seconds'] for h in hist), 2),
         'wall_seconds': round(wall, 1),
         'oracle_mae_all_images': round(meta['oracle_mae'], 3), 'oracle_mae_test_images': round(oracle_test, 3),
+        'oracle_mae_with_covariates_test_images': round(oracle_cov_test, 3),
         'baseline_mae': round(base, 3), 'baseline': m['baseline'],
         'mae_over_oracle': round(mae / oracle_test, 3), 'mae_over_oracle_all_images': round(mae / meta['oracle_mae'], 3),
-        'mae_over_baseline': round(mae / base, 3), 'run_dir': str(run_dir.relative_to(ROOT)),
+        'mae_over_baseline': round(mae / base, 3), 'run_dir': rel(run_dir),
     }
+    j = j.assign(oracle=j.oracle_pred)
+    if cfg.get('plain_loop'):
+        print(f'bench: plain PyTorch loop on the same split, {epochs} epochs ...', flush=True)
+        p = plain_loop_subprocess(run_dir, out['settings'], cfg['timeout'])
+        plain = p.pop('predictions')
+        assert p['n_test_images'] == m['n_images'], (p['n_test_images'], m['n_images'])
+        j['plain'] = j.filename.map(plain)
+        assert j.plain.notna().all()
+        out['plain_loop'] = p
+        out['mae_over_plain_loop'] = round(mae / p['test_mae'], 3)
+        out['plain_loop_over_oracle'] = round(p['test_mae'] / oracle_test, 3)
+    out['ratio_ci95'] = ratio_ci(j, [c for c in ('oracle', 'plain') if c in j])
+    return out
+
+def ratio_ci(j, others, n_boot=2000, seed=0):
+    """95% intervals of agenb's test MAE / another predictor's MAE on the same test images, by a bootstrap over test
+    subjects (both predictors resampled together: the test set's own noise, not the training's)."""
+    import numpy as np
+    subj = j.subject.astype(str).to_numpy()
+    ids, inv = np.unique(subj, return_inverse=True)
+    e_a = np.bincount(inv, np.abs(j.pred - j.age).to_numpy())
+    rng = np.random.default_rng(seed)
+    w = np.stack([np.bincount(rng.integers(0, len(ids), len(ids)), minlength=len(ids)) for _ in range(n_boot)])
+    out = {'method': f'{n_boot} bootstrap resamples of the {len(ids)} test subjects (seed {seed}), percentile interval'}
+    for o in others:
+        e_o = np.bincount(inv, np.abs(j[o] - j.age).to_numpy())
+        r = (w @ e_a) / (w @ e_o)                                  # the image counts cancel in the ratio of MAEs
+        key = {'oracle': 'mae_over_oracle', 'plain': 'mae_over_plain_loop'}[o]
+        out[key] = [round(float(v), 3) for v in np.percentile(r, [2.5, 97.5])]
+    return out
+
+# The accuracy runs' threads: as many as cores (the figures depend on the thread count, so it is fixed and recorded),
+# and OpenMP threads that sleep rather than spin while they wait: the same arithmetic, so the same figures, but a
+# busy machine slows the run down in proportion instead of stalling it (spinning threads oversubscribe the cores).
+ACCURACY_ENV = {'OMP_NUM_THREADS': str(os.cpu_count() or 1), 'OMP_WAIT_POLICY': 'PASSIVE'}
+
+def plain_loop_subprocess(run_dir, settings, timeout):
+    "`plain_loop` in a fresh process with ACCURACY_ENV (OpenMP reads it only at start)."
+    res = OUT / 'plain_loop.json'
+    res.unlink(missing_ok=True)
+    env = {**os.environ, **ACCURACY_ENV, 'PYTHONUNBUFFERED': '1'}
+    with open(OUT / 'plain_loop.log', 'w') as log:
+        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), '--plain-loop-child', str(run_dir),
+                            json.dumps(settings), str(res)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                           timeout=timeout)
+    if p.returncode: raise RuntimeError(f'the plain loop exited {p.returncode}; see {OUT / "plain_loop.log"}')
+    return json.loads(res.read_text())
+
+PLAIN_LOOP = ('torchvision resnet18 (weights=None, fc -> Linear(512, 1)); images: PIL open, convert("RGB"), Resize((S, S)), '
+              'ToTensor, Normalize(ImageNet), decoded once into memory; no augmentation; L1Loss; AdamW (lr, weight decay '
+              'as agenb); CosineAnnealingLR(T_max=epochs) stepped per epoch, no warmup, no clipping; batches from a seeded '
+              'randperm (a final batch of 1 image is skipped: batch norm needs 2); the epoch with the lowest validation '
+              'MAE is kept and scored on the test images; the agenb run\'s split.csv gives the train/val/test images')
+
+def plain_loop(run_dir, settings, seed=0):
+    """What a user would write by hand: a plain PyTorch loop on the agenb run's own split (its split.csv), with the
+    same model, image size, batch size, epochs, learning rate and weight decay, and no augmentation."""
+    import copy, torch, torchvision
+    import pandas as pd
+    import torchvision.transforms as T
+    from torch import nn
+    from PIL import Image
+    t_start = time.perf_counter()
+    S, bs, epochs = settings['image_size'], settings['batch_size'], settings['epochs']
+    split = pd.read_csv(Path(run_dir) / 'split.csv', dtype={'subject': str})
+    tf = T.Compose([T.Resize((S, S)), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    def load(part):
+        d = split[split.split == part]
+        xs = []
+        for path in d.path:
+            with Image.open(ROOT / path) as im: xs.append(tf(im.convert('RGB')))
+        return torch.stack(xs), torch.tensor(d.age.to_numpy(), dtype=torch.float32)
+    (xtr, ytr), (xva, yva), (xte, yte) = (load(s) for s in ('train', 'val', 'test'))
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(int(ACCURACY_ENV['OMP_NUM_THREADS'])); torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(seed)
+        model = torchvision.models.resnet18(weights=None)
+        model.fc = nn.Linear(model.fc.in_features, 1)
+        opt = torch.optim.AdamW(model.parameters(), lr=settings['lr'], weight_decay=settings['weight_decay'])
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        loss_fn, gen = nn.L1Loss(), torch.Generator().manual_seed(seed)
+        def mae(x, y):
+            model.eval()
+            with torch.no_grad(): p = torch.cat([model(x[i:i + 256]).squeeze(1) for i in range(0, len(x), 256)])
+            return float((p - y).abs().mean())
+        best, best_epoch, best_state, val_hist, secs = float('inf'), None, None, [], []
+        for ep in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            perm = torch.randperm(len(xtr), generator=gen)
+            for i in range(0, len(perm), bs):
+                b = perm[i:i + bs]
+                if len(b) < 2: continue
+                loss = loss_fn(model(xtr[b]).squeeze(1), ytr[b])
+                opt.zero_grad(); loss.backward(); opt.step()
+            sched.step()
+            v = mae(xva, yva); val_hist.append(round(v, 2)); secs.append(time.perf_counter() - t0)
+            if v < best: best, best_epoch, best_state = v, ep, copy.deepcopy(model.state_dict())
+        model.load_state_dict(best_state)
+        test = mae(xte, yte)
+        model.eval()
+        with torch.no_grad(): pte = torch.cat([model(xte[i:i + 256]).squeeze(1) for i in range(0, len(xte), 256)])
+    finally:
+        torch.set_num_threads(threads); torch.use_deterministic_algorithms(det)
+    return {'what': PLAIN_LOOP, 'seed': seed, 'torch_threads': int(ACCURACY_ENV['OMP_NUM_THREADS']),
+            'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY'),
+            'n_train_images': len(xtr), 'n_val_images': len(xva), 'n_test_images': len(xte),
+            'test_mae': round(test, 3), 'best_epoch': best_epoch, 'best_val_mae': round(best, 3),
+            'val_mae_per_epoch': val_hist, 'median_epoch_seconds': round(statistics.median(secs), 2),
+            'wall_seconds': round(time.perf_counter() - t_start, 1),
+            'predictions': dict(zip(split[split.split == 'test'].filename, pte.tolist()))}
 
 # --------------------------------------------------------------------------- report
 
@@ -457,6 +604,9 @@ def print_table(res):
         rows.append(('oracle MAE, test images / all images', f"{A['oracle_mae_test_images']:.3f} / {A['oracle_mae_all_images']:.3f}", '', ''))
         rows.append(('baseline MAE (train mean)', f"{A['baseline_mae']:.3f}", '', ''))
         rows.append(('mae_over_oracle / mae_over_baseline', f"{A['mae_over_oracle']:.3f} / {A['mae_over_baseline']:.3f}", '', ''))
+        if A.get('plain_loop'):
+            rows.append(('plain PyTorch loop test MAE (years)', f"{A['plain_loop']['test_mae']:.3f}", '', '1'))
+            rows.append(('mae_over_plain_loop', f"{A['mae_over_plain_loop']:.3f}", '', ''))
     w = max(len(r[0]) for r in rows) if rows else 10
     print(f"\n{'figure':<{w}}  {'median':>12}  {'min .. max':>20}  n")
     for r in rows: print(f'{r[0]:<{w}}  {r[1]:>12}  {r[2]:>20}  {r[3]}')
@@ -465,24 +615,36 @@ def print_table(res):
           f"({m['torch_threads']} threads), {m['date']}; load average start {m['loadavg_at_start']} end {m.get('loadavg_at_end')}")
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['--plain-loop-child']:                     # plain_loop_subprocess's child: RUN_DIR SETTINGS OUT
+        from agenb.core import atomic_write_json
+        atomic_write_json(Path(argv[3]), plain_loop(Path(argv[1]), json.loads(argv[2])))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--quick', action='store_true', help='tiny settings: checks the benchmark runs, figures are meaningless')
     p.add_argument('--only', nargs='+', choices=SECTIONS, help='run only these sections')
     p.add_argument('--data-dir', help='an existing agenb.synth folder (default: generated under bench/out/)')
-    p.add_argument('--out', help='results file (default bench/results.json; with --quick bench/out/results_quick.json)')
+    p.add_argument('--out', help='results file (default bench/results.json, and bench/README.md is rendered from it; '
+                                 'with --quick or --only bench/out/results_quick.json or results_partial.json)')
     p.add_argument('--accuracy-epochs', type=int, help='override the accuracy run\'s epochs')
+    p.add_argument('--no-plain-loop', action='store_true', help='skip the plain PyTorch loop of the accuracy section')
     a = p.parse_args(argv)
     cfg = QUICK if a.quick else FULL
     if a.accuracy_epochs: cfg['accuracy']['epochs'] = a.accuracy_epochs
-    out = Path(a.out) if a.out else (OUT / 'results_quick.json' if a.quick else ROOT / 'bench' / 'results.json')
+    if a.no_plain_loop: cfg['accuracy']['plain_loop'] = False
+    official = not (a.quick or a.only or a.data_dir or a.accuracy_epochs or a.no_plain_loop)
+    default_out = (ROOT / 'bench' / 'results.json' if official else
+                   OUT / ('results_quick.json' if a.quick else 'results_partial.json'))
+    out = Path(a.out) if a.out else default_out
     OUT.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT))
+    from agenb import __version__
+    from agenb.core import atomic_write_json, git_info
     t_start = time.perf_counter()
-    res = {'machine': machine_info(), 'quick': a.quick}
+    res = {'machine': machine_info(), 'quick': a.quick,
+           'agenb': {'version': __version__, **git_info(ROOT)},   # read before anything is written
+           'command': ' '.join(['bench/run.py', *argv])}
     root = ensure_data(cfg['data_preset'], a.data_dir)
-    meta = json.loads((root / 'synth_meta.json').read_text())
-    res['data'] = {'dir': str(root), 'preset': meta.get('preset'), 'params': meta.get('params'),
-                   'oracle_mae': meta.get('oracle_mae'), 'counts': meta.get('counts')}
+    res['data'] = data_record(root)
     fns = {'loader': bench_loader, 'efficiency': bench_efficiency, 'ddp': bench_ddp, 'accuracy': bench_accuracy}
     res['section_seconds'], res['section_loadavg'] = {}, {}
     for name in (a.only or SECTIONS):
@@ -501,15 +663,20 @@ def main(argv=None):
             'trainer_overhead': g('efficiency', 'trainer_overhead', 'median'),
             'ddp_speedup': g('ddp', 'ddp_speedup', 'median'),
             'mae_over_oracle': g('accuracy', 'mae_over_oracle'),
+            'mae_over_plain_loop': g('accuracy', 'mae_over_plain_loop'),
             'mae_over_baseline': g('accuracy', 'mae_over_baseline')}
     res['machine']['loadavg_at_end'] = loadavg()
     res['total_seconds'] = round(time.perf_counter() - t_start, 1)
     res = {**head, 'machine': res.pop('machine'), **res}
-    from agenb.core import atomic_write_json
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, res)
     print_table(res)
     print(f'\nwrote {out} in {res["total_seconds"]:.0f} s')
+    if out.resolve() == (ROOT / 'bench' / 'results.json').resolve():
+        sys.path.insert(0, str(ROOT / 'bench'))
+        import render                                              # bench/render.py, beside this script
+        render.update_readme(ROOT / 'bench' / 'README.md', res)
+        print(f'rendered the figures of {ROOT / "bench" / "README.md"} from it')
     return 0
 
 def _dig(d, keys):

@@ -20,6 +20,28 @@ def agenb(module, *args, **kw):
     return run_cmd([sys.executable, '-m', f'agenb.{module}', *map(str, args)], **kw)
 
 
+PROBE = str(ROOT / 'tests' / 'train_probe.py')
+
+
+def probe(*args, nproc=1, **kw):
+    "The trainer through tests/train_probe.py (test probes set by AGENB_PROBE_* in `env`), in 1 process or under torchrun."
+    launch = [sys.executable, PROBE] if nproc == 1 else [
+        sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', PROBE]
+    return run_cmd([*launch, *map(str, args)], **kw)
+
+
+def run_dir_of(r):
+    "The run folder a finished trainer printed last."
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+def probe_log(d, drop=('bn',)):
+    """{rank: [records]} written by train_probe.py's AGENB_PROBE_LOG, without the keys `drop` (BatchNorm statistics
+    after training differ between ranks unless --sync-bn)."""
+    read = lambda p: [{k: v for k, v in json.loads(line).items() if k not in drop} for line in p.read_text().splitlines()]
+    return {int(p.stem[4:]): read(p) for p in sorted(Path(d).glob('rank*.jsonl'))}
+
+
 @pytest.fixture(scope='session')
 def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp('synth')
@@ -43,3 +65,14 @@ def tiny_run(tmp_path_factory, data_args):
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = Path(r.stdout.strip().splitlines()[-1])
     return run_dir
+
+
+@pytest.fixture(scope='session')
+def roi_run(tmp_path_factory, data_args):
+    """One finished 1-epoch run with --roi crop --mask-annotations (the crop keeps the label and ticks, so both steps
+    change the pixels): predict, export and explain must reproduce it."""
+    out = tmp_path_factory.mktemp('roi_runs')
+    r = agenb('train', *data_args, *TINY, '--epochs', '1', '--warmup-epochs', '0', '--roi', 'crop', '--roi-box', '0.1,0,0.9,1',
+              '--mask-annotations', '--output-dir', out, '--no-report', '--checkpoint-every', '0', '--run-name', 'roi')
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir_of(r)

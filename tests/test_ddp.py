@@ -1,11 +1,13 @@
 """DDP with torchrun on 2 CPU processes (gloo): correct, not just running."""
-import json, sys
+import itertools, json, math, sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import TINY, run_cmd
+from conftest import TINY, probe, probe_log, run_cmd, run_dir_of
+from agenb.trainer import train_batches
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'agenb.train']
 
@@ -60,15 +62,63 @@ def test_ddp_val_mae_equals_single_process_evaluation(ddp_run):
     assert len(test_pred) == cfg['dataset']['test_samples'] and test_pred.path.is_unique
 
 
-def test_ddp_early_stopping_ends_every_rank(data_args, tmp_path):
-    # min_delta so large that nothing after epoch 1 counts as an improvement: patience 1 stops after epoch 2
-    r = torchrun(*data_args, *TINY, '--epochs', '6', '--patience', '1', '--min-delta', '1000', '--output-dir', tmp_path,
-                 '--no-report', timeout=180)
+# Each rank's own validation predictions are shifted before they are shared (tests/train_probe.py): at epoch e rank 0's
+# by 1000 / e years, rank 1's by 1000 e. A rank deciding from its own numbers would see rank 0 improve every epoch and
+# rank 1 never after epoch 1; the shared numbers (each validation image once) get worse after epoch 1. So the right
+# decisions are: best epoch 1, the plateau rule halving the rate after epochs 2 and 3, early stopping after epoch 3
+# (patience 2), the same on both ranks; a rank that decided alone would stop at another epoch than the other.
+SHIFT = {f'{r}:{e}': (1000.0 / e if r == 0 else 1000.0 * e) for r in (0, 1) for e in range(1, 5)}
+
+
+@pytest.fixture(scope='module')
+def decided(data_args, tmp_path_factory):
+    "(run folder, {rank: decision records}) of a 2-rank run with rank-dependent raw numbers and --accum-steps 2."
+    out = tmp_path_factory.mktemp('ddp_decisions')
+    r = probe(*data_args, *TINY, '--seed', odd_val_seed(data_args), '--epochs', 4, '--warmup-epochs', 0, '--patience', 2,
+              '--scheduler', 'plateau', '--plateau-patience', 0, '--plateau-factor', 0.5, '--accum-steps', 2,
+              '--output-dir', out / 'runs', '--no-report', '--gradcam-n', 0, nproc=2, timeout=300,
+              env={'AGENB_PROBE_LOG': str(out / 'log'), 'AGENB_PROBE_VAL_OFFSET': json.dumps(SHIFT)})
     assert r.returncode == 0, r.stderr[-4000:]
-    run = Path(r.stdout.strip().splitlines()[-1])
+    return run_dir_of(r), probe_log(out / 'log')
+
+
+def test_every_rank_decides_from_the_shared_numbers(decided):
+    run, log = decided
+    assert sorted(log) == [0, 1] and log[0] == log[1]            # validation MAE, best epoch, rate, stop, weights
+    *epochs, stop = log[0]
+    assert stop == {'stop': 'early_stopping', 'epoch': 3}
+    assert [(e['epoch'], e['improved'], e['best_epoch'], e['bad_epochs'], e['final']) for e in epochs] == [
+        (1, True, 1, 0, False), (2, False, 1, 1, False), (3, False, 1, 2, True)]
+    assert [e['lr'] for e in epochs] == pytest.approx([1e-3, 1e-3, 5e-4])
+    assert [e['lr_next'] for e in epochs] == pytest.approx([1e-3, 5e-4, 2.5e-4])
     cfg = json.loads((run / 'config.json').read_text())
-    assert cfg['stop_reason'] == 'early_stopping' and cfg['epochs_completed'] == 2
-    assert len(json.loads((run / 'history.json').read_text())) == 2
+    assert (cfg['stop_reason'], cfg['epochs_completed'], cfg['best_epoch']) == ('early_stopping', 3, 1)
+    assert torch.load(run / 'best_model.pth', weights_only=True)['epoch'] == 1
+    h = json.loads((run / 'history.json').read_text())
+    assert [e['val_mae'] for e in h] == [e['val_mae'] for e in epochs]
+
+
+def test_the_shared_validation_mae_counts_each_image_once(decided):
+    "Epoch 3's MAE is that of all validation images, each with its rank's shift (rank r holds positions r, r + 2, ...)."
+    from agenb.runs import predict_split
+    run, log = decided
+    val = predict_split(run, 'val', checkpoint='last.pth')       # epoch 3's weights, one process, no shift
+    assert len(val) % 2 == 1
+    shift = np.where(np.arange(len(val)) % 2 == 0, SHIFT['0:3'], SHIFT['1:3'])
+    want = float(np.abs(val.pred.to_numpy() + shift - val.age.to_numpy()).mean())
+    assert log[0][2]['val_mae'] == pytest.approx(want, abs=1e-3)
+
+
+def test_accumulation_steps_once_per_two_batches_and_ranks_stay_equal(decided, data_args):
+    "--accum-steps 2: no_sync on the first batch of each pair, one optimizer step per pair, the same weights on both ranks."
+    run, log = decided
+    cfg = json.loads((run / 'config.json').read_text())
+    n, seed = cfg['dataset']['train_samples'], cfg['args']['seed']
+    assert cfg['training']['effective_batch_size'] == 16 * 2 * 2
+    for rank in (0, 1):
+        per_epoch = [math.ceil(len(train_batches(n, 16, e, seed, rank, 2)) / 2) for e in range(3)]
+        assert [e['opt_steps'] for e in log[rank][:3]] == list(itertools.accumulate(per_epoch))
+    assert len({e['weights'] for e in log[0][:3]}) == 3          # the weights moved every epoch (and equal on both ranks)
 
 
 def test_a_failing_rank_fails_the_job_without_hanging(data_args, tmp_path):

@@ -125,15 +125,17 @@ def test_refused_correction_is_recorded():
 
 
 def test_subject_level_uneven():
-    df = pd.DataFrame({'subject': ['b', 'a', 'b', 'c', 'a', 'b'], 'age': [40.0, 20, 40, 60, 20, 40],
-                       'pred': [42.0, 25, 44, 50, 19, 46]})
+    "Per-subject mean (not median, not first image): subject b's images 41, 42, 52 average 45, their median is 42."
+    df = pd.DataFrame({'subject': ['b', 'a', 'b', 'c', 'a', 'b', 'a'], 'age': [40.0, 20, 40, 60, 20, 40, 20],
+                       'pred': [41.0, 25, 42, 50, 19, 52, 28]})
     s = ev.subject_level(df).set_index('subject')
     assert list(s.index) == ['b', 'a', 'c']
-    assert s.loc['b', 'pred'] == 44.0 and s.loc['a', 'pred'] == 22.0 and s.loc['c', 'pred'] == 50.0
-    assert list(s['n_images']) == [3, 2, 1]
+    assert s.loc['b', 'pred'] == 45.0 and s.loc['a', 'pred'] == 24.0 and s.loc['c', 'pred'] == 50.0
+    assert list(s['n_images']) == [3, 3, 1]
+    assert s.loc['b', 'pred_sd'] == pytest.approx(np.std([41, 42, 52], ddof=1)) and np.isnan(s.loc['c', 'pred_sd'])
     m = ev.evaluate_predictions(df)
-    assert m['n_subjects'] == 3 and m['subject_level']['mae'] == pytest.approx((4 + 2 + 10) / 3)
-    assert m['overall']['mae'] == pytest.approx((2 + 5 + 4 + 10 + 1 + 6) / 6)
+    assert m['n_subjects'] == 3 and m['subject_level']['mae'] == pytest.approx((5 + 4 + 10) / 3)
+    assert m['overall']['mae'] == pytest.approx((1 + 5 + 2 + 10 + 1 + 12 + 8) / 7)
 
 
 def _fake_run(tmp_path):
@@ -168,3 +170,112 @@ def test_run_dir_mode(tmp_path, monkeypatch, capsys, which):
         assert calls == ['val'] and saved['corrected'] is None
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before   # the run's own files untouched
     assert 'MAE' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- every number of metrics.json, against a hand computation
+def test_regression_metrics_by_hand():
+    from scipy.stats import linregress, pearsonr
+    t, p = np.array([10.0, 20, 30, 40, 50]), np.array([15.0, 14, 30, 52, 50])
+    e = p - t                                                         # 5, -6, 0, 12, 0
+    m = ev.regression_metrics(t, p)
+    sd = np.std(e, ddof=1)
+    fit = linregress(t, p)
+    want = {'n': 5, 'mae': 23 / 5, 'rmse': np.sqrt((25 + 36 + 144) / 5), 'median_ae': 5.0, 'max_ae': 12.0,
+            'r2': 1 - 205 / 1000, 'pearson_r': pearsonr(t, p).statistic, 'bias': 11 / 5, 'sd_error': sd,
+            'loa_lower': 11 / 5 - 1.96 * sd, 'loa_upper': 11 / 5 + 1.96 * sd, 'slope': fit.slope, 'intercept': fit.intercept,
+            'delta_age_corr': pearsonr(e, t).statistic, 'mean_true': 30.0, 'mean_pred': 32.2,
+            'acc_5y': 3 / 5, 'acc_10y': 4 / 5, 'acc_15y': 1.0}              # within 5 years: |5| counts, |6| does not
+    assert set(m) == set(want)
+    for k, v in want.items(): assert m[k] == pytest.approx(v, rel=1e-12, abs=1e-12), k
+
+
+def test_regression_metrics_undefined_parts_are_nan():
+    one = ev.regression_metrics([30.0], [33.0])
+    assert (one['n'], one['mae'], one['bias'], one['max_ae']) == (1, 3.0, 3.0, 3.0)
+    for k in ('sd_error', 'loa_lower', 'loa_upper', 'slope', 'intercept', 'pearson_r', 'r2', 'delta_age_corr'):
+        assert np.isnan(one[k]), k
+    same_age = ev.regression_metrics([30.0, 30.0, 30.0], [29.0, 31.0, 33.0])
+    assert np.isnan(same_age['slope']) and np.isnan(same_age['r2']) and np.isnan(same_age['pearson_r'])
+    assert same_age['sd_error'] == pytest.approx(2.0) and same_age['bias'] == pytest.approx(1.0)
+    const_pred = ev.regression_metrics([10.0, 20.0], [15.0, 15.0])
+    assert np.isnan(const_pred['pearson_r']) and const_pred['slope'] == pytest.approx(0.0) and const_pred['r2'] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize('t,p,msg', [([1, 2], [1], '2 true ages but 1 predictions'), ([], [], '0 rows'),
+                                     ([1, np.nan, 3], [1, 2, 3], 'first at row 1'), ([1, 2], [1, np.inf], '1 of 2 rows'),
+                                     (['a'], [1], 'must be numbers')])
+def test_bad_arrays(t, p, msg):
+    from agenb.core import InputError
+    with pytest.raises(InputError, match=msg): ev.regression_metrics(t, p)
+
+
+def test_age_groups_by_hand():
+    g = ev.age_group_table([19.9, 20.0, 29.9, 45.0], [21.9, 17.0, 29.9, 40.0], bin_width=10)
+    assert list(g.age_range) == ['10-20', '20-30', '40-50'] and list(g['count']) == [1, 2, 1]
+    assert list(g.start_age) == [10.0, 20.0, 40.0] and list(g.end_age) == [20.0, 30.0, 50.0]
+    r = g.iloc[1]                                                     # errors -3 and 0
+    assert (r.mae, r.bias, r.mean_true, r.mean_pred) == pytest.approx((1.5, -1.5, 24.95, 23.45))
+    assert r.rmse == pytest.approx(np.sqrt(4.5)) and g.iloc[0].mae == pytest.approx(2.0)
+    assert list(ev.age_group_table([2.0, 6.0], [2.0, 6.0], bin_width=2.5).age_range) == ['0-2.5', '5-7.5']
+    from agenb.core import InputError
+    for bad in (0, -5, None):
+        with pytest.raises(InputError, match='bin width'): ev.age_group_table([1.0], [1.0], bin_width=bad)
+
+
+def test_bias_correction_fit_and_refusals():
+    t = np.array([10.0, 20, 30, 40])
+    coef = ev.fit_bias_correction(t, 0.5 * t + 20)
+    assert coef['applied'] and (coef['a'], coef['b'], coef['n'], coef['fitted_on']) == pytest.approx((0.5, 20.0, 4, 'val'))
+    np.testing.assert_allclose(ev.apply_bias_correction([25.0, 45.0], coef), [10.0, 50.0])
+    assert ev.fit_bias_correction(t, 0.1 * t + 20)['applied']          # exactly the minimum slope is accepted
+    low = ev.fit_bias_correction(t, 0.09 * t + 20)
+    assert not low['applied'] and 'below 0.1' in low['reason'] and low['a'] == pytest.approx(0.09)
+    with pytest.raises(ValueError, match='not fitted'): ev.apply_bias_correction([1.0], low)
+    assert ev.fit_bias_correction(t, 0.3 * t, min_slope=0.5)['applied'] is False
+    two = ev.fit_bias_correction([10.0, 20.0], [15.0, 25.0])
+    assert not two['applied'] and 'only 2' in two['reason'] and np.isnan(two['a'])
+    assert ev.fit_bias_correction([10.0, 20.0, 30.0], [15.0, 25.0, 35.0])['applied']       # 3 are enough
+    flat = ev.fit_bias_correction([30.0] * 4, [1.0, 2, 3, 4])
+    assert not flat['applied'] and 'all equal' in flat['reason']
+
+
+def test_evaluate_by_hand():
+    test = pd.DataFrame({'filename': ['a_1', 'a_2', 'b_1', 'c_1'], 'subject': ['a', 'a', 'b', 'c'],
+                         'age': [10.0, 10.0, 30.0, 50.0], 'pred': [14.0, 20.0, 30.0, 41.0]})
+    val = pd.DataFrame({'age': [10.0, 20.0, 30.0, 40.0], 'pred': [25.0, 30.0, 35.0, 40.0]})     # pred = 0.5 age + 20
+    m, df, subj = ev._evaluate(test, val, train_ages=[20.0, 40.0], bin_width=20, top_n=2)
+    assert m['n_images'] == 4 and m['n_subjects'] == 3 and m['val'] == ev.regression_metrics(val.age, val.pred)
+    assert m['bias_correction']['a'] == pytest.approx(0.5) and m['bias_correction']['b'] == pytest.approx(20.0)
+    np.testing.assert_allclose(df.corrected, (test.pred - 20) / 0.5)
+    np.testing.assert_allclose(df.corrected_error, df.corrected - test.age)
+    assert list(df.error) == [4.0, 10.0, 0.0, -9.0] and list(df.abs_error) == [4.0, 10.0, 0.0, 9.0]
+    assert m['corrected'] == ev.regression_metrics(test.age, (test.pred - 20) / 0.5)
+    assert list(subj.subject) == ['a', 'b', 'c'] and list(subj.pred) == [17.0, 30.0, 41.0] and list(subj.n_images) == [2, 1, 1]
+    np.testing.assert_allclose(subj.corrected, [(14 - 20) / 0.5 / 2 + (20 - 20) / 0.5 / 2, 20.0, 42.0])
+    assert m['subject_level'] == ev.regression_metrics([10, 30, 50], [17, 30, 41])
+    assert m['corrected_subject_level'] == ev.regression_metrics([10, 30, 50], subj.corrected)
+    assert m['baseline'] == {'method': 'always predict the training mean age', 'train_mean_age': 30.0, 'n_train': 2,
+                             'mae': 15.0, 'rmse': pytest.approx(np.sqrt(300)), 'subject_mae': pytest.approx(40 / 3)}
+    assert [g['age_range'] for g in m['age_groups']] == ['0-20', '20-40', '40-60']
+    assert [g['count'] for g in m['corrected_age_groups']] == [2, 1, 1]
+    assert [g['count'] for g in m['subject_age_groups']] == [1, 1, 1]
+    assert [h['filename'] for h in m['highest_errors']] == ['a_2', 'c_1'] and m['highest_errors'][1]['error'] == -9.0
+    assert m['overall_metrics']['MAE'] == m['overall']['mae'] and m['overall_metrics']['Accuracy_5years'] == 50.0
+    assert m['age_group_analysis'][0]['mean_pred_age'] == 17.0 and m['age_group_analysis'][0]['pred_mean'] == 17.0
+    assert m['settings'] == {'bin_width': 20, 'min_slope': 0.1, 'accuracy_years': [5, 10, 15],
+                             'accuracy_units': 'fraction (legacy overall_metrics: percent)', 'error': 'pred - true'}
+    assert m['subject_level_note'] is None
+    # no subject for one image: no subject level; no validation: no correction; no training ages: no baseline
+    m2, df2, subj2 = ev._evaluate(test.assign(subject=['a', None, 'b', 'c']))
+    assert subj2 is None and m2['subject_level'] is None and m2['n_subjects'] is None and '1 of 4' in m2['subject_level_note']
+    assert m2['val'] is None and not m2['bias_correction']['applied'] and m2['baseline'] is None and df2.corrected.isna().all()
+    assert m2['corrected_age_groups'] is None and m2['subject_age_groups'] is None
+
+
+def test_subject_level_checks():
+    from agenb.core import InputError
+    s = ev.subject_level(pd.DataFrame({'subject': [7, 7, 8], 'age': [1.0, 1.0, 2.0], 'pred': [1.0, 2.0, 3.0]}))
+    assert list(s.subject) == ['7', '8'] and list(s.columns) == ['subject', 'age', 'pred', 'n_images', 'pred_sd']
+    with pytest.raises(InputError, match='1 rows have no subject'):
+        ev.subject_level(pd.DataFrame({'subject': ['a', None], 'age': [1.0, 2.0], 'pred': [1.0, 2.0]}))
+    with pytest.raises(InputError, match="missing column"): ev.subject_level(pd.DataFrame({'subject': ['a'], 'age': [1.0]}))

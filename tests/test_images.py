@@ -148,9 +148,10 @@ def test_augmentation_components():
     y = Augmentation(brightness=0.2).apply(x, torch.Generator().manual_seed(0))
     shift = (y - x).flatten(1)
     assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-6) and shift.abs().max() <= 0.2 + 1e-6
-    # contrast only: the per-image mean is kept
+    # contrast only: the per-image mean is kept while the spread around it changes (the identity would keep both)
     y = Augmentation(contrast=0.5).apply(x, torch.Generator().manual_seed(0))
     assert torch.allclose(y.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=1e-5)
+    assert (y.std(dim=(1, 2, 3)) / x.std(dim=(1, 2, 3)) - 1).abs().min() > 1e-3
     # rotation by a tiny angle keeps the image nearly unchanged
     y = Augmentation(rotation_deg=0.01).apply(x, torch.Generator().manual_seed(0))
     assert (y - x)[..., 2:-2, 2:-2].abs().max() < 0.02

@@ -40,7 +40,7 @@ def test_every_arch_builds_and_regresses(arch):
 
 def test_bad_arguments():
     with pytest.raises(InputError, match='convnext_tiny'):
-        build_model('resnet101')
+        build_model('resnet1001')
     with pytest.raises(InputError, match='dropout'):
         build_model('resnet18', dropout=-0.1)
     with pytest.raises(InputError, match='init_bias'):

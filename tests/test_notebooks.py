@@ -53,11 +53,17 @@ def test_nbdev_clean_keeps_the_parameters_tag():
         assert tagged, f'nbdev_clean would strip the parameters tag of {name}: settings.ini needs allowed_cell_metadata_keys = tags'
 
 
-def test_demo_dataset_is_reused(synth_root):
-    "An existing generated dataset (synth_meta.json present) is used as it is, not generated again."
+def test_demo_dataset_is_reused_only_when_current(tmp_path):
+    "Data the current generator wrote with the same parameters is used as it is; anything else is regenerated, saying why."
     msgs = []
-    d = demo_dataset(synth_root, log=msgs.append)
-    assert msgs == [] and Path(d['image_dir']).is_dir() and Path(d['excel_path']).is_file()
+    d = demo_dataset(tmp_path / 'demo', log=msgs.append, preset='test')
+    assert Path(d['image_dir']).is_dir() and Path(d['excel_path']).is_file() and msgs[-1].startswith('generating')
+    msgs.clear(); demo_dataset(tmp_path / 'demo', log=msgs.append, preset='test')
+    assert len(msgs) == 1 and msgs[0].startswith('using')                      # reused, not generated again
+    meta = json.loads((tmp_path / 'demo' / 'synth_meta.json').read_text())
+    (tmp_path / 'demo' / 'synth_meta.json').write_text(json.dumps({**meta, 'version': 1}))   # written by an older generator
+    msgs.clear(); demo_dataset(tmp_path / 'demo', log=msgs.append, preset='test')
+    assert msgs[0].startswith('regenerating') and 'version' in msgs[0]
 
 
 def test_train_notebook_with_papermill(data_args, tmp_path):
@@ -97,7 +103,9 @@ def test_papermill_engine_agenb_starts_kernels_without_the_tcp_warning(tmp_path)
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('print(6 * 7)')],
                                   metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}})
     nbformat.write(nb, tmp_path / 'in.ipynb')
-    r = run_cmd([sys.executable, '-m', 'papermill', '--engine', 'agenb', str(tmp_path / 'in.ipynb'), str(tmp_path / 'out.ipynb')])
+    r = run_cmd([sys.executable, '-m', 'papermill', '--engine', 'agenb', str(tmp_path / 'in.ipynb'), str(tmp_path / 'out.ipynb')],
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'without encryption' not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['in.ipynb', 'out.ipynb']     # no socket files left behind
     assert nbformat.read(tmp_path / 'out.ipynb', as_version=4).cells[0].outputs[0]['text'] == '42\n'

@@ -52,7 +52,8 @@ def test_report_is_complete_and_self_contained(rendered):
         assert text in html, text
     assert 'print(' not in html and 'display(HTML' not in html         # no code shown
     cfg = json.loads((rendered / 'config.json').read_text())
-    assert cfg['environment']['git']['commit'] is None or cfg['environment']['git']['commit'] in html
+    commit = cfg['environment']['git']['commit']                     # the tests run in a git checkout: a commit exists
+    assert isinstance(commit, str) and len(commit) == 40 and commit in html
 
 
 def test_report_md_summary(rendered):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, agenb, run_cmd, ROOT
+from conftest import TINY, agenb, probe, probe_log, run_cmd, ROOT
 
 THREE = [*TINY, '--epochs', '3', '--no-report']
 
@@ -22,31 +22,77 @@ def _same_history(a, b):
             assert x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-7), (x['epoch'], k)
 
 
-def _same_weights(a, b):
-    wa, wb = (torch.load(d / 'last.pth', weights_only=True)['model'] for d in (a, b))
+def _same_weights(a, b, name='last.pth'):
+    wa, wb = (torch.load(d / name, weights_only=True)['model'] for d in (a, b))
     for k in wa:
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6), k
 
 
-@pytest.mark.parametrize('nproc', [1, 2])
-def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(data_args, tmp_path, nproc):
-    launch = ([sys.executable, '-m', 'agenb.train'] if nproc == 1 else
-              [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', '-m', 'agenb.train'])
-    full = run_cmd([*launch, *data_args, *THREE, '--output-dir', tmp_path / 'full'], timeout=300)
+# Epoch 1 is made the best by shifting every rank's validation predictions of epochs 2 and 3 (tests/train_probe.py):
+# a resume that forgot the best MAE so far would call epoch 2 an improvement and overwrite best_model.pth.
+WORSE_LATER = json.dumps({f'{r}:{e}': off for r in (0, 1) for e, off in ((2, 500.0), (3, 300.0))})
+
+
+@pytest.mark.parametrize('nproc,kill', [(1, {'AGENB_PROBE_KILL_WRITE': 'last.pth:2'}),   # SIGKILL half-way through last.pth
+                                        (2, {'AGENB_FAULT': 'kill:0:2:2'})])          # SIGKILL rank 0 at epoch 2, step 2
+def test_kill_9_then_resume_equals_uninterrupted(data_args, tmp_path, nproc, kill):
+    env = {'AGENB_PROBE_VAL_OFFSET': WORSE_LATER}
+    full = probe(*data_args, *THREE, '--output-dir', tmp_path / 'full', nproc=nproc, env=env, timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = run_cmd([*launch, *data_args, *THREE, '--output-dir', tmp_path / 'killed'], timeout=300,
-                     env={'AGENB_FAULT': 'kill:0:2:2'})   # SIGKILL rank 0 at epoch 2, step 2
+    killed = probe(*data_args, *THREE, '--output-dir', tmp_path / 'killed', nproc=nproc, env={**env, **kill}, timeout=300)
     assert killed.returncode != 0
     (run,) = list((tmp_path / 'killed').iterdir())
     cfg = json.loads((run / 'config.json').read_text())
     assert cfg['status'] == 'running' and cfg['epochs_completed'] == 1  # a killed run cannot update its status
-    resumed = run_cmd([*launch, '--resume', str(run)], timeout=300)
+    assert torch.load(run / 'last.pth', weights_only=True)['epoch'] == 1
+    if 'AGENB_PROBE_KILL_WRITE' in kill: assert list(run.glob('.last.pth.*.tmp'))   # the half-written file is there
+    log = tmp_path / 'log'
+    resumed = probe('--resume', run, nproc=nproc, env={**env, 'AGENB_PROBE_LOG': str(log)}, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _run_dir(resumed) == run
     cfg = json.loads((run / 'config.json').read_text())
     assert cfg['status'] == 'completed' and len(cfg['resumes']) == 1 and cfg['resumes'][0]['from_epoch'] == 1
+    assert (cfg['resumes'][0]['world_size'], cfg['resumes'][0]['previous_world_size']) == (nproc, nproc)
+    assert not [p.name for p in run.iterdir() if p.name.endswith('.tmp')]       # nothing half-written left behind
     _same_history(_run_dir(full), run)
     _same_weights(_run_dir(full), run)
+    # the best model is still epoch 1's, as in the uninterrupted run, and the ranks agreed on every decision
+    for d in (_run_dir(full), run):
+        ck = torch.load(d / 'best_model.pth', weights_only=True)
+        assert ck['epoch'] == 1 and json.loads((d / 'config.json').read_text())['best_epoch'] == 1
+    _same_weights(_run_dir(full), run, 'best_model.pth')
+    decisions = probe_log(log)
+    assert len(decisions) == nproc and all(d == decisions[0] for d in decisions.values())
+    assert [(e['epoch'], e['improved'], e['best_epoch']) for e in decisions[0][:-1]] == [(2, False, 1), (3, False, 1)]
+
+
+def test_resume_under_another_world_size(tiny_run, tmp_path):
+    "A 1-process run resumed by 2 processes continues from its weights; the record says the world size changed."
+    run = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    cfg = json.loads((run / 'config.json').read_text()); cfg['status'] = 'interrupted'; cfg['args']['epochs'] = 3
+    (run / 'config.json').write_text(json.dumps(cfg))
+    before = json.loads((run / 'history.json').read_text())
+    r = run_cmd([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'agenb.train',
+                 '--resume', run, '--no-report', '--gradcam-n', '0'], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((run / 'config.json').read_text())
+    assert cfg['status'] == 'completed' and cfg['epochs_completed'] == 3 and cfg['world_size'] == 2
+    assert cfg['resumes'][-1] | {'at': None} == {'at': None, 'from_epoch': 2, 'previous_status': 'interrupted',
+                                                  'world_size': 2, 'previous_world_size': 1}
+    assert cfg['training']['effective_batch_size'] == 32
+    h = json.loads((run / 'history.json').read_text())
+    assert h[:2] == before and [e['epoch'] for e in h] == [1, 2, 3]
+
+
+def test_sync_bn_on_the_cpu_is_refused(data_args, tmp_path):
+    r = run_cmd([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'agenb.train',
+                 *data_args, *TINY, '--sync-bn', '--output-dir', tmp_path / 'runs'], timeout=180)
+    assert r.returncode != 0
+    assert 'agenb: error: --sync-bn needs CUDA' in r.stderr
+    assert 'rank0]: Traceback' not in r.stderr and 'SyncBatchNorm layers' not in r.stderr   # torchrun's own report aside
+    assert r.stderr.count('agenb: error') == 1                                   # said once, by rank 0
+    assert not (tmp_path / 'runs').exists() or not any((tmp_path / 'runs').iterdir())
 
 
 def test_sigterm_records_interrupted_and_keeps_last_pth(data_args, tmp_path):

@@ -4,6 +4,7 @@ import json, shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -70,21 +71,78 @@ def test_roi_errors(scan):
         with pytest.raises(InputError): Preprocessing(**bad)
 
 
-def test_train_cli_roi(synth_root, tmp_path):
-    "A run with --roi mask-bbox --mask-annotations records both; a missing mask and a bad box stop with exit 2."
-    r = agenb('train', '--image-dir', synth_root / 'TA' / 'Healthy' / 'Images', '--excel-path',
-              synth_root / 'TA' / 'characteristics.xlsx', *TINY, '--epochs', '1', '--warmup-epochs', '0',
-              '--roi', 'mask-bbox', '--mask-annotations', '--output-dir', tmp_path / 'runs', '--no-report',
-              '--checkpoint-every', '0')
-    assert r.returncode == 0, r.stderr[-2000:]
-    run = Path(r.stdout.strip().splitlines()[-1])
-    pp = json.loads((run / 'config.json').read_text())['preprocessing']
-    assert (pp['roi'], pp['mask_annotations'], pp['roi_box']) == ('mask-bbox', True, None)
+def test_train_cli_roi(roi_run, synth_root, tmp_path):
+    "A run with --roi crop --mask-annotations records both; its Grad-CAM shortcut score follows the crop's geometry."
+    pp = json.loads((roi_run / 'config.json').read_text())['preprocessing']
+    assert (pp['roi'], pp['mask_annotations'], pp['roi_box']) == ('crop', True, [0.1, 0.0, 0.9, 1.0])
     assert pp['annotation_regions']['depth_ticks'] == [0.9, 0.0, 0.1, 1.0]
-    from agenb.explain import explain_run                      # the shortcut score follows the crop's geometry
+    from agenb.explain import explain_run, explain_images, shortcut_score
+    from agenb.runs import load_run_model
+    run = tmp_path / roi_run.name; shutil.copytree(roi_run, run)
     res = explain_run(run, n=1)
-    assert res['shortcut']['roi'] == 'mask-bbox' and (run / 'gradcam_best_worst.png').is_file()
-    assert res['shortcut_score'] in (None, 0.0)                 # the muscle's box holds no annotation pixel
+    assert res['shortcut']['roi'] == 'crop' and (run / 'gradcam_best_worst.png').is_file()
+    rm = load_run_model(run)
+    paths = pd.read_csv(run / 'predictions.csv').path.tolist()
+    ex = explain_images(rm.model, rm.arch, rm.prep, paths)
+    mass = ex['cams'].reshape(len(paths), -1).sum(1) > 0     # a 1-epoch model's Grad-CAM may be empty: no score then
+    np.testing.assert_array_equal(np.isnan(ex['shortcut_score']), ~mass)
+    assert (res['shortcut_score'] is None) == (not mass.any())
+    if mass.any(): assert res['shortcut_score'] == pytest.approx(np.mean(ex['shortcut_score'][mass]))
+    for i in range(len(paths)):   # the crop keeps the label and tick regions: an evenly spread map has a share there
+        assert 0 < shortcut_score(np.ones(rm.prep.size), ex['annotation'][i]) < 0.5
+    # --roi mask-bbox: the muscle's box holds no annotation pixel, so an evenly spread map scores exactly 0
+    from agenb.images import read_mask
+    bbox = Preprocessing(image_size=64, roi='mask-bbox')
+    for p in paths:
+        m = read_mask(p, required=True)
+        r = bbox.region_maps(m.shape, m)
+        assert r['muscle'].any() and shortcut_score(np.ones(bbox.size), r['annotation'], r['muscle']) == 0.0
+
+
+def test_predict_reproduces_an_roi_run(roi_run, tmp_path):
+    "python -m agenb.predict applies the recorded crop and masking: the run's own test predictions come back."
+    run = pd.read_csv(roi_run / 'predictions.csv')
+    image_dir = Path(run.path.iloc[0]).parent                    # the dataset's folder: the masks are beside it
+    r = agenb('predict', roi_run, '--image-dir', image_dir, '--out', tmp_path / 'p.csv')
+    assert r.returncode == 0, r.stderr[-3000:]
+    new = pd.read_csv(tmp_path / 'p.csv')
+    m = run.merge(new, on='filename', suffixes=('_run', '_new'))
+    assert len(m) == len(run) > 0
+    np.testing.assert_allclose(m.pred_new, m.pred_run, atol=1e-4, rtol=0)
+    info = json.loads((tmp_path / 'p.json').read_text())
+    assert info['preprocessing'] == json.loads((roi_run / 'config.json').read_text())['preprocessing']
+    # and without the masking the same model gives other numbers: the check above can tell the two apart
+    from agenb.runs import load_run_model, predict_batches
+    rm = load_run_model(roi_run)
+    for change in ({'mask_annotations': False}, {'roi': 'none', 'roi_box': None}):
+        other = Preprocessing.from_dict({**rm.prep.to_dict(), **change})
+        assert np.abs(predict_batches(rm, load_images(run.path.tolist(), other)) - run.pred.to_numpy()).max() > 1e-3, change
+
+
+def test_export_and_explain_reproduce_an_roi_run(roi_run, tmp_path):
+    from agenb.explain import TABLE
+    from agenb.export import load_exported
+    cfg = json.loads((roi_run / 'config.json').read_text())
+    run = pd.read_csv(roi_run / 'predictions.csv')
+    r = agenb('export', roi_run, '--format', 'torchscript', '--out', tmp_path / 'bundle')
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = json.loads((tmp_path / 'bundle' / 'model_card.json').read_text())
+    assert card['input']['preprocessing'] == cfg['preprocessing']
+    v = card['verification']
+    assert v['against'].startswith('predictions.csv') and v['torchscript']['ok'], v
+    assert any('mask_annotations=True' in x and 'NOT apply' in x for x in card['limitations'])
+    # the exported file on images prepared as the run recorded gives the run's predictions
+    x = load_images(run.path.tolist(), Preprocessing.from_dict(cfg['preprocessing'])).float().div(255).numpy()
+    got = load_exported(tmp_path / 'bundle' / card['files']['torchscript']['file'])(x)
+    np.testing.assert_allclose(got, run.pred.to_numpy(), atol=1e-4, rtol=0)
+    # the trainer's own Grad-CAM table (explain_run from the run folder) predicted the same numbers
+    t = pd.read_csv(roi_run / TABLE).merge(run, on='filename', suffixes=('', '_run'))
+    assert len(t) == len(run)
+    np.testing.assert_allclose(t.pred, t.pred_run, atol=1e-3, rtol=0)
+
+
+def test_train_cli_roi_errors(synth_root, tmp_path):
+    "A missing mask and a bad box stop with exit 2."
     # a copy of the data with one mask missing
     data = tmp_path / 'data'; shutil.copytree(synth_root / 'TA', data)
     gone = sorted((data / 'Healthy' / 'Masks').glob('*.png'))[0]; gone.unlink()

@@ -119,6 +119,7 @@ def test_images_of_a_subject_are_correlated_not_identical(stats, ds):
 
 
 def test_pathological_is_brighter(ds, stats):
+    # (pathological muscles look 15 years older by default, and most pathological subjects are adults)
     vals = []
     for f in (ds / 'TA/Pathological/Images').iterdir():
         im = np.asarray(Image.open(f), float)
@@ -150,3 +151,109 @@ def test_cli_errors(tmp_path, ds):
     assert r.returncode == 2 and 'between 0 and 1' in r.stderr
     r = run(tmp_path / 'y', '--preset', 'nope')
     assert r.returncode == 2
+
+
+# --- the disease's age shift and the covariate effects (generator version 2)
+
+def mask_stats(root, cohort, lat):
+    "Mask mean grey and the muscle's thickness in cm (mask rows at the middle column / pixels per cm) per image."
+    mg, th = [], []
+    for f, depth in zip(lat.filename, lat.depth_cm):
+        im = np.asarray(Image.open(root / 'TA' / cohort / 'Images' / f), float)
+        mk = np.asarray(Image.open(root / 'TA' / cohort / 'Masks' / f)) > 0
+        H = im.shape[0]
+        pxcm = (H - max(8, round(H * 0.08))) / depth
+        mg.append(im[mk].mean()); th.append(mk[:, mk.shape[1] // 2].sum() / pxcm)
+    return np.array(mg), np.array(th)
+
+
+@pytest.fixture(scope='module')
+def pair(tmp_path_factory):
+    "The same subjects (same seed) with the covariate effects on and off; pathological shift 15 and 0."
+    base = tmp_path_factory.mktemp('pair')
+    out = {}
+    for name, kw in (('on', {}), ('off', dict(covariate_effect=False)), ('noshift', dict(pathological_age_shift=0))):
+        generate(base / name, preset='test', subjects=80, pathological=30, seed=5, workers=2, **kw)
+        lat = pd.read_csv(base / name / 'synth_latents.csv')
+        for cohort in ('Healthy', 'Pathological'):
+            sel = lat[lat.cohort == cohort].reset_index(drop=True)
+            sel['mg'], sel['th'] = mask_stats(base / name, cohort, sel)
+            out[name, cohort] = sel
+    out['root'] = base
+    return out
+
+
+def test_pathological_muscles_look_shift_years_older(pair):
+    h, p = pair['on', 'Healthy'], pair['on', 'Pathological']
+    ha, pa = h[h.age >= 18], p[p.age >= 18]
+    slope, icpt = np.polyfit(ha.age, ha.mg, 1)                 # healthy adults: grey level per year of age
+    assert slope > 0.3 and len(pa) > 40
+    excess = pa.mg - (icpt + slope * pa.age)                     # above healthy subjects of the same age
+    assert excess.mean() > 0.4 * 15 * slope, (excess.mean(), slope)
+    # the same subjects without the shift look like healthy subjects of their age ...
+    p0 = pair['noshift', 'Pathological']; p0 = p0[p0.age >= 18]
+    assert p0.filename.tolist() == pa.filename.tolist()
+    excess0 = p0.mg - (icpt + slope * p0.age)
+    assert abs(excess0.mean()) < 0.4 * 15 * slope
+    # ... and the shift adds what 15 years of age add to a healthy muscle
+    assert 0.7 * 15 * slope < (excess - excess0).mean() < 1.3 * 15 * slope
+    on, o0 = pair['on', 'Healthy'], pair['noshift', 'Healthy']
+    assert on.filename.tolist() == o0.filename.tolist() and np.allclose(on.mg, o0.mg)   # healthy: untouched
+    # recorded: the shift, the muscle's age, the true age in the spreadsheet, the oracle's age gap
+    meta = json.loads((pair['root'] / 'on' / 'synth_meta.json').read_text())
+    assert meta['pathological_age_shift'] == 15.0 and meta['params']['pathological_age_shift'] == 15.0
+    pp = pair['on', 'Pathological']
+    assert np.allclose(pp.muscle_age, np.maximum(pp.age + 15, 0), atol=1e-6)
+    sheet = pd.read_excel(pair['root'] / 'on' / 'TA' / 'characteristics.xlsx', header=1)
+    ages = dict(zip(sheet['Number.1'].dropna().astype(int), sheet['Age.1'].dropna()))
+    assert all(ages[s] == a for s, a in zip(pp.subject, pp.age))
+    gap = meta['pathological']['TA']['oracle_mean_age_gap']
+    assert gap == pytest.approx((pp.oracle_pred - pp.age).mean(), abs=0.01) and 8 < gap < 17
+
+
+def test_covariates_act_only_when_on(pair):
+    from agenb.synth import bmi_mean, MODEL
+    on, off = pair['on', 'Healthy'], pair['off', 'Healthy']
+    assert on.filename.tolist() == off.filename.tolist()         # the same subjects and views
+    dev = on.bmi - bmi_mean(on.age)
+    # the latents: with the effect off, echo does not depend on BMI; on, it moves by bmi_echo per BMI unit
+    assert np.allclose(on.echo - off.echo, MODEL['bmi_echo'] * dev, atol=1e-5)
+    # the pixels: at a fixed age (same subject), the mask's grey level rises with BMI only when on
+    d = on.mg - off.mg
+    assert pearsonr(dev, d)[0] > 0.8 and np.polyfit(dev, d, 1)[0] > 0.5
+    ad = off[off.age >= 18]
+    resid = ad.mg - np.polyval(np.polyfit(ad.age, ad.mg, 1), ad.age)
+    ado = on[on.age >= 18]
+    resid_on = ado.mg - np.polyval(np.polyfit(ado.age, ado.mg, 1), ado.age)
+    dev_ad = ad.bmi - bmi_mean(ad.age)
+    assert pearsonr(dev_ad, resid_on)[0] > pearsonr(dev_ad, resid)[0] + 0.1
+    # sex: men's muscles thicker than the same muscles with the effect off, women's thinner (adults)
+    r = (on.th / off.th)[on.age >= 18]
+    men = (on.sex == 'M')[on.age >= 18]
+    assert r[men].mean() > 1.03 and r[~men].mean() < 0.97
+    kids = (on.age < 9).to_numpy()
+    assert np.allclose(on.thickness_cm[kids], off.thickness_cm[kids])   # before puberty: no sex difference
+    # recorded, and the oracle that knows sex and BMI is the lower floor
+    m_on = json.loads((pair['root'] / 'on' / 'synth_meta.json').read_text())
+    m_off = json.loads((pair['root'] / 'off' / 'synth_meta.json').read_text())
+    assert m_on['covariate_effects']['on'] and m_on['covariate_effects']['bmi_echo'] == MODEL['bmi_echo']
+    assert not m_off['covariate_effects']['on'] and m_off['covariate_effects']['bmi_echo'] == 0
+    assert 'BMI' in m_on['covariate_effects']['echo'] and m_on['params']['covariate_effect'] is True
+    assert m_on['oracle_mae_with_covariates'] < m_on['oracle_mae']
+    assert m_on['oracle_mae'] == pytest.approx(np.abs(on.oracle_pred - on.age).mean(), abs=1e-3)
+
+
+def test_cli_reuse(tmp_path):
+    d = tmp_path / 'demo'
+    r = run(d, '--preset', 'test', '--subjects', '5', '--pathological', '1', '--reuse')
+    assert r.returncode == 0 and f'generating {d}: no data there yet' in r.stdout, r.stderr
+    r = run(d, '--preset', 'test', '--subjects', '5', '--pathological', '1', '--reuse')
+    assert r.returncode == 0 and f'using {d}' in r.stdout
+    r = run(d, '--preset', 'test', '--subjects', '5', '--pathological', '1', '--pathological-age-shift', '20',
+            '--no-covariate-effect', '--reuse')
+    assert r.returncode == 0
+    assert f'regenerating {d}: written with covariate_effect=True, pathological_age_shift=15.0' in r.stdout
+    meta = json.loads((d / 'synth_meta.json').read_text())
+    assert meta['pathological_age_shift'] == 20.0 and meta['covariate_effects']['on'] is False
+    r = run(d, '--preset', 'test', '--reuse', '--overwrite')
+    assert r.returncode == 2 and 'not allowed with' in r.stderr

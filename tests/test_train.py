@@ -82,6 +82,42 @@ def test_history_and_predictions(tiny_run):
     assert metrics['overall']['n'] == len(pred)
 
 
+def test_bias_correction_is_fitted_on_the_runs_validation_predictions(tiny_run):
+    "metrics.json's correction: n = the validation images, a and b = the least-squares line of the best model's"
+    "validation predictions (re-made here in one process), applied to the test predictions as (pred - b) / a."
+    from scipy.stats import linregress
+    from agenb.runs import predict_split
+    cfg = json.loads((tiny_run / 'config.json').read_text())
+    m = json.loads((tiny_run / 'metrics.json').read_text())
+    val = predict_split(tiny_run, 'val')
+    bc = m['bias_correction']
+    assert bc['fitted_on'] == 'val' and bc['n'] == cfg['dataset']['val_samples'] == len(val)
+    fit = linregress(val.age.to_numpy(float), val.pred.to_numpy(float))
+    assert bc['a'] == pytest.approx(fit.slope, abs=1e-4) and bc['b'] == pytest.approx(fit.intercept, abs=1e-3)
+    assert m['val']['n'] == len(val) and m['val']['mae'] == pytest.approx(float((val.pred - val.age).abs().mean()), abs=1e-4)
+    pred = pd.read_csv(tiny_run / 'predictions.csv')
+    assert m['overall']['n'] == len(pred) == cfg['dataset']['test_samples']
+    assert m['overall']['mae'] == pytest.approx(float((pred.pred - pred.age).abs().mean()), abs=1e-9)
+    if bc['applied']:
+        corrected = (pred.pred - bc['b']) / bc['a']
+        assert corrected.to_numpy() == pytest.approx(pred.corrected.to_numpy(), abs=1e-6)
+        assert m['corrected']['mae'] == pytest.approx(float((corrected - pred.age).abs().mean()), abs=1e-6)
+    else:
+        assert bc['reason'] and pred.corrected.isna().all() and m['corrected'] is None
+
+
+def test_best_model_is_the_epoch_of_lowest_val_mae(tiny_run):
+    from agenb.runs import predict_split
+    h = json.loads((tiny_run / 'history.json').read_text())
+    best = min(h, key=lambda e: e['val_mae'])                       # the first of equal minima (min_delta 0)
+    ck = torch.load(tiny_run / 'best_model.pth', weights_only=True)
+    assert (ck['epoch'], ck['val_mae']) == (best['epoch'], best['val_mae'])
+    cfg = json.loads((tiny_run / 'config.json').read_text())
+    assert (cfg['best_epoch'], cfg['best_val_mae']) == (best['epoch'], best['val_mae'])
+    val = predict_split(tiny_run, 'val')                              # the saved weights are that epoch's
+    assert float((val.pred - val.age).abs().mean()) == pytest.approx(best['val_mae'], abs=1e-4)
+
+
 def test_checkpoints_load_safely(tiny_run):
     ck = torch.load(tiny_run / 'best_model.pth', weights_only=True)
     assert ck['arch'] == 'resnet18' and ck['image_size'] == 64 and 'fc.1.weight' in ck['model']
@@ -98,7 +134,8 @@ def test_reproduce_from_config(tiny_run, tmp_path):
     assert new.parent == tmp_path and new != tiny_run
     h0 = json.loads((tiny_run / 'history.json').read_text())
     h1 = json.loads((new / 'history.json').read_text())
-    for a, b in zip(h0, h1):
+    assert [e['epoch'] for e in h1] == [e['epoch'] for e in h0] == [1, 2]   # a rerun that stops early is no reproduction
+    for a, b in zip(h0, h1, strict=True):
         for k in ('train_loss', 'val_loss', 'val_mae', 'val_rmse', 'lr'):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6), k
     assert (pd.read_csv(new / 'split.csv').split == pd.read_csv(tiny_run / 'split.csv').split).all()

@@ -1,0 +1,215 @@
+#!/usr/bin/env python
+"""Render the benchmark's figures from bench/results.json into markdown, so that no figure is typed by hand.
+
+    python bench/render.py                       # rewrite the <!-- results:begin/end --> block of bench/README.md
+    python bench/render.py --readme nbs/index.ipynb   # also fill a <!-- bench:begin/end --> block there (a markdown
+                                                      # cell of a notebook, or any text file) with the summary
+    python bench/render.py --summary             # print the summary (the project README's few lines)
+
+bench/run.py calls `update_readme` after writing bench/results.json.
+"""
+from __future__ import annotations
+import argparse, json, re, sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS, README = HERE / 'results.json', HERE / 'README.md'
+
+def _g(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict): return None
+        d = d.get(k)
+    return d
+
+def _n(x, digits=3):
+    "A number with `digits` significant digits (thousands separated), or '-'."
+    if x is None: return '-'
+    x = float(x)
+    if abs(x) >= 10 ** digits: return f'{x:,.0f}'
+    s = f'{x:#.{digits}g}'                                   # '#': keep trailing zeros (1.00, not 1)
+    return (s if 'e' not in s else f'{x:.0f}').rstrip('.')
+
+def _r(s, unit='', digits=3):
+    "`median unit (min .. max)` of a summary dict."
+    if not s: return '-'
+    return f"{_n(s['median'], digits)}{unit} ({_n(s['min'], digits)} .. {_n(s['max'], digits)})"
+
+def _ci(A, key):
+    "`ratio [low, high]`: the ratio and its 95% interval over test subjects."
+    ci = _g(A, 'ratio_ci95', key)
+    return _n(A.get(key)) + (f' [{_n(ci[0])}, {_n(ci[1])}]' if ci else '')
+
+def _met(value, target, higher=True):
+    if value is None: return ''
+    ok = value >= target if higher else value <= target
+    return 'met' if ok else '**not met**'
+
+def _loadavg_range(res):
+    vals = [v[0] for v in (_g(res, 'machine', 'loadavg_at_start'), _g(res, 'machine', 'loadavg_at_end')) if v]
+    for s in (res.get('section_loadavg') or {}).values():
+        vals += [v[0] for v in (s.get('start'), s.get('end')) if v]
+    return (min(vals), max(vals)) if vals else None
+
+def _minutes(s):
+    if s is None: return '-'
+    m, sec = divmod(int(round(s)), 60)
+    return f'{m} min {sec} s' if m else f'{sec} s'
+
+def provenance(res) -> str:
+    "One paragraph: which code, which data, which machine, how loaded."
+    m, ag, d = res.get('machine') or {}, res.get('agenb') or {}, res.get('data') or {}
+    fp = d.get('fingerprint') or {}
+    p = fp.get('params') or {}
+    commit = (ag.get('commit') or '?')[:10]
+    tree = {True: 'with uncommitted changes', False: 'clean tree'}.get(ag.get('dirty'), 'tree state unknown')
+    la = _loadavg_range(res)
+    cores = m.get('usable_cores') or m.get('cores')
+    size = 'x'.join(str(v) for v in p.get('size') or []) or '?'
+    load = f'; load average (1 min) {la[0]:.1f} .. {la[1]:.1f} during the run' if la else ''
+    return (f"agenb {ag.get('version', '?')} at commit `{commit}` ({tree}); data `{d.get('dir')}`: agenb.synth version "
+            f"{fp.get('version')}, preset {fp.get('preset')}, seed {fp.get('seed')}, {p.get('subjects')} healthy + "
+            f"{p.get('pathological')} pathological subjects, {size} px, covariate effects "
+            f"{'on' if p.get('covariate_effect') else 'off'}, files sha256 `{(fp.get('content_sha256') or '?')[:12]}` "
+            f"({fp.get('n_files')} files{'' if fp.get('files_match', True) else ', NOT those its synth_meta.json records'}); "
+            f"{cores}-core {m.get('cpu_model')}, {m.get('ram_gib')} GiB, torch {m.get('torch')}, "
+            f"{(m.get('date') or '')[:16].replace('T', ' ')}{load}; `{res.get('command', 'bench/run.py')}` took "
+            f"{_minutes(res.get('total_seconds'))}.")
+
+def table(res) -> str:
+    "The bench/README.md table of the last run."
+    L, E, D, A = (res.get(k) or {} for k in ('loader', 'efficiency', 'ddp', 'accuracy'))
+    rows = []
+    if L:
+        st = L.get('agenb_batch_stage_ms_per_image') or {}
+        rows += [
+            ("users' loader, images/s", _r(L.get('users_images_per_s')), ''),
+            ('agenb, warm cache, first epoch / later epochs, images/s (with augmentation)',
+             f"{_n(_g(L, 'agenb_warm_first_epoch_images_per_s', 'median'))} / {_n(_g(L, 'agenb_later_epochs_images_per_s', 'median'))}", ''),
+            ('**`loader_speedup`**: later epochs, same work on both sides (no augmentation)',
+             _r(L.get('speedup_later_epochs_no_augmentation'), 'x'), f">= 10x: {_met(res.get('loader_speedup'), 10)}"),
+            ('loader speedup, first epoch from the warm disk cache, no augmentation',
+             _r(L.get('speedup_warm_first_epoch_no_augmentation'), 'x'), ''),
+            ("loader speedup with agenb's augmentation (which the users' loader never did), first / later epochs",
+             f"{_n(_g(L, 'speedup_warm_first_epoch', 'median'))}x / {_n(_g(L, 'speedup_later_epochs', 'median'))}x", ''),
+            ('loader speedup, cold cache (first decode)', _r(L.get('speedup_cold_first_epoch'), 'x'), ''),
+            ('agenb per-batch stages at 224 px, ms/image: index+float / augment / normalise',
+             ' / '.join(_n(_g(st, k, 'median'), 2) for k in ('index_float', 'augment', 'normalize')), ''),
+        ]
+    if E:
+        rows += [
+            (f"`pipeline_efficiency` ({_g(E, 'settings', 'arch')}, {_g(E, 'settings', 'image_size')} px)",
+             _r(E.get('pipeline_efficiency')), f">= 0.9: {_met(res.get('pipeline_efficiency'), 0.9)}"),
+            ('`trainer_overhead`', _r(E.get('trainer_overhead')), f"<= 1.05: {_met(res.get('trainer_overhead'), 1.05, False)}"),
+        ]
+    if D:
+        rows.append(('`ddp_speedup` (2 processes x 1 thread vs 1 x 2 threads)', _r(D.get('ddp_speedup'), 'x'), ''))
+    if A:
+        s = A.get('settings') or {}
+        P = A.get('plain_loop') or {}
+        rows += [
+            (f"test MAE, years: agenb ({s.get('arch')}, {s.get('image_size')} px, {s.get('epochs')} epochs) / "
+             "plain PyTorch loop / oracle on the test images / baseline",
+             f"{_n(A.get('test_mae'))} / {_n(P.get('test_mae'))} / {_n(A.get('oracle_mae_test_images'))} / {_n(A.get('baseline_mae'))}", ''),
+            ('`mae_over_oracle` [95% interval over test subjects]', f"**{_ci(A, 'mae_over_oracle')}**",
+             f"<= 1.3: {_met(A.get('mae_over_oracle'), 1.3, False)}"),
+            ('`mae_over_plain_loop` [95% interval over test subjects]', f"**{_ci(A, 'mae_over_plain_loop')}**",
+             'below 1: agenb better'),
+            ('`mae_over_baseline`', _n(A.get('mae_over_baseline')), 'well below 1'),
+            ('oracle knowing sex and BMI, test images (the floor for fusion with covariates)',
+             _n(A.get('oracle_mae_with_covariates_test_images')), ''),
+        ]
+    out = ['| figure | median (min .. max) | target |', '|---|---|---|']
+    out += [f'| {a} | {b} | {c} |' for a, b, c in rows]
+    return '\n'.join(out)
+
+def limits(res) -> str:
+    "The figures behind 'what limits these', from this run."
+    L, E, A = (res.get(k) or {} for k in ('loader', 'efficiency', 'accuracy'))
+    out = []
+    st = L.get('agenb_batch_stage_ms_per_image') or {}
+    if st:
+        aug = _g(st, 'augment', 'median'); tot = sum(_g(st, k, 'median') or 0 for k in st)
+        out.append(f"* Loader: of agenb's {_n(tot, 2)} ms per 224 px image in later epochs, the augmentation "
+                   f"(rotation by `grid_sample` on the CPU) takes {_n(aug, 2)}; the users' pipeline augments nothing.")
+    if E:
+        out.append(f"* Training pass: agenb's epoch keeps {_n(_g(E, 'pipeline_efficiency', 'median'))} of the bare model "
+                   f"step's speed at {_g(E, 'settings', 'image_size')} px, with the data work included.")
+    if A:
+        P = A.get('plain_loop') or {}
+        out.append(f"* Accuracy: agenb's best validation epoch was {A.get('best_epoch')} of {A.get('epochs_completed')} "
+                   f"(validation MAE {_n(A.get('best_val_mae'))}); the plain loop's was {P.get('best_epoch')} "
+                   f"(validation MAE {_n(P.get('best_val_mae'))}). Subject-level test MAE {_n(A.get('subject_level_mae'))}, "
+                   f"RMSE {_n(A.get('test_rmse'))}, r {_n(A.get('test_pearson_r'))}; "
+                   f"{A.get('n_test_images')} test images of {A.get('n_test_subjects')} subjects. The accuracy section "
+                   f"took {_minutes(_g(res, 'section_seconds', 'accuracy'))}.")
+    return '\n'.join(out)
+
+def bench_block(res) -> str:
+    "The whole generated block of bench/README.md."
+    return '\n\n'.join([
+        '## Last run (rendered from `results.json` by `bench/render.py`: edit neither by hand)',
+        provenance(res), table(res), '**Figures behind the notes below**, from the same run:', limits(res)])
+
+def summary(res) -> str:
+    "A few lines for the project README."
+    A = res.get('accuracy') or {}
+    P = A.get('plain_loop') or {}
+    s = A.get('settings') or {}
+    ag = res.get('agenb') or {}
+    fp = _g(res, 'data', 'fingerprint') or {}
+    m = res.get('machine') or {}
+    rows = [
+        ('loader: images/s once decoded, agenb vs a plain PIL `DataLoader`', f"{_n(res.get('loader_speedup'))}x"),
+        ('training pass: agenb epoch vs the bare model step / vs a hand-written loop',
+         f"{_n(res.get('pipeline_efficiency'))} / {_n(res.get('trainer_overhead'))}"),
+        (f"test MAE on the bench data ({s.get('arch')} from scratch, {s.get('image_size')} px, {s.get('epochs')} epochs): "
+         'agenb / a plain PyTorch loop / the oracle', f"{_n(A.get('test_mae'))} / {_n(P.get('test_mae'))} / {_n(A.get('oracle_mae_test_images'))} years"),
+        ('`mae_over_plain_loop` / `mae_over_oracle` [95% intervals over test subjects]',
+         f"{_ci(A, 'mae_over_plain_loop')} / {_ci(A, 'mae_over_oracle')}"),
+    ]
+    return '\n'.join([
+        f"| `make bench` ({m.get('usable_cores') or m.get('cores')}-core CPU; `bench/results.json`) | result |", '|---|---|',
+        *[f'| {a} | {b} |' for a, b in rows], '',
+        f"Measured at commit `{(ag.get('commit') or '?')[:10]}` on data of agenb.synth version {fp.get('version')} "
+        f"(preset {fp.get('preset')}); the figures above are rendered from `bench/results.json` by `bench/render.py`."])
+
+def fill(text, name, body):
+    "Replace what lies between `<!-- name:begin -->` and `<!-- name:end -->` in `text` by `body`."
+    pat = re.compile(rf'(<!-- {name}:begin -->).*?(<!-- {name}:end -->)', re.S)
+    if not pat.search(text): raise SystemExit(f'render: no <!-- {name}:begin --> ... <!-- {name}:end --> block to fill')
+    return pat.sub(lambda m: m.group(1) + '\n' + body.strip('\n') + '\n' + m.group(2), text, count=1)
+
+def update_readme(path=README, res=None, name='results', body=None):
+    """Rewrite the marked block of `path` from `res` (default: bench/results.json). In a notebook (.ipynb) the block
+    is looked for in the markdown cells, so that a README generated from the notebook carries it."""
+    res = res if res is not None else json.loads(RESULTS.read_text())
+    body = body if body is not None else bench_block(res)
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == '.ipynb':
+        nb = json.loads(text)
+        cells = [c for c in nb['cells'] if c['cell_type'] == 'markdown' and f'<!-- {name}:begin -->' in ''.join(c['source'])]
+        if not cells: raise SystemExit(f'render: no markdown cell of {path} holds a <!-- {name}:begin --> block')
+        new_src = fill(''.join(cells[0]['source']), name, body)
+        cells[0]['source'] = new_src.splitlines(keepends=True)
+        new = json.dumps(nb, indent=1, ensure_ascii=False) + '\n'
+    else:
+        new = fill(text, name, body)
+    if new != text: path.write_text(new)
+    return new
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--results', default=str(RESULTS), help='results file (default bench/results.json)')
+    p.add_argument('--readme', help='also fill the <!-- bench:begin/end --> block of this file with the summary')
+    p.add_argument('--summary', action='store_true', help='print the summary markdown and change nothing')
+    a = p.parse_args(argv)
+    res = json.loads(Path(a.results).read_text())
+    if a.summary:
+        print(summary(res)); return 0
+    update_readme(README, res)
+    if a.readme: update_readme(a.readme, res, 'bench', summary(res))
+    return 0
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Lay out the scratch folder `make mutate` runs mutmut in: agenb/, tests/ and setup.cfg (mutation/mutmut.cfg).
+
+mutmut does not mutate decorated functions, and agenb.trainer adds the trainer's methods (`fit`, `train_epoch`,
+`predict`, `state`, ...) with fastcore's `@patch`. In the scratch copy of agenb/trainer.py each
+
+    @patch
+    [@other decorators]
+    def name(self: Trainer, ...): ...
+
+becomes the same function undecorated, followed by `patch([decorators](name))`: the same code attached to the same
+class, so those methods are mutated too.
+
+Only the functions in MUTATE are mutated: the others get mutmut's `# pragma: no mutate block` in the scratch copy
+(mutmut 3.8's do_not_mutate_patterns only guards removals, so a pragma is the way to leave a function out). Nothing
+else changes; the working tree is never touched."""
+import re, shutil, sys
+from pathlib import Path
+
+import libcst as cst
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The code whose bugs would falsify results: which images train/validate/test, the numbers reported, the trainer's
+# decisions and checkpoints, and the preprocessing predict/export/explain apply. 'Class' mutates a whole class,
+# 'Class.method' one method. Everything else in these modules (display, CLI plumbing, input validation, DDP/GPU-only
+# code reached only under torchrun or CUDA) is left out; see mutation/REPORT.md.
+MUTATE = {
+    'split.py': {'_n_of', '_age_bins', '_pick', '_assign', '_keep_mask', 'apply_filter', 'check_no_leakage', '_from_file'},
+    'evaluate.py': {'_arrays', '_corr', 'regression_metrics', 'age_group_table', 'subject_level', 'fit_bias_correction',
+                    'apply_bias_correction', '_evaluate'},
+    'trainer.py': {'train_batches', 'eval_shard', 'LRSchedule', 'batch', 'train_epoch', 'predict', 'validate', 'fit',
+                   'state', 'load_state', '_rng_state', '_set_rng_state', 'RunWriter.end_of_epoch'},
+    'runs.py': {'run_options', 'read_split', 'run_bias_correction', 'make_checkpoint', '_upgrade', 'load_checkpoint',
+                'load_run_model', 'predict_batches', 'predict_split'},
+    'predict.py': {'tta_views', 'apply_view', 'parse_subject', 'read_images', 'predict_tensor', 'predict_images',
+                   'subject_table', 'metrics_for'},
+}
+
+
+class _Exclude(cst.CSTTransformer):
+    "Put `# pragma: no mutate block` on every function or class header not named in `keep`."
+    def __init__(self, keep):
+        self.keep, self.cls = keep, []
+    def _mark(self, node):
+        c = cst.Comment('# pragma: no mutate block')
+        if isinstance(node.body, cst.IndentedBlock):
+            return node.with_changes(body=node.body.with_changes(header=cst.TrailingWhitespace(
+                whitespace=cst.SimpleWhitespace('  '), comment=c, newline=node.body.header.newline)))
+        return node.with_changes(body=node.body.with_changes(trailing_whitespace=cst.TrailingWhitespace(
+            whitespace=cst.SimpleWhitespace('  '), comment=cst.Comment('# pragma: no mutate'))))
+    def visit_ClassDef(self, node):
+        self.cls.append(node.name.value)
+    def leave_ClassDef(self, original, updated):
+        name = self.cls.pop()
+        if name in self.keep or any(k.startswith(name + '.') for k in self.keep): return updated
+        return self._mark(updated)
+    def visit_FunctionDef(self, node):
+        return False                                   # nested functions follow their parent
+    def leave_FunctionDef(self, original, updated):
+        name = '.'.join([*self.cls, updated.name.value])
+        if self.cls and self.cls[0] in self.keep: return updated
+        return updated if name in self.keep else self._mark(updated)
+
+
+def exclude(src: str, keep: set) -> str:
+    return cst.parse_module(src).visit(_Exclude(keep)).code
+
+
+def unpatch(src: str) -> str:
+    lines, out, i = src.split('\n'), [], 0
+    while i < len(lines):
+        if lines[i] != '@patch':
+            out.append(lines[i]); i += 1; continue
+        decos, i = [], i + 1
+        while lines[i].startswith('@'): decos.append(lines[i][1:]); i += 1
+        name = re.match(r'def (\w+)\(', lines[i]).group(1)
+        body, i = [lines[i]], i + 1
+        while i < len(lines) and (lines[i] == '' or lines[i][0] in ' \t'): body.append(lines[i]); i += 1
+        trail = []
+        while body[-1] == '': trail.append(body.pop())
+        call = name
+        for d in reversed(decos): call = f'{d}({call})'
+        out += body + [f'patch({call})'] + trail
+    return '\n'.join(out)
+
+
+def main(dest):
+    dest = Path(dest)
+    if dest.exists(): shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copytree(ROOT / 'agenb', dest / 'agenb', ignore=shutil.ignore_patterns('__pycache__'))
+    shutil.copytree(ROOT / 'tests', dest / 'tests', ignore=shutil.ignore_patterns('__pycache__'))
+    shutil.copy(ROOT / 'mutation' / 'mutmut.cfg', dest / 'setup.cfg')
+    t = dest / 'agenb' / 'trainer.py'
+    new = unpatch(t.read_text())
+    assert '@patch' not in new, 'a @patch form prepare.py does not know'
+    t.write_text(new)
+    for name, keep in MUTATE.items():
+        f = dest / 'agenb' / name
+        src = exclude(f.read_text(), keep)
+        defined = set(re.findall(r'^(?:def|class) (\w+)', src, re.M)) | {
+            f'{c}.{m}' for c in re.findall(r'^class (\w+)', src, re.M) for m in re.findall(r'^    def (\w+)', src, re.M)}
+        assert keep <= defined, f'{name}: {sorted(keep - defined)} not found; update MUTATE in mutation/prepare.py'
+        compile(src, str(f), 'exec')
+        f.write_text(src)
+
+
+if __name__ == '__main__': main(sys.argv[1])

@@ -1,0 +1,39 @@
+"""The committed benchmark results: provenance recorded, no machine paths, and bench/README.md's figures rendered
+from them (bench/render.py), so that the two cannot disagree."""
+import json, sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / 'bench'))
+import render  # noqa: E402
+
+RES = json.loads((ROOT / 'bench' / 'results.json').read_text())
+
+
+def test_readme_figures_are_rendered_from_results():
+    text = (ROOT / 'bench' / 'README.md').read_text()
+    assert render.fill(text, 'results', render.bench_block(RES)) == text, \
+        'bench/README.md disagrees with bench/results.json: run python bench/render.py'
+
+
+def test_results_record_code_and_data():
+    from agenb.synth import GENERATOR_VERSION
+    assert len(RES['agenb']['commit']) == 40 and RES['agenb']['dirty'] is False
+    fp = RES['data']['fingerprint']
+    assert fp['version'] == GENERATOR_VERSION and fp['files_match'] and len(fp['content_sha256']) == 64
+    assert fp['params']['subjects'] == 400 and not RES['quick']
+    for k in ('mae_over_oracle', 'mae_over_plain_loop', 'mae_over_baseline'): assert RES[k] > 0
+
+
+def test_no_absolute_paths():
+    def strings(o):
+        if isinstance(o, dict): yield from (s for v in o.values() for s in strings(v))
+        elif isinstance(o, list): yield from (s for v in o for s in strings(v))
+        elif isinstance(o, str): yield o
+    bad = [s for s in strings(RES) if s.startswith('/') or '/work/' in s or '/tmp/' in s or '/home/' in s]
+    assert not bad, bad
+
+
+def test_fill_replaces_only_the_block():
+    t = 'a\n<!-- x:begin -->\nold\n<!-- x:end -->\nb\n'
+    assert render.fill(t, 'x', 'new') == 'a\n<!-- x:begin -->\nnew\n<!-- x:end -->\nb\n'

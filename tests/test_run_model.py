@@ -1,0 +1,245 @@
+"""A run folder as predict, export and explain read it, in one process: the checkpoint layout, `load_run_model` taking
+the preprocessing from config.json, predict's image reading, TTA views, per-subject table and metrics.
+`make mutate` runs these against mutated copies of agenb.runs and agenb.predict."""
+import json, shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from agenb.core import InputError, file_sha256
+from agenb.evaluate import regression_metrics
+from agenb.images import Augmentation, Preprocessing, load_images
+from agenb.model import build_model
+from agenb.options import resolve_options
+from agenb.predict import (apply_view, metrics_for, parse_subject, predict_images, predict_tensor, read_images,
+                           subject_table, tta_views)
+from agenb.runs import (CHECKPOINT_VERSION, load_checkpoint, load_run_model, make_checkpoint, predict_batches,
+                        predict_split, read_split, run_bias_correction, run_options)
+
+PREP = Preprocessing(image_size=48, roi='crop', roi_box='0.1,0,0.9,1', mask_annotations=True)
+AUG = Augmentation(rotation_deg=8, translate=0.1, hflip_p=0.5)
+BC = {'fitted_on': 'val', 'n': 9, 'a': 0.8, 'b': 5.0, 'applied': True, 'reason': None}
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory, synth_root):
+    "A run folder written by hand: 9 synthetic images, a resnet18 with seeded weights, crop + annotation masking."
+    run = tmp_path_factory.mktemp('fake') / 'run_20260101_000000'
+    run.mkdir()
+    images = sorted((synth_root / 'TA' / 'Healthy' / 'Images').glob('*.png'))[:9]
+    o = resolve_options({'image_dir': str(images[0].parent), 'excel_path': 'x.xlsx', 'arch': 'resnet18', 'image_size': 48,
+                         'dropout': 0.2, 'roi': 'crop', 'roi_box': '0.1,0,0.9,1', 'mask_annotations': True})
+    torch.manual_seed(0)
+    model = build_model('resnet18', pretrained=False, dropout=0.2, init_bias=40.0)
+    (run / 'config.json').write_text(json.dumps({'args': o.to_dict(), 'preprocessing': PREP.to_dict(),
+                                                 'augmentation': AUG.to_dict()}))
+    torch.save(make_checkpoint(model.state_dict(), 3, 7.5, o, PREP.to_dict()), run / 'best_model.pth')
+    subj = [p.name.split('_')[1] for p in images]
+    pd.DataFrame({'path': [str(p) for p in images], 'filename': [p.name for p in images], 'subject': subj,
+                  'age': [20.0 + 5 * i for i in range(9)], 'split': ['train'] * 3 + ['val'] * 3 + ['test'] * 3}
+                 ).to_csv(run / 'split.csv', index=False)
+    (run / 'metrics.json').write_text(json.dumps({'bias_correction': BC}))
+    return run
+
+
+def reference(run, paths, prep=PREP):
+    "Predictions of the saved weights, computed here without agenb.runs/agenb.predict."
+    ck = torch.load(run / 'best_model.pth', weights_only=True)
+    m = build_model('resnet18', pretrained=False, dropout=0.2)
+    m.load_state_dict(ck['model']); m.eval()
+    x = load_images([str(p) for p in paths], prep).float() / 255
+    with torch.no_grad(): return m(prep.normalize(x)).squeeze(1).double().numpy()
+
+
+def test_load_run_model_takes_everything_from_the_run(run):
+    rm = load_run_model(run)
+    assert rm.prep == PREP and rm.prep.mask_annotations and rm.prep.roi == 'crop'
+    assert (rm.arch, rm.options.image_size, rm.options.dropout, rm.epoch, rm.val_mae) == ('resnet18', 48, 0.2, 3, 7.5)
+    assert rm.bias_correction == BC and rm.augmentation == json.loads(json.dumps(AUG.to_dict()))
+    assert rm.checkpoint == run / 'best_model.pth' and rm.checkpoint_sha256 == file_sha256(run / 'best_model.pth')
+    assert rm.pattern.startswith('^anon_') and not rm.model.training and rm.device == torch.device('cpu')
+    saved = torch.load(run / 'best_model.pth', weights_only=True)['model']
+    assert all(torch.equal(v, saved[k]) for k, v in rm.model.state_dict().items())
+    assert rm.args == json.loads((run / 'config.json').read_text())['args']
+
+
+def test_preprocessing_of_checkpoint_and_config_must_agree(run, tmp_path):
+    other = tmp_path / run.name; shutil.copytree(run, other)
+    cfg = json.loads((other / 'config.json').read_text())
+    cfg['preprocessing']['mask_annotations'] = False
+    (other / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match='other preprocessing'): load_run_model(other)
+    cfg.pop('preprocessing'); (other / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match='no "preprocessing" record'): load_run_model(other)
+    # a checkpoint that records no preprocessing (agenb 0.1.0): the config's is used
+    cfg['preprocessing'] = PREP.to_dict(); (other / 'config.json').write_text(json.dumps(cfg))
+    ck = torch.load(other / 'best_model.pth', weights_only=True); ck['preprocessing'] = None
+    torch.save(ck, other / 'best_model.pth')
+    assert load_run_model(other).prep == PREP
+
+
+def test_predictions_use_the_recorded_preprocessing(run):
+    rm = load_run_model(run)
+    paths = read_split(run).path.tolist()
+    want = reference(run, paths)
+    got = predict_batches(rm, load_images(paths, rm.prep), batch_size=4)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    plain = reference(run, paths, Preprocessing(image_size=48))
+    assert np.abs(plain - want).max() > 1e-3                              # the preprocessing changes the numbers
+    df, skipped, views = predict_images(rm, [Path(p) for p in paths], batch_size=4)
+    np.testing.assert_allclose(df.pred, want, atol=1e-4, rtol=0)
+    assert skipped == [] and [v['name'] for v in views] == ['identity'] and 'tta_sd' not in df
+    np.testing.assert_allclose(df.corrected, (df.pred - 5.0) / 0.8)
+    assert list(df.subject) == [Path(p).name.split('_')[1].lstrip('0') or '0' for p in paths]
+    assert list(df.image_index) == [int(Path(p).stem.split('_')[2]) for p in paths]
+    assert list(df.filename) == [Path(p).name for p in paths] and list(df.path) == [str(Path(p).resolve()) for p in paths]
+
+
+def test_predict_split_is_the_saved_split(run):
+    for s in ('val', 'test'):
+        p = predict_split(run, s, batch_size=2)
+        split = read_split(run, s)
+        assert list(p.filename) == list(split.filename) and (p.split == s).all()
+        np.testing.assert_allclose(p.pred, reference(run, split.path), atol=1e-4, rtol=0)
+    with pytest.raises(InputError, match="no 'holdout'"): read_split(run, 'holdout')
+    assert len(read_split(run)) == 9 and read_split(run).subject.map(type).eq(str).all()
+
+
+def test_tta_averages_the_views_within_the_training_augmentation(run):
+    rm = load_run_model(run)
+    paths = read_split(run, 'test').path.tolist()
+    views = tta_views(rm.augmentation)
+    assert [v['name'] for v in views] == ['identity', 'rotate+4', 'rotate-4', 'shift_x+0.05', 'shift_x-0.05', 'hflip']
+    df, _, used = predict_images(rm, [Path(p) for p in paths], batch_size=2, tta=True)
+    assert used == views
+    x = load_images(paths, rm.prep).float() / 255
+    with torch.no_grad():
+        per_view = np.stack([rm.model(rm.prep.normalize(apply_view(x, v))).squeeze(1).double().numpy() for v in views], 1)
+    np.testing.assert_allclose(df.pred, per_view.mean(1), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(df.tta_sd, per_view.std(1), atol=1e-4, rtol=0)
+    mean, sd = predict_tensor(rm, load_images(paths, rm.prep), batch_size=2)
+    assert sd is None and np.allclose(mean, reference(run, paths), atol=1e-4)
+
+
+def test_tta_views():
+    names = lambda a: [v['name'] for v in tta_views(a)]
+    assert names({}) == names(None) == ['identity']
+    assert names({'rotation_deg': 20, 'translate': 0.3}) == ['identity', 'rotate+5', 'rotate-5', 'shift_x+0.05', 'shift_x-0.05']
+    assert names({'rotation_deg': 3, 'translate': 0.04, 'vflip_p': 0.1}) == [
+        'identity', 'rotate+1.5', 'rotate-1.5', 'shift_x+0.02', 'shift_x-0.02', 'vflip']
+    v = tta_views({'rotation_deg': 3})[2]
+    assert v == {'name': 'rotate-1.5', 'rotation_deg': -1.5, 'shift_x': 0.0, 'shift_y': 0.0, 'hflip': False, 'vflip': False}
+    assert tta_views({'translate': 0.04})[1]['shift_x'] == 0.02 and tta_views({'hflip_p': 0.5})[1]['hflip'] is True
+
+
+def test_apply_view():
+    x = torch.rand(2, 1, 8, 6, generator=torch.Generator().manual_seed(0))
+    ident = tta_views({})[0]
+    assert apply_view(x, ident) is x
+    flip = apply_view(x, dict(ident, hflip=True))
+    torch.testing.assert_close(flip, x.flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(apply_view(x, dict(ident, vflip=True)), x.flip(-2), atol=1e-5, rtol=0)
+    shifted = apply_view(x, dict(ident, shift_x=0.5))
+    assert not torch.allclose(shifted, x) and shifted.min() >= 0 and shifted.max() <= 1
+    assert not torch.allclose(apply_view(x, dict(ident, rotation_deg=30.0)), x)
+    assert not torch.allclose(apply_view(x, dict(ident, shift_y=0.5)), x)
+
+
+def test_read_images_skips_only_when_asked(run, tmp_path):
+    paths = read_split(run, 'test').path.tolist()
+    bad = tmp_path / 'anon_99_1.png'; bad.write_bytes(b'not a png')
+    with pytest.raises(InputError, match='--skip-bad'): read_images([*paths, bad], Preprocessing(image_size=32))
+    x, kept, skipped = read_images([paths[0], bad, paths[1]], Preprocessing(image_size=32), skip_bad=True, num_threads=2)
+    assert x.shape == (2, 1, 32, 32) and x.dtype == torch.uint8 and kept == [Path(paths[0]), Path(paths[1])]
+    assert [s['file'] for s in skipped] == [str(bad)] and skipped[0]['reason']
+    assert torch.equal(x, load_images(paths[:2], Preprocessing(image_size=32)))
+    with pytest.raises(InputError, match='none of the 1 images'): read_images([bad], Preprocessing(image_size=32), skip_bad=True)
+
+
+def test_parse_subject():
+    from agenb.data import DEFAULT_PATTERN
+    assert parse_subject('anon_012_3.png', DEFAULT_PATTERN) == ('12', 3)
+    assert parse_subject('/a/b/ANON_7_10.PNG', DEFAULT_PATTERN) == ('7', 10)
+    assert parse_subject('scan.png', DEFAULT_PATTERN) == (None, None)
+    assert parse_subject('p5.png', r'p(\d+)\.png') == ('5', None)
+    assert parse_subject('p5_x.png', r'p(\d+)_(\w+)\.png') == ('5', None)
+    with pytest.raises(InputError, match='not a valid regular expression'): parse_subject('x', '(')
+
+
+def test_subject_table_means_per_subject_in_natural_order():
+    df = pd.DataFrame({'subject': pd.array(['10', '2', '10', None, '2', '10'], dtype='string'),
+                       'pred': [41.0, 20.0, 42.0, 99.0, 26.0, 52.0], 'corrected': [1.0, 2, 3, 4, 5, 9],
+                       'age': [40.0, 20, 40, 70, 20, 40]})
+    s = subject_table(df)
+    assert list(s.subject) == ['2', '10'] and list(s.n_images) == [2, 3]
+    assert list(s.pred) == [23.0, 45.0]                                   # 10's median would be 42
+    assert s.pred_sd.tolist() == pytest.approx([np.std([20, 26], ddof=1), np.std([41, 42, 52], ddof=1)])
+    assert list(s.pred_min) == [20.0, 41.0] and list(s.pred_max) == [26.0, 52.0]
+    assert list(s.corrected) == [3.5, 13 / 3] and list(s.age) == [20.0, 40.0]
+    assert list(subject_table(df.drop(columns=['corrected', 'age'])).columns) == [
+        'subject', 'n_images', 'pred', 'pred_sd', 'pred_min', 'pred_max']
+
+
+def test_metrics_for():
+    df = pd.DataFrame({'subject': pd.array(['1', '1', '1', '2', '3'], dtype='string'), 'age': [30.0, 30, 30, 50, np.nan],
+                       'pred': [31.0, 32, 39, 45, 60], 'corrected': [30.0, 31, 30, 50, 70]})
+    m = metrics_for(df, BC)
+    assert m['n_images'] == 4 and m['n_images_without_age'] == 1 and m['n_subjects'] == 2 and m['bias_correction'] == BC
+    assert m['overall'] == regression_metrics([30, 30, 30, 50], [31, 32, 39, 45])
+    assert m['subject_level']['mae'] == pytest.approx((4 + 5) / 2)      # subject 1: mean 34 (median 32)
+    assert m['corrected']['mae'] == pytest.approx(1 / 4) and m['corrected_subject_level']['mae'] == pytest.approx(1 / 3 / 2)
+    assert m['age_groups'][0]['age_range'] == '30-40' and m['age_groups'][0]['count'] == 3
+    assert metrics_for(df.drop(columns=['corrected']), None)['corrected'] is None
+    m = metrics_for(df.assign(subject=pd.array(['1', None, '1', '2', '3'], dtype='string')))
+    assert m['subject_level'] is None and m['n_subjects'] is None and 'subject unknown' in m['subject_level_note']
+    with pytest.raises(InputError, match='no predicted image has an age'): metrics_for(df.assign(age=np.nan))
+    assert metrics_for(df, bin_width=5)['age_groups'][0]['age_range'] == '30-35'
+
+
+def test_checkpoint_layout_and_checks(run, tmp_path):
+    o = run_options(run)
+    ck = make_checkpoint({'w': torch.ones(2)}, 4, 3.25, o, PREP.to_dict(), {'best_mae': 3.0})
+    assert (ck['format'], ck['version'], ck['epoch'], ck['val_mae'], ck['arch'], ck['image_size'], ck['dropout']) == (
+        'agenb-checkpoint', 2, 4, 3.25, 'resnet18', 48, 0.2)
+    assert ck['preprocessing'] == PREP.to_dict() and ck['train_state'] == {'best_mae': 3.0}
+    p = tmp_path / 'c.pth'; torch.save(ck, p)
+    back = load_checkpoint(p, 'resnet18', 48)
+    assert back['epoch'] == 4 and torch.equal(back['model']['w'], torch.ones(2))
+    with pytest.raises(InputError, match="arch='resnet18'"): load_checkpoint(p, arch='resnet34')
+    with pytest.raises(InputError, match='image_size=48'): load_checkpoint(p, image_size=64)
+    torch.save(dict(ck, version=CHECKPOINT_VERSION + 1), p)
+    with pytest.raises(InputError, match='newer agenb'): load_checkpoint(p)
+    torch.save([1, 2], p)
+    with pytest.raises(InputError, match='not an agenb checkpoint'): load_checkpoint(p)
+    torch.save({'weights': 1}, p)
+    with pytest.raises(InputError, match='no model weights'): load_checkpoint(p)
+    p.write_bytes(b'PK\x03\x04 broken')
+    with pytest.raises(InputError, match='truncated'): load_checkpoint(p)
+    with pytest.raises(InputError, match='not found'): load_checkpoint(tmp_path / 'missing.pth')
+
+
+def test_checkpoints_of_agenb_0_1_are_upgraded(tmp_path):
+    p = tmp_path / 'old.pth'
+    torch.save({'model': {'w': torch.zeros(1)}, 'arch': 'resnet18', 'epoch': 5, 'best_mae': 4.5, 'image_size': 64,
+                'optimizer': {'s': 1}, 'scheduler': {'t': 2}, 'history': [1], 'unrelated': 0}, p)
+    ck = load_checkpoint(p, 'resnet18', 64)
+    assert (ck['format'], ck['version'], ck['epoch'], ck['val_mae'], ck['dropout'], ck['preprocessing']) == (
+        'agenb-checkpoint', 1, 5, 4.5, None, None)
+    assert ck['train_state'] == {'optimizer': {'s': 1}, 'scheduler': {'t': 2}, 'best_mae': 4.5, 'history': [1]}
+    torch.save({'model': {}, 'arch': 'resnet18', 'val_mae': 2.0, 'best_mae': 9.0}, p)
+    ck = load_checkpoint(p)
+    assert ck['val_mae'] == 2.0 and ck['train_state'] is None and ck['epoch'] is None
+
+
+def test_run_bias_correction_and_options(run, tmp_path):
+    assert run_bias_correction(run) == BC
+    assert run_bias_correction(tmp_path) is None
+    (tmp_path / 'metrics.json').write_text('{"overall": 1}')
+    assert run_bias_correction(tmp_path) is None
+    (tmp_path / 'metrics.json').write_text('{broken')
+    with pytest.raises(InputError, match='not valid JSON'): run_bias_correction(tmp_path)
+    o = run_options(run)
+    assert (o.arch, o.image_size, o.roi, o.roi_box, o.mask_annotations) == ('resnet18', 48, 'crop', '0.1,0,0.9,1', True)

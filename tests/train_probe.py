@@ -1,0 +1,95 @@
+"""`python tests/train_probe.py ARGS` (also under torchrun) is `python -m agenb.train ARGS` with test probes that
+agenb itself does not carry, each off unless its environment variable is set:
+
+- `AGENB_PROBE_LOG=DIR`: every rank appends one JSON line per epoch to `DIR/rank<R>.jsonl` with what it decided
+  (validation MAE, improved, best epoch, bad epochs, the learning rate of the next epoch), a hash of its weights
+  and of its BatchNorm statistics after training, and its optimizer steps; then one line with the stop reason.
+  Comparing the files of the ranks shows whether they took the same decisions.
+- `AGENB_PROBE_VAL_OFFSET='{"R:E": years, ...}'`: rank R's own validation predictions of epoch E are shifted by
+  that many years *before* they are shared, so the ranks' raw numbers differ.
+- `AGENB_PROBE_KILL_WRITE=NAME:EPOCH`: SIGKILL the process half-way through writing NAME (e.g. last.pth) at EPOCH.
+"""
+import hashlib, io, json, os, signal, sys
+from pathlib import Path
+
+import torch
+
+from agenb.core import run_cli
+from agenb.trainer import Trainer
+import agenb.train
+
+LOG = os.environ.get('AGENB_PROBE_LOG')
+OFFSETS = json.loads(os.environ.get('AGENB_PROBE_VAL_OFFSET') or '{}')
+KILL = os.environ.get('AGENB_PROBE_KILL_WRITE')
+
+
+def digest(tensors):
+    h = hashlib.sha256()
+    for t in tensors: h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def log(t, **rec):
+    if not LOG: return
+    with open(Path(LOG) / f'rank{t.d.rank}.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
+
+
+_init, _train_epoch, _predict, _fit = Trainer.__init__, Trainer.train_epoch, Trainer.predict, Trainer.fit
+
+
+def __init__(self, *a, **kw):
+    _init(self, *a, **kw)
+    self.probe_steps, step = 0, self.opt.step
+    def counted(*a, **kw):
+        self.probe_steps += 1; return step(*a, **kw)
+    self.opt.step = counted
+
+
+def train_epoch(self, *a, **kw):
+    out = _train_epoch(self, *a, **kw)
+    self.probe_bn = digest(b for n, b in self.model.named_buffers() if 'running' in n)  # before predict's broadcast
+    return out
+
+
+def predict(self, split, precise=False):
+    off = float(OFFSETS.get(f'{self.d.rank}:{self.epoch + 1}', 0.0)) if split == 'val' else 0.0
+    hook = self.model.register_forward_hook(lambda m, i, out: out + off) if off else None
+    try: return _predict(self, split, precise)
+    finally:
+        if hook: hook.remove()
+
+
+def fit(self, end_of_epoch=None, progress_factory=None):
+    def eoe(t, improved, final):
+        log(t, epoch=t.epoch, val_mae=t.history[-1]['val_mae'], improved=bool(improved), final=bool(final),
+            best_epoch=t.best_epoch, best_mae=t.best_mae, bad_epochs=t.bad_epochs, lr=t.history[-1]['lr'],
+            lr_next=t.opt.param_groups[0]['lr'], weights=digest(t.model.parameters()), bn=t.probe_bn,
+            opt_steps=t.probe_steps, sync_bn_layers=sum(isinstance(m, torch.nn.SyncBatchNorm) for m in t.model.modules()))
+        if end_of_epoch: end_of_epoch(t, improved, final)
+    reason = _fit(self, eoe, progress_factory)
+    log(self, stop=reason, epoch=self.epoch)
+    return reason
+
+
+_save = torch.save
+
+
+def save(obj, f, *a, **kw):
+    "torch.save that dies half-way through the file named in AGENB_PROBE_KILL_WRITE (atomic_write's temporary file)."
+    name, epoch = KILL.split(':')
+    p = Path(f) if isinstance(f, (str, os.PathLike)) else None
+    if p is not None and isinstance(obj, dict) and obj.get('epoch') == int(epoch) and (
+            p.name == name or p.name.startswith(f'.{name}.')):
+        buf = io.BytesIO(); _save(obj, buf, *a, **kw)
+        with open(p, 'wb') as out:
+            out.write(buf.getvalue()[: len(buf.getvalue()) // 2]); out.flush(); os.fsync(out.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _save(obj, f, *a, **kw)
+
+
+Trainer.__init__, Trainer.train_epoch, Trainer.predict, Trainer.fit = __init__, train_epoch, predict, fit
+if KILL: torch.save = save
+
+if __name__ == '__main__':
+    if LOG: Path(LOG).mkdir(parents=True, exist_ok=True)
+    run_cli(agenb.train.main, sys.argv[1:])
