@@ -88,7 +88,7 @@ def test_report_of_a_failed_run(rendered, tmp_path):
 def test_report_of_a_nearly_empty_folder(tmp_path):
     "Only a config.json saying 'running' (killed before the first epoch): still a report."
     run = tmp_path / 'run_x'; run.mkdir()
-    (run / 'config.json').write_text(json.dumps({'status': 'running', 'training': {'epochs': 5}}))
+    (run / 'config.json').write_text(json.dumps({'status': 'running', 'training': {'epochs': 5}, 'args': {'epochs': 5}}))
     r = agenb('report', run)
     assert r.returncode == 0, r.stderr[-2000:]
     html = (run / 'report.html').read_text()
