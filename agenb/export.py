@@ -273,6 +273,9 @@ def export_run(run_dir, out_dir=None, formats=None, checkpoint='best_model.pth',
     "Write the bundle of a run to `out_dir` (default RUN_DIR/export); returns the model card."
     run_dir = Path(run_dir)
     rm = load_run_model(run_dir, checkpoint, 'cpu')
+    if rm.covariate_stats:  # issue 16: the covariates as a second input are not done yet
+        raise InputError(f'{run_dir}: exporting a run trained with --covariates ({",".join(rm.covariate_stats["names"])}) is not supported yet; '
+                         'use python -m agenb.predict with --excel-path for it')
     mpath = run_dir / 'metrics.json'
     if not mpath.is_file():
         raise InputError(f'{mpath} is missing: the run has no test metrics for the model card; '
