@@ -16,11 +16,11 @@ import torchvision
 from .core import InputError, file_sha256
 
 # %% auto #0
-__all__ = ['ARCHS', 'COVARIATES', 'SEX_CODES', 'ECHO_REGION', 'is_timm', 'check_arch', 'AgeNet', 'head_linear', 'image_body',
-           'fixed_image_size', 'min_image_size', 'check_image_size', 'build_model', 'backbone_stages', 'set_trainable',
-           'freeze_batchnorm', 'param_groups', 'parse_age_bins', 'RegressionHead', 'DistributionHead', 'AgeOutput',
-           'coverage', 'describe_model', 'gradcam_target_layer', 'parse_covariates', 'covariate_values',
-           'fit_covariates', 'covariate_inputs']
+__all__ = ['ARCHS', 'COVARIATES', 'SEX_CODES', 'ECHO_REGION', 'SPREADSHEET_COLUMNS', 'is_timm', 'check_arch', 'AgeNet',
+           'head_linear', 'image_body', 'fixed_image_size', 'min_image_size', 'check_image_size', 'build_model',
+           'backbone_stages', 'set_trainable', 'freeze_batchnorm', 'param_groups', 'parse_age_bins', 'RegressionHead',
+           'DistributionHead', 'AgeOutput', 'coverage', 'describe_model', 'gradcam_target_layer', 'parse_covariates',
+           'covariate_values', 'fit_covariates', 'covariate_inputs']
 
 # %% ../nbs/05_model.ipynb #f34d5e50
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'efficientnet_b0', 'efficientnet_b1', 'convnext_tiny',
@@ -494,6 +494,8 @@ def gradcam_target_layer(model, arch: str) -> nn.Module:
 COVARIATES = {'sex': 'sex', 'bmi': 'bmi', 'height': 'height_cm', 'weight': 'weight_kg', 'echo_mean': None, 'echo_skew': None}
 SEX_CODES = {'M': 1.0, 'F': 0.0}   # the table writes F for F/V/female/vrouw
 ECHO_REGION = 'the whole decoded model input (after --roi preprocessing)'
+SPREADSHEET_COLUMNS = {'sex': 'a sex column (Sex, Gender or Geslacht)', 'bmi': 'length and weight columns (BMI is computed from them)',
+                       'height': 'a length column (Length (cm), Height or Lengte)', 'weight': 'a weight column (Weight (kg) or Gewicht)'}
 
 def parse_covariates(text) -> tuple:
     "`'sex,bmi'` -> ('sex', 'bmi'); unknown or repeated names and `age` are refused."
@@ -517,7 +519,7 @@ def covariate_values(table, images, names, where='the spreadsheet') -> np.ndarra
             d = x - mu[:, None]; sd = d.pow(2).mean(1).sqrt()
             cols.append(torch.where(sd > 0, d.pow(3).mean(1) / sd.clamp_min(1e-12) ** 3, torch.zeros_like(sd)).numpy()); continue
         if col not in table.columns or table[col].isna().all():
-            raise InputError(f'--covariates {n}: {where} has no {n} values (column {col!r} missing or empty); '
+            raise InputError(f'--covariates {n}: {where} has no {n} values: it needs {SPREADSHEET_COLUMNS[n]} with values; '
                              f'add the column or drop {n} from --covariates')
         v = table[col].map(lambda s: SEX_CODES.get(s, np.nan)) if n == 'sex' else table[col]
         cols.append(v.to_numpy(dtype=float))

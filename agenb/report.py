@@ -27,11 +27,11 @@ from .compare import compare_runs, find_runs, METRIC_COLS
 # %% auto #0
 __all__ = ['DASH', 'STYLE', 'METRIC_COLUMNS', 'PLOT_TITLES', 'load_run', 'Html', 'fmt', 'cell', 'kv_table', 'table', 'note',
            'png_tag', 'img_file', 'fig_tag', 'header_section', 'option_sources', 'option_sources_html',
-           'identity_section', 'environment_section', 'dataset_section', 'model_section', 'training_section',
-           'curves_section', 'metrics_frame', 'calibration_html', 'metrics_section', 'plots_section',
-           'age_groups_section', 'gradcam_section', 'thumbnail', 'gallery', 'predictions_section', 'files_section',
-           'repo_root', 'report_notebook', 'self_contained', 'external_refs', 'notebook_html', 'summary_markdown',
-           'render_report', 'val_curves_figure', 'compare_html', 'render_compare', 'main']
+           'identity_section', 'environment_section', 'dataset_section', 'covariates_text', 'model_section',
+           'training_section', 'curves_section', 'metrics_frame', 'calibration_html', 'metrics_section',
+           'plots_section', 'age_groups_section', 'gradcam_section', 'thumbnail', 'gallery', 'predictions_section',
+           'files_section', 'repo_root', 'report_notebook', 'self_contained', 'external_refs', 'notebook_html',
+           'summary_markdown', 'render_report', 'val_curves_figure', 'compare_html', 'render_compare', 'main']
 
 # %% ../nbs/12_report.ipynb #2b4f75e9
 def _read_json(path):
@@ -279,12 +279,18 @@ def dataset_section(r) -> Html:
     return Html(''.join(out))
 
 # %% ../nbs/12_report.ipynb #4101bf8f
+def covariates_text(cov: dict) -> str:
+    "One line on the covariates of config.json's model record."
+    return (f'{", ".join(cov.get("names", []))}: standardised with {cov.get("fitted_on", "?")} statistics, a missing value imputed '
+            f'with the training median plus a missing-indicator; echo values over {cov.get("echo_region", "?")}')
+
 def model_section(r) -> Html:
     "Architecture, weights, head, preprocessing and augmentation."
     c = r.config; m = c.get('model') or {}
     if not m and not c.get('preprocessing'): return note('no model recorded (config.json missing or incomplete)')
     out = [kv_table([('architecture', m.get('architecture')), ('pretrained (ImageNet)', m.get('pretrained')),
                      ('weights', m.get('weights_source')), ('head', m.get('head', ...)),
+                     *([('covariates', covariates_text(m['covariates']))] if isinstance(m.get('covariates'), dict) else []),
                      ('dropout', m.get('dropout')), ('initial bias (train mean age)', m.get('init_bias')),
                      ('parameters', f'{m["n_parameters"]:,}' if isinstance(m.get('n_parameters'), int) else m.get('n_parameters'))])]
     for title, key in (('Preprocessing', 'preprocessing'), ('Augmentation (applied on the fly, training only)', 'augmentation')):
