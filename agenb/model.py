@@ -59,7 +59,7 @@ def _unwrap(model):
     while True:
         if hasattr(model, '_orig_mod'): model = model._orig_mod
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
-        elif isinstance(model, (torch.optim.swa_utils.AveragedModel, AgeOutput)): model = model.module
+        elif isinstance(model, torch.optim.swa_utils.AveragedModel) or getattr(model, 'agenb_age_output', False): model = model.module
         else: return model
 
 def _torchvision_head_path(model) -> str:
@@ -428,6 +428,7 @@ class DistributionHead:
 
 class AgeOutput(nn.Module):
     "`model` whose output is the predicted age (B, 1) whatever its head: what Grad-CAM and exports look at."
+    agenb_age_output = True   # `_unwrap` looks through it (defined before this class)
     def __init__(self, model, head=None, reference_covariates=None):
         super().__init__()
         self.module = model

@@ -105,6 +105,7 @@ def predict_images(rm: RunModel, paths, batch_size=64, tta=False, skip_bad=False
         rows = table.assign(path=[str(Path(p).resolve()) for p in table['path']]).drop_duplicates('path').set_index('path')
         rows = rows.reindex([str(p.resolve()) for p in kept]).reset_index()
         cov = rm.covariates_for(rows, images, where)
+        n_imputed = int(cov[:, cov.shape[1] // 2:].bool().any(1).sum())   # the second half: the missing-indicators
     views = tta_views(rm.augmentation) if tta else tta_views({})
     pred, sd = predict_tensor(rm, images, batch_size, views, cov)
     subj = [parse_subject(p.name, rm.pattern) for p in kept]
@@ -112,6 +113,7 @@ def predict_images(rm: RunModel, paths, batch_size=64, tta=False, skip_bad=False
                        'subject': pd.array([s for s, _ in subj], dtype='string'),
                        'image_index': pd.array([i for _, i in subj], dtype='Int64'), 'pred': pred})
     if sd is not None: df['tta_sd'] = sd
+    if cov is not None: df.attrs['covariates_imputed'] = n_imputed
     if rm.head is not None:  # distribution head: predictive SD and intervals (of the unaugmented image)
         probs = rm.head.probs(predict_outputs(rm, images, batch_size, cov)).numpy()
         img, _ = interval_tables(rm.head, df[['subject']].fillna(''), probs)
@@ -229,6 +231,9 @@ def main(argv=None):
     table, data_summary = _table(a, rm) if a.excel_path else (None, None)
     df, skipped, views = predict_images(rm, files, a.batch_size, a.tta, a.skip_bad, a.num_workers, table, str(a.excel_path))
     for s in skipped: print(f'skipped {s["file"]}: {s["reason"]}', file=sys.stderr)
+    if df.attrs.get('covariates_imputed'):
+        print(f'{df.attrs["covariates_imputed"]} of {len(df)} images have a missing covariate (not in {a.excel_path} or blank): '
+              "imputed with the run's training median plus a missing-indicator", file=sys.stderr)
     metrics = None
     if a.excel_path:
         ages = _ages(table, df['path'])
@@ -256,7 +261,8 @@ def main(argv=None):
             'bias_correction': rm.bias_correction, 'excel_path': str(Path(a.excel_path).resolve()) if a.excel_path else None,
             'excel_sha256': (data_summary or {}).get('excel_sha256'),
             'covariates': rm.covariate_stats and {'names': rm.covariate_stats['names'], 'read_from': 'the --excel-path table and the images',
-                                                  'standardised_with': "the run's training statistics (from the checkpoint)"},
+                                                  'standardised_with': "the run's training statistics (from the checkpoint)",
+                                                  'n_images_with_a_missing_covariate': df.attrs.get('covariates_imputed')},
             'files': {k: p.name for k, p in paths.items() if p in written}}
     atomic_write_json(paths['info'], info); written.append(paths['info'])
     print(f'{len(df)} images of {info["n_subjects"]} subjects predicted with {rm.args["arch"]} ({rm.checkpoint.name}, '

@@ -59,7 +59,8 @@ def test_covariate_predict_roundtrip_and_refusals(cov_run, data_args, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     p = pd.read_csv(tmp_path / 'p.csv').set_index('path').loc[preds.path]
     np.testing.assert_allclose(p.pred.to_numpy(), preds.pred.to_numpy(), atol=1e-3)   # same covariates, same statistics
-    assert json.loads((tmp_path / 'p.json').read_text())['covariates']['names'] == COV.split(',')
+    info = json.loads((tmp_path / 'p.json').read_text())['covariates']
+    assert info['names'] == COV.split(',') and info['n_images_with_a_missing_covariate'] >= 0
     r = agenb('predict', cov_run, '--image-dir', img_dir, '--out', tmp_path / 'q.csv')
     assert r.returncode == 2 and '--excel-path' in r.stderr and 'Traceback' not in r.stderr
     no_sex = _rename_header(data_args[3], tmp_path / 'no_sex.xlsx', 'Sex', 'Remark')
