@@ -16,28 +16,52 @@ from torch import nn
 import agenb
 from .core import InputError, Parser, ensure_output_dir, run_cli, atomic_write, atomic_write_json, atomic_write_text, file_sha256, package_versions
 from .split import split_summary
-from .runs import load_run_model, read_split, refuse_run_dir, RunModel
+from .runs import load_run_model, read_split, refuse_run_dir, RunModel, run_table
+from .model import COVARIATES, covariate_values
 from .predict import read_images
 
 # %% auto #0
-__all__ = ['FORMATS', 'FILENAMES', 'ONNX_OPSET', 'README', 'AgeRegressor', 'available_formats', 'export_torchscript',
-           'export_onnx', 'load_exported', 'model_card', 'verify_bundle', 'export_run', 'main']
+__all__ = ['FORMATS', 'FILENAMES', 'ONNX_OPSET', 'UNITS', 'README', 'AgeRegressor', 'available_formats', 'export_torchscript',
+           'export_onnx', 'load_exported', 'covariates_card', 'model_card', 'verify_bundle', 'export_run', 'main']
 
 # %% ../nbs/14_export.ipynb #f69f775d
 class AgeRegressor(nn.Module):
     """Float (B, 1, H, W) grey in [0, 1] -> predicted age in years (B,); grey-to-RGB and normalisation inside.
-    With a distribution head (`head`, from `agenb.runs`) -> (age, age_sd): the mean and SD of the distribution over bins."""
-    def __init__(self, model: nn.Module, mean, std, head=None):
+    With a distribution head (`head`, from `agenb.runs`) -> (age, age_sd): the mean and SD of the distribution over bins.
+    With `covariates` (a run's training statistics) a second input (B, S) takes the spreadsheet covariates as raw values
+    (NaN: missing); echo_mean/echo_skew are computed from the image, and imputation and standardisation happen inside."""
+    def __init__(self, model: nn.Module, mean, std, head=None, covariates=None):
         super().__init__()
         self.model = model
+        self.cov_names = list(covariates['names']) if covariates else []
+        self.sheet_names = [n for n in self.cov_names if COVARIATES[n] is not None]
+        for k in ('median', 'mean', 'sd'):
+            self.register_buffer(f'cov_{k}', torch.tensor(covariates[k], dtype=torch.float32) if covariates else None)
+        self.input_names = ['image'] + (['covariates'] if self.sheet_names else [])
         self.register_buffer('mean', torch.tensor([float(v) for v in mean], dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer('std', torch.tensor([float(v) for v in std], dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer('centers', None if head is None else torch.tensor(head.centers, dtype=torch.float32))
         self.register_buffer('bin_var', None if head is None else torch.tensor(np.diff(head.edges) ** 2 / 12, dtype=torch.float32))
         self.output_names = ['age'] if head is None else ['age', 'age_sd']
 
-    def forward(self, x: torch.Tensor):
-        out = self.model((x - self.mean) / self.std)  # broadcasting replicates grey to 3 channels
+    def covariate_inputs(self, x, sheet):
+        "The model's covariate inputs from the image `x` (echo_*) and the raw spreadsheet values `sheet`, as in training."
+        flat, cols, j = x.flatten(1), [], 0
+        mu = flat.mean(1)
+        for n in self.cov_names:
+            if n == 'echo_mean': cols.append(mu)
+            elif n == 'echo_skew':
+                d = flat - mu[:, None]; sd = d.pow(2).mean(1).sqrt()
+                cols.append(torch.where(sd > 0, d.pow(3).mean(1) / sd.clamp_min(1e-12) ** 3, torch.zeros_like(sd)))
+            else: cols.append(sheet[:, j]); j += 1
+        raw = torch.stack(cols, 1)
+        miss = torch.isnan(raw)
+        z = (torch.where(miss, self.cov_median.expand_as(raw), raw) - self.cov_mean) / self.cov_sd
+        return torch.cat([z, miss.float()], 1)
+
+    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None):
+        extra = (self.covariate_inputs(x, covariates),) if self.cov_names else ()
+        out = self.model((x - self.mean) / self.std, *extra)  # broadcasting replicates grey to 3 channels
         if self.centers is None: return out.squeeze(1)
         p = torch.softmax(out.float(), 1)
         age = p @ self.centers
@@ -58,7 +82,7 @@ def export_torchscript(module: nn.Module, example: torch.Tensor, path):
     "Trace `module` on `example` and save it atomically as TorchScript."
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # torch.jit is deprecated in favour of torch.export, but still the portable format
-        traced = torch.jit.trace(module, example, check_trace=True)
+        traced = torch.jit.trace(module, example, check_trace=True)  # example: the image, or (image, covariates)
         with atomic_write(path) as tmp: torch.jit.save(traced, str(tmp))
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path, opset=ONNX_OPSET):
@@ -66,14 +90,15 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path, opset=ONNX_OPSET
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         with atomic_write(path) as tmp:
-            torch.onnx.export(module, (example,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=['image'], output_names=module.output_names,
-                              dynamic_axes={'image': {0: 'batch'}, **{k: {0: 'batch'} for k in module.output_names}})
+            names = getattr(module, 'input_names', ['image'])
+            torch.onnx.export(module, example if isinstance(example, tuple) else (example,), str(tmp), dynamo=False,
+                              opset_version=opset, input_names=names, output_names=module.output_names,
+                              dynamic_axes={**{k: {0: 'batch'} for k in names}, **{k: {0: 'batch'} for k in module.output_names}})
     import onnx  # optional (pip install agenb[export]): imported only when exporting to ONNX
     onnx.checker.check_model(str(path))
 
 def load_exported(path, all_outputs=False):
-    """A function numpy float32 (B, 1, H, W) in [0, 1] -> numpy ages (B,) for a bundle's model file (.pt or .onnx);
+    """A function numpy float32 (B, 1, H, W) in [0, 1] [, covariates (B, S)] -> numpy ages (B,) for a bundle's model file (.pt or .onnx);
     `all_outputs`: a list of every output (age and, for a distribution head, age_sd)."""
     path = Path(path)
     if not path.is_file(): raise InputError(f'{path}: no such model file')
@@ -81,21 +106,41 @@ def load_exported(path, all_outputs=False):
         try: import onnxruntime as ort
         except ImportError: raise InputError('onnxruntime is not installed: pip install onnxruntime to run model.onnx') from None
         sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-        name = sess.get_inputs()[0].name
-        def run_onnx(x):
-            outs = [o.astype(float) for o in sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})]
+        names = [i.name for i in sess.get_inputs()]
+        def run_onnx(x, covariates=None):
+            feed = dict(zip(names, [np.ascontiguousarray(v, dtype=np.float32) for v in (x, covariates) if v is not None]))
+            outs = [o.astype(float) for o in sess.run(None, feed)]
             return outs if all_outputs else outs[0]
         return run_onnx
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         m = torch.jit.load(str(path), map_location='cpu').eval()
-    def run(x):
-        with torch.no_grad(): outs = m(torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)))
+    def run(x, covariates=None):
+        args = [torch.as_tensor(np.ascontiguousarray(v, dtype=np.float32)) for v in (x, covariates) if v is not None]
+        with torch.no_grad(): outs = m(*args)
         outs = [o.double().numpy() for o in (outs if isinstance(outs, (tuple, list)) else [outs])]
         return outs if all_outputs else outs[0]
     return run
 
 # %% ../nbs/14_export.ipynb #e8f4d01c
+UNITS = {'sex': '1 for M, 0 for F/V', 'bmi': 'kg/m2', 'height': 'cm', 'weight': 'kg'}
+
+def covariates_card(stats) -> dict:
+    "The model card's record of a covariate run's second input (empty without covariates)."
+    if not stats: return {}
+    sheet = [n for n in stats['names'] if COVARIATES[n] is not None]
+    echo = [n for n in stats['names'] if COVARIATES[n] is None]
+    out = {'covariates': {'names': stats['names'], 'fitted_on': stats['fitted_on'], 'median': stats['median'],
+                          'mean': stats['mean'], 'sd': stats['sd'],
+                          'computed_inside_from_the_image': {n: f'{"mean" if n == "echo_mean" else "skewness"} of the grey values '
+                                                             'in [0, 1] of the whole input image' for n in echo},
+                          'imputation_and_standardisation': 'inside the model: NaN -> training median plus a missing-indicator, '
+                                                            'then (value - mean) / sd with the training-split statistics'}}
+    if sheet: out['second_input'] = {'name': 'covariates', 'shape': ['batch', len(sheet)], 'dtype': 'float32', 'columns': sheet,
+                                     'units': {n: UNITS[n] for n in sheet}, 'missing': 'NaN',
+                                     'meaning': 'raw spreadsheet values of the subject, in this column order'}
+    return out
+
 def model_card(rm: RunModel, metrics: dict, out_dir, files: dict, verification: dict | None = None, skipped: dict | None = None) -> dict:
     "The model card of run model `rm` (from `agenb.runs.load_run_model`) exported to `out_dir` as `files` {format: file name}."
     cfg, args, prep = rm.cfg, rm.args, rm.prep
@@ -123,7 +168,7 @@ def model_card(rm: RunModel, metrics: dict, out_dir, files: dict, verification: 
                                      f'{prep.interpolation} ({"antialiased" if prep.antialias else "no antialiasing"})',
                                      'divide by 255 -> float32 in [0, 1]', 'stack as (batch, 1, height, width)',
                                      'do not crop the burned-in labels: training did not'],
-                  'preprocessing': prep.to_dict()},
+                  'preprocessing': prep.to_dict(), **covariates_card(rm.covariate_stats)},
         'output': {'name': 'age', 'shape': ['batch'], 'dtype': 'float32', 'unit': 'years',
                    'meaning': 'predicted age, raw (not bias-corrected)',
                    'bias_corrected': '(age - b) / a with bias_correction.a/b' if bc and bc.get('applied') else
@@ -178,27 +223,31 @@ def verify_bundle(rm: RunModel, out_dir, files: dict, tol=1e-4) -> dict:
     "Run the exported files on the run's test images; max |difference| to predictions.csv (and to the PyTorch model)."
     out_dir = Path(out_dir)
     pc = rm.run_dir / 'predictions.csv'
-    wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std, rm.head).eval()
+    wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std, rm.head, rm.covariate_stats).eval()
     res = {'tolerance_years': tol}
-    ref = None
+    ref, cov = None, None
     try:
         if not pc.is_file(): raise InputError(f'{pc} is missing')
         p = pd.read_csv(pc)
         imgs, kept, _ = read_images(p['path'], rm.prep)
         x = imgs.float().div_(255).numpy()
+        if wrapped.sheet_names:  # the test images' spreadsheet covariates, raw, from the run's own spreadsheet
+            cov = covariate_values(run_table(rm.options, [str(k) for k in kept]), imgs, wrapped.sheet_names,
+                                   str(rm.options.excel_path)).astype(np.float32)
         ref, res['against'] = p['pred'].to_numpy(float), f'{pc.name} ({len(p)} test images)'
     except InputError as e:
         h, w = rm.prep.size
         x = torch.rand(4, 1, h, w, generator=torch.Generator().manual_seed(0)).numpy()
+        cov = np.full((4, len(wrapped.sheet_names)), np.nan, np.float32) if wrapped.sheet_names else None
         res['against'] = f'the in-memory PyTorch model on 4 random images ({" ".join(str(e).split())})'
     with torch.no_grad():
-        torch_pred = wrapped(torch.from_numpy(x).to(rm.device))
+        torch_pred = wrapped(torch.from_numpy(x).to(rm.device), *(() if cov is None else (torch.from_numpy(cov).to(rm.device),)))
         torch_pred = (torch_pred[0] if isinstance(torch_pred, tuple) else torch_pred).double().cpu().numpy()
     if ref is None: ref = torch_pred
     res['n'] = len(ref)
     res['pytorch_max_abs_diff'] = float(np.abs(torch_pred - ref).max())
     for fmt, name in files.items():
-        try: pred = load_exported(out_dir / name)(x)
+        try: pred = load_exported(out_dir / name)(x, cov)
         except InputError as e:
             res[fmt] = {'checked': False, 'reason': str(e)}; continue
         diff = float(np.abs(pred - ref).max())
@@ -219,7 +268,7 @@ Predicts age in years from one B-mode muscle-ultrasound image. Exported by agenb
 {prepare}
 
 Grey-to-RGB replication and the normalisation (mean {mean}, std {std}) are **inside** the model: do not
-normalise beforehand.
+normalise beforehand.{covariates}
 
 ## Output
 `age`: float32 `(batch,)`, predicted age in years (raw). {correction}
@@ -240,6 +289,15 @@ x = (np.asarray(im, dtype=np.float32) / 255)[None, None]          # (1, 1, {h}, 
 {limitations}
 """
 
+def _covariates_text(inp) -> str:
+    "README lines on the covariate input, if any."
+    c, s = inp.get('covariates'), inp.get('second_input')
+    if not c: return ''
+    out = f'\n\nThe model also uses the covariates {", ".join(c["names"])} ({c["imputation_and_standardisation"]}).'
+    if s: out += (f' Second input `covariates`: float32 `(batch, {len(s["columns"])})`, columns {", ".join(s["columns"])} '
+                  f'({"; ".join(f"{k}: {v}" for k, v in s["units"].items())}), NaN where missing.')
+    return out
+
 def _readme(card) -> str:
     inp, tm, bc = card['input'], card['test_metrics'], card['bias_correction']
     f = lambda v, k=2: 'n/a' if v is None else f'{v:.{k}f}'
@@ -249,11 +307,15 @@ def _readme(card) -> str:
         m = tm.get(key)
         if m: rows.append(f'| {label} | {m["n"]} | {f(m["mae"])} | {f(m["rmse"])} | {f(m["pearson_r"], 3)} |')
     metrics = '| test set | n | MAE | RMSE | r |\n|---|---|---|---|---|\n' + '\n'.join(rows) if rows else 'no test metrics'
-    examples = []
+    examples, sec = [], inp.get('second_input')
+    if sec: examples += [f"c = np.array([[{', '.join('1.0' if n == 'sex' else 'np.nan' for n in sec['columns'])}]], dtype=np.float32)"
+                         f"  # {', '.join(sec['columns'])} (NaN: missing)"]
     if 'onnx' in card['files']:
-        examples += ["import onnxruntime as ort", "age = ort.InferenceSession('model.onnx').run(None, {'image': x})[0]"]
+        feed = "{'image': x, 'covariates': c}" if sec else "{'image': x}"
+        examples += ["import onnxruntime as ort", f"age = ort.InferenceSession('model.onnx').run(None, {feed})[0]"]
     if 'torchscript' in card['files']:
-        examples += ["import torch", "age = torch.jit.load('model.torchscript.pt')(torch.from_numpy(x)).detach().numpy()"]
+        args = 'torch.from_numpy(x), torch.from_numpy(c)' if sec else 'torch.from_numpy(x)'
+        examples += ["import torch", f"age = torch.jit.load('model.torchscript.pt')({args}).detach().numpy()"]
     extra = card['output'].get('second_output')
     sd_line = (f' A second output `age_sd` is the SD (years) of the predicted distribution over age bins '
                f'(bins {card["output"]["age_bins"]["bin_edges"]}, width {card["output"]["age_bins"]["bin_width"]}); '
@@ -267,6 +329,7 @@ def _readme(card) -> str:
                          prepare='\n'.join(f'{i + 1}. {s}' for i, s in enumerate(inp['how_to_prepare'])),
                          mean=inp['normalisation']['mean'], std=inp['normalisation']['std'], correction=correction + sd_line,
                          metrics=metrics, resample=inp['preprocessing']['interpolation'].upper(),
+                         covariates=_covariates_text(inp),
                          example='\n'.join(examples), limitations='\n'.join(f'- {s}' for s in card['limitations']))
 
 def export_run(run_dir, out_dir=None, formats=None, checkpoint='best_model.pth', verify=True) -> dict:
@@ -292,8 +355,10 @@ def export_run(run_dir, out_dir=None, formats=None, checkpoint='best_model.pth',
     refuse_run_dir(out, instead='a new folder (the default is RUN_DIR/export/)')
     out = ensure_output_dir(out)
     h, w = rm.prep.size
-    wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std, rm.head).eval()
+    wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std, rm.head, rm.covariate_stats).eval()
     example = torch.rand(2, 1, h, w, generator=torch.Generator().manual_seed(0))
+    if wrapped.sheet_names: example = (example, torch.tensor([[float(rm.covariate_stats['median'][wrapped.cov_names.index(n)]) for n in wrapped.sheet_names],
+                                                              [float('nan')] * len(wrapped.sheet_names)]))
     files = {}
     for f in formats:
         (export_torchscript if f == 'torchscript' else export_onnx)(wrapped, example, out / FILENAMES[f])

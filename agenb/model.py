@@ -16,10 +16,11 @@ import torchvision
 from .core import InputError, file_sha256
 
 # %% auto #0
-__all__ = ['ARCHS', 'is_timm', 'check_arch', 'AgeNet', 'head_linear', 'image_body', 'fixed_image_size', 'min_image_size',
-           'check_image_size', 'build_model', 'backbone_stages', 'set_trainable', 'freeze_batchnorm', 'param_groups',
-           'parse_age_bins', 'RegressionHead', 'DistributionHead', 'AgeOutput', 'coverage', 'describe_model',
-           'gradcam_target_layer']
+__all__ = ['ARCHS', 'COVARIATES', 'SEX_CODES', 'ECHO_REGION', 'SPREADSHEET_COLUMNS', 'is_timm', 'check_arch', 'AgeNet',
+           'head_linear', 'image_body', 'fixed_image_size', 'min_image_size', 'check_image_size', 'build_model',
+           'backbone_stages', 'set_trainable', 'freeze_batchnorm', 'param_groups', 'parse_age_bins', 'RegressionHead',
+           'DistributionHead', 'AgeOutput', 'coverage', 'describe_model', 'gradcam_target_layer', 'parse_covariates',
+           'covariate_values', 'fit_covariates', 'covariate_inputs']
 
 # %% ../nbs/05_model.ipynb #f34d5e50
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'efficientnet_b0', 'efficientnet_b1', 'convnext_tiny',
@@ -58,7 +59,7 @@ def _unwrap(model):
     while True:
         if hasattr(model, '_orig_mod'): model = model._orig_mod
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
-        elif isinstance(model, (torch.optim.swa_utils.AveragedModel, AgeOutput)): model = model.module
+        elif isinstance(model, torch.optim.swa_utils.AveragedModel) or getattr(model, 'agenb_age_output', False): model = model.module
         else: return model
 
 def _torchvision_head_path(model) -> str:
@@ -427,11 +428,14 @@ class DistributionHead:
 
 class AgeOutput(nn.Module):
     "`model` whose output is the predicted age (B, 1) whatever its head: what Grad-CAM and exports look at."
-    def __init__(self, model, head=None):
+    agenb_age_output = True   # `_unwrap` looks through it (defined before this class)
+    def __init__(self, model, head=None, reference_covariates=None):
         super().__init__()
         self.module = model
         self.register_buffer('centers', None if head is None else torch.tensor(head.centers, dtype=torch.float32))
+        self.register_buffer('reference', reference_covariates)   # used when no covariates are given (Grad-CAM)
     def forward(self, x, *args):
+        if not args and self.reference is not None: args = (self.reference.expand(len(x), -1),)
         out = self.module(x, *args)
         return out[:, :1] if self.centers is None else (torch.softmax(out.float(), 1) @ self.centers)[:, None]
 
@@ -486,3 +490,58 @@ def gradcam_target_layer(model, arch: str) -> nn.Module:
     mods = _torchvision_stage_modules(body)
     if mods is None: raise InputError(f'Grad-CAM: agenb does not know the last block of {arch}; use --gradcam-n 0')
     return _last_block(mods[-1][1])
+
+# %% ../nbs/05_model.ipynb #69b1f133
+COVARIATES = {'sex': 'sex', 'bmi': 'bmi', 'height': 'height_cm', 'weight': 'weight_kg', 'echo_mean': None, 'echo_skew': None}
+SEX_CODES = {'M': 1.0, 'F': 0.0}   # the table writes F for F/V/female/vrouw
+ECHO_REGION = 'the whole decoded model input (after --roi preprocessing)'
+SPREADSHEET_COLUMNS = {'sex': 'a sex column (Sex, Gender or Geslacht)', 'bmi': 'length and weight columns (BMI is computed from them)',
+                       'height': 'a length column (Length (cm), Height or Lengte)', 'weight': 'a weight column (Weight (kg) or Gewicht)'}
+
+def parse_covariates(text) -> tuple:
+    "`'sex,bmi'` -> ('sex', 'bmi'); unknown or repeated names and `age` are refused."
+    if text is None or text == '': return ()
+    names = tuple(n.strip().lower() for n in str(text).split(','))
+    if 'age' in names: raise InputError('--covariates: age is the target, not a covariate; remove it')
+    bad = [n for n in names if n not in COVARIATES]
+    if bad: raise InputError(f'--covariates: unknown covariate(s) {", ".join(map(repr, bad))}; choose from {", ".join(COVARIATES)}')
+    if len(set(names)) != len(names): raise InputError(f'--covariates {text}: a covariate is named twice')
+    return names
+
+def covariate_values(table, images, names, where='the spreadsheet') -> np.ndarray:
+    "Raw covariates (N, C) as float64 with NaN for missing: table columns, or echo statistics of `images` (N, 1, H, W uint8)."
+    cols = []
+    for n in names:
+        col = COVARIATES[n]
+        if col is None:
+            x = images.reshape(len(images), -1).double().div(255)
+            mu = x.mean(1)
+            if n == 'echo_mean': cols.append(mu.numpy()); continue
+            d = x - mu[:, None]; sd = d.pow(2).mean(1).sqrt()
+            cols.append(torch.where(sd > 0, d.pow(3).mean(1) / sd.clamp_min(1e-12) ** 3, torch.zeros_like(sd)).numpy()); continue
+        if col not in table.columns or table[col].isna().all():
+            raise InputError(f'--covariates {n}: {where} has no {n} values: it needs {SPREADSHEET_COLUMNS[n]} with values; '
+                             f'add the column or drop {n} from --covariates')
+        v = table[col].map(lambda s: SEX_CODES.get(s, np.nan)) if n == 'sex' else table[col]
+        cols.append(v.to_numpy(dtype=float))
+    return np.stack(cols, 1) if cols else np.zeros((len(table), 0))
+
+def fit_covariates(raw_train: np.ndarray, names) -> dict:
+    "Medians, means and SDs of the training split's covariates (after imputation): what config.json and the checkpoint keep."
+    med, mean, sd = [], [], []
+    for j, n in enumerate(names):
+        v = raw_train[:, j]; ok = v[~np.isnan(v)]
+        if not len(ok): raise InputError(f'--covariates {n}: no training subject has a value; drop it from --covariates')
+        m = float(np.median(ok)); f = np.where(np.isnan(v), m, v)
+        med.append(m); mean.append(float(f.mean())); sd.append(float(f.std()) or 1.0)
+    return {'names': list(names), 'median': med, 'mean': mean, 'sd': sd, 'n_inputs': 2 * len(names),
+            'inputs': [f'{n} (standardised)' for n in names] + [f'{n} missing' for n in names],
+            'sex_encoding': {'M': 1, 'F or V': 0, 'other or blank': 'missing'}, 'echo_region': ECHO_REGION,
+            'fitted_on': 'training split only'}
+
+def covariate_inputs(raw: np.ndarray, stats: dict) -> torch.Tensor:
+    "Model inputs (N, 2C): standardised values (missing -> training median) then the missing-indicators."
+    miss = np.isnan(raw)
+    f = np.where(miss, np.asarray(stats['median'])[None], raw)
+    z = (f - np.asarray(stats['mean'])[None]) / np.asarray(stats['sd'])[None]
+    return torch.tensor(np.concatenate([z, miss.astype(float)], 1), dtype=torch.float32)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from .core import InputError, Parser
-from .model import ARCHS, check_arch, check_image_size, parse_age_bins
+from .model import ARCHS, check_arch, check_image_size, parse_age_bins, parse_covariates
 
 # %% auto #0
 __all__ = ['RECIPE', 'OPTIONS', 'OPTION_NAMES', 'OPTION_TYPES', 'PLAIN_DEFAULTS', 'RECIPES', 'RECIPE_KEYS', 'DEMO_OPTIONS',
@@ -61,7 +61,9 @@ OPTIONS = [
     ('head', str, 'regression', 'regression (one output) or distribution (age bins, soft labels, KL divergence; '
                                 'gives a predictive SD and intervals)'),
     ('age_bins', str, '0:100:2', 'distribution head: bins START:STOP:WIDTH in years'),
-    ('label_sigma', float, 1.0, 'distribution head: SD (years) of the Gaussian soft labels')),
+    ('label_sigma', float, 1.0, 'distribution head: SD (years) of the Gaussian soft labels'),
+    ('covariates', str, None, 'join these to the image embedding through a small MLP: comma list of sex, bmi, height, '
+                              'weight (spreadsheet) and echo_mean, echo_skew (from the image); standardised on the training split')),
     *_rows('preprocessing',
     ('image_size', int, 224, 'images are resized to SxS'),
     ('roi', str, 'none', 'none, mask (zero outside the muscle mask), mask-bbox (crop to the mask\'s box), crop (fixed --roi-box)'),
@@ -210,6 +212,7 @@ def _check_model_options(o, need, flag):
     need(0 < o['onecycle_pct'] < 1, f'--onecycle-pct must be in (0, 1), got {o["onecycle_pct"]}')
     if o['scheduler'] == 'onecycle':
         need(not o['warmup_epochs'], '--scheduler onecycle warms up itself (--onecycle-pct); drop --warmup-epochs or give 0')
+    parse_covariates(o['covariates'])
     if o['head'] == 'distribution':
         parse_age_bins(o['age_bins'])
         need(o['label_sigma'] > 0, f'--label-sigma must be > 0 years, got {o["label_sigma"]}')

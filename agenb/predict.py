@@ -82,29 +82,40 @@ def read_images(paths, prep, skip_bad=False, num_threads=4):
 
 # %% ../nbs/13_predict.ipynb #6061a26e
 @torch.no_grad()
-def predict_tensor(rm: RunModel, images, batch_size=64, views=None):
-    "Ages for a uint8 batch (N, 1, H, W) with the run model `rm`: (mean prediction, SD over views or None)."
+def predict_tensor(rm: RunModel, images, batch_size=64, views=None, covariates=None):
+    "Ages for a uint8 batch (N, 1, H, W) (and its covariate inputs) with the run model `rm`: (mean prediction, SD over views or None)."
     views = views or tta_views({})
     out = []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(rm.device).float().div_(255)
-        per_view = [rm.age_model(rm.prep.normalize(apply_view(x, v)))[:, 0].float().cpu() for v in views]
+        c = () if covariates is None else (covariates[i:i + batch_size].to(rm.device),)
+        per_view = [rm.age_model(rm.prep.normalize(apply_view(x, v)), *c)[:, 0].float().cpu() for v in views]
         out.append(torch.stack(per_view, 1))
     p = torch.cat(out).double().numpy() if out else np.zeros((0, len(views)))
     return p.mean(1), (p.std(1, ddof=0) if len(views) > 1 else None)
 
-def predict_images(rm: RunModel, paths, batch_size=64, tta=False, skip_bad=False, num_threads=4):
-    "One row per readable image (path, filename, subject, image_index, pred[, tta_sd][, corrected]) and the skipped files."
+def predict_images(rm: RunModel, paths, batch_size=64, tta=False, skip_bad=False, num_threads=4, table=None, where='the spreadsheet'):
+    """One row per readable image (path, filename, subject, image_index, pred[, tta_sd][, corrected]) and the skipped files.
+    A covariate run reads its covariates from `table` (agenb.data's table of the spreadsheet; an image not in it has them all missing)."""
     images, kept, skipped = read_images(paths, rm.prep, skip_bad=skip_bad, num_threads=num_threads)
+    cov = None
+    if rm.covariate_stats:
+        if table is None: raise InputError(f'this run uses --covariates {",".join(rm.covariate_stats["names"])}: pass --excel-path '
+                                           'with those columns for the images')
+        rows = table.assign(path=[str(Path(p).resolve()) for p in table['path']]).drop_duplicates('path').set_index('path')
+        rows = rows.reindex([str(p.resolve()) for p in kept]).reset_index()
+        cov = rm.covariates_for(rows, images, where)
+        n_imputed = int(cov[:, cov.shape[1] // 2:].bool().any(1).sum())   # the second half: the missing-indicators
     views = tta_views(rm.augmentation) if tta else tta_views({})
-    pred, sd = predict_tensor(rm, images, batch_size, views)
+    pred, sd = predict_tensor(rm, images, batch_size, views, cov)
     subj = [parse_subject(p.name, rm.pattern) for p in kept]
     df = pd.DataFrame({'path': [str(p.resolve()) for p in kept], 'filename': [p.name for p in kept],
                        'subject': pd.array([s for s, _ in subj], dtype='string'),
                        'image_index': pd.array([i for _, i in subj], dtype='Int64'), 'pred': pred})
     if sd is not None: df['tta_sd'] = sd
+    if cov is not None: df.attrs['covariates_imputed'] = n_imputed
     if rm.head is not None:  # distribution head: predictive SD and intervals (of the unaugmented image)
-        probs = rm.head.probs(predict_outputs(rm, images, batch_size)).numpy()
+        probs = rm.head.probs(predict_outputs(rm, images, batch_size, cov)).numpy()
         img, _ = interval_tables(rm.head, df[['subject']].fillna(''), probs)
         for c in INTERVAL_COLS: df[c] = img[c].to_numpy()
         df.attrs['probs'] = probs
@@ -199,13 +210,16 @@ def build_parser():
     p.add_argument('--num-workers', type=int, default=4, help='threads that decode images')
     return p
 
-def _ages(a, rm, paths):
-    "True ages for `paths` from the spreadsheet via agenb.data.load_dataset (NaN where it has none)."
+def _table(a, rm):
+    "agenb.data.load_dataset's table of the spreadsheet (ages, and covariates for a covariate run) and its summary."
     kw = {k: (getattr(a, k) or rm.args.get(k)) for k in ('id_col', 'age_col', 'file_col') if getattr(a, k) or rm.args.get(k)}
     if a.cohort: kw['cohort'] = a.cohort
-    table, summary = load_dataset(a.image_dir, a.excel_path, pattern=rm.pattern, verify=False, **kw)  # decoded already
+    return load_dataset(a.image_dir, a.excel_path, pattern=rm.pattern, verify=False, **kw)  # decoded already
+
+def _ages(table, paths):
+    "True ages for `paths` from the spreadsheet's table (NaN where it has none)."
     by_path = {str(Path(p).resolve()): float(v) for p, v in zip(table['path'], table['age'])}
-    return [by_path.get(str(Path(p).resolve()), np.nan) for p in paths], summary
+    return [by_path.get(str(Path(p).resolve()), np.nan) for p in paths]
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
@@ -214,11 +228,15 @@ def main(argv=None):
     if a.pattern: parse_subject('x', a.pattern); rm.pattern = a.pattern
     paths = output_paths(a.out, a.run_dir)
     files = find_images(a.image_dir)
-    df, skipped, views = predict_images(rm, files, a.batch_size, a.tta, a.skip_bad, a.num_workers)
+    table, data_summary = _table(a, rm) if a.excel_path else (None, None)
+    df, skipped, views = predict_images(rm, files, a.batch_size, a.tta, a.skip_bad, a.num_workers, table, str(a.excel_path))
     for s in skipped: print(f'skipped {s["file"]}: {s["reason"]}', file=sys.stderr)
-    metrics, data_summary = None, None
+    if df.attrs.get('covariates_imputed'):
+        print(f'{df.attrs["covariates_imputed"]} of {len(df)} images have a missing covariate (not in {a.excel_path} or blank): '
+              "imputed with the run's training median plus a missing-indicator", file=sys.stderr)
+    metrics = None
     if a.excel_path:
-        ages, data_summary = _ages(a, rm, df['path'])
+        ages = _ages(table, df['path'])
         df.insert(df.columns.get_loc('pred'), 'age', ages)
         df['error'] = df['pred'] - df['age']
         if 'corrected' in df: df['corrected_error'] = df['corrected'] - df['age']
@@ -241,7 +259,11 @@ def main(argv=None):
             'n_without_subject': int(df['subject'].isna().sum()), 'skipped': skipped,
             'tta': {'enabled': bool(a.tta), 'views': views, 'reduction': 'mean over views; tta_sd = SD over views'},
             'bias_correction': rm.bias_correction, 'excel_path': str(Path(a.excel_path).resolve()) if a.excel_path else None,
-            'excel_sha256': (data_summary or {}).get('excel_sha256'), 'files': {k: p.name for k, p in paths.items() if p in written}}
+            'excel_sha256': (data_summary or {}).get('excel_sha256'),
+            'covariates': rm.covariate_stats and {'names': rm.covariate_stats['names'], 'read_from': 'the --excel-path table and the images',
+                                                  'standardised_with': "the run's training statistics (from the checkpoint)",
+                                                  'n_images_with_a_missing_covariate': df.attrs.get('covariates_imputed')},
+            'files': {k: p.name for k, p in paths.items() if p in written}}
     atomic_write_json(paths['info'], info); written.append(paths['info'])
     print(f'{len(df)} images of {info["n_subjects"]} subjects predicted with {rm.args["arch"]} ({rm.checkpoint.name}, '
           f'epoch {rm.epoch}){"; TTA over " + str(len(views)) + " views" if a.tta else ""}'

@@ -27,11 +27,11 @@ from .compare import compare_runs, find_runs, METRIC_COLS
 # %% auto #0
 __all__ = ['DASH', 'STYLE', 'METRIC_COLUMNS', 'PLOT_TITLES', 'load_run', 'Html', 'fmt', 'cell', 'kv_table', 'table', 'note',
            'png_tag', 'img_file', 'fig_tag', 'header_section', 'option_sources', 'option_sources_html',
-           'identity_section', 'environment_section', 'dataset_section', 'model_section', 'training_section',
-           'curves_section', 'metrics_frame', 'metrics_section', 'plots_section', 'age_groups_section',
-           'gradcam_section', 'thumbnail', 'gallery', 'predictions_section', 'files_section', 'repo_root',
-           'report_notebook', 'self_contained', 'external_refs', 'notebook_html', 'summary_markdown', 'render_report',
-           'val_curves_figure', 'compare_html', 'render_compare', 'main']
+           'identity_section', 'environment_section', 'dataset_section', 'covariates_text', 'model_section',
+           'training_section', 'curves_section', 'metrics_frame', 'calibration_html', 'metrics_section',
+           'plots_section', 'age_groups_section', 'gradcam_section', 'thumbnail', 'gallery', 'predictions_section',
+           'files_section', 'repo_root', 'report_notebook', 'self_contained', 'external_refs', 'notebook_html',
+           'summary_markdown', 'render_report', 'val_curves_figure', 'compare_html', 'render_compare', 'main']
 
 # %% ../nbs/12_report.ipynb #2b4f75e9
 def _read_json(path):
@@ -281,12 +281,18 @@ def dataset_section(r) -> Html:
     return Html(''.join(out))
 
 # %% ../nbs/12_report.ipynb #4101bf8f
+def covariates_text(cov: dict) -> str:
+    "One line on the covariates of config.json's model record."
+    return (f'{", ".join(cov.get("names", []))}: standardised with {cov.get("fitted_on", "?")} statistics, a missing value imputed '
+            f'with the training median plus a missing-indicator; echo values over {cov.get("echo_region", "?")}')
+
 def model_section(r) -> Html:
     "Architecture, weights, head, preprocessing and augmentation."
     c = r.config; m = c.get('model') or {}
     if not m and not c.get('preprocessing'): return note('no model recorded (config.json missing or incomplete)')
     out = [kv_table([('architecture', m.get('architecture')), ('pretrained (ImageNet)', m.get('pretrained')),
                      ('weights', m.get('weights_source')), ('head', m.get('head', ...)),
+                     *([('covariates', covariates_text(m['covariates']))] if isinstance(m.get('covariates'), dict) else []),
                      ('dropout', m.get('dropout')), ('initial bias (train mean age)', m.get('init_bias')),
                      ('parameters', f'{m["n_parameters"]:,}' if isinstance(m.get('n_parameters'), int) else m.get('n_parameters'))])]
     for title, key in (('Preprocessing', 'preprocessing'), ('Augmentation (applied on the fly, training only)', 'augmentation')):
@@ -357,6 +363,17 @@ def metrics_frame(m) -> pd.DataFrame:
     add('validation, image level', m.get('val'))
     return pd.DataFrame(rows, columns=[''] + [name for _, name, _ in METRIC_COLUMNS])
 
+def calibration_html(cal: dict) -> Html:
+    "The distribution head's calibration (metrics.json `calibration`): share of test images and subjects inside their intervals."
+    nom = cal.get('nominal') or {}
+    rows = [{'': level, 'n': d.get('n'), 'inside 80% interval': d.get('coverage_80'), 'inside 95% interval': d.get('coverage_95'),
+             'mean predictive SD (y)': d.get('mean_pred_sd')}
+            for level, d in (('test images', cal.get('images')), ('test subjects', cal.get('subjects'))) if isinstance(d, dict)]
+    return Html('<h4>Calibration of the predictive intervals</h4>' + table(pd.DataFrame(rows), nd=3)
+                + note(f'A calibrated model has about {fmt(nom.get("80", 0.8), 2)} of true ages inside the 80% intervals and '
+                       f'{fmt(nom.get("95", 0.95), 2)} inside the 95% ones; fewer means over-confident intervals, more means too wide '
+                       '(with few test subjects these shares are themselves uncertain).', 'ok'))
+
 def metrics_section(r) -> Html:
     "Test metrics: raw, subject-level, bias-corrected, baseline; the bias-correction fit."
     m = r.metrics
@@ -377,6 +394,7 @@ def metrics_section(r) -> Html:
                         '(corrected = (pred − b) / a)', 'ok') if bc.get('applied')
                    else note(f'bias correction not applied: {bc.get("reason")}'))
     if m.get('subject_level_note'): out.append(note(m['subject_level_note']))
+    if isinstance(m.get('calibration'), dict): out.append(calibration_html(m['calibration']))
     return Html(''.join(out))
 
 PLOT_TITLES = {'scatter': 'Predicted vs true age', 'error_hist': 'Error distribution', 'bland_altman': 'Bland-Altman',

@@ -14,10 +14,11 @@ import torch
 from matplotlib.figure import Figure  # draws with Agg whatever backend the caller's notebook uses
 
 from .core import InputError, file_sha256, run_process_state
-from .data import DEFAULT_PATTERN
+from .data import DEFAULT_PATTERN, load_dataset
 from .split import load_split
 from .images import Preprocessing, load_images
-from .model import build_model, DistributionHead, AgeOutput, parse_age_bins, coverage
+from .model import (build_model, DistributionHead, AgeOutput, parse_age_bins, coverage, parse_covariates, covariate_values,
+                         covariate_inputs)
 from .options import Options, OPTION_NAMES, PLAIN_DEFAULTS
 
 # %% auto #0
@@ -25,7 +26,7 @@ __all__ = ['RUN_OWN_FILES', 'CHECKPOINT_VERSION', 'TRAIN_STATE_KEYS', 'INTERVAL_
            'run_options', 'check_resumable', 'read_split', 'read_history', 'run_bias_correction', 'is_run_dir',
            'refuse_run_dir', 'curves_figure', 'make_checkpoint', 'load_checkpoint', 'resolve_device', 'RunModel',
            'distribution_head', 'model_kwargs', 'load_run_model', 'predict_outputs', 'outputs_to_age',
-           'predict_batches', 'interval_tables', 'calibration', 'predict_split']
+           'predict_batches', 'interval_tables', 'calibration', 'predict_split', 'run_table']
 
 # %% ../nbs/07_runs.ipynb #47e17dad
 def new_run_dir(output_dir, run_name=None, now=None) -> Path:
@@ -131,11 +132,12 @@ CHECKPOINT_VERSION = 2
 TRAIN_STATE_KEYS = ('optimizer', 'scheduler', 'scaler', 'best_mae', 'best_epoch', 'bad_epochs', 'skipped', 'history',
                     'rng', 'world_size')
 
-def make_checkpoint(model_state, epoch, val_mae, o: Options, preprocessing: dict, train_state=None) -> dict:
-    "The one checkpoint layout: weights, epoch, val MAE, what the weights need (arch, image size, dropout, preprocessing)."
+def make_checkpoint(model_state, epoch, val_mae, o: Options, preprocessing: dict, train_state=None, covariates=None) -> dict:
+    """The one checkpoint layout: weights, epoch, val MAE, what the weights need (arch, image size, dropout, preprocessing,
+    and with --covariates their training statistics)."""
     return {'format': 'agenb-checkpoint', 'version': CHECKPOINT_VERSION, 'model': model_state, 'epoch': epoch,
             'val_mae': val_mae, 'arch': o.arch, 'image_size': o.image_size, 'dropout': o.dropout,
-            'preprocessing': preprocessing, 'train_state': train_state}
+            'preprocessing': preprocessing, 'train_state': train_state, **({'covariates': covariates} if covariates else {})}
 
 def _upgrade(ck: dict, path) -> dict:
     "A checkpoint of agenb 0.1.0 (no 'format' key) in the current layout."
@@ -180,14 +182,22 @@ class RunModel:
     run_dir: Path; cfg: dict; options: Options; model: torch.nn.Module; prep: Preprocessing; device: torch.device
     pattern: str; augmentation: dict; checkpoint: Path; checkpoint_sha256: str; epoch: int | None
     val_mae: float | None; bias_correction: dict | None; head: DistributionHead | None = None
+    covariate_stats: dict | None = None    # --covariates: the training statistics the checkpoint keeps
     @property
     def args(self) -> dict: return self.cfg['args']
     @property
     def arch(self) -> str: return self.options.arch
     @property
     def age_model(self) -> torch.nn.Module:
-        "The model with the predicted age (B, 1) as its output, whatever the head (for Grad-CAM and exports)."
-        return AgeOutput(self.model, self.head).to(self.device).eval()
+        """The model with the predicted age (B, 1) as its output, whatever the head (for Grad-CAM and exports). With
+        covariates and none given, they are held at their training means (Grad-CAM then maps the image branch)."""
+        ref = torch.zeros(self.covariate_stats['n_inputs']) if self.covariate_stats else None
+        return AgeOutput(self.model, self.head, reference_covariates=ref).to(self.device).eval()
+
+    def covariates_for(self, table: pd.DataFrame, images: torch.Tensor, where: str) -> torch.Tensor | None:
+        "The covariate inputs of `table`'s rows (their decoded `images` for echo_*), with the run's training statistics."
+        if not self.covariate_stats: return None
+        return covariate_inputs(covariate_values(table, images, self.covariate_stats['names'], where), self.covariate_stats)
 
 def distribution_head(o: Options) -> DistributionHead | None:
     "The distribution head of a run's options (None for plain regression)."
@@ -196,7 +206,7 @@ def distribution_head(o: Options) -> DistributionHead | None:
 def model_kwargs(o: Options) -> dict:
     "The `build_model` arguments, beyond the architecture, that the options `o` ask for."
     h = distribution_head(o)
-    return dict(dropout=o.dropout, outputs=h.outputs if h else 1)
+    return dict(dropout=o.dropout, outputs=h.outputs if h else 1, n_covariates=2 * len(parse_covariates(getattr(o, 'covariates', None))))
 
 def load_run_model(run_dir, checkpoint='best_model.pth', device='cpu') -> RunModel:
     "The model of a run folder in eval mode on `device`, with its preprocessing checked against the checkpoint."
@@ -217,27 +227,33 @@ def load_run_model(run_dir, checkpoint='best_model.pth', device='cpu') -> RunMod
     except (RuntimeError, KeyError) as e:
         raise InputError(f'{ck_path}: weights do not fit a {o.arch} ({type(e).__name__}); is it a checkpoint of this run?')
     model.to(dev).eval()
+    cov = ck.get('covariates')
+    if model_kwargs(o)['n_covariates'] and not cov:
+        raise InputError(f'{ck_path} has no covariate statistics although the run used --covariates; train the run again')
     return RunModel(run_dir=run_dir, cfg=cfg, options=o, model=model, prep=Preprocessing.from_dict(cfg['preprocessing']),
                     device=dev, pattern=o.pattern or DEFAULT_PATTERN, augmentation=cfg.get('augmentation') or {},
                     checkpoint=ck_path, checkpoint_sha256=file_sha256(ck_path), epoch=ck.get('epoch'),
-                    val_mae=ck.get('val_mae'), bias_correction=run_bias_correction(run_dir), head=distribution_head(o))
+                    val_mae=ck.get('val_mae'), bias_correction=run_bias_correction(run_dir), head=distribution_head(o),
+                    covariate_stats=cov)
 
 @torch.no_grad()
-def predict_outputs(rm: RunModel, images: torch.Tensor, batch_size=64) -> torch.Tensor:
-    "float32 model outputs (N, outputs) for a uint8 image tensor (N, 1, H, W) decoded with `rm.prep`."
+def predict_outputs(rm: RunModel, images: torch.Tensor, batch_size=64, covariates=None) -> torch.Tensor:
+    "float32 model outputs (N, outputs) for a uint8 image tensor (N, 1, H, W) decoded with `rm.prep` (and its covariate inputs)."
+    if (covariates is None) != (not rm.covariate_stats): raise ValueError('covariates must be given exactly for a covariate run')
     outs = []
     for i in range(0, len(images), batch_size):
         x = rm.prep.normalize(images[i:i + batch_size].to(rm.device).float().div_(255))
-        outs.append(rm.model(x).float().cpu())
+        extra = () if covariates is None else (covariates[i:i + batch_size].to(rm.device),)
+        outs.append(rm.model(x, *extra).float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0, rm.head.outputs if rm.head else 1)
 
 def outputs_to_age(rm: RunModel, out: torch.Tensor) -> np.ndarray:
     "Ages from model outputs: the output itself, or the mean of the distribution over age bins."
     return (rm.head.age(out) if rm.head else out[:, 0]).double().numpy()
 
-def predict_batches(rm: RunModel, images: torch.Tensor, batch_size=64) -> np.ndarray:
+def predict_batches(rm: RunModel, images: torch.Tensor, batch_size=64, covariates=None) -> np.ndarray:
     "float32 predictions for a uint8 image tensor (N, 1, H, W) decoded with `rm.prep`."
-    return outputs_to_age(rm, predict_outputs(rm, images, batch_size))
+    return outputs_to_age(rm, predict_outputs(rm, images, batch_size, covariates))
 
 INTERVAL_COLS = ('pred_sd', 'lo80', 'hi80', 'lo95', 'hi95')
 
@@ -268,4 +284,14 @@ def predict_split(run_dir, split='test', device='cpu', batch_size=64, checkpoint
     rm = load_run_model(run_dir, checkpoint, device)
     table = read_split(run_dir, split)
     images = load_images(table.path.tolist(), rm.prep, cache_dir=rm.options.cache_dir, num_threads=rm.options.num_workers)
-    return table.assign(pred=predict_batches(rm, images, batch_size))
+    cov = rm.covariates_for(run_table(rm.options, table.path), images, str(rm.options.excel_path)) if rm.covariate_stats else None
+    return table.assign(pred=predict_batches(rm, images, batch_size, cov))
+
+def run_table(o: Options, paths) -> pd.DataFrame:
+    "The rows of the run's own spreadsheet table (its data options) for image `paths`, in that order (for covariates)."
+    kw = {k: getattr(o, k) for k in ('cohort', 'id_col', 'age_col', 'file_col', 'pattern', 'max_table_mb', 'max_expanded_mb')
+          if getattr(o, k) is not None}
+    t = load_dataset(o.image_dir, o.excel_path, strict=o.strict, **kw)[0].drop_duplicates('path').set_index('path')
+    missing = [p for p in paths if p not in t.index]
+    if missing: raise InputError(f'{missing[0]}: no longer in the run\'s data ({o.excel_path}); its covariates cannot be read')
+    return t.loc[list(paths)].reset_index()

@@ -62,7 +62,8 @@ def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: 
                     'unmatched_images': len(data.summary.get('unmatched_images', [])),
                     'subjects_without_images': len(data.summary.get('subjects_without_images', []))},
         'model': {**describe_model(trainer.model, arch=o.arch, pretrained=o.pretrained, weights=o.weights,
-                                   dropout=o.dropout, init_bias=trainer.init_bias), 'output_head': trainer.head.describe()},
+                                   dropout=o.dropout, init_bias=trainer.init_bias), 'output_head': trainer.head.describe(),
+                  'covariates': data.covariate_stats and {**data.covariate_stats, 'gradcam': 'maps the image branch with the covariates held at their training means'}},
         'training': {'loss_function': trainer.loss_name, 'optimizer': type(trainer.opt).__name__,
                      'optimizer_params': {k: list(v) if isinstance(v, tuple) else v for k, v in opt_defaults.items()
                                           if k in ('betas', 'eps', 'momentum', 'nesterov', 'dampening')},

@@ -20,7 +20,8 @@ from .data import load_dataset
 from .split import make_split, split_stats, save_split
 from .images import Preprocessing, Augmentation, load_images
 from .options import Options, resolve_options
-from .model import RegressionHead, DistributionHead, parse_age_bins, param_groups, freeze_batchnorm
+from .model import (RegressionHead, DistributionHead, parse_age_bins, param_groups, freeze_batchnorm, parse_covariates,
+                         covariate_values, fit_covariates, covariate_inputs)
 from .runs import make_checkpoint, curves_figure
 
 # %% auto #0
@@ -85,6 +86,7 @@ class PreparedData:
     "What a run trains, validates and tests on; made once by `prepare_data`, the same on every rank."
     table: pd.DataFrame; split: pd.Series; split_info: dict; summary: dict; stats: dict; idx: dict
     prep: Preprocessing; aug: Augmentation; images: torch.Tensor; ages: torch.Tensor; cache_info: dict
+    covariates: torch.Tensor | None = None; covariate_stats: dict | None = None   # model inputs (N, 2C), training statistics
     @property
     def excluded_by_age(self) -> int: return self.split_info['n_images_excluded']
     def frame(self, split) -> pd.DataFrame:
@@ -116,8 +118,14 @@ def prepare_data(o: Options) -> PreparedData:
                              'use more subjects or change --test-size/--val-size')
     prep, cache_info = preprocessing(o), {}
     images = load_images(table.path.tolist(), prep, cache_dir=o.cache_dir, num_threads=o.num_workers, info=cache_info)
+    idx = {s: np.flatnonzero((split == s).to_numpy()) for s in ('train', 'val', 'test')}
+    cov, cov_stats, names = None, None, parse_covariates(o.covariates)
+    if names:  # statistics of the training split only: a test subject's values change nothing about training
+        raw = covariate_values(table, images, names, where=str(o.excel_path))
+        cov_stats = fit_covariates(raw[idx['train']], names)
+        cov = covariate_inputs(raw, cov_stats)
     return PreparedData(table=table, split=split, split_info=info, summary=summary, stats=split_stats(table, split),
-                        idx={s: np.flatnonzero((split == s).to_numpy()) for s in ('train', 'val', 'test')},
+                        idx=idx, covariates=cov, covariate_stats=cov_stats,
                         prep=prep, aug=augmentation(o), images=images, cache_info=cache_info,
                         ages=torch.tensor(table.age.to_numpy(), dtype=torch.float32))
 
@@ -247,13 +255,14 @@ def make_ema(model, decay):
 # %% ../nbs/08_trainer.ipynb #7ed5c2fd
 @patch
 def batch(self: Trainer, positions, split, train):
-    "Images (augmented when training, normalised) and ages of `positions` of a split, on the device."
+    "Model inputs (images, augmented when training, normalised[, covariates]) and ages of `positions` of a split, on the device."
     idx = torch.as_tensor(self.data.idx[split][positions])
     x = self.images[idx.to(self.images.device)].to(self.d.device, non_blocking=True).float().div_(255)
     if train: x = self.data.aug.apply(x, self.gen)
     x = self.data.prep.normalize(x)
     if self.channels_last: x = x.contiguous(memory_format=torch.channels_last)
-    return x, self.data.ages[idx].to(self.d.device, non_blocking=True)
+    inputs = (x,) if self.data.covariates is None else (x, self.data.covariates[idx].to(self.d.device, non_blocking=True))
+    return inputs, self.data.ages[idx].to(self.d.device, non_blocking=True)
 
 @patch
 def autocast(self: Trainer):
@@ -275,7 +284,7 @@ def train_epoch(self: Trainer, progress=None):
         accumulate = (step + 1) % self.o.accum_steps and step + 1 < len(batches)
         with self.net.no_sync() if accumulate and self.d.ddp else contextlib.nullcontext():  # all-reduce once per step
             with self.autocast():
-                loss = self.head.loss(self.net(x), y)
+                loss = self.head.loss(self.net(*x), y)
             if fault('nan', self.d.rank, self.epoch + 1, step + 1): loss = loss * float('nan')
             self.scaler.scale(loss / self.o.accum_steps).backward()
         finite = torch.isfinite(loss.detach())
@@ -309,7 +318,7 @@ def outputs(self: Trainer, split, precise=False) -> np.ndarray:
     for i in range(0, len(mine), self.o.batch_size):
         x, _ = self.batch(mine[i:i + self.o.batch_size], split, train=False)
         with torch.autocast(self.d.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None and not precise):
-            preds.append(model(x).float().cpu())
+            preds.append(model(*x).float().cpu())
     mine_pred = torch.cat(preds).numpy() if preds else np.zeros((0, self.head.outputs), np.float32)
     out = np.full((n, self.head.outputs), np.nan, dtype=np.float32)
     for pos, pr in self.d.gather((mine, mine_pred)): out[pos] = pr
@@ -366,7 +375,8 @@ def state(self: Trainer) -> dict:
     if self.ema is not None:  # 'model' holds the weights predictions use (the EMA); the raw weights continue training
         train_state.update(raw_model=self.model.state_dict(), ema_n_averaged=int(self.ema.n_averaged))
     val_mae = self.history[-1]['val_mae'] if self.history else None
-    return make_checkpoint(self.eval_model.state_dict(), self.epoch, val_mae, self.o, self.data.prep.to_dict(), train_state)
+    return make_checkpoint(self.eval_model.state_dict(), self.epoch, val_mae, self.o, self.data.prep.to_dict(), train_state,
+                           self.data.covariate_stats)
 
 @patch
 def load_state(self: Trainer, ck: dict):
