@@ -16,11 +16,12 @@ from .core import InputError, atomic_write, file_sha256
 from matplotlib.figure import Figure  # never pyplot: drawing must not switch the caller's backend
 
 # %% auto #0
-__all__ = ['SPLITS', 'METHODS', 'SPLIT_COLUMNS', 'subject_sort_key', 'canonical_order', 'check_no_leakage', 'split_stats',
-           'save_split', 'load_split', 'apply_filter', 'make_split', 'split_summary', 'age_hist_figure']
+__all__ = ['SPLITS', 'EXCLUDED', 'METHODS', 'SPLIT_COLUMNS', 'subject_sort_key', 'canonical_order', 'check_no_leakage',
+           'split_stats', 'save_split', 'load_split', 'apply_filter', 'make_split', 'split_summary', 'age_hist_figure']
 
 # %% ../nbs/03_split.ipynb #fda94f75
 SPLITS = ('train', 'val', 'test')
+EXCLUDED = 'excluded'  # in the table, but not used by the run: see "Subjects a run must not use" below
 METHODS = ('by_subject_id', 'by_image')
 
 def subject_sort_key(s):
@@ -71,11 +72,11 @@ def _aligned(table, split):
     if len(extra):
         raise InputError(f'the split has {len(extra)} entries for rows that are not in the data table (index {extra[0]!r})')
     split = split.reindex(table.index)
-    bad = ~split.isin(SPLITS)
+    bad = ~split.isin(SPLITS + (EXCLUDED,))
     if bad.any():
         i = split.index[bad][0]
         raise InputError(f'row {_row_name(table, i)} of subject {table.at[i, "subject"]!r} has split {split.at[i]!r}; '
-                         'expected one of train, val, test')
+                         f'expected one of train, val, test, {EXCLUDED}')
     return split.astype(object)
 
 def check_no_leakage(table, split):
@@ -111,10 +112,12 @@ def split_stats(table, split):
     split = _aligned(table, split)
     subj = table['subject'].astype(str)
     age = table['age'] if 'age' in table.columns else pd.Series(np.nan, index=table.index)
-    out = {'total_samples': int(len(table))}
+    used = split != EXCLUDED
+    out = {'total_samples': int(used.sum())}
     for k in SPLITS: out[f'{k}_samples'] = int((split == k).sum())
     for k in SPLITS: out[f'{k}_subjects'] = int(subj[split == k].nunique())
-    out['total_subjects'] = int(subj.nunique())
+    out['total_subjects'] = int(subj[used].nunique())
+    if not used.all(): out.update(excluded_samples=int((~used).sum()), excluded_subjects=int(subj[~used].nunique()))
     out['age_summary'] = {k: _summary(age[split == k].groupby(subj[split == k]).mean()) for k in SPLITS}
     return out
 
@@ -145,11 +148,11 @@ def load_split(path):
     df['split'] = df['split'].str.strip().str.lower()
     if (df['subject'] == '').any():
         raise InputError(f'split file {path}: row {int(np.flatnonzero(df.subject == "")[0]) + 2} has no subject')
-    bad = ~df['split'].isin(SPLITS)
+    bad = ~df['split'].isin(SPLITS + (EXCLUDED,))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise InputError(f"split file {path}: row {i + 2} (subject {df.subject.iat[i]!r}) has split {df.split.iat[i]!r}; "
-                         'expected train, val or test')
+                         f'expected train, val, test or {EXCLUDED}')
     if 'age' in df.columns: df['age'] = pd.to_numeric(df['age'].replace('', np.nan), errors='coerce')
     return df
 
