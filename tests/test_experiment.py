@@ -278,3 +278,12 @@ def test_two_workers_share_a_database_study(tmp_path, synth_root):
     assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     r = experiment('status', out, '--storage', url, timeout=120)
     assert r.returncode == 0 and 'fold runs: 4 of 4 done' in r.stdout, r.stderr
+
+
+def test_example_specs_are_valid():
+    from agenb.experiment import load_spec
+    specs = sorted((ROOT / 'examples').glob('*.yaml'))
+    assert specs
+    for p in specs:
+        s = load_spec(p)
+        assert s['static'] or s['search'], p
