@@ -263,7 +263,8 @@ def make_split(table, test_size=0.2, val_size=0.1, seed=42, stratify=False, bin_
     """Split `table` (one row per image) into train/val/test by subject; returns `(split, info)`.
 
     `keep` (boolean mask over the rows) filters *after* splitting the full table, so the kept subjects keep the
-    assignment they have without the filter; the split returned is aligned to `table[keep].index`."""
+    assignment they have without the filter; the split returned is aligned to `table[keep].index`. Rows a `split_file`
+    labels `excluded` are dropped the same way (counted in `info['excluded_by_split_file']`)."""
     _check_table(table)
     if method not in METHODS:
         raise InputError(f"split method {method!r} is unknown; use 'by_subject_id' (or 'by_image' only to measure leakage)")
@@ -282,12 +283,17 @@ def make_split(table, test_size=0.2, val_size=0.1, seed=42, stratify=False, bin_
         split, extra = _from_file(table, split_file)
         info.update(split_file=str(split_file), split_file_sha256=file_sha256(split_file), split_file_extra_subjects=extra,
                     test_size=None, val_size=None, random_seed=None, folds=None, fold=None, stratify_requested=False)
+        excl = (split == EXCLUDED).to_numpy()
+        info['excluded_by_split_file'] = {'subjects': len(set(subj[excl])), 'images': int(excl.sum())}
     else:
         split = _draw(table, subj, subjects, test_size, val_size, seed, stratify, bin_width, method, folds, fold, info)
+        excl = np.zeros(len(table), dtype=bool)
     if kmask is not None:
         info['n_images_excluded'] = int((~kmask).sum())
         info['n_subjects_excluded'] = len(set(subj) - set(subj[kmask]))
-        table, split, subj = table[kmask], split[kmask], subj[kmask]
+    if kmask is not None or excl.any():
+        use = ~excl if kmask is None else kmask & ~excl
+        table, split, subj = table[use], split[use], subj[use]
     if method == 'by_subject_id':
         info['leakage_check'] = check_no_leakage(table, split)
         info['data_leakage_prevention'] = info['leakage_check']['passed']

@@ -81,11 +81,10 @@ def test_grid_pools_oof_predictions_without_test_subjects(grid_exp):
         run = exp / r['run_dir']
         cfg = json.loads((run / 'config.json').read_text())
         assert cfg['status'] == 'completed' and (run / 'best_model.pth').is_file() and (run / 'history.json').is_file()
-        split = read_csv(run / 'split.csv')
-        used = split[split.split.isin(['train', 'val', 'test'])]
-        assert not set(used.subject) & test and set(split.subject[split.split == 'excluded']) == test
+        split = read_csv(run / 'split.csv')                                     # dropped like the age filter drops rows
+        assert not set(split.subject) & test and set(split.split) == {'train', 'val', 'test'}
         assert not set(read_csv(run / 'predictions.csv').subject) & test
-        assert cfg['dataset']['excluded_subjects'] == len(test)
+        assert cfg['dataset']['excluded_by_split_file']['subjects'] == len(test)
     board = read_csv(exp / 'leaderboard.csv')
     need = ['variant', 'oof_mae', 'oof_mae_ci_low', 'oof_mae_ci_high', 'fold_mae_mean', 'fold_mae_sd', 'subject_mae',
             'diff_to_best', 'diff_to_best_ci_low', 'diff_to_best_ci_high', 'p_to_best', 'diff_to_baseline', 'p_to_baseline']
