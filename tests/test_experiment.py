@@ -233,7 +233,7 @@ def test_ensemble_predict(grid_exp, synth_root):
     from agenb.experiment import ensemble_predict
     img = synth_root / 'TA' / 'Healthy' / 'Images'
     df = ensemble_predict(grid_exp, 'loss=mse', img, synth_root / 'TA' / 'characteristics.xlsx')
-    assert len(df) == len(list(img.glob('*.png'))) and (df.n_models == 3).all() and (df.pred_sd >= 0).all()
+    assert len(df) == len(list(img.glob('*.png'))) and (df.n_models == 3).all() and (df.model_sd >= 0).all()
     assert df.age.notna().all() and abs(df.error - (df.pred - df.age)).max() < 1e-9
 
 
@@ -256,7 +256,7 @@ def test_bad_command_lines(tmp_path):
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-@pytest.mark.skipif(not os.environ.get('AGENB_TEST_STORAGE'), reason='set AGENB_TEST_STORAGE=postgresql://... to run')
+@pytest.mark.skipif(not os.environ.get('AGENB_TEST_STORAGE'), reason='set AGENB_TEST_STORAGE=postgresql+psycopg2://USER:PASSWORD@HOST/DB to run')
 def test_two_workers_share_a_database_study(tmp_path, synth_root):
     "The multi-machine path: two run processes, one study in a database server (PostgreSQL), every job once."
     url = os.environ['AGENB_TEST_STORAGE']
