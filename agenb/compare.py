@@ -13,8 +13,8 @@ import pandas as pd
 from .core import InputError, run_cli, atomic_write_text, run_process_state
 
 # %% auto #0
-__all__ = ['IGNORE', 'METRIC_COLS', 'NAN', 'flatten', 'ignored', 'run_summary', 'compare_runs', 'find_runs', 'markdown_table',
-           'text_table', 'comparison_markdown', 'write_comparison', 'main']
+__all__ = ['IGNORE', 'METRIC_COLS', 'TEST_COLS', 'NAN', 'TEST_NOTE', 'flatten', 'ignored', 'run_summary', 'compare_runs',
+           'find_runs', 'markdown_table', 'text_table', 'comparison_markdown', 'write_comparison', 'main']
 
 # %% ../nbs/10_compare.ipynb #b7f54993
 IGNORE = (  # when, where and as which process a run ran
@@ -42,8 +42,9 @@ def ignored(key, ignore=IGNORE) -> bool:
     return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(last, p) for p in ignore)
 
 # %% ../nbs/10_compare.ipynb #bf3e16c6
-METRIC_COLS = ('status', 'test_mae', 'test_rmse', 'test_r', 'subject_mae', 'corrected_mae', 'baseline_mae',
-               'shortcut_score', 'best_epoch', 'best_val_mae', 'epochs')
+METRIC_COLS = ('status', 'best_val_mae', 'best_epoch', 'epochs', 'test_mae', 'test_rmse', 'test_r', 'test_subject_mae',
+               'test_corrected_mae', 'test_baseline_mae', 'shortcut_score')
+TEST_COLS = tuple(c for c in METRIC_COLS if c.startswith('test_'))   # measured on each run's test set
 
 NAN = float('nan')
 
@@ -86,8 +87,8 @@ def run_summary(run_dir) -> dict:
     vals = [(h.get('val_mae'), h.get('epoch')) for h in hist if isinstance(h, dict) and h.get('val_mae') is not None]
     if best is None and vals: best = min(vals, key=lambda x: x[0])[1]
     return {'run': run.name, 'status': _status(cfg), 'test_mae': mae, 'test_rmse': rmse, 'test_r': r,
-            'subject_mae': _get(m, 'subject_level', 'mae'), 'corrected_mae': _get(m, 'corrected', 'mae'),
-            'baseline_mae': _get(m, 'baseline', 'mae'), 'shortcut_score': _get(m, 'shortcut_score'), 'best_epoch': best if best is not None else NAN,
+            'test_subject_mae': _get(m, 'subject_level', 'mae'), 'test_corrected_mae': _get(m, 'corrected', 'mae'),
+            'test_baseline_mae': _get(m, 'baseline', 'mae'), 'shortcut_score': _get(m, 'shortcut_score'), 'best_epoch': best if best is not None else NAN,
             'best_val_mae': min(v for v, _ in vals) if vals else NAN, 'epochs': len(hist), 'path': str(run)}
 
 # %% ../nbs/10_compare.ipynb #5dedd078
@@ -107,7 +108,9 @@ def compare_runs(run_dirs, ignore=IGNORE, sort=False):
     diff = {k: v for k, v in diff.items() if not same(v)} if len(runs) > 1 else {}
     diff = pd.DataFrame(diff, index=metrics.index, dtype=object)
     if sort:
-        order = metrics['test_mae'].astype(float).sort_values(na_position='last', kind='stable').index
+        if sort not in (True, 'val', 'test'): raise InputError(f"sort must be 'val' or 'test', got {sort!r}")
+        key = 'test_mae' if sort == 'test' else 'best_val_mae'
+        order = metrics[key].astype(float).sort_values(na_position='last', kind='stable').index
         metrics, diff = metrics.loc[order], diff.loc[order]
     return metrics, diff
 
@@ -142,9 +145,12 @@ def text_table(df) -> str:
     shown = pd.DataFrame({c: [_fmt(v, c) for v in df[c]] for c in df.columns}, index=df.index)
     return shown.to_string()
 
+TEST_NOTE = ('test_* columns are measured on each run\'s test set: report them, do not choose a model by them '
+             '(rank by validation MAE, or use python -m agenb.experiment)')
+
 def comparison_markdown(metrics, diff) -> str:
     "The markdown document: headline metrics and the settings that differ."
-    out = ['## Test metrics', '', markdown_table(metrics[list(METRIC_COLS)]), '', '## Settings that differ', '']
+    out = ['## Metrics', '', TEST_NOTE + '.', '', markdown_table(metrics[list(METRIC_COLS)]), '', '## Settings that differ', '']
     out.append(markdown_table(diff) if diff.shape[1] else 'None: the runs have the same settings (ignoring '
                + ', '.join(IGNORE) + ').')
     return '\n'.join(out) + '\n'
@@ -163,6 +169,8 @@ def main(argv=None):
                                  description="Compare runs' test metrics and the settings that differ between them.")
     ap.add_argument('runs', nargs='+', help='run folders, or a folder containing runs (leaderboard)')
     ap.add_argument('--out', default='compare', help='output prefix: writes PREFIX.csv and PREFIX.md (default: compare)')
+    ap.add_argument('--rank-by', choices=('val', 'test'), default='val',
+                    help='leaderboard order: validation MAE (default) or test MAE')
     a = ap.parse_args(argv)
     dirs, board = [], False
     for r in map(Path, a.runs):
@@ -171,8 +179,10 @@ def main(argv=None):
         found = find_runs(r)
         if not found: raise InputError(f'{r} is not a run (no config.json) and holds no runs (no */config.json)')
         dirs += found; board = True
-    metrics, diff = compare_runs(dirs, sort=board)
-    print(('Leaderboard' if board else 'Runs') + ' (test set):'); print(text_table(metrics[list(METRIC_COLS)]))
+    metrics, diff = compare_runs(dirs, sort=a.rank_by if board else False)
+    by = {'val': 'validation MAE (best_val_mae)', 'test': 'TEST MAE: a choice made this way is no longer a test result'}
+    print(f'Leaderboard, ranked by {by[a.rank_by]}:' if board else 'Runs:'); print(f'({TEST_NOTE})')
+    print(text_table(metrics[list(METRIC_COLS)]))
     print('\nSettings that differ:'); print(text_table(diff))
     paths = write_comparison(metrics, diff, a.out)
     print(f'\nwrote {", ".join(map(str, paths))}')

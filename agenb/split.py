@@ -16,11 +16,12 @@ from .core import InputError, atomic_write, file_sha256
 from matplotlib.figure import Figure  # never pyplot: drawing must not switch the caller's backend
 
 # %% auto #0
-__all__ = ['SPLITS', 'METHODS', 'SPLIT_COLUMNS', 'subject_sort_key', 'canonical_order', 'check_no_leakage', 'split_stats',
-           'save_split', 'load_split', 'apply_filter', 'make_split', 'split_summary', 'age_hist_figure']
+__all__ = ['SPLITS', 'EXCLUDED', 'METHODS', 'SPLIT_COLUMNS', 'subject_sort_key', 'canonical_order', 'check_no_leakage',
+           'split_stats', 'save_split', 'load_split', 'apply_filter', 'make_split', 'split_summary', 'age_hist_figure']
 
 # %% ../nbs/03_split.ipynb #fda94f75
 SPLITS = ('train', 'val', 'test')
+EXCLUDED = 'excluded'  # in the table, but not used by the run: see "Subjects a run must not use" below
 METHODS = ('by_subject_id', 'by_image')
 
 def subject_sort_key(s):
@@ -71,11 +72,11 @@ def _aligned(table, split):
     if len(extra):
         raise InputError(f'the split has {len(extra)} entries for rows that are not in the data table (index {extra[0]!r})')
     split = split.reindex(table.index)
-    bad = ~split.isin(SPLITS)
+    bad = ~split.isin(SPLITS + (EXCLUDED,))
     if bad.any():
         i = split.index[bad][0]
         raise InputError(f'row {_row_name(table, i)} of subject {table.at[i, "subject"]!r} has split {split.at[i]!r}; '
-                         'expected one of train, val, test')
+                         f'expected one of train, val, test, {EXCLUDED}')
     return split.astype(object)
 
 def check_no_leakage(table, split):
@@ -111,10 +112,12 @@ def split_stats(table, split):
     split = _aligned(table, split)
     subj = table['subject'].astype(str)
     age = table['age'] if 'age' in table.columns else pd.Series(np.nan, index=table.index)
-    out = {'total_samples': int(len(table))}
+    used = split != EXCLUDED
+    out = {'total_samples': int(used.sum())}
     for k in SPLITS: out[f'{k}_samples'] = int((split == k).sum())
     for k in SPLITS: out[f'{k}_subjects'] = int(subj[split == k].nunique())
-    out['total_subjects'] = int(subj.nunique())
+    out['total_subjects'] = int(subj[used].nunique())
+    if not used.all(): out.update(excluded_samples=int((~used).sum()), excluded_subjects=int(subj[~used].nunique()))
     out['age_summary'] = {k: _summary(age[split == k].groupby(subj[split == k]).mean()) for k in SPLITS}
     return out
 
@@ -145,11 +148,11 @@ def load_split(path):
     df['split'] = df['split'].str.strip().str.lower()
     if (df['subject'] == '').any():
         raise InputError(f'split file {path}: row {int(np.flatnonzero(df.subject == "")[0]) + 2} has no subject')
-    bad = ~df['split'].isin(SPLITS)
+    bad = ~df['split'].isin(SPLITS + (EXCLUDED,))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise InputError(f"split file {path}: row {i + 2} (subject {df.subject.iat[i]!r}) has split {df.split.iat[i]!r}; "
-                         'expected train, val or test')
+                         f'expected train, val, test or {EXCLUDED}')
     if 'age' in df.columns: df['age'] = pd.to_numeric(df['age'].replace('', np.nan), errors='coerce')
     return df
 
@@ -260,7 +263,8 @@ def make_split(table, test_size=0.2, val_size=0.1, seed=42, stratify=False, bin_
     """Split `table` (one row per image) into train/val/test by subject; returns `(split, info)`.
 
     `keep` (boolean mask over the rows) filters *after* splitting the full table, so the kept subjects keep the
-    assignment they have without the filter; the split returned is aligned to `table[keep].index`."""
+    assignment they have without the filter; the split returned is aligned to `table[keep].index`. Rows a `split_file`
+    labels `excluded` are dropped the same way (counted in `info['excluded_by_split_file']`)."""
     _check_table(table)
     if method not in METHODS:
         raise InputError(f"split method {method!r} is unknown; use 'by_subject_id' (or 'by_image' only to measure leakage)")
@@ -279,12 +283,17 @@ def make_split(table, test_size=0.2, val_size=0.1, seed=42, stratify=False, bin_
         split, extra = _from_file(table, split_file)
         info.update(split_file=str(split_file), split_file_sha256=file_sha256(split_file), split_file_extra_subjects=extra,
                     test_size=None, val_size=None, random_seed=None, folds=None, fold=None, stratify_requested=False)
+        excl = (split == EXCLUDED).to_numpy()
+        info['excluded_by_split_file'] = {'subjects': len(set(subj[excl])), 'images': int(excl.sum())}
     else:
         split = _draw(table, subj, subjects, test_size, val_size, seed, stratify, bin_width, method, folds, fold, info)
+        excl = np.zeros(len(table), dtype=bool)
     if kmask is not None:
         info['n_images_excluded'] = int((~kmask).sum())
         info['n_subjects_excluded'] = len(set(subj) - set(subj[kmask]))
-        table, split, subj = table[kmask], split[kmask], subj[kmask]
+    if kmask is not None or excl.any():
+        use = ~excl if kmask is None else kmask & ~excl
+        table, split, subj = table[use], split[use], subj[use]
     if method == 'by_subject_id':
         info['leakage_check'] = check_no_leakage(table, split)
         info['data_leakage_prevention'] = info['leakage_check']['passed']

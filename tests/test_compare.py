@@ -41,8 +41,8 @@ def test_two_runs_differ_in_one_setting(tmp_path):
     metrics, diff = compare_runs([a, b])
     assert list(diff.columns) == ['training.learning_rate']       # timestamp, paths, host, command line ignored
     assert list(diff['training.learning_rate']) == [1e-4, 3e-4]
-    assert list(metrics['test_mae']) == [7.5, 6.9] and list(metrics['corrected_mae']) == [6.5, 5.9]
-    assert list(metrics['best_epoch']) == [3, 3] and list(metrics['baseline_mae']) == [16.0, 16.0]
+    assert list(metrics['test_mae']) == [7.5, 6.9] and list(metrics['test_corrected_mae']) == [6.5, 5.9]
+    assert list(metrics['best_epoch']) == [3, 3] and list(metrics['test_baseline_mae']) == [16.0, 16.0]
     assert list(metrics['status']) == ['completed', 'completed']
 
 
@@ -58,7 +58,7 @@ def test_cli_writes_csv_and_markdown(tmp_path):
     assert [c for c in t.columns if '.' in c] == ['model.architecture']
     md = (tmp_path / 'cmp.md').read_text()
     assert '| run | model.architecture |' in md and '| run_20260102_110000 | resnet18 |' in md
-    assert '| run_20260101_100000 | completed | 7.50 | 9.50 | 0.900 | 7.20 | 6.50 | 16.00 |  | 3 | 6.50 | 4 |' in md
+    assert '| run_20260101_100000 | completed | 6.50 | 3 | 4 | 7.50 | 9.50 | 0.900 | 7.20 | 6.50 | 16.00 |  |' in md
 
 
 def test_leaderboard_of_a_runs_folder(tmp_path):
@@ -66,10 +66,16 @@ def test_leaderboard_of_a_runs_folder(tmp_path):
     make_run(runs, 'run_20260101_100000', mae=7.5)
     make_run(runs, 'run_20260102_110000', mae=None, status='running', history=False)   # no metrics yet
     make_run(runs, 'run_20260103_120000', mae=6.2, lr=1e-3)
+    h = runs / 'run_20260101_100000' / 'history.json'                 # the first run is better on validation
+    h.write_text(h.read_text().replace('6.5', '6.0'))
     (runs / 'not_a_run').mkdir()
     r = cli(runs, cwd=tmp_path)                                    # default --out compare
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith('Leaderboard')
+    assert r.stdout.startswith('Leaderboard, ranked by validation MAE') and 'test_* columns are measured on' in r.stdout
+    t = pd.read_csv(tmp_path / 'compare.csv', index_col='run')
+    assert list(t.index) == ['run_20260101_100000', 'run_20260103_120000', 'run_20260102_110000']   # by validation
+    r = cli(runs, '--rank-by', 'test', cwd=tmp_path)
+    assert r.returncode == 0 and 'ranked by TEST MAE' in r.stdout
     t = pd.read_csv(tmp_path / 'compare.csv', index_col='run')
     assert list(t.index) == ['run_20260103_120000', 'run_20260101_100000', 'run_20260102_110000']
     assert t.loc['run_20260102_110000', 'status'] == 'running' and pd.isna(t.loc['run_20260102_110000', 'test_mae'])
