@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_predict.ipynb #9b18a857
 from __future__ import annotations
-import argparse, json, math, re, sys
+import argparse, json, math, re, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +22,7 @@ from .evaluate import apply_bias_correction, regression_metrics, subject_level, 
 
 # %% auto #0
 __all__ = ['tta_views', 'apply_view', 'find_images', 'parse_subject', 'read_images', 'predict_tensor', 'predict_images',
-           'subject_table', 'metrics_for', 'metrics_text', 'output_paths', 'build_parser', 'main']
+           'subject_table', 'metrics_for', 'metrics_text', 'output_paths', 'build_parser', 'ensemble_command', 'main']
 
 # %% ../nbs/13_predict.ipynb #9177c699
 def tta_views(augmentation: dict, max_rotation=5.0, max_shift=0.05) -> list[dict]:
@@ -194,7 +194,8 @@ def build_parser():
     p = Parser(prog='python -m agenb.predict',
                                 description="Predict ages for a folder of images with a trained run's best model "
                                             "and the run's recorded preprocessing.")
-    p.add_argument('run_dir', help='run folder made by python -m agenb.train')
+    p.add_argument('run_dir', help='run folder made by python -m agenb.train (or an experiment folder, with --variant)')
+    p.add_argument('--variant', help='with an experiment folder: predict with the variant\'s fold models as an ensemble')
     p.add_argument('--image-dir', required=True, help='folder of images to predict (not searched recursively)')
     p.add_argument('--excel-path', help='spreadsheet of true ages: also compute metrics (raw and bias-corrected)')
     p.add_argument('--cohort', help='spreadsheet block (Healthy/Pathological); default: the image folder\'s parent')
@@ -221,8 +222,17 @@ def _ages(table, paths):
     by_path = {str(Path(p).resolve()): float(v) for p, v in zip(table['path'], table['age'])}
     return [by_path.get(str(Path(p).resolve()), np.nan) for p in paths]
 
+def ensemble_command(a) -> list:
+    "`python -m agenb.experiment predict ...`: what `predict EXP_DIR --variant NAME` runs (experiments build on this chapter)."
+    cmd = [sys.executable, '-m', 'agenb.experiment', 'predict', str(a.run_dir), '--variant', a.variant,
+           '--image-dir', str(a.image_dir), '--out', str(a.out), '--device', a.device]
+    return cmd + (['--excel-path', str(a.excel_path)] if a.excel_path else [])
+
 def main(argv=None):
     a = build_parser().parse_args(argv)
+    if a.variant or (Path(a.run_dir) / 'experiment.json').is_file():
+        if not a.variant: raise InputError(f'{a.run_dir} is an experiment folder: add --variant NAME to predict with its fold models')
+        sys.exit(subprocess.run(ensemble_command(a)).returncode)
     if a.batch_size < 1: raise InputError(f'--batch-size must be >= 1, got {a.batch_size}')
     rm = load_run_model(a.run_dir, a.checkpoint, a.device)
     if a.pattern: parse_subject('x', a.pattern); rm.pattern = a.pattern

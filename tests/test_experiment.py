@@ -286,3 +286,14 @@ def test_example_specs_are_valid():
     for p in specs:
         s = load_spec(p)
         assert s['static'] or s['search'], p
+
+
+def test_predict_with_an_experiment_variant_is_the_fold_ensemble(grid_exp, synth_root, tmp_path):
+    "`python -m agenb.predict EXP_DIR --variant NAME` predicts with the variant's fold models (mean and spread)."
+    images = synth_root / 'TA' / 'Healthy' / 'Images'
+    r = agenb('predict', grid_exp, '--variant', 'loss=mae', '--image-dir', images, '--out', tmp_path / 'ens.csv')
+    assert r.returncode == 0, r.stderr[-2000:]
+    df = read_csv(tmp_path / 'ens.csv')
+    assert len(df) == len(list(images.glob('*.png'))) and (df.n_models == 3).all() and (df.model_sd >= 0).all()
+    r = agenb('predict', grid_exp, '--image-dir', images, '--out', tmp_path / 'x.csv')
+    assert r.returncode == 2 and 'add --variant' in r.stderr
