@@ -279,3 +279,18 @@ def test_subject_level_checks():
     with pytest.raises(InputError, match='1 rows have no subject'):
         ev.subject_level(pd.DataFrame({'subject': ['a', None], 'age': [1.0, 2.0], 'pred': [1.0, 2.0]}))
     with pytest.raises(InputError, match="missing column"): ev.subject_level(pd.DataFrame({'subject': ['a'], 'age': [1.0]}))
+
+
+def test_correction_records_and_messages():
+    from agenb.core import InputError
+    refused = ev.fit_bias_correction([10.0, 20.0, 30.0], [30.0, 30.5, 31.0])
+    assert set(refused) == {'method', 'fitted_on', 'n', 'a', 'b', 'min_slope', 'applied', 'reason'}
+    assert refused['method'].startswith('linear (Cole/de Lange): corrected = (pred - b) / a')
+    assert refused['min_slope'] == 0.1 and refused['b'] == pytest.approx(29.5) and 'blow up their noise' in refused['reason']
+    assert ev.fit_bias_correction([1.0], [1.0])['reason'] == 'only 1 validation predictions; need at least 3'
+    with pytest.raises(InputError, match='validation predictions for the bias correction: 1 of 3 rows'):
+        ev.fit_bias_correction([1.0, np.nan, 3.0], [1.0, 2.0, 3.0])
+    with pytest.raises(InputError, match=r"subject-level aggregation: missing column\(s\) \['pred'\]"):
+        ev.subject_level(pd.DataFrame({'subject': ['a'], 'age': [1.0]}))
+    with pytest.raises(InputError, match='pass a subject column or file names like anon_<subject>_<k>.png'):
+        ev.subject_level(pd.DataFrame({'subject': [None], 'age': [1.0], 'pred': [1.0]}))

@@ -265,3 +265,21 @@ def test_val_size_zero_and_missing_age():
     assert info['stratified'] and info['age_bins']['no age'] == 2
     kept, _ = make_split(t, stratify=True, bin_width=30, keep=t.age.notna())
     assert (kept == full[t.age.notna()]).all()
+
+
+def test_leakage_record_and_message():
+    t = table(12, seed=3)
+    sp, _ = make_split(t, seed=0)
+    subj = {k: set(t.subject[sp == k]) for k in SPLITS}
+    assert check_no_leakage(t, sp) == {'ran': True, 'passed': True, 'n_rows': len(t), 'n_subjects': 12,
+                                       'subjects': {k: len(v) for k, v in subj.items()},
+                                       'shared_subjects': {'train_val': 0, 'train_test': 0, 'val_test': 0}}
+    # subjects '2' (8 images) and '10' each sit in two splits: the message names '2' (natural order) and its first 6 rows
+    ids = ['10', '10'] + ['2'] * 8 + ['3', '3']
+    t2 = pd.DataFrame({'path': [f'/d/anon_{s}_{i}.png' for i, s in enumerate(ids)], 'subject': ids, 'age': 30.0,
+                       'filename': [f'anon_{s}_{i}.png' for i, s in enumerate(ids)], 'image_index': range(12)})
+    sp2 = pd.Series(['train', 'val'] + ['train'] * 4 + ['test'] * 4 + ['val', 'val'])
+    with pytest.raises(InputError) as e: check_no_leakage(t2, sp2)
+    msg = str(e.value)
+    assert "subject '2' has images" in msg and '2 subject(s) leak' in msg
+    assert msg.count('anon_2_') == 6 and 'anon_10_' not in msg and 'anon_2_2.png in train' in msg
