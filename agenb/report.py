@@ -585,7 +585,7 @@ def compare_html(run_dirs) -> str:
     runs = [load_run(d) for d in run_dirs]
     metrics, diff = compare_runs([r.dir for r in runs])
     shown = metrics[[c for c in METRIC_COLS if c in metrics]]
-    parts = [STYLE, f'<h1>Comparison of {len(runs)} runs</h1>', '<h2>Test metrics</h2>', table(shown, nd=3, index=True),
+    parts = [STYLE, f'<h1>Comparison of {len(runs)} runs</h1>', '<h2>Metrics (validation first; test_* columns are the test set: do not choose on them)</h2>', table(shown, nd=3, index=True),
              '<h2>Settings that differ</h2>',
              table(diff, index=True) if diff.shape[1] else note('none: the runs have the same settings'),
              '<h2>Validation curves</h2>', fig_tag(val_curves_figure(runs), 'validation MAE per epoch', width='100%'),
