@@ -34,7 +34,7 @@ def log(t, **rec):
     with open(Path(LOG) / f'rank{t.d.rank}.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
 
 
-_init, _train_epoch, _predict, _fit = Trainer.__init__, Trainer.train_epoch, Trainer.predict, Trainer.fit
+_init, _train_epoch, _outputs, _fit = Trainer.__init__, Trainer.train_epoch, Trainer.outputs, Trainer.fit
 
 
 def __init__(self, *a, **kw):
@@ -51,10 +51,11 @@ def train_epoch(self, *a, **kw):
     return out
 
 
-def predict(self, split, precise=False):
+def outputs(self, split, precise=False):
+    "The model outputs every prediction and validation goes through: this rank's own, shifted before they are shared."
     off = float(OFFSETS.get(f'{self.d.rank}:{self.epoch + 1}', 0.0)) if split == 'val' else 0.0
-    hook = self.model.register_forward_hook(lambda m, i, out: out + off) if off else None
-    try: return _predict(self, split, precise)
+    hook = self.eval_model.register_forward_hook(lambda m, i, out: out + off) if off else None
+    try: return _outputs(self, split, precise)
     finally:
         if hook: hook.remove()
 
@@ -87,7 +88,7 @@ def save(obj, f, *a, **kw):
     return _save(obj, f, *a, **kw)
 
 
-Trainer.__init__, Trainer.train_epoch, Trainer.predict, Trainer.fit = __init__, train_epoch, predict, fit
+Trainer.__init__, Trainer.train_epoch, Trainer.outputs, Trainer.fit = __init__, train_epoch, outputs, fit
 if KILL: torch.save = save
 
 if __name__ == '__main__':
