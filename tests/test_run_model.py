@@ -243,3 +243,15 @@ def test_run_bias_correction_and_options(run, tmp_path):
     with pytest.raises(InputError, match='not valid JSON'): run_bias_correction(tmp_path)
     o = run_options(run)
     assert (o.arch, o.image_size, o.roi, o.roi_box, o.mask_annotations) == ('resnet18', 48, 'crop', '0.1,0,0.9,1', True)
+
+
+def test_load_run_model_refuses_what_does_not_fit(run, tmp_path):
+    with pytest.raises(InputError, match='no such run folder'): load_run_model(tmp_path / 'nope')
+    other = tmp_path / run.name; shutil.copytree(run, other)
+    assert load_run_model(other).run_dir == other
+    ck = torch.load(other / 'best_model.pth', weights_only=True)
+    for key, value, msg in (('arch', 'resnet34', "arch='resnet34'"), ('image_size', 64, 'image_size=64')):
+        torch.save(dict(ck, **{key: value}), other / 'best_model.pth')
+        with pytest.raises(InputError, match=msg): load_run_model(other)
+    torch.save(dict(ck, model={'fc.weight': torch.zeros(1)}), other / 'best_model.pth')
+    with pytest.raises(InputError, match=r'weights do not fit a resnet18 \(RuntimeError\)'): load_run_model(other)

@@ -283,3 +283,30 @@ def test_leakage_record_and_message():
     msg = str(e.value)
     assert "subject '2' has images" in msg and '2 subject(s) leak' in msg
     assert msg.count('anon_2_') == 6 and 'anon_10_' not in msg and 'anon_2_2.png in train' in msg
+
+
+def test_keep_mask_forms_and_refusals():
+    "The age filter's mask: a Series (any row order), a list of 0/1 or booleans; bad masks are refused by name."
+    t = table(20, seed=4)
+    want, _ = make_split(t, seed=1)
+    young = (t.age < 50).to_numpy()
+    for keep in (pd.Series(young, index=t.index)[::-1], young.astype(int).tolist(), list(young)):
+        sp, info = make_split(t, seed=1, keep=keep)
+        assert list(sp.index) == list(t.index[young]) and (sp == want[young]).all()
+        assert info['n_images_excluded'] == int((~young).sum())
+    for keep, msg in ((pd.Series(young[:-1], index=t.index[:-1]), 'does not cover every row'),
+                      (young[:3], f'has 3 entries but the table has {len(t)} rows'),
+                      (np.array(True), f'has 0 entries but the table has {len(t)} rows'),
+                      ([2] * len(t), 'must be True/False'), (['yes'] * len(t), 'must be True/False'),
+                      (np.zeros(len(t), bool), 'removes every image')):
+        with pytest.raises(InputError, match=msg): make_split(t, seed=1, keep=keep)
+
+
+@pytest.mark.parametrize('stratify', [False, True])
+def test_folds_partition_the_subjects(stratify):
+    "--folds 3: the three test folds are disjoint and hold every subject once (stratified or not)."
+    t = table(60, seed=6)
+    tests = [set(t.subject[make_split(t, seed=2, folds=3, fold=k, stratify=stratify, bin_width=30)[0] == 'test'])
+             for k in range(3)]
+    assert all(tests) and not (tests[0] & tests[1] or tests[0] & tests[2] or tests[1] & tests[2])
+    assert set().union(*tests) == set(t.subject)
