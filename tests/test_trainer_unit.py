@@ -188,6 +188,7 @@ def test_fault_hook(monkeypatch):
 # ---------------------------------------------------------------------------------------------------- a real Trainer
 class Tiny(nn.Module):
     "A convolution, BatchNorm and a linear head: enough to train, fast on the CPU."
+    agenb_head_path = 'fc'                     # what build_model records on a model: where its head is
     def __init__(self):
         super().__init__()
         self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 1)
@@ -316,11 +317,11 @@ def test_nan_policy(data, monkeypatch, policy):
 
 def test_batches_are_the_split_images_in_order(data):
     t = trainer(data)
-    x, y = t.batch([2, 0], 'test', train=False)
+    (x,), y = t.batch([2, 0], 'test', train=False)           # no covariates: the inputs are the images alone
     idx = data.idx['test'][[2, 0]]
     torch.testing.assert_close(x, data.prep.normalize(data.images[idx].float() / 255))
     torch.testing.assert_close(y, data.ages[idx])
-    xa, _ = t.batch([2, 0], 'test', train=True)
+    (xa,), _ = t.batch([2, 0], 'test', train=True)
     assert not torch.equal(xa, x)                                        # training batches are augmented
 
 
