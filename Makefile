@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 NBDEV_TEST_FLAGS ?=
 
-.PHONY: install test unit integration demo bench export readme outputs mutate
+.PHONY: install test test-all unit integration demo bench export readme outputs mutate
 
 $(STAMP): requirements.lock setup.py settings.ini
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,14 +18,19 @@ $(STAMP): requirements.lock setup.py settings.ini
 
 install: $(STAMP)
 
-## make test: the notebooks' unit tests (nbdev_test), then the integration tests (pytest tests)
+## make test: the notebooks' unit tests (nbdev_test), then the integration tests (pytest tests, two workers; tests
+## marked slow are left out). make test-all: the same with the slow end-to-end tests too (about twice as long).
+PYTEST_MARKS ?= not slow
 test: unit integration
+
+test-all:
+	$(MAKE) test PYTEST_MARKS=
 
 unit: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 2 $(NBDEV_TEST_FLAGS)
 
 integration: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "$(PYTEST_MARKS)" tests
 
 ## make demo: generate the synthetic demo dataset (reused only if the current generator wrote it with these
 ## parameters), train the mae recipe on it (nbs/train.ipynb via papermill), render the run's report.html and

@@ -1,8 +1,15 @@
 """Shared fixtures: a tiny synthetic dataset and one tiny finished run, made once per test session."""
-import json, os, subprocess, sys
+import contextlib, importlib, io, json, os, subprocess, sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from agenb.core import run_cli
+
+# Like OMP_NUM_THREADS=1 in the commands' processes: pytest's two workers (-n 2) share the 2 cores, and a command run in
+# this process computes with the same number of threads as one run in a new process.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny, fast model: every trainer test uses these settings unless it says otherwise.
@@ -16,8 +23,36 @@ def run_cmd(args, timeout=300, env=None, cwd=None):
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=e, cwd=cwd or ROOT)
 
 
-def agenb(module, *args, **kw):
-    return run_cmd([sys.executable, '-m', f'agenb.{module}', *map(str, args)], **kw)
+@contextlib.contextmanager
+def _process_state(env, cwd):
+    "os.environ updated by `env` and the working folder `cwd`, both restored afterwards."
+    old_env, old_cwd = dict(os.environ), os.getcwd()
+    os.environ.update({'PYTHONUNBUFFERED': '1', **(env or {})})
+    os.chdir(cwd or ROOT)
+    try: yield
+    finally:
+        os.chdir(old_cwd); os.environ.clear(); os.environ.update(old_env)
+
+
+def in_process(module, *args, env=None, cwd=None):
+    """`python -m agenb.<module> ARGS` in this process: `run_cli(main, ARGS)`, the code path of the command line
+    without a new interpreter's ~8 s of imports. Returns a CompletedProcess (exit code, stdout, stderr)."""
+    mod = importlib.import_module(f'agenb.{module}')
+    argv, out, err = [str(a) for a in args], io.StringIO(), io.StringIO()
+    code = 0
+    with _process_state(env, cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try: run_cli(mod.main, argv)
+        except SystemExit as e: code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(['agenb.' + module, *argv], code, out.getvalue(), err.getvalue())
+
+
+def agenb(module, *args, proc=False, **kw):
+    """An agenb command: in this process (`in_process`), or in a new one when `proc` is true or the test injects a
+    fault that kills the process (AGENB_FAULT=kill:...). The run fixtures below use real processes."""
+    if proc or 'kill' in (kw.get('env') or {}).get('AGENB_FAULT', ''):
+        return run_cmd([sys.executable, '-m', f'agenb.{module}', *map(str, args)], **kw)
+    kw.pop('timeout', None)
+    return in_process(module, *args, **kw)
 
 
 PROBE = str(ROOT / 'tests' / 'train_probe.py')
@@ -45,7 +80,7 @@ def probe_log(d, drop=('bn',)):
 @pytest.fixture(scope='session')
 def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp('synth')
-    r = agenb('synth', root, '--preset', 'test')
+    r = agenb('synth', root, '--preset', 'test', proc=True)
     assert r.returncode == 0, r.stderr
     return root
 
@@ -61,7 +96,7 @@ def tiny_run(tmp_path_factory, data_args):
     "One finished 2-epoch run (resnet18, 64 px) shared by the tests that only read its files."
     out = tmp_path_factory.mktemp('runs')
     r = agenb('train', *data_args, *TINY, '--output-dir', out, '--checkpoint-every', '1', '--keep-checkpoints', '1',
-              '--run-name', 'tiny')
+              '--run-name', 'tiny', proc=True)
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = Path(r.stdout.strip().splitlines()[-1])
     return run_dir
@@ -76,3 +111,8 @@ def roi_run(tmp_path_factory, data_args):
               '--mask-annotations', '--output-dir', out, '--no-report', '--checkpoint-every', '0', '--run-name', 'roi')
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir_of(r)
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: a long end-to-end test (minutes each): `make test-all` runs it, `make test` '
+                            'leaves it out to stay well under 15 minutes on 2 cores')

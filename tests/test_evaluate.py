@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 
 from agenb import evaluate as ev
+from conftest import in_process
 
 PLOTS = ['scatter.png', 'error_hist.png', 'bland_altman.png', 'mae_by_age.png', 'residual_vs_age.png']
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, '-m', 'agenb.evaluate', *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    return in_process('evaluate', *args, cwd=cwd)
 
 
 def fake_preds(n_subj, seed, imgs=(3, 2, 1), shrink=0.6):

@@ -121,6 +121,7 @@ def alive_with(text):
     return out
 
 
+@pytest.mark.slow   # minutes of fold runs: make test-all
 def test_killed_run_resumes_without_retraining(tmp_path, synth_root, grid_exp):
     "Killed after its first finished job, run again: the same results as the uninterrupted grid, nothing retrained."
     spec = write_spec(tmp_path / 'spec.yaml', synth_root, grid={'loss': ['mae']}, baseline=None, report=False)
@@ -158,6 +159,7 @@ def test_killed_run_resumes_without_retraining(tmp_path, synth_root, grid_exp):
         assert sorted(t.intermediate_values) == [0, 1, 2]
 
 
+@pytest.mark.slow   # minutes of fold runs: make test-all
 def test_two_workers_share_one_sqlite_study(tmp_path, synth_root):
     "Two run processes on one folder and study: every job runs exactly once."
     spec = write_spec(tmp_path / 'spec.yaml', synth_root, folds=2, baseline=None, report=False)
@@ -178,6 +180,7 @@ def test_two_workers_share_one_sqlite_study(tmp_path, synth_root):
     assert len(json.loads((out / 'experiment.json').read_text())['invocations']) == 2
 
 
+@pytest.mark.slow   # minutes of fold runs: make test-all
 def test_search_records_pruned_trials(tmp_path, synth_root):
     spec = write_spec(tmp_path / 'spec.yaml', synth_root, folds=2, grid=None, baseline=None,
                       search={'trials': 3, 'space': {'lr': {'log_uniform': [1.0e-4, 1.0e-2]}, 'loss': {'choice': ['mae', 'huber']}},
@@ -199,6 +202,7 @@ def test_search_records_pruned_trials(tmp_path, synth_root):
     assert 'Search history' in html and 'Parameter importances' in html and '<script' not in html.lower()
 
 
+@pytest.mark.slow   # minutes of fold runs: make test-all
 def test_final_records_every_opening(grid_exp, synth_root):
     e0 = json.loads((grid_exp / 'experiment.json').read_text())
     r = experiment('final', grid_exp, '--variant', 'loss=mae')                 # the default engine: papermill

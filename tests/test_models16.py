@@ -55,7 +55,7 @@ def test_timm_local_weights_and_offline_message(tmp_path):
 
 def test_timm_pretrained_offline_is_one_line(data_args, tmp_path):
     r = agenb('train', *data_args, *ONE, '--arch', 'timm:resnet18', '--pretrained', '--output-dir', tmp_path,
-              env={'HF_HUB_OFFLINE': '1'})
+              env={'HF_HUB_OFFLINE': '1'}, proc=True)       # huggingface_hub reads HF_HUB_OFFLINE when imported
     assert r.returncode == 2 and 'Traceback' not in r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith('agenb: error: could not get the pretrained weights of timm model resnet18')
@@ -116,6 +116,7 @@ def test_ema_is_what_the_best_model_holds(data_args, tmp_path):
     np.testing.assert_allclose(p.pred.to_numpy(), preds.pred.to_numpy(), atol=1e-4)   # predict uses the EMA weights
 
 
+@pytest.mark.slow   # a killed run and its resume: make test-all
 def test_exact_resume_with_ema(data_args, tmp_path):
     three = [*TINY, '--epochs', '3', '--no-report', '--gradcam-n', '0', '--image-size', '32', '--ema-decay', '0.8']
     full = agenb('train', *data_args, *three, '--output-dir', tmp_path / 'full')

@@ -33,7 +33,7 @@ def _same_weights(a, b, name='last.pth'):
 WORSE_LATER = json.dumps({f'{r}:{e}': off for r in (0, 1) for e, off in ((2, 500.0), (3, 300.0))})
 
 
-@pytest.mark.parametrize('nproc,kill', [(1, {'AGENB_PROBE_KILL_WRITE': 'last.pth:2'}),   # SIGKILL half-way through last.pth
+@pytest.mark.parametrize('nproc,kill', [pytest.param(1, {'AGENB_PROBE_KILL_WRITE': 'last.pth:2'}, marks=pytest.mark.slow),   # SIGKILL half-way through last.pth
                                         (2, {'AGENB_FAULT': 'kill:0:2:2'})])          # SIGKILL rank 0 at epoch 2, step 2
 def test_kill_9_then_resume_equals_uninterrupted(data_args, tmp_path, nproc, kill):
     env = {'AGENB_PROBE_VAL_OFFSET': WORSE_LATER}
