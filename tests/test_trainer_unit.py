@@ -117,6 +117,34 @@ def test_plateau_steps_on_the_validation_mae_after_warmup():
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 1e-3, 1e-4])
 
 
+
+def test_step_schedule_after_warmup():
+    lrs, s = lr_sequence([9] * 6, warmup_epochs=1, scheduler='step', step_size=2, step_gamma=0.5)
+    # warm-up epoch at lr / 2, then StepLR counts its own epochs from the end of the warm-up: halves every 2 epochs
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
+    assert s.describe() == ('StepLR', {'step_size': 2, 'gamma': 0.5})
+
+
+def test_onecycle_schedule_and_its_record():
+    "OneCycleLR over the epochs, two parameter groups (head, backbone): rates and config.json's record of them."
+    o = opts(lr=1e-3, warmup_epochs=0, scheduler='onecycle', epochs=10, onecycle_pct=0.3)
+    head, body = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = build_optimizer(o, [{'params': [head], 'lr': 1e-3}, {'params': [body], 'lr': 1e-4}])
+    s = LRSchedule(o, opt)
+    lrs = []
+    for _ in range(10):
+        lrs.append([g['lr'] for g in opt.param_groups]); opt.step(); s.step(9)
+    # torch's formula written out: div_factor 25, final_div_factor 1e4, cosine annealing; peak after 0.3 x 10 - 1 = 2 steps
+    cos = lambda a, b, p: b + (a - b) / 2 * (1 + math.cos(math.pi * p))
+    for g, peak in enumerate((1e-3, 1e-4)):
+        start, end = peak / 25, peak / 25 / 1e4
+        want = [cos(start, peak, k / 2) if k <= 2 else cos(peak, end, (k - 2) / 7) for k in range(10)]
+        assert [l[g] for l in lrs] == pytest.approx(want, rel=1e-6)
+    assert s.describe() == ('OneCycleLR', {'total_steps': 10, 'cycle_momentum': True, 'anneal_strategy': 'cos',
+                                           'pct_start': pytest.approx(0.3), 'max_lr': [1e-3, 1e-4],
+                                           'initial_lr': pytest.approx([4e-5, 4e-6]), 'min_lr': pytest.approx([4e-9, 4e-10])})
+
+
 def test_no_schedule_is_constant_and_state_round_trips():
     lrs, s = lr_sequence([1, 2, 3], warmup_epochs=0, scheduler='none')
     assert lrs == [1e-3] * 3 and s.describe() == ('none', {})
