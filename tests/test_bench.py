@@ -18,6 +18,9 @@ def test_readme_figures_are_rendered_from_results():
     text = (ROOT / 'bench' / 'README.md').read_text()
     assert render.fill(text, 'results', render.bench_block(RES)) == text, \
         'bench/README.md disagrees with bench/results.json: run python bench/render.py'
+    readme = (ROOT / 'README.md').read_text()
+    assert '<!-- bench:begin -->' in readme and render.fill(readme, 'bench', render.summary(RES)) == readme, \
+        'README.md disagrees with bench/results.json: run python bench/render.py --readme nbs/index.ipynb, then make readme'
 
 
 def test_results_record_code_and_data():
