@@ -255,3 +255,21 @@ def test_load_run_model_refuses_what_does_not_fit(run, tmp_path):
         with pytest.raises(InputError, match=msg): load_run_model(other)
     torch.save(dict(ck, model={'fc.weight': torch.zeros(1)}), other / 'best_model.pth')
     with pytest.raises(InputError, match=r'weights do not fit a resnet18 \(RuntimeError\)'): load_run_model(other)
+
+
+def test_subject_table_of_a_distribution_run_is_the_mixture_of_its_images():
+    "predict's per-subject rows for a distribution head: image statistics, and the mixture of the images' distributions."
+    from types import SimpleNamespace
+    from agenb.model import DistributionHead
+    head = DistributionHead([0, 10, 20, 30], label_sigma=3.0)                   # bins centred on 5, 15, 25
+    df = pd.DataFrame({'subject': ['2', '10', None, '2'], 'pred': [5.0, 15.0, 25.0, 25.0]})
+    df.attrs['probs'] = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]], dtype=float)  # the None row: no subject
+    t = subject_table(df, SimpleNamespace(head=head))
+    assert t.subject.tolist() == ['2', '10'] and t.n_images.tolist() == [2, 1]
+    assert t.pred.tolist() == [15.0, 15.0] and t.pred_sd.iloc[0] == pytest.approx(200 ** 0.5) and np.isnan(t.pred_sd.iloc[1])
+    # subject 2: half in the first bin, half in the last: mean 15, variance 0.5*25 + 0.5*625 + 100/12 - 225 (uniform bins);
+    # quantiles read off the mixture's CDF (0, .5, .5, 1 at 0, 10, 20, 30); subject 10: all in the middle bin
+    assert t.dist_sd.tolist() == pytest.approx([(12.5 + 312.5 + 100 / 12 - 225) ** 0.5, (100 / 12) ** 0.5])
+    np.testing.assert_allclose(t[['lo80', 'hi80', 'lo95', 'hi95']].to_numpy(), [[2, 28, 0.5, 29.5], [11, 19, 10.25, 19.75]])
+    plain = subject_table(df, SimpleNamespace(head=None))                      # a regression run: no distribution columns
+    assert 'dist_sd' not in plain and 'lo80' not in plain and plain.pred.tolist() == [15.0, 15.0]
