@@ -17,7 +17,8 @@ import agenb
 from .core import InputError, Parser, ensure_output_dir, run_cli, atomic_write, atomic_write_json, atomic_write_text, file_sha256, package_versions
 from .split import split_summary
 from .runs import load_run_model, read_split, refuse_run_dir, RunModel, run_table
-from .model import COVARIATES, covariate_values
+from .images import ECHO_REGION
+from .model import covariate_values
 from .predict import read_images
 
 # %% auto #0
@@ -28,39 +29,30 @@ __all__ = ['FORMATS', 'FILENAMES', 'ONNX_OPSET', 'UNITS', 'README', 'AgeRegresso
 class AgeRegressor(nn.Module):
     """Float (B, 1, H, W) grey in [0, 1] -> predicted age in years (B,); grey-to-RGB and normalisation inside.
     With a distribution head (`head`, from `agenb.runs`) -> (age, age_sd): the mean and SD of the distribution over bins.
-    With `covariates` (a run's training statistics) a second input (B, S) takes the spreadsheet covariates as raw values
-    (NaN: missing); echo_mean/echo_skew are computed from the image, and imputation and standardisation happen inside."""
+    With `covariates` (a run's training statistics) a second input (B, C) takes the covariates as raw values (NaN:
+    missing), echo_mean/echo_skew measured inside the muscle mask by the caller (`agenb.images.echo_statistics`);
+    imputation and standardisation happen inside."""
     def __init__(self, model: nn.Module, mean, std, head=None, covariates=None):
         super().__init__()
         self.model = model
         self.cov_names = list(covariates['names']) if covariates else []
-        self.sheet_names = [n for n in self.cov_names if COVARIATES[n] is not None]
         for k in ('median', 'mean', 'sd'):
             self.register_buffer(f'cov_{k}', torch.tensor(covariates[k], dtype=torch.float32) if covariates else None)
-        self.input_names = ['image'] + (['covariates'] if self.sheet_names else [])
+        self.input_names = ['image'] + (['covariates'] if self.cov_names else [])
         self.register_buffer('mean', torch.tensor([float(v) for v in mean], dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer('std', torch.tensor([float(v) for v in std], dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer('centers', None if head is None else torch.tensor(head.centers, dtype=torch.float32))
         self.register_buffer('bin_var', None if head is None else torch.tensor(np.diff(head.edges) ** 2 / 12, dtype=torch.float32))
         self.output_names = ['age'] if head is None else ['age', 'age_sd']
 
-    def covariate_inputs(self, x, sheet):
-        "The model's covariate inputs from the image `x` (echo_*) and the raw spreadsheet values `sheet`, as in training."
-        flat, cols, j = x.flatten(1), [], 0
-        mu = flat.mean(1)
-        for n in self.cov_names:
-            if n == 'echo_mean': cols.append(mu)
-            elif n == 'echo_skew':
-                d = flat - mu[:, None]; sd = d.pow(2).mean(1).sqrt()
-                cols.append(torch.where(sd > 0, d.pow(3).mean(1) / sd.clamp_min(1e-12) ** 3, torch.zeros_like(sd)))
-            else: cols.append(sheet[:, j]); j += 1
-        raw = torch.stack(cols, 1)
+    def covariate_inputs(self, raw):
+        "The model's covariate inputs from the raw values (B, C), as in training."
         miss = torch.isnan(raw)
         z = (torch.where(miss, self.cov_median.expand_as(raw), raw) - self.cov_mean) / self.cov_sd
         return torch.cat([z, miss.float()], 1)
 
     def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None):
-        extra = (self.covariate_inputs(x, covariates),) if self.cov_names else ()
+        extra = (self.covariate_inputs(covariates),) if self.cov_names else ()
         out = self.model((x - self.mean) / self.std, *extra)  # broadcasting replicates grey to 3 channels
         if self.centers is None: return out.squeeze(1)
         p = torch.softmax(out.float(), 1)
@@ -123,22 +115,22 @@ def load_exported(path, all_outputs=False):
     return run
 
 # %% ../nbs/14_export.ipynb #e8f4d01c
-UNITS = {'sex': '1 for M, 0 for F/V', 'bmi': 'kg/m2', 'height': 'cm', 'weight': 'kg'}
+UNITS = {'sex': '1 for M, 0 for F/V', 'bmi': 'kg/m2', 'height': 'cm', 'weight': 'kg',
+         'echo_mean': f'mean grey value in [0, 1] over {ECHO_REGION} (agenb.images.echo_statistics)',
+         'echo_skew': f'skewness of the grey values over {ECHO_REGION} (agenb.images.echo_statistics)'}
 
 def covariates_card(stats) -> dict:
     "The model card's record of a covariate run's second input (empty without covariates)."
     if not stats: return {}
-    sheet = [n for n in stats['names'] if COVARIATES[n] is not None]
-    echo = [n for n in stats['names'] if COVARIATES[n] is None]
+    names = list(stats['names'])
     out = {'covariates': {'names': stats['names'], 'fitted_on': stats['fitted_on'], 'median': stats['median'],
                           'mean': stats['mean'], 'sd': stats['sd'],
-                          'computed_inside_from_the_image': {n: f'{"mean" if n == "echo_mean" else "skewness"} of the grey values '
-                                                             'in [0, 1] of the whole input image' for n in echo},
                           'imputation_and_standardisation': 'inside the model: NaN -> training median plus a missing-indicator, '
                                                             'then (value - mean) / sd with the training-split statistics'}}
-    if sheet: out['second_input'] = {'name': 'covariates', 'shape': ['batch', len(sheet)], 'dtype': 'float32', 'columns': sheet,
-                                     'units': {n: UNITS[n] for n in sheet}, 'missing': 'NaN',
-                                     'meaning': 'raw spreadsheet values of the subject, in this column order'}
+    out['second_input'] = {'name': 'covariates', 'shape': ['batch', len(names)], 'dtype': 'float32', 'columns': names,
+                           'units': {n: UNITS[n] for n in names}, 'missing': 'NaN',
+                           'meaning': 'raw values for the image, in this column order: the subject\'s spreadsheet values, '
+                                      'echo_* measured in the image inside its muscle mask'}
     return out
 
 def model_card(rm: RunModel, metrics: dict, out_dir, files: dict, verification: dict | None = None, skipped: dict | None = None) -> dict:
@@ -231,14 +223,14 @@ def verify_bundle(rm: RunModel, out_dir, files: dict, tol=1e-4) -> dict:
         p = pd.read_csv(pc)
         imgs, kept, _ = read_images(p['path'], rm.prep)
         x = imgs.float().div_(255).numpy()
-        if wrapped.sheet_names:  # the test images' spreadsheet covariates, raw, from the run's own spreadsheet
-            cov = covariate_values(run_table(rm.options, [str(k) for k in kept]), imgs, wrapped.sheet_names,
+        if wrapped.cov_names:  # the test images' covariates, raw, from the run's own spreadsheet and the images' masks
+            cov = covariate_values(run_table(rm.options, [str(k) for k in kept]), wrapped.cov_names,
                                    str(rm.options.excel_path)).astype(np.float32)
         ref, res['against'] = p['pred'].to_numpy(float), f'{pc.name} ({len(p)} test images)'
     except InputError as e:
         h, w = rm.prep.size
         x = torch.rand(4, 1, h, w, generator=torch.Generator().manual_seed(0)).numpy()
-        cov = np.full((4, len(wrapped.sheet_names)), np.nan, np.float32) if wrapped.sheet_names else None
+        cov = np.full((4, len(wrapped.cov_names)), np.nan, np.float32) if wrapped.cov_names else None
         res['against'] = f'the in-memory PyTorch model on 4 random images ({" ".join(str(e).split())})'
     with torch.no_grad():
         torch_pred = wrapped(torch.from_numpy(x).to(rm.device), *(() if cov is None else (torch.from_numpy(cov).to(rm.device),)))
@@ -357,8 +349,8 @@ def export_run(run_dir, out_dir=None, formats=None, checkpoint='best_model.pth',
     h, w = rm.prep.size
     wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std, rm.head, rm.covariate_stats).eval()
     example = torch.rand(2, 1, h, w, generator=torch.Generator().manual_seed(0))
-    if wrapped.sheet_names: example = (example, torch.tensor([[float(rm.covariate_stats['median'][wrapped.cov_names.index(n)]) for n in wrapped.sheet_names],
-                                                              [float('nan')] * len(wrapped.sheet_names)]))
+    if wrapped.cov_names: example = (example, torch.tensor([[float(v) for v in rm.covariate_stats['median']],
+                                                            [float('nan')] * len(wrapped.cov_names)]))
     files = {}
     for f in formats:
         (export_torchscript if f == 'torchscript' else export_onnx)(wrapped, example, out / FILENAMES[f])

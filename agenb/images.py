@@ -18,8 +18,8 @@ from .core import InputError, atomic_write, atomic_write_json
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CACHE_FORMAT_VERSION', 'ROIS', 'ANNOTATION_REGIONS', 'ROI_ORDER', 'MASK_RULE',
-           'last_cache_info', 'decode_grey', 'Preprocessing', 'affine_warp', 'Augmentation', 'mask_path_for',
-           'find_mask', 'read_mask', 'load_images', 'load_image']
+           'last_cache_info', 'ECHO_REGION', 'decode_grey', 'Preprocessing', 'affine_warp', 'Augmentation',
+           'mask_path_for', 'find_mask', 'read_mask', 'load_images', 'load_image', 'echo_statistics']
 
 # %% ../nbs/04_images.ipynb #00b91f6d
 _SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
@@ -434,3 +434,28 @@ def load_image(path, prep: Preprocessing | None = None) -> torch.Tensor:
     prep = prep or Preprocessing()
     mask = read_mask(path) if prep.needs_mask else None
     return torch.from_numpy(prep.prepare_array(decode_grey(path), mask, name=repr(str(path)))[None].copy())
+
+# %% ../nbs/04_images.ipynb #df87076f
+ECHO_REGION = ('the pixels inside the muscle mask (Masks/<file name>, value > 0) of the decoded grey image at its native '
+               'resolution, grey values in [0, 1]')
+
+def _echo_one(path):
+    m = mask_path_for(path)
+    if m is None:
+        raise InputError(f'--covariates echo_mean/echo_skew are measured inside the muscle mask, and image {str(path)!r} has '
+                         f'none (looked for {str(Path(path).parent.parent / "Masks" / Path(path).name)!r}); add its mask '
+                         'or drop echo_* from --covariates')
+    a, mask = decode_grey(path), decode_grey(m) > 0
+    if a.shape != mask.shape:
+        raise InputError(f'mask {str(m)!r} is {mask.shape[1]}x{mask.shape[0]} pixels but its image is {a.shape[1]}x{a.shape[0]}; '
+                         'fix the mask')
+    v = a[mask].astype(np.float64) / 255
+    if not v.size: raise InputError(f'mask {str(m)!r} is empty (no pixel > 0): echo_* cannot be measured; fix the mask')
+    mu, sd = v.mean(), v.std()
+    return mu, float(((v - mu) ** 3).mean() / sd ** 3) if sd > 0 else 0.0
+
+def echo_statistics(paths, num_threads: int | None = None) -> np.ndarray:
+    "Echo mean and skewness (N, 2) of each image's grey values in [0, 1] inside its muscle mask (see `ECHO_REGION`)."
+    paths = [str(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=max(1, int(num_threads or _default_threads()))) as ex:
+        return np.array(list(ex.map(_echo_one, paths)), dtype=np.float64).reshape(len(paths), 2)

@@ -14,13 +14,14 @@ import torch.nn.functional as F
 import torchvision
 
 from .core import InputError, file_sha256
+from .images import ECHO_REGION, echo_statistics
 
 # %% auto #0
-__all__ = ['ARCHS', 'COVARIATES', 'SEX_CODES', 'ECHO_REGION', 'SPREADSHEET_COLUMNS', 'is_timm', 'check_arch', 'AgeNet',
-           'head_linear', 'image_body', 'fixed_image_size', 'min_image_size', 'check_image_size', 'build_model',
-           'backbone_stages', 'set_trainable', 'freeze_batchnorm', 'param_groups', 'parse_age_bins', 'RegressionHead',
-           'DistributionHead', 'AgeOutput', 'coverage', 'describe_model', 'gradcam_target_layer', 'parse_covariates',
-           'covariate_values', 'fit_covariates', 'covariate_inputs']
+__all__ = ['ARCHS', 'COVARIATES', 'SEX_CODES', 'SPREADSHEET_COLUMNS', 'is_timm', 'check_arch', 'AgeNet', 'head_linear',
+           'image_body', 'fixed_image_size', 'min_image_size', 'check_image_size', 'build_model', 'backbone_stages',
+           'set_trainable', 'freeze_batchnorm', 'param_groups', 'parse_age_bins', 'RegressionHead', 'DistributionHead',
+           'AgeOutput', 'coverage', 'describe_model', 'gradcam_target_layer', 'parse_covariates', 'covariate_values',
+           'fit_covariates', 'covariate_inputs']
 
 # %% ../nbs/05_model.ipynb #f34d5e50
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'efficientnet_b0', 'efficientnet_b1', 'convnext_tiny',
@@ -494,7 +495,6 @@ def gradcam_target_layer(model, arch: str) -> nn.Module:
 # %% ../nbs/05_model.ipynb #69b1f133
 COVARIATES = {'sex': 'sex', 'bmi': 'bmi', 'height': 'height_cm', 'weight': 'weight_kg', 'echo_mean': None, 'echo_skew': None}
 SEX_CODES = {'M': 1.0, 'F': 0.0}   # the table writes F for F/V/female/vrouw
-ECHO_REGION = 'the whole decoded model input (after --roi preprocessing)'
 SPREADSHEET_COLUMNS = {'sex': 'a sex column (Sex, Gender or Geslacht)', 'bmi': 'length and weight columns (BMI is computed from them)',
                        'height': 'a length column (Length (cm), Height or Lengte)', 'weight': 'a weight column (Weight (kg) or Gewicht)'}
 
@@ -508,17 +508,15 @@ def parse_covariates(text) -> tuple:
     if len(set(names)) != len(names): raise InputError(f'--covariates {text}: a covariate is named twice')
     return names
 
-def covariate_values(table, images, names, where='the spreadsheet') -> np.ndarray:
-    "Raw covariates (N, C) as float64 with NaN for missing: table columns, or echo statistics of `images` (N, 1, H, W uint8)."
-    cols = []
+def covariate_values(table, names, where='the spreadsheet', num_threads=None) -> np.ndarray:
+    """Raw covariates (N, C) as float64 with NaN for missing: `table`'s columns, or the echo statistics inside the muscle
+    mask of the images its `path` column names."""
+    cols, echo = [], None
     for n in names:
         col = COVARIATES[n]
         if col is None:
-            x = images.reshape(len(images), -1).double().div(255)
-            mu = x.mean(1)
-            if n == 'echo_mean': cols.append(mu.numpy()); continue
-            d = x - mu[:, None]; sd = d.pow(2).mean(1).sqrt()
-            cols.append(torch.where(sd > 0, d.pow(3).mean(1) / sd.clamp_min(1e-12) ** 3, torch.zeros_like(sd)).numpy()); continue
+            if echo is None: echo = echo_statistics(table['path'], num_threads)
+            cols.append(echo[:, 0 if n == 'echo_mean' else 1]); continue
         if col not in table.columns or table[col].isna().all():
             raise InputError(f'--covariates {n}: {where} has no {n} values: it needs {SPREADSHEET_COLUMNS[n]} with values; '
                              f'add the column or drop {n} from --covariates')

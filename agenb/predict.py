@@ -104,7 +104,7 @@ def predict_images(rm: RunModel, paths, batch_size=64, tta=False, skip_bad=False
                                            'with those columns for the images')
         rows = table.assign(path=[str(Path(p).resolve()) for p in table['path']]).drop_duplicates('path').set_index('path')
         rows = rows.reindex([str(p.resolve()) for p in kept]).reset_index()
-        cov = rm.covariates_for(rows, images, where)
+        cov = rm.covariates_for(rows, where)
         n_imputed = int(cov[:, cov.shape[1] // 2:].bool().any(1).sum())   # the second half: the missing-indicators
     views = tta_views(rm.augmentation) if tta else tta_views({})
     pred, sd = predict_tensor(rm, images, batch_size, views, cov)

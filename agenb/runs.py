@@ -194,10 +194,10 @@ class RunModel:
         ref = torch.zeros(self.covariate_stats['n_inputs']) if self.covariate_stats else None
         return AgeOutput(self.model, self.head, reference_covariates=ref).to(self.device).eval()
 
-    def covariates_for(self, table: pd.DataFrame, images: torch.Tensor, where: str) -> torch.Tensor | None:
-        "The covariate inputs of `table`'s rows (their decoded `images` for echo_*), with the run's training statistics."
+    def covariates_for(self, table: pd.DataFrame, where: str) -> torch.Tensor | None:
+        "The covariate inputs of `table`'s rows (echo_* from the images its `path` column names), with the run's training statistics."
         if not self.covariate_stats: return None
-        return covariate_inputs(covariate_values(table, images, self.covariate_stats['names'], where), self.covariate_stats)
+        return covariate_inputs(covariate_values(table, self.covariate_stats['names'], where, self.options.num_workers), self.covariate_stats)
 
 def distribution_head(o: Options) -> DistributionHead | None:
     "The distribution head of a run's options (None for plain regression)."
@@ -284,7 +284,7 @@ def predict_split(run_dir, split='test', device='cpu', batch_size=64, checkpoint
     rm = load_run_model(run_dir, checkpoint, device)
     table = read_split(run_dir, split)
     images = load_images(table.path.tolist(), rm.prep, cache_dir=rm.options.cache_dir, num_threads=rm.options.num_workers)
-    cov = rm.covariates_for(run_table(rm.options, table.path), images, str(rm.options.excel_path)) if rm.covariate_stats else None
+    cov = rm.covariates_for(run_table(rm.options, table.path), str(rm.options.excel_path)) if rm.covariate_stats else None
     return table.assign(pred=predict_batches(rm, images, batch_size, cov))
 
 def run_table(o: Options, paths) -> pd.DataFrame:

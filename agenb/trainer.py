@@ -121,7 +121,7 @@ def prepare_data(o: Options) -> PreparedData:
     idx = {s: np.flatnonzero((split == s).to_numpy()) for s in ('train', 'val', 'test')}
     cov, cov_stats, names = None, None, parse_covariates(o.covariates)
     if names:  # statistics of the training split only: a test subject's values change nothing about training
-        raw = covariate_values(table, images, names, where=str(o.excel_path))
+        raw = covariate_values(table, names, str(o.excel_path), o.num_workers)
         cov_stats = fit_covariates(raw[idx['train']], names)
         cov = covariate_inputs(raw, cov_stats)
     return PreparedData(table=table, split=split, split_info=info, summary=summary, stats=split_stats(table, split),

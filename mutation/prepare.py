@@ -21,24 +21,34 @@ import libcst as cst
 ROOT = Path(__file__).resolve().parents[1]
 
 # The code whose bugs would falsify results: which images train/validate/test, the numbers reported, the trainer's
-# decisions and checkpoints, and the preprocessing predict/export/explain apply. 'Class' mutates a whole class,
-# 'Class.method' one method. Everything else in these modules (display, CLI plumbing, input validation, DDP/GPU-only
-# code reached only under torchrun or CUDA) is left out; see mutation/REPORT.md.
+# decisions (validation over all ranks, best model, plateau, early stop) and checkpoints, and the preprocessing
+# predict/export/explain apply. 'Class' mutates a whole class, 'Class.method' one method. Everything else in these
+# modules is left out (see "Scope" in mutation/NOTES.md): display, CLI plumbing, input validation, the training
+# loop's mechanics (`train_epoch`, `batch`, `train_batches`: what a step does, checked end to end by the exact-resume
+# and reproduction tests), the config.json wording of the schedule (`LRSchedule.describe`), the upgrade of agenb
+# 0.1.0 checkpoints (`runs._upgrade`), and DDP/GPU-only code reached only under torchrun or CUDA.
 MUTATE = {
     'split.py': {'_n_of', '_age_bins', '_pick', '_assign', '_keep_mask', 'apply_filter', 'check_no_leakage', '_from_file'},
     'evaluate.py': {'_arrays', '_corr', 'regression_metrics', 'age_group_table', 'subject_level', 'fit_bias_correction',
                     'apply_bias_correction', '_evaluate'},
-    'trainer.py': {'train_batches', 'eval_shard', 'LRSchedule', 'batch', 'train_epoch', 'predict', 'validate', 'fit',
-                   'state', 'load_state', '_rng_state', '_set_rng_state', 'RunWriter.end_of_epoch'},
-    'runs.py': {'run_options', 'read_split', 'run_bias_correction', 'make_checkpoint', '_upgrade', 'load_checkpoint',
+    'trainer.py': {'eval_shard', 'LRSchedule.__init__', 'LRSchedule.step', 'LRSchedule.state_dict',
+                   'LRSchedule.load_state_dict', 'predict', 'validate', 'fit', 'state', 'load_state', '_rng_state',
+                   '_set_rng_state', 'RunWriter.end_of_epoch'},
+    'runs.py': {'run_options', 'read_split', 'run_bias_correction', 'make_checkpoint', 'load_checkpoint',
                 'load_run_model', 'predict_batches', 'predict_split'},
     'predict.py': {'tta_views', 'apply_view', 'parse_subject', 'read_images', 'predict_tensor', 'predict_images',
                    'subject_table', 'metrics_for'},
 }
 
 
+def _docstring(stmt):
+    return (isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1 and isinstance(stmt.body[0], cst.Expr)
+            and isinstance(stmt.body[0].value, (cst.SimpleString, cst.ConcatenatedString)))
+
+
 class _Exclude(cst.CSTTransformer):
-    "Put `# pragma: no mutate block` on every function or class header not named in `keep`."
+    """Put `# pragma: no mutate block` on every function or class header not named in `keep`, and take the docstring
+    out of the functions that are kept (a mutated docstring cannot change a result; mutating it only costs time)."""
     def __init__(self, keep):
         self.keep, self.cls = keep, []
     def _mark(self, node):
@@ -58,8 +68,10 @@ class _Exclude(cst.CSTTransformer):
         return False                                   # nested functions follow their parent
     def leave_FunctionDef(self, original, updated):
         name = '.'.join([*self.cls, updated.name.value])
-        if self.cls and self.cls[0] in self.keep: return updated
-        return updated if name in self.keep else self._mark(updated)
+        if not (self.cls and self.cls[0] in self.keep) and name not in self.keep: return self._mark(updated)
+        body = updated.body.body
+        if len(body) > 1 and _docstring(body[0]): updated = updated.with_deep_changes(updated.body, body=body[1:])
+        return updated
 
 
 def exclude(src: str, keep: set) -> str:

@@ -71,21 +71,24 @@ def test_covariate_predict_roundtrip_and_refusals(cov_run, data_args, tmp_path):
 
 
 def test_covariate_export_roundtrip(cov_run, data_args, tmp_path):
-    "The exported model takes the spreadsheet covariates (raw, NaN missing) as a second input; echo_mean is computed inside."
+    """The exported model takes the covariates (raw, NaN missing) as a second input: the spreadsheet's, and echo_mean
+    measured inside the muscle mask by agenb.images.echo_statistics."""
     r = agenb('export', cov_run, '--format', 'torchscript', '--out', tmp_path / 'exp')
     assert r.returncode == 0 and 'max |diff|' in r.stdout and 'WARNING' not in r.stdout, r.stderr[-2000:]
     card = json.loads((tmp_path / 'exp' / 'model_card.json').read_text())
-    assert card['input']['second_input']['columns'] == ['sex', 'bmi'] and card['input']['covariates']['names'] == COV.split(',')
+    assert card['input']['second_input']['columns'] == COV.split(',') == card['input']['covariates']['names']
+    assert 'inside the muscle mask' in card['input']['second_input']['units']['echo_mean']
     assert card['verification']['torchscript']['ok'] and 'covariates' in (tmp_path / 'exp' / 'README.md').read_text()
     from agenb.export import load_exported
     from agenb.predict import read_images
-    from agenb.images import Preprocessing
+    from agenb.images import Preprocessing, echo_statistics
     from agenb.runs import run_options, run_table
     cfg = json.loads((cov_run / 'config.json').read_text())
     preds = pd.read_csv(cov_run / 'predictions.csv').head(4)
     x = read_images(preds.path, Preprocessing.from_dict(cfg['preprocessing']))[0].float().div(255).numpy()
     rows = run_table(run_options(cov_run), list(preds.path))
-    c = np.stack([rows.sex.map({'M': 1.0, 'F': 0.0}).to_numpy(dtype=float), rows.bmi.to_numpy(dtype=float)], 1)
+    c = np.stack([rows.sex.map({'M': 1.0, 'F': 0.0}).to_numpy(dtype=float), rows.bmi.to_numpy(dtype=float),
+                  echo_statistics(preds.path)[:, 0]], 1)
     run = load_exported(tmp_path / 'exp' / 'model.torchscript.pt')
     np.testing.assert_allclose(run(x, c), preds.pred, atol=1e-3)
     assert np.isfinite(run(x, np.full_like(c, np.nan))).all()                          # missing values are imputed inside

@@ -133,6 +133,12 @@ def test_tta_views():
     v = tta_views({'rotation_deg': 3})[2]
     assert v == {'name': 'rotate-1.5', 'rotation_deg': -1.5, 'shift_x': 0.0, 'shift_y': 0.0, 'hflip': False, 'vflip': False}
     assert tta_views({'translate': 0.04})[1]['shift_x'] == 0.02 and tta_views({'hflip_p': 0.5})[1]['hflip'] is True
+    base = dict(rotation_deg=0.0, shift_x=0.0, shift_y=0.0, hflip=False, vflip=False)   # every view, every field
+    assert tta_views({'rotation_deg': 2, 'translate': 0.04, 'hflip_p': 0.5, 'vflip_p': 0.1}) == [
+        dict(base, name='identity'), dict(base, name='rotate+1', rotation_deg=1.0), dict(base, name='rotate-1', rotation_deg=-1.0),
+        dict(base, name='shift_x+0.02', shift_x=0.02), dict(base, name='shift_x-0.02', shift_x=-0.02),
+        dict(base, name='hflip', hflip=True), dict(base, name='vflip', vflip=True)]
+    assert names({'rotation_deg': 0, 'translate': 0, 'hflip_p': 0, 'vflip_p': 0}) == ['identity']
 
 
 def test_apply_view():
@@ -166,6 +172,8 @@ def test_parse_subject():
     assert parse_subject('scan.png', DEFAULT_PATTERN) == (None, None)
     assert parse_subject('p5.png', r'p(\d+)\.png') == ('5', None)
     assert parse_subject('p5_x.png', r'p(\d+)_(\w+)\.png') == ('5', None)
+    assert parse_subject('s5_2.png', r's(\d+)_(\d+)\.png') == ('5', 2)             # exactly two groups: the index is read
+    assert parse_subject('anon_1_2.png', r'anon_\d+_\d+\.png') == (None, None)      # no subject group: no subject
     with pytest.raises(InputError, match='not a valid regular expression'): parse_subject('x', '(')
 
 
@@ -192,9 +200,11 @@ def test_metrics_for():
     assert m['subject_level']['mae'] == pytest.approx((4 + 5) / 2)      # subject 1: mean 34 (median 32)
     assert m['corrected']['mae'] == pytest.approx(1 / 4) and m['corrected_subject_level']['mae'] == pytest.approx(1 / 3 / 2)
     assert m['age_groups'][0]['age_range'] == '30-40' and m['age_groups'][0]['count'] == 3
-    assert metrics_for(df.drop(columns=['corrected']), None)['corrected'] is None
+    plain = metrics_for(df.drop(columns=['corrected']), None)
+    assert plain['corrected'] is None and plain['corrected_subject_level'] is None and plain['subject_level']['n'] == 2
     m = metrics_for(df.assign(subject=pd.array(['1', None, '1', '2', '3'], dtype='string')))
-    assert m['subject_level'] is None and m['n_subjects'] is None and 'subject unknown' in m['subject_level_note']
+    assert m['subject_level'] is None and m['n_subjects'] is None
+    assert m['subject_level_note'] == 'subject unknown for some images (file names do not match the pattern)'
     with pytest.raises(InputError, match='no predicted image has an age'): metrics_for(df.assign(age=np.nan))
     assert metrics_for(df, bin_width=5)['age_groups'][0]['age_range'] == '30-35'
 
@@ -273,3 +283,39 @@ def test_subject_table_of_a_distribution_run_is_the_mixture_of_its_images():
     np.testing.assert_allclose(t[['lo80', 'hi80', 'lo95', 'hi95']].to_numpy(), [[2, 28, 0.5, 29.5], [11, 19, 10.25, 19.75]])
     plain = subject_table(df, SimpleNamespace(head=None))                      # a regression run: no distribution columns
     assert 'dist_sd' not in plain and 'lo80' not in plain and plain.pred.tolist() == [15.0, 15.0]
+
+
+def test_predict_images_of_a_covariate_run_reads_each_images_own_row(run, tmp_path):
+    """A `--covariates bmi,sex` run: every image gets the covariates of its own row of the table (matched by resolved
+    path, first row of an image listed twice), standardised with the checkpoint's training statistics; an image that
+    is not in the table gets them all imputed; no table is a clear error. A run without bias correction has no
+    'corrected' column."""
+    from agenb.model import covariate_inputs, fit_covariates
+    cov_run = tmp_path / run.name; shutil.copytree(run, cov_run)
+    cfg = json.loads((cov_run / 'config.json').read_text()); cfg['args']['covariates'] = 'bmi,sex'
+    (cov_run / 'config.json').write_text(json.dumps(cfg))
+    stats = fit_covariates(np.array([[20.0, 1.0], [30.0, 0.0], [np.nan, 1.0], [25.0, np.nan]]), ('bmi', 'sex'))
+    torch.manual_seed(1)
+    model = build_model('resnet18', pretrained=False, dropout=0.2, n_covariates=4)
+    torch.save(make_checkpoint(model.state_dict(), 3, 7.5, run_options(cov_run), PREP.to_dict(), covariates=stats),
+               cov_run / 'best_model.pth')
+    (cov_run / 'metrics.json').unlink()
+    rm = load_run_model(cov_run)
+    assert rm.covariate_stats == stats and rm.bias_correction is None
+    paths = [Path(p) for p in read_split(run).path][:4]
+    # the table names the images another way (through '..'), lists the second one twice and leaves out the last one
+    other = lambda p: str(p.parent / '..' / p.parent.name / p.name)
+    table = pd.DataFrame({'path': [other(paths[0]), other(paths[1]), other(paths[1]), other(paths[2])],
+                          'bmi': [18.0, 35.0, 99.0, np.nan], 'sex': ['M', 'F', 'M', 'F']})
+    df, _, _ = predict_images(rm, paths, batch_size=3, table=table)
+    raw = np.array([[18.0, 1.0], [35.0, 0.0], [np.nan, 0.0], [np.nan, np.nan]])
+    x = load_images([str(p) for p in paths], PREP).float() / 255
+    m = build_model('resnet18', pretrained=False, dropout=0.2, n_covariates=4)
+    m.load_state_dict(torch.load(cov_run / 'best_model.pth', weights_only=True)['model']); m.eval()
+    with torch.no_grad(): want = m(PREP.normalize(x), covariate_inputs(raw, stats)).squeeze(1).double().numpy()
+    np.testing.assert_allclose(df.pred, want, atol=1e-4, rtol=0)
+    with torch.no_grad(): ignored = m(PREP.normalize(x), covariate_inputs(raw[[3, 3, 3, 3]], stats)).squeeze(1).numpy()
+    assert np.abs(ignored - want).max() > 1e-3                            # the covariates change the predictions
+    assert df.attrs['covariates_imputed'] == 2 and 'corrected' not in df
+    with pytest.raises(InputError, match='this run uses --covariates bmi,sex: pass --excel-path'):
+        predict_images(rm, paths, table=None)
