@@ -19,6 +19,7 @@ import agenb
 from .core import (InputError, Parser, run_cli, show_path, ensure_output_dir, atomic_write, atomic_write_json,
                         atomic_savefig, atomic_write_text)
 from .data import load_dataset
+from .model import sheet_covariates
 from .runs import load_run_model, read_split, refuse_run_dir
 from .evaluate import apply_bias_correction, subject_level
 from .report import STYLE, Html, kv_table, table, note, img_file, fmt, notebook_html, render_report
@@ -96,7 +97,8 @@ def clinical_images(rm, image_dir, excel_path, cohort=None, batch_size=64, num_w
     image_dir = Path(image_dir)
     kw = {k: rm.args.get(k) for k in ('id_col', 'age_col', 'file_col') if rm.args.get(k)}
     try:
-        tab, summary = load_dataset(image_dir, excel_path, cohort=cohort, pattern=rm.pattern, verify=False, **kw)
+        extra = sheet_covariates(rm.covariate_stats['names']) if rm.covariate_stats else ()
+        tab, summary = load_dataset(image_dir, excel_path, cohort=cohort, pattern=rm.pattern, verify=False, extra_columns=extra, **kw)
     except InputError as e:
         raise InputError(f'cohort folder {image_dir}: {e}') from None
     used = {str(Path(p).resolve()): s for p, s in zip(read_split(rm.run_dir).path, read_split(rm.run_dir).split)}
@@ -104,7 +106,8 @@ def clinical_images(rm, image_dir, excel_path, cohort=None, batch_size=64, num_w
     if seen:
         raise InputError(f'cohort folder {image_dir}: {len(seen)} of its images were used by the run ({_few(f"{n} ({s})" for n, s in seen)}); '
                          'an age gap needs a cohort the run never saw: pass the clinical image folder')
-    df, _, _ = predict_images(rm, list(tab['path']), batch_size, tta=False, skip_bad=False, num_threads=num_workers)
+    df, _, _ = predict_images(rm, list(tab['path']), batch_size, tta=False, skip_bad=False, num_threads=num_workers,
+                              table=tab, where=f'{excel_path} (cohort folder {image_dir})')  # a covariate run's covariates
     key = lambda p: str(Path(p).resolve())
     pred = dict(zip(map(key, df['path']), df['pred']))
     out = tab[['path', 'filename', 'subject', 'image_index', 'age']].copy()

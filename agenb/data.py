@@ -379,7 +379,8 @@ def _raise_uncomputed(src, cells):
                      'computed (the file was written by a program, not saved by a spreadsheet program); open and save the '
                      'file in Excel or LibreOffice, or type the value')
 
-def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, age_col, file_col, max_table_mb, max_expanded_mb):
+def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, age_col, file_col, max_table_mb, max_expanded_mb,
+                   extra_columns=()):
     "The spreadsheet's subjects (and files, one row per image) for `load_dataset`, as a namespace; raises InputError."
     root = image_dir.resolve()
     sheet_name, rows = read_cells(excel_path, sheet, max_table_mb=max_table_mb, max_expanded_mb=max_expanded_mb)
@@ -419,20 +420,24 @@ def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, ag
     si = _find_col(headers, None, SEX_NAMES, 'sex', '', where, required=False)
     hi = _find_col(headers, None, HEIGHT_NAMES, 'height', '', where, required=False)
     wi = _find_col(headers, None, WEIGHT_NAMES, 'weight', '', where, required=False)
+    xi = {n: _find_col(headers, n, (), 'covariate', '--covariates', where) for n in extra_columns}
     col = lambda i: headers[i][0] if i is not None else None
     cid, cage, csex, ch, cw, cfile = map(col, (ii, ai, si, hi, wi, fi))
     label = lambda i: f'{headers[i][1]!r} (column {_col_letter(headers[i][0])})' if sheet_name else repr(headers[i][1])
     get = lambda r, c: (r[c] if c is not None and c < len(r) else None)
-    used = {c for c in (cid, cage, csex, ch, cw, cfile) if c is not None}
+    used = {c for c in (cid, cage, csex, ch, cw, cfile, *map(col, xi.values())) if c is not None}
     if bad := _uncomputed(rows, range(data_start, len(rows)), used): _raise_uncomputed(src, bad)
 
     # the spreadsheet's rows
-    recs, bad_age, bad_file = [], [], []
+    recs, bad_age, bad_file, bad_extra = [], [], [], {}
     for k, r in enumerate(rows[data_start:], start=data_start + 1):
         vals = [get(r, c) for c, _ in headers]
         if all(_blank(v) for v in vals): continue
         rec = dict(row=k, id=norm_id(get(r, cid)), age=_num(get(r, cage)), sex=_norm_sex(get(r, csex)),
                    height=_num(get(r, ch)), weight=_num(get(r, cw)))
+        rec['extra'] = {n: _num(get(r, col(i))) for n, i in xi.items()}
+        for n, v in rec['extra'].items():
+            if v == 'bad' or (isinstance(v, float) and not math.isfinite(v)): bad_extra.setdefault(n, []).append(f'row {k} ({show_name(repr(get(r, col(xi[n]))))})')
         if cfile is not None:
             rec['file'], why = _table_file(get(r, cfile), root)
             if why: bad_file.append(f'row {k} ({_q(str(get(r, cfile)))}: {why})')
@@ -446,6 +451,9 @@ def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, ag
     if bad_age:
         raise InputError(f'{where} column {label(ai)}: the age is not a number between 0 and 120 in '
                          f'{_rows_list(bad_age)}: fix those cells (age in years, e.g. 37.1)')
+    for n, bad in bad_extra.items():
+        raise InputError(f'{where} column {label(xi[n])}: the value is not a number in {_rows_list(bad)}: fix those cells '
+                         f'(blank means missing) or drop {n} from --covariates')
     if bad_file:
         raise InputError(f'{where} column {label(fi)} names files outside the image folder {show_name(image_dir)} in '
                          f'{_rows_list(bad_file, 5)}: write the names of files in that folder (e.g. anon_1_1.png)')
@@ -487,7 +495,7 @@ def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, ag
                            subj=subj, by_file=by_file, dup_rows=dup_rows, rows_without_id=rows_without_id)
 
 # %% ../nbs/02_data.ipynb #0c89d2fa
-def _table(image_dir, matched, subj, layout_match, cohort):
+def _table(image_dir, matched, subj, layout_match, cohort, extra_columns=()):
     "(tidy table of the matched images [(file, subject, index)] sorted by subject, index, name; counts for the summary)."
     masks_dir = next((p for p in (image_dir.parent / 'Masks', image_dir.parent / 'masks') if p.is_dir()), None)
     muscle = image_dir.parent.parent.name if layout_match else None
@@ -503,11 +511,12 @@ def _table(image_dir, matched, subj, layout_match, cohort):
         mp = _mask_for(masks_dir, f)
         out.append(dict(path=os.path.abspath(image_dir / f), filename=f, subject=sid, image_index=idx, age=float(s['age']),
                         sex=s['sex'], height_cm=h, weight_kg=w, bmi=bmi, muscle=muscle, cohort=cohort,
-                        mask_path=os.path.abspath(mp) if mp else None))
+                        mask_path=os.path.abspath(mp) if mp else None,
+                        **{n: s['extra'][n] if isinstance(s['extra'][n], float) else None for n in extra_columns}))
     out.sort(key=lambda r: (_id_key(r['subject']), r['image_index'] is None, r['image_index'] or 0, r['filename']))
-    t = pd.DataFrame(out, columns=COLUMNS)
+    t = pd.DataFrame(out, columns=[*COLUMNS, *extra_columns])
     t['image_index'] = t['image_index'].astype('Int64')
-    for c in ('age', 'height_cm', 'weight_kg', 'bmi'): t[c] = t[c].astype(float)
+    for c in ('age', 'height_cm', 'weight_kg', 'bmi', *extra_columns): t[c] = t[c].astype(float)
     t['mask_path'] = pd.Series([r['mask_path'] for r in out], dtype=object)
     return t, dict(bmi_implausible=len(bmi_bad), bmi_missing=len(bmi_missing), muscle=muscle)
 
@@ -536,10 +545,11 @@ def _summary(t, x, s, image_dir, excel_path, pattern, unmatched, without_images,
 
 # %% ../nbs/02_data.ipynb #aa570a1d
 def load_dataset(image_dir, excel_path, cohort=None, sheet=None, pattern=DEFAULT_PATTERN, id_col=None, age_col=None,
-                 file_col=None, strict=False, verify=True, max_table_mb=None, max_expanded_mb=None):
+                 file_col=None, strict=False, verify=True, max_table_mb=None, max_expanded_mb=None, extra_columns=()):
     """Read images and the subjects' spreadsheet into one tidy table (one row per image) and a summary dict.
     See the module's decisions above; every problem with the input raises `InputError`. `max_table_mb` and
-    `max_expanded_mb` bound the spreadsheet (default: env AGENB_MAX_TABLE_MB / AGENB_MAX_EXPANDED_MB, else 50 / 200)."""
+    `max_expanded_mb` bound the spreadsheet (default: env AGENB_MAX_TABLE_MB / AGENB_MAX_EXPANDED_MB, else 50 / 200).
+    `extra_columns`: more spreadsheet headers to carry as numeric table columns of the same names (covariates)."""
     _check_text(cohort=cohort, sheet=sheet, pattern=pattern, id_col=id_col, age_col=age_col, file_col=file_col)
     for p, flag in ((image_dir, '--image-dir'), (excel_path, '--excel-path')):
         if not _is_utf8(os.path.abspath(p)):
@@ -548,7 +558,12 @@ def load_dataset(image_dir, excel_path, cohort=None, sheet=None, pattern=DEFAULT
     image_dir, excel_path = Path(image_dir), Path(excel_path)
     rx = _compile(pattern)
     files = [p.name for p in list_images(image_dir, pattern)]   # checks the folder and every image in it
-    t = _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, age_col, file_col, max_table_mb, max_expanded_mb)
+    extra_columns = tuple(extra_columns)
+    if clash := [n for n in extra_columns if n in COLUMNS]:
+        raise InputError(f'--covariates {clash[0]}: that name is one of agenb\'s own table columns ({", ".join(COLUMNS)}); '
+                         'use the covariate names sex, bmi, height, weight, or the spreadsheet header')
+    t = _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, age_col, file_col, max_table_mb, max_expanded_mb,
+                       extra_columns)
     subj, where, shown_dir = t.subj, t.where, show_name(image_dir)
     shown = lambda names, n: _rows_list([show_name(f) for f in names], n)
 
@@ -588,7 +603,7 @@ def load_dataset(image_dir, excel_path, cohort=None, sheet=None, pattern=DEFAULT
                                    ': fix the spreadsheet or the folder, or run without --strict')
     if not matched:
         raise InputError(f'every subject with images in {shown_dir} has a blank age in {where}: fill in the ages')
-    table, counts = _table(image_dir, matched, subj, t.layout_match, t.table_cohort)
+    table, counts = _table(image_dir, matched, subj, t.layout_match, t.table_cohort, extra_columns)
     if verify:
         for p in table['path']: _verify_image(p)
     summary = _summary(table, counts, t, image_dir, excel_path, pattern, unmatched, without_images, missing_age, not_matching, strict)

@@ -128,7 +128,7 @@ def covariates_card(stats) -> dict:
                           'imputation_and_standardisation': 'inside the model: NaN -> training median plus a missing-indicator, '
                                                             'then (value - mean) / sd with the training-split statistics'}}
     out['second_input'] = {'name': 'covariates', 'shape': ['batch', len(names)], 'dtype': 'float32', 'columns': names,
-                           'units': {n: UNITS[n] for n in names}, 'missing': 'NaN',
+                           'units': {n: UNITS.get(n, 'as in the spreadsheet column of that header') for n in names}, 'missing': 'NaN',
                            'meaning': 'raw values for the image, in this column order: the subject\'s spreadsheet values, '
                                       'echo_* measured in the image inside its muscle mask'}
     return out

@@ -20,8 +20,8 @@ from .images import ECHO_REGION, echo_statistics
 __all__ = ['ARCHS', 'COVARIATES', 'SEX_CODES', 'SPREADSHEET_COLUMNS', 'is_timm', 'check_arch', 'AgeNet', 'head_linear',
            'image_body', 'fixed_image_size', 'min_image_size', 'check_image_size', 'build_model', 'backbone_stages',
            'set_trainable', 'freeze_batchnorm', 'param_groups', 'parse_age_bins', 'RegressionHead', 'DistributionHead',
-           'AgeOutput', 'coverage', 'describe_model', 'gradcam_target_layer', 'parse_covariates', 'covariate_values',
-           'fit_covariates', 'covariate_inputs']
+           'AgeOutput', 'coverage', 'describe_model', 'gradcam_target_layer', 'parse_covariates', 'sheet_covariates',
+           'covariate_values', 'fit_covariates', 'covariate_inputs']
 
 # %% ../nbs/05_model.ipynb #f34d5e50
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'efficientnet_b0', 'efficientnet_b1', 'convnext_tiny',
@@ -499,26 +499,30 @@ SPREADSHEET_COLUMNS = {'sex': 'a sex column (Sex, Gender or Geslacht)', 'bmi': '
                        'height': 'a length column (Length (cm), Height or Lengte)', 'weight': 'a weight column (Weight (kg) or Gewicht)'}
 
 def parse_covariates(text) -> tuple:
-    "`'sex,bmi'` -> ('sex', 'bmi'); unknown or repeated names and `age` are refused."
+    "`'sex,bmi,grip'` -> ('sex', 'bmi', 'grip'); empty or repeated names and `age` are refused."
     if text is None or text == '': return ()
-    names = tuple(n.strip().lower() for n in str(text).split(','))
+    names = tuple(' '.join(n.split()).lower() for n in str(text).split(','))
     if 'age' in names: raise InputError('--covariates: age is the target, not a covariate; remove it')
-    bad = [n for n in names if n not in COVARIATES]
-    if bad: raise InputError(f'--covariates: unknown covariate(s) {", ".join(map(repr, bad))}; choose from {", ".join(COVARIATES)}')
+    if '' in names: raise InputError(f'--covariates {text!r}: an empty name; write names separated by single commas')
     if len(set(names)) != len(names): raise InputError(f'--covariates {text}: a covariate is named twice')
     return names
+
+def sheet_covariates(names) -> tuple:
+    "The covariates among `names` that are other spreadsheet columns, read by their header (see `load_dataset(extra_columns=)`)."
+    return tuple(n for n in names if n not in COVARIATES)
 
 def covariate_values(table, names, where='the spreadsheet', num_threads=None) -> np.ndarray:
     """Raw covariates (N, C) as float64 with NaN for missing: `table`'s columns, or the echo statistics inside the muscle
     mask of the images its `path` column names."""
     cols, echo = [], None
     for n in names:
-        col = COVARIATES[n]
+        col = COVARIATES.get(n, n)                            # another spreadsheet column: the table has it under its name
         if col is None:
             if echo is None: echo = echo_statistics(table['path'], num_threads)
             cols.append(echo[:, 0 if n == 'echo_mean' else 1]); continue
         if col not in table.columns or table[col].isna().all():
-            raise InputError(f'--covariates {n}: {where} has no {n} values: it needs {SPREADSHEET_COLUMNS[n]} with values; '
+            need = SPREADSHEET_COLUMNS.get(n, f'a column {n!r}')
+            raise InputError(f'--covariates {n}: {where} has no {n} values: it needs {need} with values; '
                              f'add the column or drop {n} from --covariates')
         v = table[col].map(lambda s: SEX_CODES.get(s, np.nan)) if n == 'sex' else table[col]
         cols.append(v.to_numpy(dtype=float))

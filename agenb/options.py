@@ -63,7 +63,8 @@ OPTIONS = [
     ('age_bins', str, '0:100:2', 'distribution head: bins START:STOP:WIDTH in years'),
     ('label_sigma', float, 1.0, 'distribution head: SD (years) of the Gaussian soft labels'),
     ('covariates', str, None, 'join these to the image embedding through a small MLP: comma list of sex, bmi, height, '
-                              'weight (spreadsheet) and echo_mean, echo_skew (inside the muscle mask); standardised on the training split')),
+                              'weight, any other numeric spreadsheet column by its header, and echo_mean, echo_skew (inside the '
+                              'muscle mask); standardised on the training split')),
     *_rows('preprocessing',
     ('image_size', int, 224, 'images are resized to SxS'),
     ('roi', str, 'none', 'none, mask (zero outside the muscle mask), mask-bbox (crop to the mask\'s box), crop (fixed --roi-box)'),

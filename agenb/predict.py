@@ -19,6 +19,7 @@ from .data import DEFAULT_PATTERN, IMAGE_EXTS, list_images, load_dataset, norm_i
 from .images import affine_warp, load_image
 from .runs import RUN_OWN_FILES, RunModel, is_run_dir, load_run_model, predict_outputs, interval_tables, calibration, INTERVAL_COLS
 from .evaluate import apply_bias_correction, regression_metrics, subject_level, age_group_table
+from .model import sheet_covariates
 
 # %% auto #0
 __all__ = ['tta_views', 'apply_view', 'find_images', 'parse_subject', 'read_images', 'predict_tensor', 'predict_images',
@@ -215,7 +216,8 @@ def _table(a, rm):
     "agenb.data.load_dataset's table of the spreadsheet (ages, and covariates for a covariate run) and its summary."
     kw = {k: (getattr(a, k) or rm.args.get(k)) for k in ('id_col', 'age_col', 'file_col') if getattr(a, k) or rm.args.get(k)}
     if a.cohort: kw['cohort'] = a.cohort
-    return load_dataset(a.image_dir, a.excel_path, pattern=rm.pattern, verify=False, **kw)  # decoded already
+    extra = sheet_covariates(rm.covariate_stats['names']) if rm.covariate_stats else ()
+    return load_dataset(a.image_dir, a.excel_path, pattern=rm.pattern, verify=False, extra_columns=extra, **kw)  # decoded already
 
 def _ages(table, paths):
     "True ages for `paths` from the spreadsheet's table (NaN where it has none)."

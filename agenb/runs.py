@@ -17,7 +17,7 @@ from .core import InputError, file_sha256, run_process_state
 from .data import DEFAULT_PATTERN, load_dataset
 from .split import load_split
 from .images import Preprocessing, load_images
-from .model import (build_model, DistributionHead, AgeOutput, parse_age_bins, coverage, parse_covariates, covariate_values,
+from .model import (build_model, DistributionHead, AgeOutput, parse_age_bins, coverage, parse_covariates, sheet_covariates, covariate_values,
                          covariate_inputs)
 from .options import Options, OPTION_NAMES, PLAIN_DEFAULTS
 
@@ -291,7 +291,8 @@ def run_table(o: Options, paths) -> pd.DataFrame:
     "The rows of the run's own spreadsheet table (its data options) for image `paths`, in that order (for covariates)."
     kw = {k: getattr(o, k) for k in ('cohort', 'id_col', 'age_col', 'file_col', 'pattern', 'max_table_mb', 'max_expanded_mb')
           if getattr(o, k) is not None}
-    t = load_dataset(o.image_dir, o.excel_path, strict=o.strict, **kw)[0].drop_duplicates('path').set_index('path')
+    t = load_dataset(o.image_dir, o.excel_path, strict=o.strict, extra_columns=sheet_covariates(parse_covariates(o.covariates)),
+                     **kw)[0].drop_duplicates('path').set_index('path')
     missing = [p for p in paths if p not in t.index]
     if missing: raise InputError(f'{missing[0]}: no longer in the run\'s data ({o.excel_path}); its covariates cannot be read')
     return t.loc[list(paths)].reset_index()

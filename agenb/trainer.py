@@ -21,7 +21,7 @@ from .split import make_split, split_stats, save_split
 from .images import Preprocessing, Augmentation, load_images
 from .options import Options, resolve_options
 from .model import (RegressionHead, DistributionHead, parse_age_bins, param_groups, freeze_batchnorm, parse_covariates,
-                         covariate_values, fit_covariates, covariate_inputs)
+                         covariate_values, fit_covariates, covariate_inputs, sheet_covariates)
 from .runs import make_checkpoint, curves_figure
 
 # %% auto #0
@@ -79,7 +79,7 @@ def read_table(o: Options):
     "`agenb.data.load_dataset` with the data options of `o`: (table, summary)."
     kw = {k: getattr(o, k) for k in ('cohort', 'id_col', 'age_col', 'file_col', 'pattern', 'max_table_mb', 'max_expanded_mb')
           if getattr(o, k) is not None}
-    return load_dataset(o.image_dir, o.excel_path, strict=o.strict, **kw)
+    return load_dataset(o.image_dir, o.excel_path, strict=o.strict, extra_columns=sheet_covariates(parse_covariates(o.covariates)), **kw)
 
 @dataclasses.dataclass(frozen=True)
 class PreparedData:

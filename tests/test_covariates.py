@@ -128,3 +128,32 @@ def test_bad_covariates_exit_2(data_args, tmp_path):
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith('agenb: error: --covariates bmi:') and 'weight' in line
     assert not out.exists() or not any(out.iterdir())                                  # nothing half-written
+
+
+def test_any_numeric_spreadsheet_column_is_a_covariate(data_args, tmp_path):
+    """`--covariates sex,grip (kg)`: a column agenb does not know, read by its header from the run's spreadsheet for
+    training, for run_table (predict_split, export) and for predict; a header that is not there is exit 2 naming it."""
+    from agenb.data import load_dataset
+    from agenb.model import covariate_inputs
+    from agenb.options import resolve_options
+    from agenb.runs import run_table
+    from agenb.trainer import prepare_data
+    t, _ = load_dataset(data_args[1], data_args[3])
+    subj = t.drop_duplicates('subject')[['subject', 'age', 'sex']].reset_index(drop=True)
+    grip = [np.nan if i % 5 == 0 else round(60 - 0.4 * a + i % 3, 1) for i, a in enumerate(subj.age)]   # every 5th blank
+    pd.DataFrame({'ID': subj.subject, 'Age': subj.age, 'Sex': subj.sex, 'Grip (kg)': grip}).to_csv(tmp_path / 'grip.csv', index=False)
+    o = resolve_options(dict(image_dir=data_args[1], excel_path=str(tmp_path / 'grip.csv'), image_size=32,
+                             covariates='sex,Grip (kg)', num_workers=1))
+    d = prepare_data(o)
+    by_subject = dict(zip(subj.subject, grip))
+    raw = np.stack([d.table.sex.map({'M': 1.0, 'F': 0.0}).to_numpy(dtype=float), d.table.subject.map(by_subject).to_numpy(dtype=float)], 1)
+    train = raw[d.idx['train'], 1]
+    assert d.covariate_stats['names'] == ['sex', 'grip (kg)'] and d.covariate_stats['median'][1] == np.nanmedian(train)
+    torch.testing.assert_close(d.covariates, covariate_inputs(raw, d.covariate_stats))
+    rows = run_table(o, list(d.table.path[:5]))
+    np.testing.assert_array_equal(rows['grip (kg)'], raw[:5, 1])
+    r = agenb('train', '--image-dir', data_args[1], '--excel-path', tmp_path / 'grip.csv', *ONE, '--output-dir', tmp_path / 'runs',
+              '--covariates', 'sex,grip')
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert "has no covariate column 'grip'; its columns are 'ID', 'Age', 'Sex', 'Grip (kg)'" in r.stderr.strip().splitlines()[-1]
+    assert not list((tmp_path / 'runs').glob('run_*/config.json'))
