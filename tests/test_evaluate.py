@@ -203,7 +203,7 @@ def test_regression_metrics_undefined_parts_are_nan():
 
 @pytest.mark.parametrize('t,p,msg', [([1, 2], [1], '2 true ages but 1 predictions'), ([], [], '0 rows'),
                                      ([1, np.nan, 3], [1, 2, 3], 'first at row 1'), ([1, 2], [1, np.inf], '1 of 2 rows'),
-                                     (['a'], [1], 'must be numbers')])
+                                     (['a'], [1], 'must be numbers'), ([1], ['a'], 'must be numbers')])
 def test_bad_arrays(t, p, msg):
     from agenb.core import InputError
     with pytest.raises(InputError, match=msg): ev.regression_metrics(t, p)
@@ -286,7 +286,9 @@ def test_correction_records_and_messages():
     refused = ev.fit_bias_correction([10.0, 20.0, 30.0], [30.0, 30.5, 31.0])
     assert set(refused) == {'method', 'fitted_on', 'n', 'a', 'b', 'min_slope', 'applied', 'reason'}
     assert refused['method'].startswith('linear (Cole/de Lange): corrected = (pred - b) / a')
-    assert refused['min_slope'] == 0.1 and refused['b'] == pytest.approx(29.5) and 'blow up their noise' in refused['reason']
+    assert refused['min_slope'] == 0.1 and refused['b'] == pytest.approx(29.5)
+    assert refused['reason'] == ('slope a=0.05 is below 0.1: the predictions barely follow age, '
+                                 'dividing by a would blow up their noise')                  # metrics.json's words
     assert ev.fit_bias_correction([1.0], [1.0])['reason'] == 'only 1 validation predictions; need at least 3'
     with pytest.raises(InputError, match='validation predictions for the bias correction: 1 of 3 rows'):
         ev.fit_bias_correction([1.0, np.nan, 3.0], [1.0, 2.0, 3.0])
@@ -294,3 +296,49 @@ def test_correction_records_and_messages():
         ev.subject_level(pd.DataFrame({'subject': ['a'], 'age': [1.0]}))
     with pytest.raises(InputError, match='pass a subject column or file names like anon_<subject>_<k>.png'):
         ev.subject_level(pd.DataFrame({'subject': [None], 'age': [1.0], 'pred': [1.0]}))
+
+
+def test_evaluate_records_when_parts_are_missing_exactly():
+    """metrics.json's records when there is no validation set and no subject, to the letter (readers use every key);
+    the default age-group width and number of highest errors; ties among the highest errors kept in file order;
+    the settings passed through; bad inputs named."""
+    from agenb.core import InputError
+    n = 40
+    err = np.random.default_rng(0).integers(1, 4, n).astype(float) * np.where(np.arange(n) % 2, 1, -1)   # |error| 1-3, ties
+    test = pd.DataFrame({'filename': [f'f{i:02d}' for i in range(n)], 'subject': [None] * n, 'age': np.arange(n) * 2.0})
+    test['pred'] = test.age + err
+    m, df, subj = ev._evaluate(test, train_ages=[20, 40])
+    assert m['bias_correction'] == {'fitted_on': 'val', 'n': 0, 'a': ev.NAN, 'b': ev.NAN, 'min_slope': 0.1, 'applied': False,
+                                    'reason': 'no validation predictions given (the correction is only ever fitted on validation data)'}
+    assert subj is None and m['subject_level'] is None and m['corrected_subject_level'] is None and m['baseline']['subject_mae'] is None
+    assert m['subject_level_note'] == 'subject unknown for 40 of 40 images; subject-level metrics need a subject for every image'
+    assert [g['age_range'] for g in m['age_groups']] == [f'{a}-{a + 10}' for a in range(0, 80, 10)]   # default width 10
+    worst = df.assign(i=range(n)).sort_values('abs_error', ascending=False, kind='stable').i[:10]
+    assert [h['filename'] for h in m['highest_errors']] == [f'f{i:02d}' for i in worst]               # default 10, stable
+    # a validation fit refused because of the slope asked for; the widths passed to every age-group table
+    val = pd.DataFrame({'age': [10.0, 20.0, 30.0, 40.0], 'pred': [25.0, 30.0, 35.0, 40.0]})        # slope 0.5
+    assert not ev._evaluate(test, val, min_slope=0.6)[0]['bias_correction']['applied']
+    withs = test.assign(subject=[str(i // 2) for i in range(n)])
+    m = ev._evaluate(withs, val, bin_width=20)[0]
+    for k in ('age_groups', 'corrected_age_groups', 'subject_age_groups'):
+        assert [g['age_range'] for g in m[k]] == ['0-20', '20-40', '40-60', '60-80'], k
+    with pytest.raises(InputError, match='test predictions: expected a table'): ev._evaluate([1, 2])
+    with pytest.raises(InputError, match='validation predictions: expected a table'): ev._evaluate(test, [1, 2])
+    with pytest.raises(InputError, match='^training ages for the baseline contain missing values$'):
+        ev._evaluate(test, train_ages=[20, None])
+
+
+def test_regression_metrics_of_two_points_and_of_spreads_of_one_year():
+    "Correlation, slope, SD and R2 are defined from two points on, and for ages or predictions that span one year or less."
+    m = ev.regression_metrics([10.0, 11.0], [3.0, 4.0])            # n = 2; ages and predictions each span exactly 1
+    assert m['pearson_r'] == pytest.approx(1.0) and m['slope'] == pytest.approx(1.0) and m['sd_error'] == 0.0
+    assert m['r2'] == pytest.approx(1 - (49 + 49) / 0.5)
+    m = ev.regression_metrics([10.0, 10.5, 11.0], [10.0, 10.2, 11.0])   # ages span 1 year: SS_tot 0.5
+    assert m['slope'] == pytest.approx(1.0) and m['r2'] == pytest.approx(1 - 0.09 / 0.5)
+    assert m['sd_error'] == pytest.approx(np.std([0, -0.3, 0], ddof=1))
+    assert ev.regression_metrics([10.0, 12.0], [5.0, 9.0])['sd_error'] == pytest.approx(np.std([-5.0, -3.0], ddof=1))
+
+
+def test_age_group_table_defaults_to_decades_and_takes_any_positive_width():
+    assert list(ev.age_group_table([5.0, 15.0, 25.0], [5.0, 15.0, 25.0]).age_range) == ['0-10', '10-20', '20-30']
+    assert list(ev.age_group_table([5.0, 6.5], [5.0, 6.0], bin_width=1).age_range) == ['5-6', '6-7']

@@ -319,3 +319,95 @@ def test_predict_images_of_a_covariate_run_reads_each_images_own_row(run, tmp_pa
     assert df.attrs['covariates_imputed'] == 2 and 'corrected' not in df
     with pytest.raises(InputError, match='this run uses --covariates bmi,sex: pass --excel-path'):
         predict_images(rm, paths, table=None)
+    torch.save(make_checkpoint(model.state_dict(), 3, 7.5, run_options(cov_run), PREP.to_dict()), cov_run / 'best_model.pth')
+    with pytest.raises(InputError, match='has no covariate statistics although the run used --covariates; train the run again'):
+        load_run_model(cov_run)
+
+
+def test_predict_split_of_a_covariate_run_reads_the_runs_own_spreadsheet(synth_root, tmp_path):
+    """predict_split (what train's evaluation and export's check use) on a `--covariates sex,bmi` run: the covariates
+    of the split's images come from the run's recorded spreadsheet, standardised with the checkpoint's statistics;
+    the split defaults to test."""
+    from agenb.data import load_dataset
+    from agenb.model import covariate_inputs, fit_covariates
+    img_dir, xlsx = synth_root / 'TA' / 'Healthy' / 'Images', synth_root / 'TA' / 'characteristics.xlsx'
+    t = load_dataset(img_dir, xlsx)[0].head(6)
+    prep = Preprocessing(image_size=48)
+    o = resolve_options({'image_dir': str(img_dir), 'excel_path': str(xlsx), 'arch': 'resnet18', 'image_size': 48,
+                         'dropout': 0.2, 'covariates': 'sex,bmi'})
+    run = tmp_path / 'run_20260101_000001'; run.mkdir()
+    (run / 'config.json').write_text(json.dumps({'args': o.to_dict(), 'preprocessing': prep.to_dict(), 'augmentation': {}}))
+    raw = np.stack([t.sex.map({'M': 1.0, 'F': 0.0}).to_numpy(dtype=float), t.bmi.to_numpy(dtype=float)], 1)
+    stats = fit_covariates(raw[:2], ('sex', 'bmi'))
+    torch.manual_seed(2)
+    model = build_model('resnet18', pretrained=False, dropout=0.2, n_covariates=4)
+    torch.save(make_checkpoint(model.state_dict(), 1, 5.0, o, prep.to_dict(), covariates=stats), run / 'best_model.pth')
+    t.assign(split=['train'] * 2 + ['val'] * 2 + ['test'] * 2)[['path', 'filename', 'subject', 'age', 'split']].to_csv(
+        run / 'split.csv', index=False)
+    p = predict_split(run)
+    assert list(p.filename) == list(t.filename[4:]) and (p.split == 'test').all()
+    model.eval()
+    x = prep.normalize(load_images(list(t.path[4:]), prep).float() / 255)
+    with torch.no_grad():
+        want = model(x, covariate_inputs(raw[4:], stats)).squeeze(1).double().numpy()
+        other = model(x, covariate_inputs(raw[[0, 0]], stats)).squeeze(1).double().numpy()
+    np.testing.assert_allclose(p.pred, want, atol=1e-4, rtol=0)
+    assert np.abs(other - want).max() > 1e-3 or (raw[4:] == raw[[0, 0]]).all()          # the covariates matter
+
+
+def test_predict_images_of_a_distribution_run(run, tmp_path):
+    """A `--head distribution` run: predict's age is the mean of the predicted distribution over the bins, and every
+    image gets its SD and 80%/95% intervals (agenb.runs.interval_tables of the softmax), kept for the subject table."""
+    from agenb.runs import interval_tables
+    dist = tmp_path / run.name; shutil.copytree(run, dist)
+    cfg = json.loads((dist / 'config.json').read_text())
+    cfg['args'].update(head='distribution', age_bins='0:100:10', label_sigma=2.0)
+    (dist / 'config.json').write_text(json.dumps(cfg))
+    torch.manual_seed(4)
+    model = build_model('resnet18', pretrained=False, dropout=0.2, outputs=10)
+    torch.save(make_checkpoint(model.state_dict(), 3, 7.5, run_options(dist), PREP.to_dict()), dist / 'best_model.pth')
+    rm = load_run_model(dist)
+    assert rm.head is not None and list(rm.head.centers) == [5.0 + 10 * k for k in range(10)]
+    paths = [Path(p) for p in read_split(run).path][:5]
+    df, _, _ = predict_images(rm, paths, batch_size=2)
+    model.eval()
+    with torch.no_grad(): logits = model(PREP.normalize(load_images([str(p) for p in paths], PREP).float() / 255))
+    probs = torch.softmax(logits.double(), 1).numpy()
+    np.testing.assert_allclose(df.attrs['probs'], probs, atol=1e-5)
+    np.testing.assert_allclose(df.pred, probs @ rm.head.centers, atol=1e-3)
+    img, _ = interval_tables(rm.head, df[['subject']], probs)
+    for c in ('pred_sd', 'lo80', 'hi80', 'lo95', 'hi95'):
+        np.testing.assert_allclose(df[c], img[c], atol=1e-3, err_msg=c)
+    assert (df.lo95 <= df.lo80).all() and (df.lo80 < df.pred).all() and (df.pred < df.hi80).all()
+    assert subject_table(df, rm).dist_sd.notna().all()
+
+
+def test_predict_images_skips_only_when_asked_and_keeps_files_without_a_subject(run, tmp_path):
+    rm = load_run_model(run)
+    good = Path(read_split(run).path[0])
+    odd = tmp_path / 'scan.png'; shutil.copy(good, odd)                      # no subject in its name
+    bad = tmp_path / 'anon_99_1.png'; bad.write_bytes(b'not a png')
+    with pytest.raises(InputError, match='--skip-bad'): predict_images(rm, [good, bad])
+    df, skipped, _ = predict_images(rm, [good, odd, bad], skip_bad=True)
+    assert list(df.filename) == [good.name, 'scan.png'] and df.subject.isna().tolist() == [False, True]
+    assert df.image_index.isna().tolist() == [False, True] and str(df.image_index.dtype) == 'Int64'
+    assert df.pred[0] == pytest.approx(df.pred[1], abs=1e-5)                   # the same pixels
+    assert [s['file'] for s in skipped] == [str(bad)] and skipped[0]['reason'].startswith('could not read image')
+
+
+def test_read_split_and_run_bias_correction_edge_cases(run, tmp_path):
+    v = read_split(run, 'val')
+    assert list(v.columns) == ['path', 'filename', 'subject', 'age', 'split'] and list(v.index) == [0, 1, 2]
+    with pytest.raises(InputError, match=r'not a run folder \(no split.csv\)'): read_split(tmp_path)
+    for text in ('[1, 2]', '{"bias_correction": "applied"}'):
+        (tmp_path / 'metrics.json').write_text(text)
+        assert run_bias_correction(tmp_path) is None, text
+
+
+def test_load_checkpoint_reads_only_weights(run, tmp_path):
+    "weights_only: a checkpoint that holds other Python objects is refused; one without a version number is read."
+    ck = torch.load(run / 'best_model.pth', weights_only=True)
+    torch.save(dict(ck, note=Path('x')), tmp_path / 'odd.pth')
+    with pytest.raises(InputError, match='cannot be read as a checkpoint'): load_checkpoint(tmp_path / 'odd.pth')
+    torch.save({k: v for k, v in ck.items() if k != 'version'}, tmp_path / 'nov.pth')
+    assert load_checkpoint(tmp_path / 'nov.pth')['epoch'] == 3

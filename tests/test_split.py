@@ -298,6 +298,7 @@ def test_keep_mask_forms_and_refusals():
                       (young[:3], f'has 3 entries but the table has {len(t)} rows'),
                       (np.array(True), f'has 0 entries but the table has {len(t)} rows'),
                       ([2] * len(t), 'must be True/False'), (['yes'] * len(t), 'must be True/False'),
+                      (pd.Series([[1]] * len(t), index=t.index), 'must be True/False'),        # unhashable values
                       (np.zeros(len(t), bool), 'removes every image')):
         with pytest.raises(InputError, match=msg): make_split(t, seed=1, keep=keep)
 
@@ -310,3 +311,22 @@ def test_folds_partition_the_subjects(stratify):
              for k in range(3)]
     assert all(tests) and not (tests[0] & tests[1] or tests[0] & tests[2] or tests[1] & tests[2])
     assert set().union(*tests) == set(t.subject)
+
+
+def test_the_split_of_a_table_and_seed_never_changes():
+    """A run is reproducible from its config.json alone, so a table and a seed must give the same subjects in every
+    agenb version. Pinned for the hold-out split (scikit-learn's GroupShuffleSplit over the image rows grouped by
+    subject, for test and then validation) and for a fold of GroupKFold over the same rows: another splitter, other
+    rows or another grouping would move subjects (and silently change what a rerun tests on)."""
+    t = table(20, seed=5)
+    for kw, test, val in (({}, ['2', '3', '15', '18'], ['10', '17']),
+                          ({'folds': 4, 'fold': 1}, ['7', '8', '13', '16', '17'], ['5', '18'])):
+        m = per_subject(t, make_split(t, seed=3, **kw)[0])
+        assert sorted((s for s, l in m.items() if l == 'test'), key=int) == test, kw
+        assert sorted((s for s, l in m.items() if l == 'val'), key=int) == val, kw
+
+
+def test_age_bins_are_integer_codes_with_a_stratum_for_missing_ages():
+    from agenb.split import _NO_AGE, _age_bins
+    b = _age_bins([5, None, 25.0, 9.99, 10], 10)
+    assert b.dtype == np.int64 and b.tolist() == [0, _NO_AGE, 2, 0, 1]

@@ -127,21 +127,21 @@ def test_step_schedule_after_warmup():
 
 def test_onecycle_schedule_and_its_record():
     "OneCycleLR over the epochs, two parameter groups (head, backbone): rates and config.json's record of them."
-    o = opts(lr=1e-3, warmup_epochs=0, scheduler='onecycle', epochs=10, onecycle_pct=0.3)
+    o = opts(lr=1e-3, warmup_epochs=0, scheduler='onecycle', epochs=10, onecycle_pct=0.4)   # not the default 0.3
     head, body = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
     opt = build_optimizer(o, [{'params': [head], 'lr': 1e-3}, {'params': [body], 'lr': 1e-4}])
     s = LRSchedule(o, opt)
     lrs = []
     for _ in range(10):
         lrs.append([g['lr'] for g in opt.param_groups]); opt.step(); s.step(9)
-    # torch's formula written out: div_factor 25, final_div_factor 1e4, cosine annealing; peak after 0.3 x 10 - 1 = 2 steps
+    # torch's formula written out: div_factor 25, final_div_factor 1e4, cosine annealing; peak after 0.4 x 10 - 1 = 3 steps
     cos = lambda a, b, p: b + (a - b) / 2 * (1 + math.cos(math.pi * p))
     for g, peak in enumerate((1e-3, 1e-4)):
         start, end = peak / 25, peak / 25 / 1e4
-        want = [cos(start, peak, k / 2) if k <= 2 else cos(peak, end, (k - 2) / 7) for k in range(10)]
+        want = [cos(start, peak, k / 3) if k <= 3 else cos(peak, end, (k - 3) / 6) for k in range(10)]
         assert [l[g] for l in lrs] == pytest.approx(want, rel=1e-6)
     assert s.describe() == ('OneCycleLR', {'total_steps': 10, 'cycle_momentum': True, 'anneal_strategy': 'cos',
-                                           'pct_start': pytest.approx(0.3), 'max_lr': [1e-3, 1e-4],
+                                           'pct_start': pytest.approx(0.4), 'max_lr': [1e-3, 1e-4],
                                            'initial_lr': pytest.approx([4e-5, 4e-6]), 'min_lr': pytest.approx([4e-9, 4e-10])})
 
 
@@ -241,7 +241,7 @@ def data():
 
 def trainer(data, seed=0, **kw):
     torch.manual_seed(seed)
-    o = opts(epochs=4, batch_size=4, lr=1e-2, warmup_epochs=1, **kw)
+    o = opts(**{'epochs': 4, 'batch_size': 4, 'lr': 1e-2, 'warmup_epochs': 1, **kw})
     return Trainer(o, data, Dist('cpu'), Tiny(), init_bias=45.0)
 
 
@@ -432,3 +432,85 @@ def test_a_crash_in_the_middle_of_a_write_keeps_the_old_file(tmp_path, monkeypat
     assert load_checkpoint(tmp_path / 'best_model.pth')['epoch'] == 2    # written before the crash, complete
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith('.tmp')]
     r.w.log_file.close()
+
+
+def test_state_holds_every_counter_as_it_is_and_load_state_restores_it(data):
+    "state(): the counters as they are, the last epoch's validation MAE, the preprocessing; load_state restores each."
+    a = trainer(data, epochs=3)
+    assert a.state()['val_mae'] is None                                         # before the first epoch
+    a.fit()
+    a.best_epoch, a.bad_epochs, a.skipped = 2, 1, 3                             # values no default would give
+    ck = a.state()
+    assert ck['val_mae'] == a.history[-1]['val_mae'] != a.history[1]['val_mae']
+    assert ck['preprocessing'] == data.prep.to_dict() and 'covariates' not in ck
+    ts = ck['train_state']
+    assert (ts['best_epoch'], ts['bad_epochs'], ts['skipped'], ts['best_mae']) == (2, 1, 3, a.best_mae)
+    assert ts['scaler'] == a.scaler.state_dict() and ts['scaler'] is not None
+    b = trainer(data, seed=5, epochs=3)
+    b.load_state(ck)
+    assert (b.epoch, b.best_epoch, b.bad_epochs, b.skipped, b.best_mae) == (3, 2, 1, 3, a.best_mae)
+
+
+def test_state_of_a_covariate_run_keeps_the_training_statistics(data):
+    stats = {'names': ['bmi'], 'median': [22.0], 'mean': [23.0], 'sd': [4.0], 'n_inputs': 2}
+    d = dataclasses.replace(data, covariates=torch.zeros(len(data.table), 2), covariate_stats=stats)
+    class TinyCov(Tiny):
+        def forward(self, x, cov): return super().forward(x) + cov.sum(1, keepdim=True)
+    t = Trainer(opts(epochs=1, batch_size=4), d, Dist('cpu'), TinyCov(), init_bias=45.0)
+    assert t.state()['covariates'] == stats
+
+
+def test_ema_state_round_trip(data):
+    """With --ema-decay the checkpoint's weights are the EMA's and train_state keeps the raw weights and the EMA's count;
+    load_state puts each back; a checkpoint without EMA is refused by an EMA trainer, and a trainer without EMA resumes
+    an EMA checkpoint from its raw weights."""
+    a = trainer(data, epochs=2, ema_decay=0.9)
+    a.fit()
+    ck = a.state(); ts = ck['train_state']
+    raw = a.model.state_dict()
+    assert all(torch.equal(ts['raw_model'][k], v) for k, v in raw.items())
+    assert type(ts['ema_n_averaged']) is int and ts['ema_n_averaged'] == int(a.ema.n_averaged) > 0
+    assert any(not torch.equal(ck['model'][k], v) for k, v in raw.items() if v.is_floating_point())   # EMA != raw
+    b = trainer(data, seed=9, epochs=2, ema_decay=0.9)
+    b.load_state(ck)
+    assert all(torch.equal(b.model.state_dict()[k], v) for k, v in raw.items())
+    assert all(torch.equal(b.ema.module.state_dict()[k], v) for k, v in ck['model'].items())
+    assert int(b.ema.n_averaged) == ts['ema_n_averaged']
+    c = trainer(data, seed=9, epochs=2)
+    c.load_state(ck)
+    assert all(torch.equal(c.model.state_dict()[k], v) for k, v in raw.items())
+    plain = trainer(data, epochs=1); plain.fit()
+    from agenb.core import InputError
+    with pytest.raises(InputError, match='^the checkpoint was written without --ema-decay; resume without it$'):
+        trainer(data, epochs=2, ema_decay=0.9).load_state(plain.state())
+
+
+def test_the_saved_random_streams_restore_exactly():
+    """What last.pth keeps of the random streams (Python's, NumPy's with its position and cached Gaussian, torch's, the
+    augmentation generator's) puts each back where it was: the draws after a restore are the draws after the save."""
+    import random
+    from agenb.trainer import _rng_state, _set_rng_state
+    gen = torch.Generator().manual_seed(3)
+    np.random.seed(0); np.random.rand(5); random.seed(1); torch.manual_seed(2)      # somewhere other than a seed's start
+    draw = lambda: (random.random(), np.random.rand(3).tolist(), np.random.randn(3).tolist(), torch.rand(2).tolist(),
+                    torch.rand(2, generator=gen).tolist())
+    buf = io.BytesIO(); torch.save(_rng_state(gen), buf)                         # through bytes, as last.pth is
+    want = draw()
+    np.random.randn(); random.random(); np.random.rand(7); torch.rand(3); torch.rand(1, generator=gen)
+    buf.seek(0); _set_rng_state(torch.load(buf, weights_only=True), gen)
+    assert draw() == want
+
+
+def test_run_writer_curves_show_the_history(tmp_path):
+    "training_curves.png is the run's history drawn at 100 dpi: the same pixels as the figure drawn here, not an empty one."
+    from PIL import Image
+    from agenb.core import atomic_savefig
+    from agenb.runs import curves_figure
+    r = Run(tmp_path, checkpoint_every=0)
+    for e in range(1, 4): r.epoch(5.0 - e, True, final=e == 3)
+    r.w.log_file.close()
+    atomic_savefig(curves_figure(r.t.history), tmp_path / 'want.png', dpi=100)
+    atomic_savefig(curves_figure([]), tmp_path / 'empty.png', dpi=100)
+    px = lambda name: np.asarray(Image.open(tmp_path / name))
+    assert Image.open(tmp_path / 'training_curves.png').size == (1500, 400)
+    assert np.array_equal(px('training_curves.png'), px('want.png')) and not np.array_equal(px('want.png'), px('empty.png'))
