@@ -356,22 +356,28 @@ def test_predict_split_of_a_covariate_run_reads_the_runs_own_spreadsheet(synth_r
 
 
 def test_predict_images_of_a_distribution_run(run, tmp_path):
-    """A `--head distribution` run: predict's age is the mean of the predicted distribution over the bins, and every
-    image gets its SD and 80%/95% intervals (agenb.runs.interval_tables of the softmax), kept for the subject table."""
+    """A `--head distribution --covariates bmi` run: predict's age is the mean of the predicted distribution over the
+    bins, and every image gets its SD and 80%/95% intervals (agenb.runs.interval_tables of the softmax, computed with
+    the image's covariates), kept for the subject table."""
+    from agenb.model import covariate_inputs, fit_covariates
     from agenb.runs import interval_tables
     dist = tmp_path / run.name; shutil.copytree(run, dist)
     cfg = json.loads((dist / 'config.json').read_text())
-    cfg['args'].update(head='distribution', age_bins='0:100:10', label_sigma=2.0)
+    cfg['args'].update(head='distribution', age_bins='0:100:10', label_sigma=2.0, covariates='bmi')
     (dist / 'config.json').write_text(json.dumps(cfg))
+    stats = fit_covariates(np.array([[20.0], [30.0]]), ('bmi',))
     torch.manual_seed(4)
-    model = build_model('resnet18', pretrained=False, dropout=0.2, outputs=10)
-    torch.save(make_checkpoint(model.state_dict(), 3, 7.5, run_options(dist), PREP.to_dict()), dist / 'best_model.pth')
+    model = build_model('resnet18', pretrained=False, dropout=0.2, outputs=10, n_covariates=2)
+    torch.save(make_checkpoint(model.state_dict(), 3, 7.5, run_options(dist), PREP.to_dict(), covariates=stats),
+               dist / 'best_model.pth')
     rm = load_run_model(dist)
     assert rm.head is not None and list(rm.head.centers) == [5.0 + 10 * k for k in range(10)]
     paths = [Path(p) for p in read_split(run).path][:5]
-    df, _, _ = predict_images(rm, paths, batch_size=2)
+    bmi = np.array([[18.0], [24.0], [31.0], [np.nan], [40.0]])
+    df, _, _ = predict_images(rm, paths, batch_size=2, table=pd.DataFrame({'path': [str(p) for p in paths], 'bmi': bmi[:, 0]}))
     model.eval()
-    with torch.no_grad(): logits = model(PREP.normalize(load_images([str(p) for p in paths], PREP).float() / 255))
+    with torch.no_grad(): logits = model(PREP.normalize(load_images([str(p) for p in paths], PREP).float() / 255),
+                                         covariate_inputs(bmi, stats))
     probs = torch.softmax(logits.double(), 1).numpy()
     np.testing.assert_allclose(df.attrs['probs'], probs, atol=1e-5)
     np.testing.assert_allclose(df.pred, probs @ rm.head.centers, atol=1e-3)

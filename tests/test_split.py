@@ -324,6 +324,10 @@ def test_the_split_of_a_table_and_seed_never_changes():
         m = per_subject(t, make_split(t, seed=3, **kw)[0])
         assert sorted((s for s, l in m.items() if l == 'test'), key=int) == test, kw
         assert sorted((s for s, l in m.items() if l == 'val'), key=int) == val, kw
+    t = table(40, seed=5)                  # a stratified fold: StratifiedGroupKFold weighs each subject by its images
+    sp, info = make_split(t, seed=3, folds=3, fold=0, stratify=True, bin_width=30)
+    assert info['stratified'] and sorted(t.subject[sp == 'test'].unique(), key=int) == [
+        '5', '7', '8', '14', '15', '17', '22', '23', '25', '26', '30', '35', '36', '39']
 
 
 def test_age_bins_are_integer_codes_with_a_stratum_for_missing_ages():
