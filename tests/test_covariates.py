@@ -118,7 +118,7 @@ def test_statistics_come_from_the_training_split_only(data_args, tmp_path):
 def test_bad_covariates_exit_2(data_args, tmp_path):
     base = dict(image_dir='d', excel_path='x')
     from agenb.options import resolve_options
-    for value, words in (('sex,age', 'age is the target'), ('bmi,shoe', "'shoe'"), ('bmi,bmi', 'twice')):
+    for value, words in (('sex,age', 'age is the target'), ('bmi,,sex', 'an empty name'), ('bmi,bmi', 'twice')):
         with pytest.raises(InputError, match=words): resolve_options({**base, 'covariates': value})
     no_weight = _rename_header(data_args[3], tmp_path / 'no_weight.xlsx', 'Weight (kg)', 'Remark')
     out = tmp_path / 'runs'
