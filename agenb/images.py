@@ -440,17 +440,17 @@ ECHO_REGION = ('the pixels inside the muscle mask (Masks/<file name>, value > 0)
                'resolution, grey values in [0, 1]')
 
 def _echo_one(path):
-    m = mask_path_for(path)
-    if m is None:
+    mask = read_mask(path, required=False)
+    if mask is None:
         raise InputError(f'--covariates echo_mean/echo_skew are measured inside the muscle mask, and image {str(path)!r} has '
                          f'none (looked for {str(Path(path).parent.parent / "Masks" / Path(path).name)!r}); add its mask '
                          'or drop echo_* from --covariates')
-    a, mask = decode_grey(path), decode_grey(m) > 0
+    a = decode_grey(path)
     if a.shape != mask.shape:
-        raise InputError(f'mask {str(m)!r} is {mask.shape[1]}x{mask.shape[0]} pixels but its image is {a.shape[1]}x{a.shape[0]}; '
-                         'fix the mask')
+        raise InputError(f'the mask of {str(path)!r} is {mask.shape[1]}x{mask.shape[0]} pixels but the image is '
+                         f'{a.shape[1]}x{a.shape[0]}; fix the mask')
     v = a[mask].astype(np.float64) / 255
-    if not v.size: raise InputError(f'mask {str(m)!r} is empty (no pixel > 0): echo_* cannot be measured; fix the mask')
+    if not v.size: raise InputError(f'the mask of {str(path)!r} is empty (no pixel > 0): echo_* cannot be measured; fix the mask')
     mu, sd = v.mean(), v.std()
     return mu, float(((v - mu) ** 3).mean() / sd ** 3) if sd > 0 else 0.0
 
