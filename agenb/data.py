@@ -17,7 +17,8 @@ from .core import InputError, Parser, run_cli, file_sha256
 # %% auto #0
 __all__ = ['DEFAULT_PATTERN', 'IMAGE_EXTS', 'ID_NAMES', 'AGE_NAMES', 'SEX_NAMES', 'HEIGHT_NAMES', 'WEIGHT_NAMES', 'FILE_NAMES',
            'COLUMNS', 'BMI_RANGE', 'MAX_TABLE_MB', 'MAX_EXPANDED_MB', 'CELLS_PER_MB', 'norm_id', 'show_name',
-           'read_cells', 'list_images', 'load_dataset', 'format_summary', 'main']
+           'read_cells', 'list_images', 'load_dataset', 'as_list', 'load_folders', 'folder_matching', 'format_summary',
+           'main']
 
 # %% ../nbs/02_data.ipynb #028603c1
 DEFAULT_PATTERN = r'^anon_(\d+)_(\d+)\.(png|jpe?g|tiff?|bmp)$'
@@ -520,24 +521,26 @@ def _table(image_dir, matched, subj, layout_match, cohort, extra_columns=()):
     t['mask_path'] = pd.Series([r['mask_path'] for r in out], dtype=object)
     return t, dict(bmi_implausible=len(bmi_bad), bmi_missing=len(bmi_missing), muscle=muscle)
 
-def _summary(t, x, s, image_dir, excel_path, pattern, unmatched, without_images, missing_age, not_matching, strict):
-    "The summary dict of table `t` (with counts `x` from `_table`), read with the spreadsheet namespace `s`."
+def _subject_stats(t) -> dict:
+    "Counts of images and subjects, images per subject, ages, decades and sexes of table `t`."
     per_subj = t.groupby('subject', sort=False).agg(age=('age', 'first'), n=('filename', 'size'), sex=('sex', 'first'))
     ages = per_subj['age']
     ips = per_subj['n'].value_counts().sort_index()
     dec = (ages // 10 * 10).astype(int).value_counts().sort_index()
+    return dict(n_images=len(t), n_subjects=int(len(per_subj)), images_per_subject={str(k): int(v) for k, v in ips.items()},
+                age=dict(min=float(ages.min()), max=float(ages.max()), mean=float(ages.mean()),
+                         sd=float(ages.std()) if len(ages) > 1 else 0.0),
+                subjects_per_decade={f'{d}-{d + 9}': int(n) for d, n in dec.items()},
+                sex={str(k): int(v) for k, v in per_subj['sex'].fillna('blank').value_counts().sort_index().items()})
+
+def _summary(t, x, s, image_dir, excel_path, pattern, unmatched, without_images, missing_age, not_matching, strict):
+    "The summary dict of table `t` (with counts `x` from `_table`), read with the spreadsheet namespace `s`."
     h = s.headers
     return dict(
         image_dir=os.path.abspath(image_dir), excel_path=os.path.abspath(excel_path), excel_sha256=file_sha256(excel_path),
         sheet=s.sheet_name, cohort=s.table_cohort, muscle=x['muscle'], table_format=s.table_format, pattern=pattern,
         id_col=h[s.ii][1] if s.ii is not None else None, age_col=h[s.ai][1],
-        file_col=h[s.fi][1] if s.fi is not None else None,
-        n_images=len(t), n_subjects=int(len(per_subj)),
-        images_per_subject={str(k): int(v) for k, v in ips.items()},
-        age=dict(min=float(ages.min()), max=float(ages.max()), mean=float(ages.mean()),
-                 sd=float(ages.std()) if len(ages) > 1 else 0.0),
-        subjects_per_decade={f'{d}-{d + 9}': int(n) for d, n in dec.items()},
-        sex={str(k): int(v) for k, v in per_subj['sex'].fillna('blank').value_counts().sort_index().items()},
+        file_col=h[s.fi][1] if s.fi is not None else None, **_subject_stats(t),
         unmatched_images=unmatched, subjects_without_images=without_images, subjects_missing_age=missing_age,
         files_not_matching_pattern=not_matching, rows_without_id=s.rows_without_id, duplicate_rows=int(s.dup_rows),
         bmi_implausible=x['bmi_implausible'], bmi_missing=x['bmi_missing'],
@@ -609,13 +612,69 @@ def load_dataset(image_dir, excel_path, cohort=None, sheet=None, pattern=DEFAULT
     summary = _summary(table, counts, t, image_dir, excel_path, pattern, unmatched, without_images, missing_age, not_matching, strict)
     return table, summary
 
+# %% ../nbs/02_data.ipynb #c43ab3b7
+def as_list(v) -> list:
+    "A path, or a list of paths, as a list (`--image-dir` and `--excel-path` may be given more than once)."
+    if v is None: return []
+    return [v] if isinstance(v, (str, os.PathLike)) else list(v)
+
+def _folder_label(s, i):
+    return s['muscle'] or f'folder{i + 1}'
+
+def load_folders(image_dir, excel_path, strict=False, **kw):
+    """`load_dataset` of one image folder, or of several (the muscles of one cohort): their tables stacked, subjects
+    matched by ID, the summary of the whole with each folder's own summary under `folders`."""
+    dirs, excels = as_list(image_dir), as_list(excel_path)
+    if not dirs or len(excels) not in (1, len(dirs)):
+        raise InputError(f'--excel-path was given {len(excels)} times for {len(dirs)} --image-dir: give it once, or once per --image-dir')
+    if len(dirs) == 1: return load_dataset(dirs[0], excels[0], strict=strict, **kw)
+    absd = [os.path.abspath(d) for d in dirs]
+    if twice := next((d for d in absd if absd.count(d) > 1), None):
+        raise InputError(f'--image-dir {show_name(twice)} is given more than once: give each muscle folder once')
+    parts = [load_dataset(d, x, strict=strict, **kw) for d, x in zip(dirs, excels * len(dirs) if len(excels) == 1 else excels)]
+    labels = [_folder_label(s, i) for i, (_, s) in enumerate(parts)]
+    if twice := next((m for m in labels if labels.count(m) > 1), None):
+        raise InputError(f'two --image-dir folders are both muscle {twice} ({", ".join(show_name(d) for d, m in zip(absd, labels) if m == twice)}): '
+                         'give one folder per muscle of the same cohort')
+    t = pd.concat([p[0].assign(muscle=m, _folder=i) for i, (p, m) in enumerate(zip(parts, labels))], ignore_index=True)
+    ages = t.groupby('subject', sort=False)['age'].agg(['min', 'max'])
+    if len(bad := ages[ages['min'] != ages['max']]):
+        sid = bad.index[0]; rows = t[t.subject == sid].drop_duplicates('muscle')
+        raise InputError(f'subject {sid} has age {" and ".join(f"{a:g} in {m}" for a, m in zip(rows.age, rows.muscle))} '
+                         f'({len(bad)} subjects differ): correct the spreadsheets so that each subject has one age')
+    t = t.assign(_key=t.subject.map(_id_key)).sort_values(['_key', '_folder'], kind='stable').drop(columns=['_key', '_folder']).reset_index(drop=True)
+    everyone = set(t.subject)
+    missing = {m: sorted(everyone - set(p[0].subject), key=_id_key) for m, p in zip(labels, parts)}
+    missing = {m: v for m, v in missing.items() if v}
+    if strict and missing:
+        raise InputError('strict check of the muscle folders: ' + '; '.join(f'{len(v)} subjects have no image in {m} ({_rows_list(v, 5)})'
+                         for m, v in missing.items()) + ': give folders of the same subjects, or run without --strict')
+    summ = [s for _, s in parts]
+    stats = _subject_stats(t)
+    summary = dict(summ[0], image_dir=absd, excel_path=[s['excel_path'] for s in summ], excel_sha256=[s['excel_sha256'] for s in summ],
+                   muscle='+'.join(labels), **stats, n_masks=int(t['mask_path'].notna().sum()),
+                   unmatched_images=[f'{m}/{f}' for m, s in zip(labels, summ) for f in s['unmatched_images']],
+                   subjects_without_images=sorted({x for s in summ for x in s['subjects_without_images']} - everyone, key=_id_key),
+                   subjects_missing_age=sorted({x for s in summ for x in s['subjects_missing_age']}, key=_id_key),
+                   files_not_matching_pattern=[f'{m}/{f}' for m, s in zip(labels, summ) for f in s['files_not_matching_pattern']],
+                   not_in_every_folder=missing, folders=summ)
+    return t, summary
+
+def folder_matching(summary) -> str | None:
+    "The line that names subjects missing from some muscle folder (None when every subject is in every folder)."
+    miss = summary.get('not_in_every_folder')
+    if not miss: return None
+    return ('subjects not in every muscle folder (kept; --strict makes this an error): ' +
+            '; '.join(f'{len(v)} without {m} ({_rows_list(v, 5)})' for m, v in miss.items()))
+
 # %% ../nbs/02_data.ipynb #a661b487
 def format_summary(s):
     "The summary dict as readable text."
-    L = [f"Images:      {s['image_dir']}" + (f"  (muscle {s['muscle']}, cohort {s['cohort']})" if s['muscle'] else
+    many = lambda v: ', '.join(as_list(v))
+    L = [f"Images:      {many(s['image_dir'])}" + (f"  (muscle {s['muscle']}, cohort {s['cohort']})" if s['muscle'] else
                                               (f"  (cohort {s['cohort']})" if s['cohort'] else '')),
-         f"Spreadsheet: {s['excel_path']}" + (f", sheet {s['sheet']!r}" if s['sheet'] else '') +
-         f", {s['table_format'].replace('_', ' ')}; sha256 {s['excel_sha256'][:12]}",
+         f"Spreadsheet: {many(s['excel_path'])}" + (f", sheet {s['sheet']!r}" if s['sheet'] else '') +
+         f", {s['table_format'].replace('_', ' ')}; sha256 {', '.join(x[:12] for x in as_list(s['excel_sha256']))}",
          f"Columns:     subject ID {s['id_col']!r}, age {s['age_col']!r}" + (f", file {s['file_col']!r}" if s['file_col'] else ''),
          f"Pattern:     {s['pattern']}",
          f"Subjects:    {s['n_subjects']}    Images: {s['n_images']}    Masks: {s['n_masks']}",
@@ -632,14 +691,16 @@ def format_summary(s):
     lst('Image files not matching the pattern', s['files_not_matching_pattern'])
     if s['duplicate_rows']: L.append(f"Repeated rows (same subject and age, ignored): {s['duplicate_rows']}")
     if s['rows_without_id']: L.append(f"Rows without a subject ID (ignored): {s['rows_without_id']}")
+    if line := folder_matching(s): L.append(line[0].upper() + line[1:])
     return '\n'.join(L)
 
 def main(argv=None):
     p = Parser(prog='python -m agenb.data', description='Read and check an image folder and its spreadsheet.')
     sub = p.add_subparsers(dest='cmd', required=True)
     c = sub.add_parser('check', help='print a summary of the data set (exit 0), or one line saying what is wrong (exit 2)')
-    c.add_argument('--image-dir', required=True, help='folder holding the images, e.g. data/TA/Healthy/Images')
-    c.add_argument('--excel-path', required=True, help='characteristics.xlsx, or a plain .xlsx/.csv table')
+    c.add_argument('--image-dir', required=True, action='append',
+                   help='folder holding the images, e.g. data/TA/Healthy/Images (more than once: the muscles of one cohort)')
+    c.add_argument('--excel-path', required=True, action='append', help='characteristics.xlsx, or a plain .xlsx/.csv table (once, or once per --image-dir)')
     c.add_argument('--cohort', help="block to read (default: the image folder's parent, e.g. Healthy)")
     c.add_argument('--sheet', help='sheet name (default: the first sheet)')
     c.add_argument('--pattern', default=DEFAULT_PATTERN, help='file-name regex: group 1 subject ID, group 2 image index')
@@ -649,7 +710,7 @@ def main(argv=None):
     c.add_argument('--max-table-mb', help=f'largest spreadsheet file to read, MB (default {MAX_TABLE_MB}, or env AGENB_MAX_TABLE_MB)')
     c.add_argument('--max-expanded-mb', help=f'largest unzipped size of an .xlsx, MB (default {MAX_EXPANDED_MB}, or env AGENB_MAX_EXPANDED_MB)')
     a = p.parse_args(argv)
-    _, s = load_dataset(a.image_dir, a.excel_path, cohort=a.cohort, sheet=a.sheet, pattern=a.pattern, id_col=a.id_col,
+    _, s = load_folders(a.image_dir, a.excel_path, cohort=a.cohort, sheet=a.sheet, pattern=a.pattern, id_col=a.id_col,
                         age_col=a.age_col, file_col=a.file_col, strict=a.strict,
                         max_table_mb=a.max_table_mb, max_expanded_mb=a.max_expanded_mb)
     print(json.dumps(s, indent=2) if a.json else format_summary(s))

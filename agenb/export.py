@@ -18,7 +18,7 @@ from .core import InputError, Parser, ensure_output_dir, run_cli, atomic_write, 
 from .split import split_summary
 from .runs import load_run_model, read_split, refuse_run_dir, RunModel, run_table
 from .images import ECHO_REGION
-from .model import covariate_values
+from .model import covariate_values, subject_groups
 from .predict import read_images
 
 # %% auto #0
@@ -32,9 +32,9 @@ class AgeRegressor(nn.Module):
     With `covariates` (a run's training statistics) a second input (B, C) takes the covariates as raw values (NaN:
     missing), echo_mean/echo_skew measured inside the muscle mask by the caller (`agenb.images.echo_statistics`);
     imputation and standardisation happen inside."""
-    def __init__(self, model: nn.Module, mean, std, head=None, covariates=None):
+    def __init__(self, model: nn.Module, mean, std, head=None, covariates=None, views=False):
         super().__init__()
-        self.model = model
+        self.model, self.views = model, bool(views)   # views: input (B, K, 1, H, W), K images of one subject pooled
         self.cov_names = list(covariates['names']) if covariates else []
         for k in ('median', 'mean', 'sd'):
             self.register_buffer(f'cov_{k}', torch.tensor(covariates[k], dtype=torch.float32) if covariates else None)
@@ -85,7 +85,8 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path, opset=ONNX_OPSET
             names = getattr(module, 'input_names', ['image'])
             torch.onnx.export(module, example if isinstance(example, tuple) else (example,), str(tmp), dynamo=False,
                               opset_version=opset, input_names=names, output_names=module.output_names,
-                              dynamic_axes={**{k: {0: 'batch'} for k in names}, **{k: {0: 'batch'} for k in module.output_names}})
+                              dynamic_axes={**{k: {0: 'batch'} for k in names}, **{k: {0: 'batch'} for k in module.output_names},
+                                            **({'image': {0: 'batch', 1: 'views'}} if getattr(module, 'views', False) else {})})
     import onnx  # optional (pip install agenb[export]): imported only when exporting to ONNX
     onnx.checker.check_model(str(path))
 
@@ -143,13 +144,18 @@ def model_card(rm: RunModel, metrics: dict, out_dir, files: dict, verification: 
     return {
         'card_version': 1, 'created_at': datetime.now().isoformat(timespec='seconds'),
         'name': f'agenb age regressor ({args["arch"]}, {rm.run_dir.name})',
-        'task': 'regression of age in years from one B-mode muscle-ultrasound image',
+        'task': ('regression of age in years from K B-mode muscle-ultrasound images of one subject, pooled' if rm.per_subject
+                 else 'regression of age in years from one B-mode muscle-ultrasound image'),
         'files': {f: {'file': n, 'sha256': file_sha256(Path(out_dir) / n)} for f, n in files.items()},
         'formats_skipped': skipped or {},
         'architecture': {'arch': args['arch'], 'dropout': args.get('dropout'), 'pretrained_start': args.get('pretrained'),
                          'weights_file': args.get('weights'), 'parameters': mdesc.get('parameters') or mdesc.get('n_parameters'),
                          'description': mdesc},
-        'input': {'name': 'image', 'shape': ['batch', 1, h, w], 'layout': 'NCHW', 'dtype': 'float32', 'range': [0.0, 1.0],
+        'input': {'name': 'image', 'shape': ['batch', 'views', 1, h, w] if rm.per_subject else ['batch', 1, h, w],
+                  'layout': 'N K C H W: K images of each subject (any K >= 1; one batch shares one K)' if rm.per_subject else 'NCHW',
+                  'views': ({'pool': (cfg.get('model') or {}).get('view_pool'), 'trained_with_k': args.get('subject_views'),
+                             'covariates': 'one row per subject; echo_mean/echo_skew: the mean over its images'}
+                            if rm.per_subject else None), 'dtype': 'float32', 'range': [0.0, 1.0],
                   'channels': 1, 'height': h, 'width': w,
                   'grey_to_rgb': 'done inside the model: the single grey channel is replicated to R, G and B',
                   'normalisation': {'mean': list(prep.mean), 'std': list(prep.std),
@@ -211,11 +217,40 @@ def _limitations(prep):
     return out
 
 # %% ../nbs/14_export.ipynb #c124c80a
+def _verify_views(rm: RunModel, wrapped, out_dir, files, tol):
+    """`verify_bundle` of a --subject-views run: each test subject's images as one (1, K, 1, H, W) input (its covariates:
+    the mean of its images' raw values), against predictions.csv's one row per subject."""
+    pc = rm.run_dir / 'predictions.csv'
+    if not pc.is_file(): raise InputError(f'{pc} is missing: the export of a --subject-views run is verified on its test subjects')
+    p, t = pd.read_csv(pc, dtype={'subject': str}), read_split(rm.run_dir, 'test')
+    imgs, _, _ = read_images(t['path'], rm.prep)
+    x = imgs.float().div_(255).numpy()
+    cov = (covariate_values(run_table(rm.options, t['path']), wrapped.cov_names, str(rm.options.excel_path)).astype(np.float32)
+           if wrapped.cov_names else None)
+    groups = dict(zip(t['subject'].astype(str).iloc[[g[0] for g in subject_groups(t['subject'])]], subject_groups(t['subject'])))
+    runners = {fmt: load_exported(Path(out_dir) / name) for fmt, name in files.items()}
+    preds = {k: [] for k in ('pytorch', *runners)}
+    for s in p['subject'].astype(str):
+        g = groups[s]
+        xs, cs = x[g][None], None if cov is None else cov[g].mean(0, keepdims=True)
+        with torch.no_grad():
+            o = wrapped(torch.from_numpy(xs), *(() if cs is None else (torch.from_numpy(cs),)))
+        preds['pytorch'].append(float((o[0] if isinstance(o, tuple) else o)[0]))
+        for fmt, run in runners.items(): preds[fmt].append(float(run(xs, cs)[0]))
+    ref = p['pred'].to_numpy(float)
+    res = {'tolerance_years': tol, 'against': f'{pc.name} ({len(p)} test subjects, each its images pooled)', 'n': len(ref),
+           'pytorch_max_abs_diff': float(np.abs(np.array(preds['pytorch']) - ref).max())}
+    for fmt in runners:
+        diff = float(np.abs(np.array(preds[fmt]) - ref).max())
+        res[fmt] = {'checked': True, 'max_abs_diff': diff, 'ok': diff <= tol}
+    return res
+
 def verify_bundle(rm: RunModel, out_dir, files: dict, tol=1e-4) -> dict:
     "Run the exported files on the run's test images; max |difference| to predictions.csv (and to the PyTorch model)."
     out_dir = Path(out_dir)
     pc = rm.run_dir / 'predictions.csv'
-    wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std, rm.head, rm.covariate_stats).eval()
+    wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std, rm.head, rm.covariate_stats, rm.per_subject).eval()
+    if rm.per_subject: return _verify_views(rm, wrapped, out_dir, files, tol)
     res = {'tolerance_years': tol}
     ref, cov = None, None
     try:
@@ -256,7 +291,7 @@ Predicts age in years from one B-mode muscle-ultrasound image. Exported by agenb
 {files}
 
 ## Input
-`image`: float32 `(batch, 1, {h}, {w})`, grey values in [0, 1]. Prepare each image like this:
+`image`: float32 `{shape}`, grey values in [0, 1]. Prepare each image like this:
 {prepare}
 
 Grey-to-RGB replication and the normalisation (mean {mean}, std {std}) are **inside** the model: do not
@@ -315,7 +350,7 @@ def _readme(card) -> str:
     correction = (f'Bias-corrected age: `(age - {bc["b"]:.4f}) / {bc["a"]:.4f}` (fitted on the run\'s validation set).'
                   if bc and bc.get('applied') else 'The run has no bias correction.')
     src = card['source_run']
-    return README.format(name=card['name'], agenb=card['versions']['agenb'], run=src['run_name'], checkpoint=src['checkpoint'],
+    text = README.format(shape=f"({', '.join(map(str, inp['shape']))})", name=card['name'], agenb=card['versions']['agenb'], run=src['run_name'], checkpoint=src['checkpoint'],
                          epoch=src['checkpoint_epoch'], h=inp['height'], w=inp['width'],
                          files='\n'.join(f'- `{v["file"]}`: {k}' for k, v in card['files'].items()) + '\n- `model_card.json`: the model card',
                          prepare='\n'.join(f'{i + 1}. {s}' for i, s in enumerate(inp['how_to_prepare'])),
@@ -323,6 +358,11 @@ def _readme(card) -> str:
                          metrics=metrics, resample=inp['preprocessing']['interpolation'].upper(),
                          covariates=_covariates_text(inp),
                          example='\n'.join(examples), limitations='\n'.join(f'- {s}' for s in card['limitations']))
+    if not inp.get('views'): return text
+    return (text.replace('from one B-mode muscle-ultrasound image', "from all of a subject's B-mode muscle-ultrasound images, pooled")
+                .replace(f'[None, None]          # (1, 1, {inp["height"]}, {inp["width"]})',
+                         f'[None, None, None]    # (1, 1, 1, {inp["height"]}, {inp["width"]}): one subject, one image; '
+                         "stack a subject's K images on axis 1"))
 
 def export_run(run_dir, out_dir=None, formats=None, checkpoint='best_model.pth', verify=True) -> dict:
     "Write the bundle of a run to `out_dir` (default RUN_DIR/export); returns the model card."
@@ -347,8 +387,8 @@ def export_run(run_dir, out_dir=None, formats=None, checkpoint='best_model.pth',
     refuse_run_dir(out, instead='a new folder (the default is RUN_DIR/export/)')
     out = ensure_output_dir(out)
     h, w = rm.prep.size
-    wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std, rm.head, rm.covariate_stats).eval()
-    example = torch.rand(2, 1, h, w, generator=torch.Generator().manual_seed(0))
+    wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std, rm.head, rm.covariate_stats, rm.per_subject).eval()
+    example = torch.rand(2, *((3,) if rm.per_subject else ()), 1, h, w, generator=torch.Generator().manual_seed(0))
     if wrapped.cov_names: example = (example, torch.tensor([[float(v) for v in rm.covariate_stats['median']],
                                                             [float('nan')] * len(wrapped.cov_names)]))
     files = {}

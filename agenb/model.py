@@ -20,8 +20,9 @@ from .images import ECHO_REGION, echo_statistics
 __all__ = ['ARCHS', 'COVARIATES', 'SEX_CODES', 'SPREADSHEET_COLUMNS', 'is_timm', 'check_arch', 'AgeNet', 'head_linear',
            'image_body', 'fixed_image_size', 'min_image_size', 'check_image_size', 'build_model', 'backbone_stages',
            'set_trainable', 'freeze_batchnorm', 'param_groups', 'parse_age_bins', 'RegressionHead', 'DistributionHead',
-           'AgeOutput', 'coverage', 'describe_model', 'gradcam_target_layer', 'parse_covariates', 'sheet_covariates',
-           'covariate_values', 'fit_covariates', 'covariate_inputs']
+           'AgeOutput', 'coverage', 'describe_model', 'gradcam_target_layer', 'subject_groups', 'draw_views',
+           'view_batches', 'parse_covariates', 'sheet_covariates', 'covariate_values', 'fit_covariates',
+           'covariate_inputs']
 
 # %% ../nbs/05_model.ipynb #f34d5e50
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'efficientnet_b0', 'efficientnet_b1', 'convnext_tiny',
@@ -113,9 +114,8 @@ class AgeNet(nn.Module):
     def forward(self, x, cov: torch.Tensor | None = None):
         if x.ndim == 5:
             b, k = x.shape[:2]
-            f = self.body(x.flatten(0, 1)).reshape(b, k, -1)
-            w = torch.softmax(self.attn(f), 1) if self.attn is not None else torch.full_like(f[..., :1], 1.0 / k)
-            f = (w * f).sum(1)
+            f = self.body(x.flatten(0, 1)).unflatten(0, (b, k))   # no Python number from k: an export takes any K
+            f = (torch.softmax(self.attn(f), 1) * f).sum(1) if self.attn is not None else f.mean(1)
         else: f = self.body(x)
         f = self.drop(f)
         if self.cov is not None: f = torch.cat([f, self.cov(cov)], 1)
@@ -491,6 +491,24 @@ def gradcam_target_layer(model, arch: str) -> nn.Module:
     mods = _torchvision_stage_modules(body)
     if mods is None: raise InputError(f'Grad-CAM: agenb does not know the last block of {arch}; use --gradcam-n 0')
     return _last_block(mods[-1][1])
+
+# %% ../nbs/05_model.ipynb #2797fdbb
+def subject_groups(subjects) -> list:
+    "Positions of each subject's rows in `subjects` (a sequence of IDs), the subjects in order of first appearance."
+    rows = {}
+    for i, s in enumerate(subjects): rows.setdefault(str(s), []).append(i)
+    return [np.asarray(v) for v in rows.values()]
+
+def draw_views(n, k, gen=None) -> torch.Tensor:
+    "Which of a subject's `n` images are its `k` training views (indices 0..n-1)."
+    if n >= k: return torch.randperm(n, generator=gen)[:k]
+    return torch.cat([torch.arange(n), torch.randint(n, (k - n,), generator=gen)])
+
+def view_batches(groups, positions, batch_size) -> list:
+    "`positions` (into `groups`) in batches of at most `batch_size` subjects with the same number of images."
+    by_n = {}
+    for p in positions: by_n.setdefault(len(groups[p]), []).append(p)
+    return [ps[i:i + batch_size] for _, ps in sorted(by_n.items()) for i in range(0, len(ps), batch_size)]
 
 # %% ../nbs/05_model.ipynb #69b1f133
 COVARIATES = {'sex': 'sex', 'bmi': 'bmi', 'height': 'height_cm', 'weight': 'weight_kg', 'echo_mean': None, 'echo_skew': None}

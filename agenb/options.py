@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from .core import InputError, Parser
+from .data import as_list
 from .model import ARCHS, check_arch, check_image_size, parse_age_bins, parse_covariates
 
 # %% auto #0
-__all__ = ['RECIPE', 'OPTIONS', 'OPTION_NAMES', 'OPTION_TYPES', 'PLAIN_DEFAULTS', 'RECIPES', 'RECIPE_KEYS', 'DEMO_OPTIONS',
-           'Options', 'CHOICES', 'Option', 'resolve_options', 'build_parser', 'given_from_config', 'cli_flags',
-           'options_from_params']
+__all__ = ['RECIPE', 'OPTIONS', 'OPTION_NAMES', 'OPTION_TYPES', 'MANY', 'PLAIN_DEFAULTS', 'RECIPES', 'RECIPE_KEYS',
+           'DEMO_OPTIONS', 'Options', 'CHOICES', 'Option', 'resolve_options', 'build_parser', 'given_from_config',
+           'cli_flags', 'options_from_params']
 
 # %% ../nbs/06_options.ipynb #00770f9d
 RECIPE = 'from the recipe'  # the default of an option whose value comes from the loss's recipe
@@ -26,8 +27,8 @@ def _rows(group, *rows): return [Option(*r, group) for r in rows]
 
 OPTIONS = [
     *_rows('data',
-    ('image_dir', str, None, 'folder of images, e.g. <root>/TA/Healthy/Images'),
-    ('excel_path', str, None, 'characteristics.xlsx (two header rows) or a plain CSV/xlsx table'),
+    ('image_dir', str, None, 'folder of images, e.g. <root>/TA/Healthy/Images; give it once per muscle to train on several'),
+    ('excel_path', str, None, 'characteristics.xlsx (two header rows) or a plain CSV/xlsx table; once, or once per --image-dir'),
     ('cohort', str, None, 'spreadsheet block to read (Healthy/Pathological); default: the image folder\'s parent'),
     ('pattern', str, None, 'file-name regex: group 1 subject, group 2 image index (default anon_<N>_<k>)'),
     ('id_col', str, None, 'subject-ID column of a plain table'),
@@ -117,10 +118,14 @@ OPTIONS = [
     ('checkpoint_every', int, 10, 'write checkpoint_epoch_N.pth every N epochs (0: never)'),
     ('keep_checkpoints', int, 3, 'keep only the last K periodic checkpoints'),
     ('report', bool, True, 'render report.html at the end of the run'),
+    ('subject_views', int, None, 'train on K images of one subject at a time, pooled into one prediction per subject '
+                                 '(drawn with replacement when it has fewer); evaluation pools all of a subject\'s images'),
+    ('view_pool', str, 'mean', 'how --subject-views pools the images\' embeddings: mean or attention'),
     ('gradcam_n', int, 4, 'Grad-CAM overlays of the N best and N worst test predictions, and the shortcut score (0: off)')),
 ]
 OPTION_NAMES = [o.name for o in OPTIONS]
 OPTION_TYPES = {o.name: o.type for o in OPTIONS}
+MANY = ('image_dir', 'excel_path')   # options that may be given more than once (several muscle folders)
 # The value of every option before a recipe is applied: None where the recipe decides (the notebook's parameters cell).
 PLAIN_DEFAULTS = {o.name: (None if o.default is RECIPE else o.default) for o in OPTIONS}
 
@@ -161,13 +166,15 @@ _PLAIN_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
 CHOICES = dict(loss=tuple(RECIPES), optimizer=('adam', 'adamw', 'sgd'), scheduler=('cosine', 'plateau', 'step', 'onecycle', 'none'),
                nan_policy=('stop', 'skip'), device=('auto', 'cpu', 'cuda'), amp=('auto', 'off'),
                channels_last=('auto', 'on', 'off'), split_method=('by_subject_id', 'by_image'), head=('regression', 'distribution'),
-               roi=('none', 'mask', 'mask-bbox', 'crop'))
+               roi=('none', 'mask', 'mask-bbox', 'crop'), view_pool=('mean', 'attention'))
 
 def resolve_options(given: dict) -> Options:
     "Defaults, then the loss's recipe, then what was `given`; check values. Returns the complete `Options`."
     unknown = sorted(set(given) - set(OPTION_NAMES))
     if unknown: raise InputError(f'unknown option(s) {", ".join(unknown)}; valid options are listed by --help')
     o = {**PLAIN_DEFAULTS, **given}
+    for k in MANY:  # given once: a plain path, as before; more than once: the list
+        if isinstance(o[k], (list, tuple)): o[k] = [str(v) for v in o[k]] if len(o[k]) > 1 else (str(o[k][0]) if o[k] else None)
     if o['loss'] not in RECIPES: raise InputError(f'--loss {o["loss"]!r} is not one of {", ".join(RECIPES)}')
     recipe = RECIPES[o['loss']]
     if o.get('scheduler') == 'onecycle' and o.get('warmup_epochs') is None: o['warmup_epochs'] = 0  # it warms up itself
@@ -182,6 +189,8 @@ def _check_options(o):
         if not cond: raise InputError(msg)
     flag = lambda k: '--' + k.replace('_', '-')
     need(o['image_dir'] and o['excel_path'], 'give --image-dir and --excel-path (or --config of an earlier run)')
+    dirs, excels = as_list(o['image_dir']), as_list(o['excel_path'])
+    need(len(excels) in (1, len(dirs)), f'--excel-path was given {len(excels)} times for {len(dirs)} --image-dir: give it once, or once per --image-dir')
     for k, allowed in CHOICES.items():
         need(o[k] in allowed, f'{flag(k)} {o[k]!r} is not one of {", ".join(allowed)}')
     for k in ('epochs', 'batch_size', 'accum_steps', 'image_size', 'plot_interval'):
@@ -214,11 +223,19 @@ def _check_model_options(o, need, flag):
     if o['scheduler'] == 'onecycle':
         need(not o['warmup_epochs'], '--scheduler onecycle warms up itself (--onecycle-pct); drop --warmup-epochs or give 0')
     parse_covariates(o['covariates'])
+    if o['subject_views'] is not None:
+        need(isinstance(o['subject_views'], int) and o['subject_views'] >= 1, f'--subject-views must be a whole number >= 1, got {o["subject_views"]!r}')
     if o['head'] == 'distribution':
         parse_age_bins(o['age_bins'])
         need(o['label_sigma'] > 0, f'--label-sigma must be > 0 years, got {o["label_sigma"]}')
 
 # %% ../nbs/06_options.ipynb #5e6c507e
+class _Many(argparse.Action):
+    "Given once: the path; given again: the list of paths."
+    def __call__(self, parser, ns, value, option_string=None):
+        old = getattr(ns, self.dest, None)
+        setattr(ns, self.dest, value if old is None else [*as_list(old), value])
+
 def build_parser(prog='python -m agenb.train') -> argparse.ArgumentParser:
     "The trainer's parser: `--config`, `--resume` and one flag per option, in argument groups."
     p = Parser(prog=prog, argument_default=argparse.SUPPRESS,
@@ -230,6 +247,7 @@ def build_parser(prog='python -m agenb.train') -> argparse.ArgumentParser:
         g = groups.get(o.group) or groups.setdefault(o.group, p.add_argument_group(o.group))
         flag = '--' + o.name.replace('_', '-')
         if o.type is bool: g.add_argument(flag, action=argparse.BooleanOptionalAction, help=f'{o.help} (default {o.default})')
+        elif o.name in MANY: g.add_argument(flag, action=_Many, metavar='PATH', help=o.help)
         else: g.add_argument(flag, type=o.type, metavar=o.type.__name__.upper(), help=f'{o.help} (default {o.default})')
     return p
 
@@ -251,6 +269,7 @@ def cli_flags(given: dict) -> list:
     for k, v in given.items():
         flag = '--' + k.replace('_', '-')
         if OPTION_TYPES[k] is bool: out.append(flag if v else '--no-' + k.replace('_', '-'))
+        elif isinstance(v, (list, tuple)): out += [x for p in v for x in (flag, str(p))]
         elif v is not None: out += [flag, str(v)]
     return out
 

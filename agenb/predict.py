@@ -15,11 +15,12 @@ import torch
 
 import agenb
 from .core import InputError, Parser, ensure_output_dir, run_cli, atomic_write, atomic_write_json, file_sha256
-from .data import DEFAULT_PATTERN, IMAGE_EXTS, list_images, load_dataset, norm_id, show_name
+from .data import DEFAULT_PATTERN, IMAGE_EXTS, list_images, load_folders, norm_id, show_name, as_list
 from .images import affine_warp, load_image
-from .runs import RUN_OWN_FILES, RunModel, is_run_dir, load_run_model, predict_outputs, interval_tables, calibration, INTERVAL_COLS
+from .runs import (RUN_OWN_FILES, RunModel, is_run_dir, load_run_model, predict_outputs, interval_tables, calibration, INTERVAL_COLS,
+                        predict_subject_outputs, outputs_to_age)
 from .evaluate import apply_bias_correction, regression_metrics, subject_level, age_group_table
-from .model import sheet_covariates
+from .model import sheet_covariates, subject_groups
 
 # %% auto #0
 __all__ = ['tta_views', 'apply_view', 'find_images', 'parse_subject', 'read_images', 'predict_tensor', 'predict_images',
@@ -97,7 +98,11 @@ def predict_tensor(rm: RunModel, images, batch_size=64, views=None, covariates=N
 
 def predict_images(rm: RunModel, paths, batch_size=64, tta=False, skip_bad=False, num_threads=4, table=None, where='the spreadsheet'):
     """One row per readable image (path, filename, subject, image_index, pred[, tta_sd][, corrected]) and the skipped files.
-    A covariate run reads its covariates from `table` (agenb.data's table of the spreadsheet; an image not in it has them all missing)."""
+    A covariate run reads its covariates from `table` (agenb.data's table of the spreadsheet; an image not in it has them all missing).
+    A --subject-views run predicts once per subject from all its images pooled: one row per subject (its first image's
+    path, filename and index; `n_images`); an image whose name gives no subject is predicted alone."""
+    if tta and rm.per_subject:
+        raise InputError('--tta is not available for a --subject-views run (it predicts from all of a subject\'s images pooled); drop --tta')
     images, kept, skipped = read_images(paths, rm.prep, skip_bad=skip_bad, num_threads=num_threads)
     cov = None
     if rm.covariate_stats:
@@ -108,15 +113,21 @@ def predict_images(rm: RunModel, paths, batch_size=64, tta=False, skip_bad=False
         cov = rm.covariates_for(rows, where)
         n_imputed = int(cov[:, cov.shape[1] // 2:].bool().any(1).sum())   # the second half: the missing-indicators
     views = tta_views(rm.augmentation) if tta else tta_views({})
-    pred, sd = predict_tensor(rm, images, batch_size, views, cov)
     subj = [parse_subject(p.name, rm.pattern) for p in kept]
     df = pd.DataFrame({'path': [str(p.resolve()) for p in kept], 'filename': [p.name for p in kept],
                        'subject': pd.array([s for s, _ in subj], dtype='string'),
-                       'image_index': pd.array([i for _, i in subj], dtype='Int64'), 'pred': pred})
-    if sd is not None: df['tta_sd'] = sd
+                       'image_index': pd.array([i for _, i in subj], dtype='Int64')})
+    if rm.per_subject:
+        groups = subject_groups([s if s is not None else f'\0{i}' for i, (s, _) in enumerate(subj)])
+        out = predict_subject_outputs(rm, images, groups, batch_size, cov)
+        df = df.iloc[[g[0] for g in groups]].reset_index(drop=True).assign(n_images=[len(g) for g in groups], pred=outputs_to_age(rm, out))
+    else:
+        pred, sd = predict_tensor(rm, images, batch_size, views, cov)
+        df['pred'] = pred
+        if sd is not None: df['tta_sd'] = sd
     if cov is not None: df.attrs['covariates_imputed'] = n_imputed
     if rm.head is not None:  # distribution head: predictive SD and intervals (of the unaugmented image)
-        probs = rm.head.probs(predict_outputs(rm, images, batch_size, cov)).numpy()
+        probs = rm.head.probs(out if rm.per_subject else predict_outputs(rm, images, batch_size, cov)).numpy()
         img, _ = interval_tables(rm.head, df[['subject']].fillna(''), probs)
         for c in INTERVAL_COLS: df[c] = img[c].to_numpy()
         df.attrs['probs'] = probs
@@ -129,7 +140,7 @@ def subject_table(df, rm=None) -> pd.DataFrame:
     "One row per known subject: subject, n_images, pred (mean), pred_sd, pred_min, pred_max[, corrected][, age]."
     d = df[df['subject'].notna()]
     g = d.groupby('subject', sort=False)
-    out = pd.DataFrame({'n_images': g['pred'].size(), 'pred': g['pred'].mean(), 'pred_sd': g['pred'].std(ddof=1),
+    out = pd.DataFrame({'n_images': g['n_images'].sum() if 'n_images' in d else g['pred'].size(), 'pred': g['pred'].mean(), 'pred_sd': g['pred'].std(ddof=1),
                         'pred_min': g['pred'].min(), 'pred_max': g['pred'].max()})
     if 'corrected' in d: out['corrected'] = g['corrected'].mean()
     if 'age' in d: out['age'] = g['age'].mean()
@@ -166,8 +177,9 @@ def metrics_text(m) -> str:
     "A few lines with the headline numbers."
     f = lambda v, k=2: 'n/a' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.{k}f}'
     row = lambda name, x: f'{name:<28} MAE {f(x["mae"])}  RMSE {f(x["rmse"])}  r {f(x["pearson_r"], 3)}  bias {f(x["bias"])}  (n={x["n"]})'
-    lines = [row('images', m['overall'])]
-    if m['subject_level']: lines.append(row('subjects', m['subject_level']))
+    pooled = m.get('prediction_unit') == 'subject'   # a --subject-views run: every row is a subject already
+    lines = [row('subjects (images pooled)' if pooled else 'images', m['overall'])]
+    if m['subject_level'] and not pooled: lines.append(row('subjects', m['subject_level']))
     if m['corrected']:
         lines.append(row('images, bias-corrected', m['corrected']))
         if m['corrected_subject_level']: lines.append(row('subjects, bias-corrected', m['corrected_subject_level']))
@@ -197,8 +209,10 @@ def build_parser():
                                             "and the run's recorded preprocessing.")
     p.add_argument('run_dir', help='run folder made by python -m agenb.train (or an experiment folder, with --variant)')
     p.add_argument('--variant', help='with an experiment folder: predict with the variant\'s fold models as an ensemble')
-    p.add_argument('--image-dir', required=True, help='folder of images to predict (not searched recursively)')
-    p.add_argument('--excel-path', help='spreadsheet of true ages: also compute metrics (raw and bias-corrected)')
+    p.add_argument('--image-dir', required=True, action='append',
+                   help='folder of images to predict (not searched recursively); more than once: the muscles of one cohort')
+    p.add_argument('--excel-path', action='append',
+                   help='spreadsheet of true ages: also compute metrics (raw and bias-corrected); once, or once per --image-dir')
     p.add_argument('--cohort', help='spreadsheet block (Healthy/Pathological); default: the image folder\'s parent')
     p.add_argument('--id-col'); p.add_argument('--age-col'); p.add_argument('--file-col')
     p.add_argument('--pattern', help="file-name regex (group 1 subject, group 2 index); default: the run's")
@@ -217,34 +231,40 @@ def _table(a, rm):
     kw = {k: (getattr(a, k) or rm.args.get(k)) for k in ('id_col', 'age_col', 'file_col') if getattr(a, k) or rm.args.get(k)}
     if a.cohort: kw['cohort'] = a.cohort
     extra = sheet_covariates(rm.covariate_stats['names']) if rm.covariate_stats else ()
-    return load_dataset(a.image_dir, a.excel_path, pattern=rm.pattern, verify=False, extra_columns=extra, **kw)  # decoded already
+    return load_folders(a.image_dir, a.excel_path, pattern=rm.pattern, verify=False, extra_columns=extra, **kw)  # decoded already
 
 def _ages(table, paths):
     "True ages for `paths` from the spreadsheet's table (NaN where it has none)."
     by_path = {str(Path(p).resolve()): float(v) for p, v in zip(table['path'], table['age'])}
     return [by_path.get(str(Path(p).resolve()), np.nan) for p in paths]
 
+def _one_or_many(xs): return xs[0] if len(xs) == 1 else xs
+
 def ensemble_command(a) -> list:
     "`python -m agenb.experiment predict ...`: what `predict EXP_DIR --variant NAME` runs (experiments build on this chapter)."
     cmd = [sys.executable, '-m', 'agenb.experiment', 'predict', str(a.run_dir), '--variant', a.variant,
-           '--image-dir', str(a.image_dir), '--out', str(a.out), '--device', a.device]
-    return cmd + (['--excel-path', str(a.excel_path)] if a.excel_path else [])
+           '--image-dir', str(a.image_dir[0]), '--out', str(a.out), '--device', a.device]
+    return cmd + (['--excel-path', str(a.excel_path[0])] if a.excel_path else [])
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
     if a.variant or (Path(a.run_dir) / 'experiment.json').is_file():
         if not a.variant: raise InputError(f'{a.run_dir} is an experiment folder: add --variant NAME to predict with its fold models')
+        if len(a.image_dir) > 1 or len(a.excel_path or []) > 1:
+            raise InputError('--variant predicts one folder: give --image-dir (and --excel-path) once')
         sys.exit(subprocess.run(ensemble_command(a)).returncode)
     if a.batch_size < 1: raise InputError(f'--batch-size must be >= 1, got {a.batch_size}')
     rm = load_run_model(a.run_dir, a.checkpoint, a.device)
     if a.pattern: parse_subject('x', a.pattern); rm.pattern = a.pattern
     paths = output_paths(a.out, a.run_dir)
-    files = find_images(a.image_dir)
+    files = [f for d in a.image_dir for f in find_images(d)]
+    if a.excel_path and len(a.excel_path) not in (1, len(a.image_dir)):
+        raise InputError(f'--excel-path was given {len(a.excel_path)} times for {len(a.image_dir)} --image-dir: give it once, or once per --image-dir')
     table, data_summary = _table(a, rm) if a.excel_path else (None, None)
-    df, skipped, views = predict_images(rm, files, a.batch_size, a.tta, a.skip_bad, a.num_workers, table, str(a.excel_path))
+    df, skipped, views = predict_images(rm, files, a.batch_size, a.tta, a.skip_bad, a.num_workers, table, ', '.join(a.excel_path or []))
     for s in skipped: print(f'skipped {s["file"]}: {s["reason"]}', file=sys.stderr)
     if df.attrs.get('covariates_imputed'):
-        print(f'{df.attrs["covariates_imputed"]} of {len(df)} images have a missing covariate (not in {a.excel_path} or blank): '
+        print(f'{df.attrs["covariates_imputed"]} of {len(df)} images have a missing covariate (not in {", ".join(a.excel_path)} or blank): '
               "imputed with the run's training median plus a missing-indicator", file=sys.stderr)
     metrics = None
     if a.excel_path:
@@ -253,6 +273,7 @@ def main(argv=None):
         df['error'] = df['pred'] - df['age']
         if 'corrected' in df: df['corrected_error'] = df['corrected'] - df['age']
         metrics = metrics_for(df, rm.bias_correction, bin_width=rm.args.get('bin_width') or 10)
+        if rm.per_subject: metrics['prediction_unit'] = 'subject'
     ensure_output_dir(paths['images'].parent)
     _write_csv(df, paths['images'])
     written = [paths['images']]
@@ -266,18 +287,20 @@ def main(argv=None):
     info = {'created_at': datetime.now().isoformat(timespec='seconds'), 'agenb_version': agenb.__version__,
             'run_dir': str(rm.run_dir.resolve()), 'checkpoint': rm.checkpoint.name, 'checkpoint_sha256': rm.checkpoint_sha256,
             'checkpoint_epoch': rm.epoch, 'arch': rm.args['arch'], 'preprocessing': rm.prep.to_dict(), 'device': str(rm.device),
-            'image_dir': str(Path(a.image_dir).resolve()), 'pattern': rm.pattern, 'n_files': len(files),
+            'image_dir': _one_or_many([str(Path(d).resolve()) for d in a.image_dir]), 'pattern': rm.pattern, 'n_files': len(files),
             'n_predicted': len(df), 'n_subjects': int(subj.shape[0]) if subj is not None else 0,
             'n_without_subject': int(df['subject'].isna().sum()), 'skipped': skipped,
             'tta': {'enabled': bool(a.tta), 'views': views, 'reduction': 'mean over views; tta_sd = SD over views'},
-            'bias_correction': rm.bias_correction, 'excel_path': str(Path(a.excel_path).resolve()) if a.excel_path else None,
+            'bias_correction': rm.bias_correction,
+            'excel_path': _one_or_many([str(Path(x).resolve()) for x in a.excel_path]) if a.excel_path else None,
+            'prediction_unit': 'subject' if rm.per_subject else 'image',
             'excel_sha256': (data_summary or {}).get('excel_sha256'),
             'covariates': rm.covariate_stats and {'names': rm.covariate_stats['names'], 'read_from': 'the --excel-path table and the images',
                                                   'standardised_with': "the run's training statistics (from the checkpoint)",
                                                   'n_images_with_a_missing_covariate': df.attrs.get('covariates_imputed')},
             'files': {k: p.name for k, p in paths.items() if p in written}}
     atomic_write_json(paths['info'], info); written.append(paths['info'])
-    print(f'{len(df)} images of {info["n_subjects"]} subjects predicted with {rm.args["arch"]} ({rm.checkpoint.name}, '
+    print(f'{int(df["n_images"].sum()) if rm.per_subject else len(df)} images of {info["n_subjects"]} subjects predicted with {rm.args["arch"]} ({rm.checkpoint.name}, '
           f'epoch {rm.epoch}){"; TTA over " + str(len(views)) + " views" if a.tta else ""}'
           + (f'; {len(skipped)} unreadable images skipped' if skipped else ''))
     if metrics is not None: print(metrics_text(metrics))

@@ -14,19 +14,20 @@ import torch
 from matplotlib.figure import Figure  # draws with Agg whatever backend the caller's notebook uses
 
 from .core import InputError, file_sha256, run_process_state
-from .data import DEFAULT_PATTERN, load_dataset
+from .data import DEFAULT_PATTERN, load_folders
 from .split import load_split
 from .images import Preprocessing, load_images
 from .model import (build_model, DistributionHead, AgeOutput, parse_age_bins, coverage, parse_covariates, sheet_covariates, covariate_values,
-                         covariate_inputs)
+                         covariate_inputs, subject_groups, view_batches)
 from .options import Options, OPTION_NAMES, PLAIN_DEFAULTS
 
 # %% auto #0
 __all__ = ['RUN_OWN_FILES', 'CHECKPOINT_VERSION', 'TRAIN_STATE_KEYS', 'INTERVAL_COLS', 'new_run_dir', 'read_run_config',
            'run_options', 'check_resumable', 'read_split', 'read_history', 'run_bias_correction', 'is_run_dir',
            'refuse_run_dir', 'curves_figure', 'make_checkpoint', 'load_checkpoint', 'resolve_device', 'RunModel',
-           'distribution_head', 'model_kwargs', 'load_run_model', 'predict_outputs', 'outputs_to_age',
-           'predict_batches', 'interval_tables', 'calibration', 'predict_split', 'run_table']
+           'distribution_head', 'model_kwargs', 'load_run_model', 'predict_outputs', 'predict_subject_outputs',
+           'outputs_to_age', 'predict_batches', 'interval_tables', 'calibration', 'predict_split', 'per_subject_rows',
+           'run_table']
 
 # %% ../nbs/07_runs.ipynb #47e17dad
 def new_run_dir(output_dir, run_name=None, now=None) -> Path:
@@ -184,6 +185,10 @@ class RunModel:
     val_mae: float | None; bias_correction: dict | None; head: DistributionHead | None = None
     covariate_stats: dict | None = None    # --covariates: the training statistics the checkpoint keeps
     @property
+    def per_subject(self) -> bool:
+        "A --subject-views run: one prediction per subject, from all of its images pooled."
+        return bool(getattr(self.options, 'subject_views', None))
+    @property
     def args(self) -> dict: return self.cfg['args']
     @property
     def arch(self) -> str: return self.options.arch
@@ -206,7 +211,8 @@ def distribution_head(o: Options) -> DistributionHead | None:
 def model_kwargs(o: Options) -> dict:
     "The `build_model` arguments, beyond the architecture, that the options `o` ask for."
     h = distribution_head(o)
-    return dict(dropout=o.dropout, outputs=h.outputs if h else 1, n_covariates=2 * len(parse_covariates(getattr(o, 'covariates', None))))
+    return dict(dropout=o.dropout, outputs=h.outputs if h else 1, n_covariates=2 * len(parse_covariates(getattr(o, 'covariates', None))),
+                view_pool=(getattr(o, 'view_pool', None) or 'mean') if getattr(o, 'subject_views', None) else None)
 
 def load_run_model(run_dir, checkpoint='best_model.pth', device='cpu') -> RunModel:
     "The model of a run folder in eval mode on `device`, with its preprocessing checked against the checkpoint."
@@ -247,6 +253,19 @@ def predict_outputs(rm: RunModel, images: torch.Tensor, batch_size=64, covariate
         outs.append(rm.model(x, *extra).float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0, rm.head.outputs if rm.head else 1)
 
+@torch.no_grad()
+def predict_subject_outputs(rm: RunModel, images: torch.Tensor, groups, batch_size=64, covariates=None) -> torch.Tensor:
+    """float32 outputs (S, outputs) of a --subject-views run, one per subject: the images of each group (positions into
+    `images`) pooled; a subject's covariate inputs are the mean of its images'."""
+    if (covariates is None) != (not rm.covariate_stats): raise ValueError('covariates must be given exactly for a covariate run')
+    out = torch.zeros(len(groups), rm.head.outputs if rm.head else 1)
+    for b in view_batches(groups, range(len(groups)), batch_size):
+        rows = torch.as_tensor(np.stack([groups[p] for p in b]))
+        x = rm.prep.normalize(images[rows.flatten()].to(rm.device).float().div_(255)).unflatten(0, tuple(rows.shape))
+        extra = () if covariates is None else (covariates[rows].mean(1).to(rm.device),)
+        out[b] = rm.model(x, *extra).float().cpu()
+    return out
+
 def outputs_to_age(rm: RunModel, out: torch.Tensor) -> np.ndarray:
     "Ages from model outputs: the output itself, or the mean of the distribution over age bins."
     return (rm.head.age(out) if rm.head else out[:, 0]).double().numpy()
@@ -285,13 +304,19 @@ def predict_split(run_dir, split='test', device='cpu', batch_size=64, checkpoint
     table = read_split(run_dir, split)
     images = load_images(table.path.tolist(), rm.prep, cache_dir=rm.options.cache_dir, num_threads=rm.options.num_workers)
     cov = rm.covariates_for(run_table(rm.options, table.path), str(rm.options.excel_path)) if rm.covariate_stats else None
-    return table.assign(pred=predict_batches(rm, images, batch_size, cov))
+    if not rm.per_subject: return table.assign(pred=predict_batches(rm, images, batch_size, cov))
+    groups = subject_groups(table.subject)
+    return per_subject_rows(table, groups).assign(pred=outputs_to_age(rm, predict_subject_outputs(rm, images, groups, batch_size, cov)))
+
+def per_subject_rows(table: pd.DataFrame, groups) -> pd.DataFrame:
+    "One row per subject of a --subject-views run: its first image's row (path, filename, ...) and `n_images`."
+    return table.iloc[[g[0] for g in groups]].reset_index(drop=True).assign(n_images=[len(g) for g in groups])
 
 def run_table(o: Options, paths) -> pd.DataFrame:
     "The rows of the run's own spreadsheet table (its data options) for image `paths`, in that order (for covariates)."
     kw = {k: getattr(o, k) for k in ('cohort', 'id_col', 'age_col', 'file_col', 'pattern', 'max_table_mb', 'max_expanded_mb')
           if getattr(o, k) is not None}
-    t = load_dataset(o.image_dir, o.excel_path, strict=o.strict, extra_columns=sheet_covariates(parse_covariates(o.covariates)),
+    t = load_folders(o.image_dir, o.excel_path, strict=o.strict, extra_columns=sheet_covariates(parse_covariates(o.covariates)),
                      **kw)[0].drop_duplicates('path').set_index('path')
     missing = [p for p in paths if p not in t.index]
     if missing: raise InputError(f'{missing[0]}: no longer in the run\'s data ({o.excel_path}); its covariates cannot be read')

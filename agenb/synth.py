@@ -14,10 +14,10 @@ from PIL import Image, ImageDraw, ImageFont
 from .core import InputError, run_cli, atomic_write, atomic_write_json, file_sha256
 
 # %% auto #0
-__all__ = ['MODEL', 'MUSCLES', 'HEADERS', 'GENERATOR_VERSION', 'OUTPUT_SHA256', 'GUARD', 'PRESETS', 'DEFAULTS', 'echo_mean',
-           'thickness_mean', 'bmi_mean', 'bmi_sd', 'sex_thickness_effect', 'render_image', 'oracle_predict',
-           'write_characteristics', 'resolve_params', 'files_sha256', 'generate', 'output_digest', 'data_fingerprint',
-           'stale_reason', 'ensure_synth', 'main']
+__all__ = ['MODEL', 'MUSCLES', 'HEADERS', 'GENERATOR_VERSION', 'OUTPUT_SHA256', 'GUARD', 'PRESETS', 'DEFAULTS',
+           'MISSING_MUSCLE_FRAC', 'echo_mean', 'thickness_mean', 'bmi_mean', 'bmi_sd', 'sex_thickness_effect',
+           'render_image', 'oracle_predict', 'write_characteristics', 'resolve_params', 'files_sha256', 'generate',
+           'output_digest', 'data_fingerprint', 'stale_reason', 'ensure_synth', 'main']
 
 # %% ../nbs/01_synth.ipynb #799041b1
 MODEL = dict(
@@ -190,11 +190,12 @@ def render_image(rng, H, W, lat, label, label_z=None):
 def _subject(seed, mi, muscle, number, cohort, n_req, size, width_jitter, shortcut, age_shift=0.0, covariate=True,
              m=MODEL):
     "Draw one subject and render its images. Returns (row for the spreadsheet, list of (name, image, mask, latents))."
-    rng = np.random.default_rng([seed, mi, number])
+    person = np.random.default_rng([seed, 0, number])   # the person (age, sex, size): the same in every muscle folder
+    rng = person if mi == 0 else np.random.default_rng([seed, mi, number])   # what belongs to this muscle's scans
     patho = cohort == 'Pathological'
     mus = MUSCLES[muscle]
-    age = _draw_age(rng, patho, m)
-    sex, length, weight, bmi = _anthropometrics(rng, age, m)
+    age = _draw_age(person, patho, m)
+    sex, length, weight, bmi = _anthropometrics(person, age, m)
     u = rng.normal(0, m['echo_subject_sd'])
     v = rng.normal(0, m['thick_subject_sd'])
     muscle_age = max(0.0, age + age_shift) if patho else age     # disease: the muscle looks older
@@ -306,9 +307,10 @@ def write_characteristics(path, healthy_rows, patho_rows):
                 zout.writestr(zi, data)
 
 # %% ../nbs/01_synth.ipynb #70546641
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 OUTPUT_SHA256 = {   # output_digest() of generate(d, **GUARD) per generator version: bump the version, record the new one
     2: 'f98db9ae346d398618443e961de07c87db6fdb257a95a3bf9faec7fa291dca37',
+    3: '03182e1e9814af1c683962111cd7aa7a43e0b1285d019e04a87187a9c4da956a',
 }
 GUARD = dict(subjects=10, pathological=4, images_per_subject=3, size=(48, 56), muscles=('TA', 'GM', 'BB'), seed=7,
              label_age_shortcut=0.5, width_jitter=4)
@@ -345,11 +347,18 @@ def resolve_params(preset=None, **given):
     if bad or not cfg['muscles']: raise InputError(f'unknown muscle {bad}: use some of {", ".join(MUSCLES)}')
     return cfg
 
+MISSING_MUSCLE_FRAC = 0.15   # share of a cohort's subjects without scans of the second and later muscles
+
 def _numbers(seed, mi, n_h, n_p):
-    "Subject numbers for one muscle: distinct, not contiguous, healthy and pathological interleaved."
-    rng = np.random.default_rng([seed, mi, 10 ** 9])
+    """Subject numbers for one muscle: distinct, not contiguous, healthy and pathological interleaved. The cohort's
+    subjects are the same in every muscle folder (one number, one person), except that a later muscle (`mi` > 0)
+    misses about `MISSING_MUSCLE_FRAC` of them, as in the real data."""
+    rng = np.random.default_rng([seed, 0, 10 ** 9])
     nums = rng.choice(np.arange(1, 3 * (n_h + n_p) + 10), n_h + n_p, replace=False)
-    return sorted(int(v) for v in nums[:n_h]), sorted(int(v) for v in nums[n_h:])
+    h, p = sorted(int(v) for v in nums[:n_h]), sorted(int(v) for v in nums[n_h:])
+    if mi == 0: return h, p
+    keep = lambda xs, c: [x for x, r in zip(xs, np.random.default_rng([seed, mi, 10 ** 9, c]).random(len(xs))) if r >= MISSING_MUSCLE_FRAC]
+    return keep(h, 0), keep(p, 1)
 
 def _job(args):
     "Draw one subject, write its PNGs (in the worker process) and return its spreadsheet row and latents."

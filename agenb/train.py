@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 import agenb
 from .core import InputError, run_cli, environment_info, file_sha256, atomic_write, atomic_write_json
+from .data import as_list, folder_matching
 from .split import save_split
 from .model import build_model, describe_model, set_trainable
 from .options import Options, build_parser, resolve_options, given_from_config
@@ -54,7 +55,7 @@ def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: 
         'device': d.device.type, 'world_size': d.world, 'use_ddp': d.ddp, 'distributed_backend': d.backend,
         'gpu_names': gpus, 'cuda_version': torch.version.cuda if d.device.type == 'cuda' else None,
         'pytorch_version': torch.__version__,
-        'dataset': {'image_dir': str(Path(o.image_dir).resolve()), 'excel_path': str(Path(o.excel_path).resolve()),
+        'dataset': {'image_dir': _resolved(o.image_dir), 'excel_path': _resolved(o.excel_path),
                     **data.stats, 'test_size': o.test_size, 'val_size': o.val_size, 'random_seed': o.seed,
                     **split_info, 'excluded_by_age_filter': data.excluded_by_age, 'min_age': o.min_age, 'max_age': o.max_age,
                     'cohort': data.summary.get('cohort'), 'table_format': data.summary.get('table_format'),
@@ -80,7 +81,13 @@ def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: 
                      'learning_rate': opt_defaults['lr'], 'weight_decay': opt_defaults['weight_decay'],
                      'num_workers': o.num_workers, 'data_loading': 'decoded once into memory; batches indexed from it',
                      'plot_interval': o.plot_interval, 'checkpoint_every': o.checkpoint_every,
-                     'keep_checkpoints': o.keep_checkpoints, 'nan_policy': o.nan_policy, 'seed': o.seed},
+                     'keep_checkpoints': o.keep_checkpoints, 'nan_policy': o.nan_policy, 'seed': o.seed,
+                     'subject_views': None if data.groups is None else {
+                         'k': o.subject_views, 'pool': trainer.model.agenb_build['view_pool'],
+                         'training': 'a sample is a subject: k of its images (each once when it has fewer, the rest drawn '
+                                     'with replacement), drawn anew every epoch from the seeded augmentation generator',
+                         'evaluation': 'one prediction per subject from all of its images pooled',
+                         'subjects': {s: len(g) for s, g in data.groups.items()}}},
         'optimizations': {'gradient_clipping': bool(o.max_grad_norm), 'warmup': bool(o.warmup_epochs),
                           'early_stopping': bool(o.patience), 'cosine_annealing': sched_name == 'CosineAnnealingLR',
                           'mixed_precision': str(trainer.amp_dtype).replace('torch.', '') if trainer.amp_dtype else None,
@@ -97,11 +104,16 @@ def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: 
         'output_dir': str(Path(o.output_dir).resolve()), 'run_dir': str(run_dir.resolve()),
     }
 
+def _resolved(paths):
+    "A path resolved, or each of a list of them (several muscle folders)."
+    return [str(Path(p).resolve()) for p in paths] if isinstance(paths, (list, tuple)) else str(Path(paths).resolve())
+
 def data_fingerprint(table, excel_path):
-    "Hash of the spreadsheet and of the images actually used (names, sizes and contents)."
+    "Hash of the spreadsheet(s) and of the images actually used (names, sizes and contents)."
     h = hashlib.sha256()
     for p in sorted(table.path): h.update(f'{Path(p).name}\0{file_sha256(p)}\n'.encode())
-    return {'excel_sha256': file_sha256(excel_path), 'images_sha256': h.hexdigest(), 'n_images': len(table)}
+    sha = [file_sha256(x) for x in as_list(excel_path)]
+    return {'excel_sha256': sha[0] if len(sha) == 1 else sha, 'images_sha256': h.hexdigest(), 'n_images': len(table)}
 
 # %% ../nbs/15_train.ipynb #3f7dc2ca
 class Interrupted(Exception): pass
@@ -162,6 +174,7 @@ def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, 
             files.log(f'run {run_dir}: {len(data.table)} images of {data.table.subject.nunique()} subjects; '
                       f'train/val/test subjects {data.stats["train_subjects"]}/{data.stats["val_subjects"]}/{data.stats["test_subjects"]}; '
                       f'{o.arch} on {d.device.type} x{d.world}')
+            if line := folder_matching(data.summary): files.log(line)
         run_dir = Path(d.broadcast(str(run_dir)))
     except BaseException:
         d.close(); raise
@@ -176,8 +189,8 @@ def _fit_and_finish(o, d, data, trainer, files, run_dir, quiet):
         d.barrier()                                      # nobody runs ahead of rank 0's writes
     bar = None
     if d.master and not quiet:
-        n = len(data.idx['train'])
-        bar = lambda e: tqdm(total=n, desc=f'epoch {e + 1}/{o.epochs}', unit='img', leave=False, file=sys.stderr)
+        n, unit = data.n_samples('train'), 'img' if data.groups is None else 'subject'
+        bar = lambda e: tqdm(total=n, desc=f'epoch {e + 1}/{o.epochs}', unit=unit, leave=False, file=sys.stderr)
     try:
         reason = trainer.fit(end_of_epoch, bar)
         if files:
@@ -208,6 +221,7 @@ def finish_run(o: Options, d: Dist, data: PreparedData, trainer: Trainer, files:
     if not files: return
     frames = {s: data.frame(s).assign(pred=trainer.head.age(outs[s]).double().numpy()) for s in outs}
     metrics = write_evaluation(run_dir, frames['test'], frames['val'], data.ages[data.idx['train']].numpy())
+    if data.groups is not None: metrics = _per_subject_note(run_dir, metrics)
     m = metrics.get('overall', metrics)
     files.log(f'test MAE {m.get("mae", float("nan")):.3f}  RMSE {m.get("rmse", float("nan")):.3f}  r {m.get("pearson_r") or float("nan"):.3f}')
     if trainer.head.kind == 'distribution': write_intervals(run_dir, trainer.head, frames['test'], outs['test'], files)
@@ -217,6 +231,14 @@ def finish_run(o: Options, d: Dist, data: PreparedData, trainer: Trainer, files:
             files.log(f'Grad-CAM: mean shortcut score {ex["shortcut_score"]:.3f} (gradcam_best_worst.png)')
         except Exception as e:  # an explanation failure is recorded, it does not fail a finished training
             files.log(f'warning: Grad-CAM failed: {type(e).__name__}: {e}'); files.write_config(gradcam_error=f'{type(e).__name__}: {e}')
+
+def _per_subject_note(run_dir, metrics):
+    "metrics.json of a --subject-views run says that its predictions (and so `overall`) are one per subject."
+    metrics = dict(metrics, prediction_unit='subject', prediction_unit_note='a --subject-views run predicts once per subject '
+                   'from all of its images pooled: predictions.csv has one row per subject (path: its first image), and '
+                   'the image-level and subject-level metrics are the same numbers')
+    atomic_write_json(run_dir / 'metrics.json', metrics)
+    return metrics
 
 def write_intervals(run_dir, head, frame, out, files):
     "intervals.csv and subject_intervals.csv (predictive SD, 80% and 95% intervals) and the calibration in metrics.json."

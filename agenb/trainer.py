@@ -16,13 +16,13 @@ from torch.utils.data.distributed import DistributedSampler
 from fastcore.basics import patch
 
 from .core import InputError, atomic_write_json, atomic_torch_save, atomic_savefig
-from .data import load_dataset
+from .data import load_folders
 from .split import make_split, split_stats, save_split
 from .images import Preprocessing, Augmentation, load_images
 from .options import Options, resolve_options
 from .model import (RegressionHead, DistributionHead, parse_age_bins, param_groups, freeze_batchnorm, parse_covariates,
-                         covariate_values, fit_covariates, covariate_inputs, sheet_covariates)
-from .runs import make_checkpoint, curves_figure
+                         covariate_values, fit_covariates, covariate_inputs, sheet_covariates, subject_groups, draw_views, view_batches)
+from .runs import make_checkpoint, curves_figure, per_subject_rows
 
 # %% auto #0
 __all__ = ['LOSSES', 'Dist', 'gpu_names', 'read_table', 'PreparedData', 'preprocessing', 'augmentation', 'prepare_data',
@@ -79,7 +79,7 @@ def read_table(o: Options):
     "`agenb.data.load_dataset` with the data options of `o`: (table, summary)."
     kw = {k: getattr(o, k) for k in ('cohort', 'id_col', 'age_col', 'file_col', 'pattern', 'max_table_mb', 'max_expanded_mb')
           if getattr(o, k) is not None}
-    return load_dataset(o.image_dir, o.excel_path, strict=o.strict, extra_columns=sheet_covariates(parse_covariates(o.covariates)), **kw)
+    return load_folders(o.image_dir, o.excel_path, strict=o.strict, extra_columns=sheet_covariates(parse_covariates(o.covariates)), **kw)
 
 @dataclasses.dataclass(frozen=True)
 class PreparedData:
@@ -87,11 +87,21 @@ class PreparedData:
     table: pd.DataFrame; split: pd.Series; split_info: dict; summary: dict; stats: dict; idx: dict
     prep: Preprocessing; aug: Augmentation; images: torch.Tensor; ages: torch.Tensor; cache_info: dict
     covariates: torch.Tensor | None = None; covariate_stats: dict | None = None   # model inputs (N, 2C), training statistics
+    groups: dict | None = None   # --subject-views: per split, each subject's table rows; a sample is then a subject
     @property
     def excluded_by_age(self) -> int: return self.split_info['n_images_excluded']
+    def n_samples(self, split) -> int:
+        "Samples of `split`: images, or subjects in a --subject-views run."
+        return len(self.groups[split] if self.groups is not None else self.idx[split])
+    def sample_ages(self, split) -> np.ndarray:
+        "The true age of every sample of `split`, in order."
+        rows = [g[0] for g in self.groups[split]] if self.groups is not None else self.idx[split]
+        return self.table.age.to_numpy(dtype=float)[rows]
     def frame(self, split) -> pd.DataFrame:
-        "path, filename, subject, age of the images of `split`."
-        return self.table.iloc[self.idx[split]][['path', 'filename', 'subject', 'age']].reset_index(drop=True)
+        "path, filename, subject, age of the samples of `split` (a --subject-views run: each subject's first image and n_images)."
+        cols = ['path', 'filename', 'subject', 'age']
+        if self.groups is None: return self.table.iloc[self.idx[split]][cols].reset_index(drop=True)
+        return per_subject_rows(self.table[cols], self.groups[split])
 
 def preprocessing(o: Options) -> Preprocessing:
     "The input preprocessing options `o` ask for."
@@ -124,8 +134,11 @@ def prepare_data(o: Options) -> PreparedData:
         raw = covariate_values(table, names, str(o.excel_path), o.num_workers)
         cov_stats = fit_covariates(raw[idx['train']], names)
         cov = covariate_inputs(raw, cov_stats)
+    groups = None
+    if o.subject_views:  # each subject's rows, in the order of its split
+        groups = {s: [idx[s][g] for g in subject_groups(table.subject.to_numpy()[idx[s]])] for s in idx}
     return PreparedData(table=table, split=split, split_info=info, summary=summary, stats=split_stats(table, split),
-                        idx=idx, covariates=cov, covariate_stats=cov_stats,
+                        idx=idx, covariates=cov, covariate_stats=cov_stats, groups=groups,
                         prep=prep, aug=augmentation(o), images=images, cache_info=cache_info,
                         ages=torch.tensor(table.age.to_numpy(), dtype=torch.float32))
 
@@ -255,14 +268,22 @@ def make_ema(model, decay):
 # %% ../nbs/08_trainer.ipynb #7ed5c2fd
 @patch
 def batch(self: Trainer, positions, split, train):
-    "Model inputs (images, augmented when training, normalised[, covariates]) and ages of `positions` of a split, on the device."
-    idx = torch.as_tensor(self.data.idx[split][positions])
-    x = self.images[idx.to(self.images.device)].to(self.d.device, non_blocking=True).float().div_(255)
+    """Model inputs (images, augmented when training, normalised[, covariates]) and ages of `positions` of a split, on
+    the device. A --subject-views run: positions are subjects, images (B, K, 3, H, W): K drawn views when training,
+    all of each subject's images otherwise (`view_batches` gives subjects with the same count)."""
+    if self.data.groups is None: idx = torch.as_tensor(self.data.idx[split][positions])
+    else:
+        g = [self.data.groups[split][p] for p in positions]
+        idx = torch.as_tensor(np.stack([r[draw_views(len(r), self.o.subject_views, self.gen)] if train else r for r in g]))
+    flat = idx.flatten()
+    x = self.images[flat.to(self.images.device)].to(self.d.device, non_blocking=True).float().div_(255)
     if train: x = self.data.aug.apply(x, self.gen)
     x = self.data.prep.normalize(x)
     if self.channels_last: x = x.contiguous(memory_format=torch.channels_last)
-    inputs = (x,) if self.data.covariates is None else (x, self.data.covariates[idx].to(self.d.device, non_blocking=True))
-    return inputs, self.data.ages[idx].to(self.d.device, non_blocking=True)
+    cov = None if self.data.covariates is None else self.data.covariates[idx]
+    if idx.ndim == 2: x, cov = x.unflatten(0, tuple(idx.shape)), None if cov is None else cov.mean(1)  # a subject's covariates: its views' mean
+    inputs = (x,) if cov is None else (x, cov.to(self.d.device, non_blocking=True))
+    return inputs, self.data.ages[idx if idx.ndim == 1 else idx[:, 0]].to(self.d.device, non_blocking=True)
 
 @patch
 def autocast(self: Trainer):
@@ -274,7 +295,7 @@ def train_epoch(self: Trainer, progress=None):
     "One pass over this rank's share of the training set; returns the mean loss over all ranks."
     self.net.train()
     if self.frozen: freeze_batchnorm(self.model)          # frozen stages keep their running statistics
-    batches = train_batches(len(self.data.idx['train']), self.o.batch_size, self.epoch, self.o.seed, self.d.rank, self.d.world)
+    batches = train_batches(self.data.n_samples('train'), self.o.batch_size, self.epoch, self.o.seed, self.d.rank, self.d.world)
     dev = self.d.device
     total, count, bad = (torch.zeros((), dtype=torch.float64, device=dev) for _ in range(3))  # summed on the device:
     for step, b in enumerate(batches):                                                      # no GPU sync per step
@@ -313,13 +334,16 @@ def outputs(self: Trainer, split, precise=False) -> np.ndarray:
     model = self.eval_model.eval()
     if self.d.ddp:  # BatchNorm statistics drift apart on each rank's last batches: evaluate rank 0's, the saved ones
         for b in model.buffers(): dist.broadcast(b, 0)
-    n, mine = len(self.data.idx[split]), eval_shard(len(self.data.idx[split]), self.d.rank, self.d.world)
+    n = self.data.n_samples(split)
+    mine = eval_shard(n, self.d.rank, self.d.world)
+    if self.data.groups is None: chunks = [mine[i:i + self.o.batch_size] for i in range(0, len(mine), self.o.batch_size)]
+    else: chunks = view_batches(self.data.groups[split], mine, self.o.batch_size)
     preds = []
-    for i in range(0, len(mine), self.o.batch_size):
-        x, _ = self.batch(mine[i:i + self.o.batch_size], split, train=False)
+    for b in chunks:
+        x, _ = self.batch(b, split, train=False)
         with torch.autocast(self.d.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None and not precise):
             preds.append(model(*x).float().cpu())
-    mine_pred = torch.cat(preds).numpy() if preds else np.zeros((0, self.head.outputs), np.float32)
+    mine, mine_pred = [p for b in chunks for p in b], torch.cat(preds).numpy() if preds else np.zeros((0, self.head.outputs), np.float32)
     out = np.full((n, self.head.outputs), np.nan, dtype=np.float32)
     for pos, pr in self.d.gather((mine, mine_pred)): out[pos] = pr
     return out
@@ -333,7 +357,7 @@ def predict(self: Trainer, split, precise=False) -> np.ndarray:
 def validate(self: Trainer):
     out = torch.from_numpy(self.outputs('val'))
     pred = self.head.age(out).double().numpy()
-    true = self.data.table.age.to_numpy(dtype=float)[self.data.idx['val']]
+    true = self.data.sample_ages('val')
     loss = float(self.head.loss(out, torch.tensor(true, dtype=torch.float32)))
     return dict(val_loss=loss, val_mae=float(np.mean(np.abs(pred - true))), val_rmse=float(np.sqrt(np.mean((pred - true) ** 2))))
 

@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""The models table of issue 16: `python bench/models_bench.py` -> bench/models_results.json and a markdown table.
+
+On the bench synthetic data (preset `bench`, written for the three muscles TA, GM, BB of one cohort: TA's files are
+those of `make bench`'s data) and at one budget (same architecture, image size, epochs, images per optimizer step,
+seed and split), it trains:
+
+  plain           image regression (the mae recipe), TA only
+  ema             + --ema-decay
+  covariates      + --covariates sex,bmi,echo_mean,echo_skew
+  distribution    + --head distribution (soft Gaussian labels, KL divergence)
+  subject_views   + --subject-views 3 (mean pool); batch = 32 // 3 subjects, so ~the same images per step
+  three_muscles   TA, GM and BB (--image-dir three times), the plain run's split (--split-file: by subject)
+  combined        every technique above whose *validation* subject-level MAE beat plain's (never the test set)
+
+Each row: test MAE (a subject-view run's rows are subjects), subject-level MAE, the MAE of subjects aged 45-64,
+the slope of predicted on true age (subject level), the generator's oracle on exactly the same test images (image
+level, and averaged over each subject's images), and the ratio of the subject-level MAE to that oracle.
+`--only NAME ...` reruns some rows (the others are kept from models_results.json); `--epochs`/`--image-size` change
+the budget (then the results go to bench/out/ instead).
+"""
+from __future__ import annotations
+import argparse, json, os, shutil, sys, time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import run as B   # bench/run.py: paths, data fingerprint, CLI runner, machine record
+
+BUDGET = dict(arch='resnet18', image_size=64, batch_size=32, epochs=20, lr=1e-3, warmup_epochs=2, seed=42)
+MUSCLES = ('TA', 'GM', 'BB')
+ROWS = {
+    'plain': {},
+    'ema': {'ema_decay': 0.99},
+    'covariates': {'covariates': 'sex,bmi,echo_mean,echo_skew'},
+    'distribution': {'head': 'distribution', 'age_bins': '0:100:2', 'label_sigma': 2.0},
+    'subject_views': {'subject_views': 3, 'batch_size': BUDGET['batch_size'] // 3},
+    'three_muscles': {'muscles': MUSCLES},
+}
+RESULTS = HERE / 'models_results.json'
+
+
+def ensure_data():
+    from agenb.synth import ensure_synth
+    out = B.OUT / 'data_muscles'
+    ensure_synth(out, preset='bench', muscles=MUSCLES, log=lambda m: print(f'models bench: {m}', flush=True))
+    return out
+
+
+def command(root, out_dir, name, budget, opts, split_file=None):
+    "The trainer command line of one row."
+    opts = dict(opts)
+    muscles = opts.pop('muscles', ('TA',))
+    cmd = [sys.executable, '-m', 'agenb.train']
+    for m in muscles: cmd += ['--image-dir', str(root / m / 'Healthy' / 'Images')]
+    for m in muscles: cmd += ['--excel-path', str(root / m / 'characteristics.xlsx')]
+    cmd += ['--no-pretrained', '--device', 'cpu', '--no-report', '--checkpoint-every', '0', '--plot-interval', '100000',
+            '--gradcam-n', '0', '--deterministic', '--num-workers', '2', '--loss', 'mae', '--cache-dir', str(B.OUT / 'cache'),
+            '--output-dir', str(out_dir), '--run-name', name]
+    if split_file: cmd += ['--split-file', str(split_file)]
+    for k, v in {**budget, **opts}.items(): cmd += ['--' + k.replace('_', '-'), str(v)]
+    return cmd
+
+
+def _mae(a, b): return float(np.mean(np.abs(np.asarray(a, float) - np.asarray(b, float)))) if len(a) else None
+
+
+def row_result(run_dir, root, wall):
+    "The table's numbers for one finished run, its oracle on exactly its test images."
+    from agenb.runs import predict_split
+    m = json.loads((run_dir / 'metrics.json').read_text())
+    cfg = json.loads((run_dir / 'config.json').read_text())
+    subj = pd.read_csv(run_dir / 'subject_predictions.csv', dtype={'subject': str})
+    split = pd.read_csv(run_dir / 'split.csv', dtype={'subject': str})
+    test = split[split.split == 'test'].assign(muscle=lambda d: d.path.map(lambda p: Path(p).parts[-4]),
+                                               filename=lambda d: d.path.map(lambda p: Path(p).name))
+    lat = pd.read_csv(root / 'synth_latents.csv', dtype={'subject': str})
+    lat = lat[lat.cohort == 'Healthy'][['muscle', 'filename', 'oracle_pred']]
+    j = test.merge(lat, on=['muscle', 'filename'], how='left')
+    assert j.oracle_pred.notna().all() and len(j) == len(test)
+    osub = j.groupby('subject').agg(age=('age', 'first'), oracle=('oracle_pred', 'mean'))
+    mid = subj[(subj.age >= 45) & (subj.age < 65)]
+    omid = osub[(osub.age >= 45) & (osub.age < 65)]
+    val = predict_split(run_dir, 'val')          # the choice of the combination: validation subjects only
+    vsub = val.groupby('subject').agg(age=('age', 'first'), pred=('pred', 'mean'))
+    smae = m['subject_level']['mae']
+    return {
+        'test_mae': round(m['overall']['mae'], 3), 'prediction_unit': m.get('prediction_unit', 'image'),
+        'subject_mae': round(smae, 3), 'mae_45_64': round(_mae(mid.age, mid.pred), 3), 'n_45_64': len(mid),
+        'slope': round(float(np.polyfit(subj.age, subj.pred, 1)[0]), 3),
+        'oracle_image_mae': round(_mae(j.age, j.oracle_pred), 3), 'oracle_subject_mae': round(_mae(osub.age, osub.oracle), 3),
+        'oracle_45_64': round(_mae(omid.age, omid.oracle), 3),
+        'subject_mae_over_oracle': round(smae / _mae(osub.age, osub.oracle), 3),
+        'val_subject_mae': round(_mae(vsub.age, vsub.pred), 3),
+        'n_test_subjects': int(m['subject_level']['n']), 'n_test_images': len(test),
+        'best_epoch': cfg.get('best_epoch'), 'wall_seconds': round(wall, 1), 'run_dir': B.rel(run_dir),
+    }
+
+
+def train_row(root, out_dir, name, budget, opts, split_file=None):
+    print(f'models bench: {name} ...', flush=True)
+    run_dir, wall = B.run_cli(command(root, out_dir, name, budget, opts, split_file), B.ACCURACY_ENV,
+                              out_dir / f'{name}.log', 6 * 3600)
+    res = row_result(run_dir, root, wall)
+    print(f'models bench: {name}: subject MAE {res["subject_mae"]} (oracle {res["oracle_subject_mae"]}, '
+          f'x{res["subject_mae_over_oracle"]}), 45-64 {res["mae_45_64"]}, slope {res["slope"]}, {wall:.0f} s', flush=True)
+    return res
+
+
+def combination(rows) -> list:
+    "The techniques whose validation subject-level MAE beat the plain row's (chosen without the test set)."
+    base = rows['plain']['val_subject_mae']
+    return [k for k in ROWS if k != 'plain' and k in rows and rows[k]['val_subject_mae'] < base]
+
+
+def combined_options(names) -> dict:
+    opts = {}
+    for n in names: opts.update(ROWS[n])
+    if 'subject_views' in names: opts['batch_size'] = BUDGET['batch_size'] // ROWS['subject_views']['subject_views']
+    return opts
+
+
+def table(res) -> str:
+    cols = ('test_mae', 'subject_mae', 'mae_45_64', 'slope', 'oracle_subject_mae', 'subject_mae_over_oracle', 'val_subject_mae', 'wall_seconds')
+    head = '| row | ' + ' | '.join(cols) + ' |\n|---|' + '---:|' * len(cols) + '\n'
+    rows = res['rows']
+    lines = [f'| {k}{" (" + "+".join(res["combined_of"]) + ")" if k == "combined" else ""} | ' + ' | '.join(str(rows[k][c]) for c in cols) + ' |'
+             for k in rows]
+    return head + '\n'.join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--only', nargs='+', choices=[*ROWS, 'combined'])
+    p.add_argument('--epochs', type=int); p.add_argument('--image-size', type=int)
+    a = p.parse_args(argv)
+    budget = dict(BUDGET, **{k: v for k, v in (('epochs', a.epochs), ('image_size', a.image_size)) if v})
+    official = budget == BUDGET
+    dest = RESULTS if official else B.OUT / 'models_results.json'
+    old = json.loads(dest.read_text()) if dest.is_file() and a.only else {}
+    t0 = time.time()
+    from agenb import __version__
+    from agenb.core import git_info
+    agenb = {'version': __version__, **git_info(B.ROOT)}   # read before anything is written
+    root = ensure_data()
+    out_dir = B.OUT / 'models_runs'
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = dict(old.get('rows', {}))
+    todo = a.only or [*ROWS, 'combined']
+    for name in ROWS:
+        if name not in todo: continue
+        split = None
+        if name == 'three_muscles':   # the plain run's split, by subject: the same test subjects
+            if 'plain' not in rows: sys.exit('models bench: three_muscles needs the plain row first (its split)')
+            split = B.ROOT / rows['plain']['run_dir'] / 'split.csv'
+        rows[name] = train_row(root, out_dir, name, budget, ROWS[name], split)
+    combo = old.get('combined_of')
+    if 'combined' in todo:
+        combo = combination(rows)
+        split = B.ROOT / rows['plain']['run_dir'] / 'split.csv' if 'three_muscles' in combo else None
+        rows['combined'] = train_row(root, out_dir, 'combined', budget, combined_options(combo), split) if combo else dict(rows['plain'])
+    res = {'what': 'issue 16 models table: plain, each technique alone, their combination chosen on validation',
+           'budget': budget, 'rows': rows, 'combined_of': combo, 'combined_options': combined_options(combo or []),
+           'chosen_by': "validation subject-level MAE below the plain row's (the test set plays no part)",
+           'target': 'combined subject-level MAE within 1.10x the oracle averaged over each subject\'s images',
+           'data': B.data_record(root), 'machine': B.machine_info(), 'agenb': agenb, 'command': ' '.join(['bench/models_bench.py', *(argv or sys.argv[1:])]),
+           'created_at': datetime.now().isoformat(timespec='seconds'), 'seconds': round(time.time() - t0, 1)}
+    dest.write_text(json.dumps(res, indent=1) + '\n')
+    md = table(res)
+    (dest.with_suffix('.md')).write_text(md + '\n')
+    print(md)
+    print(f'wrote {B.rel(dest)}')
+
+
+if __name__ == '__main__':
+    main()
