@@ -21,12 +21,13 @@ import agenb
 from .core import (InputError, IPCKernelManager, Parser, run_cli, atomic_write_json, atomic_write_text, ensure_output_dir,
                         file_sha256, run_process_state)
 from .options import OPTION_TYPES, cli_flags, resolve_options
-from .data import DEFAULT_PATTERN, load_dataset
+from .data import DEFAULT_PATTERN, load_dataset, load_folders, as_list
 from .split import EXCLUDED, make_split, save_split, subject_sort_key
-from .runs import load_run_model, refuse_run_dir
+from .runs import load_run_model, refuse_run_dir, run_table, predict_subject_outputs, outputs_to_age
 from .evaluate import write_evaluation
 from .report import STYLE, Html, fig_tag, fmt, kv_table, note, notebook_html, table
 from .predict import find_images, parse_subject, predict_tensor, read_images
+from .model import subject_groups
 
 # %% auto #0
 __all__ = ['DATA_KEYS', 'SET_BY_EXPERIMENT', 'SPEC_KEYS', 'SEARCH_KEYS', 'DISTRIBUTIONS', 'PRUNERS', 'GRACE_SECONDS',
@@ -93,6 +94,8 @@ def option_value(name, value, typ, where):
                 if math.isfinite(float(value)): return float(value)   # PyYAML reads 1e-4 (no dot) as text
         _fail(where, f'{name} must be a number, got {value!r}')
     if isinstance(value, (str, int, float)) and not isinstance(value, bool): return str(value)
+    if name in ('image_dir', 'excel_path') and isinstance(value, list) and value and all(isinstance(x, str) for x in value):
+        return value if len(value) > 1 else value[0]   # several muscle folders of one cohort
     _fail(where, f'{name} must be text, got {value!r}')
 
 def check_options(d, where, types, data=False) -> dict:
@@ -385,13 +388,14 @@ def read_table(data: dict, verify=True):
     "The data table of the experiment's data options: agenb.data.load_dataset called as the trainer calls it."
     kw = {k: data[k] for k in ('cohort', 'pattern', 'id_col', 'age_col', 'file_col', 'max_table_mb', 'max_expanded_mb')
           if data.get(k) is not None}
-    table, _ = load_dataset(data['image_dir'], data['excel_path'], strict=bool(data.get('strict')), verify=verify, **kw)
+    table, _ = load_folders(data['image_dir'], data['excel_path'], strict=bool(data.get('strict')), verify=verify, **kw)
     return table
 
 def data_fingerprint(table, excel_path) -> dict:
     names = sorted(f'{s}\t{Path(p).name}' for s, p in zip(table['subject'].astype(str), table['path']))
     return {'n_images': int(len(table)), 'n_subjects': int(table['subject'].nunique()),
-            'files_sha256': hashlib.sha256('\n'.join(names).encode()).hexdigest(), 'excel_sha256': file_sha256(excel_path)}
+            'files_sha256': hashlib.sha256('\n'.join(names).encode()).hexdigest(),
+            'excel_sha256': file_sha256(excel_path) if not isinstance(excel_path, list) else [file_sha256(x) for x in excel_path]}
 
 def redact(url: str) -> str:
     "A storage URL without its password."
@@ -454,7 +458,8 @@ def setup_experiment(spec, spec_path, exp_dir, storage=None, log=print) -> dict:
             return exp
         other = [p.name for p in exp_dir.iterdir() if p.name != '.lock']
         if other: raise InputError(f'{exp_dir} is not empty and not an experiment folder ({other[0]}, ...); choose another --out')
-        data = {k: (str(Path(v).resolve()) if k in ('image_dir', 'excel_path') else v) for k, v in spec['data'].items()}
+        res = lambda v: [str(Path(x).resolve()) for x in v] if isinstance(v, list) else str(Path(v).resolve())   # several muscles: a list
+        data = {k: (res(v) if k in ('image_dir', 'excel_path') else v) for k, v in spec['data'].items()}
         log(f'reading the data: {data["image_dir"]}')
         table = read_table(data)
         protocol, test, excluded, folds, labels = make_protocol(table, spec)
@@ -611,8 +616,10 @@ def verify_run(exp, job, run_dir) -> pd.DataFrame:
         if got[p] != w:
             raise ProtocolError(f'{run_dir}: its {p} subjects are not the protocol\'s ({len(got[p] ^ w)} differ); was split.csv edited?')
     preds = pd.read_csv(run_dir / 'predictions.csv', dtype={'subject': str})
-    if set(preds.subject) != want['test'] or len(preds) != int((split.split == 'test').sum()):
-        raise ProtocolError(f'{run_dir}/predictions.csv does not hold exactly the images of its test subjects')
+    per_subject = bool(read_json(run_dir / 'config.json', 'run config')['args'].get('subject_views'))   # one row per subject
+    n_rows = len(want['test']) if per_subject else int((split.split == 'test').sum())
+    if set(preds.subject) != want['test'] or len(preds) != n_rows:
+        raise ProtocolError(f'{run_dir}/predictions.csv does not hold exactly the {"subjects" if per_subject else "images"} of its test subjects')
     return preds
 
 # %% ../nbs/18_experiment.ipynb #e911adf0
@@ -850,11 +857,11 @@ def collect_oof(exp_dir, exp, spec, variants) -> pd.DataFrame:
             if not rec or rec.get('status') != 'completed': raise RuntimeError(f'{j.key} is not done; {v["name"]} is not complete')
             p = pd.read_csv(Path(exp_dir) / rec['run_dir'] / 'predictions.csv', dtype={'subject': str})
             frames.append(pd.DataFrame({'variant': v['name'], 'seed': j.seed, 'fold': j.fold, 'subject': p['subject'],
-                                        'file': p['filename'], 'age': p['age'], 'prediction': p['pred']}))
+                                        'file': p['filename'], 'age': p['age'], 'prediction': p['pred'], 'path': p['path']}))
     oof = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=OOF_COLUMNS)
     for (v, seed), g in oof.groupby(['variant', 'seed']):
         per = g.groupby('subject')['fold'].nunique()
-        if set(per.index) != dev or (per != 1).any() or g['file'].duplicated().any():
+        if set(per.index) != dev or (per != 1).any() or g['path'].duplicated().any():   # several muscles: one file name twice
             raise RuntimeError(f'the OOF predictions of {v} (seed {seed}) do not cover every development subject exactly once')
     return oof
 
@@ -1206,14 +1213,24 @@ def fold_runs(exp_dir, spec, v) -> list:
     return [Path(exp_dir) / r['run_dir'] for r in recs]
 
 def ensemble_matrix(runs, paths, device='cpu', batch_size=64, num_threads=4) -> pd.DataFrame:
-    "Predictions of every run's best model (columns) for the images `paths` (rows, by path); images decoded once per preprocessing."
+    """Predictions of every run's best model (columns) for the images `paths` (rows, by path); images decoded once per
+    preprocessing. A --subject-views model predicts once per subject (its images among `paths` pooled): every image of
+    the subject carries that prediction, so a subject's mean over its images is the pooled prediction."""
     cache, cols = {}, {}
     for r in runs:
         rm = load_run_model(r, device=device)
         key = json.dumps(rm.prep.to_dict(), sort_keys=True, default=str)
         if key not in cache: cache[key] = read_images(paths, rm.prep, num_threads=num_threads)[:2]
         images, kept = cache[key]
-        pred, _ = predict_tensor(rm, images, batch_size)
+        cov = (rm.covariates_for(run_table(rm.options, [str(Path(k).resolve()) for k in kept]), str(rm.options.excel_path))
+               if rm.covariate_stats else None)   # a covariate run: each image's own values, from the run's spreadsheet
+        if rm.per_subject:  # a --subject-views model: each image gets its subject's prediction, all its images pooled
+            keys = [parse_subject(Path(k).name, rm.pattern)[0] or f'\0{i}' for i, k in enumerate(kept)]
+            groups = subject_groups(keys)
+            subj = outputs_to_age(rm, predict_subject_outputs(rm, images, groups, batch_size, cov))
+            pred = np.empty(len(kept))
+            for g, v in zip(groups, subj): pred[g] = v
+        else: pred, _ = predict_tensor(rm, images, batch_size, covariates=cov)
         cols[Path(r).name] = pd.Series(pred, index=[str(k) for k in kept])
     return pd.DataFrame(cols).reindex([str(p) for p in paths])
 

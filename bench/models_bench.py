@@ -30,6 +30,7 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import run as B   # bench/run.py: paths, data fingerprint, CLI runner, machine record
+import render     # bench/render.py: fills the marked blocks of bench/README.md
 
 BUDGET = dict(arch='resnet18', image_size=64, batch_size=32, epochs=20, lr=1e-3, warmup_epochs=2, seed=42)
 MUSCLES = ('TA', 'GM', 'BB')
@@ -111,6 +112,16 @@ def train_row(root, out_dir, name, budget, opts, split_file=None):
     return res
 
 
+def collected_row(out_dir, root, name):
+    "The row of the latest completed run folder named `name` (for --from-runs)."
+    for d in sorted(out_dir.glob(f'run_*_{name}'), reverse=True):
+        cfg = json.loads((d / 'config.json').read_text())
+        if cfg.get('status') != 'completed': continue
+        wall = (datetime.fromisoformat(cfg['finished_at']) - datetime.fromisoformat(cfg['started_at'])).total_seconds()
+        return dict(row_result(d, root, wall), agenb_commit=(cfg.get('environment') or {}).get('git'), wall_from='config.json started_at/finished_at')
+    sys.exit(f'models bench: no completed run folder run_*_{name} in {out_dir}')
+
+
 def combination(rows) -> list:
     "The techniques whose validation subject-level MAE beat the plain row's (chosen without the test set)."
     base = rows['plain']['val_subject_mae']
@@ -133,10 +144,28 @@ def table(res) -> str:
     return head + '\n'.join(lines)
 
 
+def models_block(res) -> str:
+    "bench/README.md's block of the models table, rendered from models_results.json."
+    b, m, ag = res['budget'], res.get('machine') or {}, res.get('agenb') or {}
+    C = res['rows'].get('combined') or {}
+    return '\n\n'.join([
+        f"Budget of every row: {b['arch']} from scratch, {b['image_size']} px, {b['epochs']} epochs, batch {b['batch_size']} "
+        f"images (a subject-view run: {b['batch_size'] // 3} subjects of 3 images), lr {b['lr']}, seed {b['seed']}, one split "
+        f"by subject; {res['data']['fingerprint'].get('params', {}).get('subjects')} healthy subjects of the bench preset, "
+        f"muscles {', '.join(MUSCLES)}. Measured at commit `{(ag.get('commit') or '?')[:10]}`"
+        f"{' (uncommitted changes)' if ag.get('dirty') else ''} on {m.get('cpu_model')}, {m.get('cores')} cores; "
+        f"the trainings took {round(res['seconds_all_rows'] / 60)} min in all.",
+        table(res),
+        f"Combination chosen by {res['chosen_by']}: {' + '.join(res['combined_of'] or ['none'])}. "
+        f"Its subject-level MAE is {C.get('subject_mae_over_oracle')}x the oracle (target 1.10x)."])
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--only', nargs='+', choices=[*ROWS, 'combined'])
     p.add_argument('--epochs', type=int); p.add_argument('--image-size', type=int)
+    p.add_argument('--from-runs', action='store_true',
+                   help='rebuild the rows from the finished run folders in bench/out/models_runs (the latest of each '
+                        'name; wall time from their config.json) instead of training; commit of each from its config.json')
     a = p.parse_args(argv)
     budget = dict(BUDGET, **{k: v for k, v in (('epochs', a.epochs), ('image_size', a.image_size)) if v})
     official = budget == BUDGET
@@ -151,6 +180,10 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = dict(old.get('rows', {}))
     todo = a.only or [*ROWS, 'combined']
+    if a.from_runs:
+        for name in ROWS:
+            if name in todo: rows[name] = collected_row(out_dir, root, name)
+        todo = [t for t in todo if t == 'combined']
     for name in ROWS:
         if name not in todo: continue
         split = None
@@ -162,17 +195,23 @@ def main(argv=None):
     if 'combined' in todo:
         combo = combination(rows)
         split = B.ROOT / rows['plain']['run_dir'] / 'split.csv' if 'three_muscles' in combo else None
-        rows['combined'] = train_row(root, out_dir, 'combined', budget, combined_options(combo), split) if combo else dict(rows['plain'])
+        if len(combo) > 1: rows['combined'] = train_row(root, out_dir, 'combined', budget, combined_options(combo), split)
+        else:   # one technique (or none) beat plain: the combination is that row's run itself (same options, split, seed)
+            rows['combined'] = dict(rows[combo[0] if combo else 'plain'], same_run_as=combo[0] if combo else 'plain')
+    kept = sorted(set(old.get('rows', {})) - set(todo))
+    earlier = {'rows': kept, 'agenb': old.get('agenb'), 'created_at': old.get('created_at')} if kept else None
     res = {'what': 'issue 16 models table: plain, each technique alone, their combination chosen on validation',
            'budget': budget, 'rows': rows, 'combined_of': combo, 'combined_options': combined_options(combo or []),
            'chosen_by': "validation subject-level MAE below the plain row's (the test set plays no part)",
            'target': 'combined subject-level MAE within 1.10x the oracle averaged over each subject\'s images',
            'data': B.data_record(root), 'machine': B.machine_info(), 'agenb': agenb, 'command': ' '.join(['bench/models_bench.py', *(argv or sys.argv[1:])]),
-           'created_at': datetime.now().isoformat(timespec='seconds'), 'seconds': round(time.time() - t0, 1)}
+           'created_at': datetime.now().isoformat(timespec='seconds'), 'seconds': round(time.time() - t0, 1),
+           'rows_from_an_earlier_invocation': earlier,
+           'seconds_all_rows': round(sum(r['wall_seconds'] for k, r in rows.items() if 'same_run_as' not in r), 1)}
     dest.write_text(json.dumps(res, indent=1) + '\n')
     md = table(res)
-    (dest.with_suffix('.md')).write_text(md + '\n')
     print(md)
+    if official: render.update_readme(render.README, res, 'models', models_block(res))
     print(f'wrote {B.rel(dest)}')
 
 

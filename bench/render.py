@@ -118,6 +118,18 @@ def table(res) -> str:
             ('oracle knowing sex and BMI, test images (the floor for fusion with covariates)',
              _n(A.get('oracle_mae_with_covariates_test_images')), ''),
         ]
+        C = A.get('combined') or {}
+        if C.get('subject_mae') is not None:
+            rows += [
+                (f"best combination of the models table ({' + '.join(C.get('of') or [])}, chosen on validation; same settings "
+                 "and split): test MAE / subject-level MAE / MAE of subjects 45-64 / slope",
+                 f"{_n(C.get('test_mae'))} / {_n(C.get('subject_mae'))} / {_n(C.get('mae_45_64'))} / {_n(C.get('slope'))}", ''),
+                ("best combination's subject-level MAE over the oracle averaged over each subject's test images",
+                 f"**{_n(C.get('subject_mae_over_oracle'))}** (oracle {_n(C.get('oracle_subject_mae'))})",
+                 f"<= 1.10: {_met(C.get('subject_mae_over_oracle'), 1.10, False)}"),
+            ]
+        elif C.get('skipped'):
+            rows.append(('best combination of the models table', 'not run', C['skipped']))
     out = ['| figure | median (min .. max) | target |', '|---|---|---|']
     out += [f'| {a} | {b} | {c} |' for a, b, c in rows]
     return '\n'.join(out)

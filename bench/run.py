@@ -57,7 +57,8 @@ QUICK = dict(
     efficiency=dict(n_images=32, image_size=64, batch_size=16, arch='resnet18', repeats=3),
     ddp=dict(image_size=48, arch='resnet18', epochs=4, batch_size=16, subjects=None, timeout=300),
     accuracy=dict(arch='resnet18', image_size=48, batch_size=16, epochs='auto', budget_s=30, min_epochs=2,
-                  max_epochs=3, fallback_epochs=2, lr=1e-3, warmup_epochs=0, extra=[], timeout=300, plain_loop=True),
+                  max_epochs=3, fallback_epochs=2, lr=1e-3, warmup_epochs=0, extra=[], timeout=300, plain_loop=True,
+                  combined=False),
 )
 # the data sets: (folder under bench/out, agenb.synth parameters)
 DATA = {'bench': ('data', dict(preset='bench')),
@@ -466,7 +467,28 @@ def bench_accuracy(root, cfg, res=None):
         out['mae_over_plain_loop'] = round(mae / p['test_mae'], 3)
         out['plain_loop_over_oracle'] = round(p['test_mae'] / oracle_test, 3)
     out['ratio_ci95'] = ratio_ci(j, [c for c in ('oracle', 'plain') if c in j])
+    if cfg.get('combined', True): out['combined'] = combined_row(cfg, epochs, run_dir)
     return out
+
+def combined_row(cfg, epochs, plain_run):
+    """The best combination of issue 16's models table (bench/models_results.json: the techniques that beat plain on
+    validation) trained at this section's settings, on the plain run's split (by subject), with the numbers of that
+    table: test and subject-level MAE, 45-64 MAE, slope, and the oracle on the same test images."""
+    mr = ROOT / 'bench' / 'models_results.json'
+    if not mr.is_file(): return {'skipped': 'bench/models_results.json is missing: run bench/models_bench.py first'}
+    import models_bench as M
+    table = json.loads(mr.read_text())
+    names, opts = table.get('combined_of') or [], dict(table.get('combined_options') or {})
+    if not names: return {'skipped': 'in bench/models_results.json no technique beat plain on validation'}
+    if 'subject_views' in names: opts['batch_size'] = max(1, cfg['batch_size'] // opts['subject_views'])
+    root = M.ensure_data()
+    out_dir = OUT / 'accuracy_runs'
+    budget = dict(arch=cfg['arch'], image_size=cfg['image_size'], batch_size=cfg['batch_size'], epochs=epochs, lr=cfg['lr'],
+                  warmup_epochs=cfg['warmup_epochs'], seed=42)
+    print(f'bench: accuracy, best combination of the models table ({"+".join(names)}), {epochs} epochs ...', flush=True)
+    cmd = M.command(root, out_dir, 'acc_combined', budget, opts, split_file=Path(plain_run) / 'split.csv')
+    run_dir, wall = run_cli(cmd, ACCURACY_ENV, OUT / 'accuracy_combined.log', cfg['timeout'])
+    return {'of': names, 'options': opts, 'chosen_by': table.get('chosen_by'), 'data': rel(root), **M.row_result(run_dir, root, wall)}
 
 def ratio_ci(j, others, n_boot=2000, seed=0):
     """95% intervals of agenb's test MAE / another predictor's MAE on the same test images, by a bootstrap over test
@@ -607,6 +629,9 @@ def print_table(res):
         if A.get('plain_loop'):
             rows.append(('plain PyTorch loop test MAE (years)', f"{A['plain_loop']['test_mae']:.3f}", '', '1'))
             rows.append(('mae_over_plain_loop', f"{A['mae_over_plain_loop']:.3f}", '', ''))
+        C = A.get('combined') or {}
+        if C.get('subject_mae') is not None:
+            rows.append((f"best combination ({'+'.join(C['of'])}): test / subject MAE, oracle", f"{C['test_mae']:.3f} / {C['subject_mae']:.3f}, {C['oracle_subject_mae']:.3f}", '', '1'))
     w = max(len(r[0]) for r in rows) if rows else 10
     print(f"\n{'figure':<{w}}  {'median':>12}  {'min .. max':>20}  n")
     for r in rows: print(f'{r[0]:<{w}}  {r[1]:>12}  {r[2]:>20}  {r[3]}')

@@ -44,3 +44,18 @@ def test_no_absolute_paths():
 def test_fill_replaces_only_the_block():
     t = 'a\n<!-- x:begin -->\nold\n<!-- x:end -->\nb\n'
     assert render.fill(t, 'x', 'new') == 'a\n<!-- x:begin -->\nnew\n<!-- x:end -->\nb\n'
+
+
+def test_models_table_is_rendered_from_its_results():
+    "bench/README.md's models table (issue 16) is bench/models_results.json's, and the combination was chosen on validation."
+    import models_bench
+    res = json.loads((ROOT / 'bench' / 'models_results.json').read_text())
+    text = (ROOT / 'bench' / 'README.md').read_text()
+    assert render.fill(text, 'models', models_bench.models_block(res)) == text, \
+        'bench/README.md disagrees with bench/models_results.json: run python bench/models_bench.py --only combined'
+    rows = res['rows']
+    assert set(models_bench.ROWS) <= set(rows) and 'combined' in rows
+    assert res['combined_of'] == [k for k in models_bench.ROWS if k != 'plain' and rows[k]['val_subject_mae'] < rows['plain']['val_subject_mae']]
+    assert res['agenb']['dirty'] is False and len(res['agenb']['commit']) == 40
+    C = RES['accuracy'].get('combined') or {}
+    assert C.get('of') == res['combined_of'] or C.get('skipped'), 'make bench\'s combined row is not the models table\'s combination'
