@@ -148,11 +148,14 @@ def models_block(res) -> str:
     "bench/README.md's block of the models table, rendered from models_results.json."
     b, m, ag = res['budget'], res.get('machine') or {}, res.get('agenb') or {}
     C = res['rows'].get('combined') or {}
+    commits = sorted({(r.get('agenb_commit') or ag).get('commit', '?')[:10] + (' (uncommitted changes)' if (r.get('agenb_commit') or ag).get('dirty') else '')
+                      for r in res['rows'].values()})
+    trained = ', '.join(f'`{c}`' for c in commits)
     return '\n\n'.join([
         f"Budget of every row: {b['arch']} from scratch, {b['image_size']} px, {b['epochs']} epochs, batch {b['batch_size']} "
         f"images (a subject-view run: {b['batch_size'] // 3} subjects of 3 images), lr {b['lr']}, seed {b['seed']}, one split "
         f"by subject; {res['data']['fingerprint'].get('params', {}).get('subjects')} healthy subjects of the bench preset, "
-        f"muscles {', '.join(MUSCLES)}. Measured at commit `{(ag.get('commit') or '?')[:10]}`"
+        f"muscles {', '.join(MUSCLES)}. Trained at commit {trained}, table written at `{(ag.get('commit') or '?')[:10]}`"
         f"{' (uncommitted changes)' if ag.get('dirty') else ''} on {m.get('cpu_model')}, {m.get('cores')} cores; "
         f"the trainings took {round(res['seconds_all_rows'] / 60)} min in all.",
         table(res),
