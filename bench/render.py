@@ -179,6 +179,11 @@ def summary(res) -> str:
         ('`mae_over_plain_loop` / `mae_over_oracle` [95% intervals over test subjects]',
          f"{_ci(A, 'mae_over_plain_loop')} / {_ci(A, 'mae_over_oracle')}"),
     ]
+    C = A.get('combined') or {}
+    if C.get('subject_mae') is not None:
+        rows.append((f"best combination of the models table ({' + '.join(C.get('of') or [])}, same settings and split): "
+                     "subject-level MAE / the oracle on its test images", f"{_n(C.get('subject_mae'))} / {_n(C.get('oracle_subject_mae'))} "
+                     f"years ({_n(C.get('subject_mae_over_oracle'))}x; plain: {_n(A.get('subject_level_mae'))})"))
     return '\n'.join([
         f"| `make bench` ({m.get('usable_cores') or m.get('cores')}-core CPU; `bench/results.json`) | result |", '|---|---|',
         *[f'| {a} | {b} |' for a, b in rows], '',

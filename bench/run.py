@@ -40,7 +40,7 @@ def rel(p):
     except ValueError: return str(p)
 SECTIONS = ('loader', 'efficiency', 'ddp', 'accuracy')
 
-# Sizes: the full benchmark takes about 35 minutes on a 2-core CPU machine, 28 of them the two accuracy trainings.
+# Sizes: the full benchmark takes about an hour on a 2-core CPU machine, 28 min the two accuracy trainings, 31 the best combination.
 FULL = dict(
     data_preset='bench',
     loader=dict(n_images=300, workers=2, batch_size=32, image_size=224, repeats=7),

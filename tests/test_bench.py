@@ -10,8 +10,8 @@ import render  # noqa: E402
 import pytest
 
 RES = json.loads((ROOT / 'bench' / 'results.json').read_text())
-# bench/results.json is committed from a full `make bench` of a fresh clone of the commit it names (about 35 min on a
-# quiet 2-core machine, most of it the two 40-epoch accuracy trainings).
+# bench/results.json is committed from a full `make bench` of a fresh clone of the commit it names (about an hour on a
+# quiet 2-core machine, most of it the 40-epoch accuracy trainings).
 
 
 def test_readme_figures_are_rendered_from_results():
