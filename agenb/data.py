@@ -17,8 +17,8 @@ from .core import InputError, Parser, run_cli, file_sha256
 # %% auto #0
 __all__ = ['DEFAULT_PATTERN', 'IMAGE_EXTS', 'ID_NAMES', 'AGE_NAMES', 'SEX_NAMES', 'HEIGHT_NAMES', 'WEIGHT_NAMES', 'FILE_NAMES',
            'COLUMNS', 'BMI_RANGE', 'MAX_TABLE_MB', 'MAX_EXPANDED_MB', 'CELLS_PER_MB', 'norm_id', 'show_name',
-           'read_cells', 'list_images', 'load_dataset', 'as_list', 'load_folders', 'folder_matching', 'format_summary',
-           'main']
+           'read_cells', 'list_images', 'load_dataset', 'as_list', 'pair_folders', 'load_folders', 'folder_matching',
+           'format_summary', 'main']
 
 # %% ../nbs/02_data.ipynb #028603c1
 DEFAULT_PATTERN = r'^anon_(\d+)_(\d+)\.(png|jpe?g|tiff?|bmp)$'
@@ -621,17 +621,22 @@ def as_list(v) -> list:
 def _folder_label(s, i):
     return s['muscle'] or f'folder{i + 1}'
 
-def load_folders(image_dir, excel_path, strict=False, **kw):
-    """`load_dataset` of one image folder, or of several (the muscles of one cohort): their tables stacked, subjects
-    matched by ID, the summary of the whole with each folder's own summary under `folders`."""
+def pair_folders(image_dir, excel_path) -> list:
+    "[(image folder, spreadsheet)]: `excel_path` given once (one spreadsheet for all folders) or once per folder."
     dirs, excels = as_list(image_dir), as_list(excel_path)
     if not dirs or len(excels) not in (1, len(dirs)):
         raise InputError(f'--excel-path was given {len(excels)} times for {len(dirs)} --image-dir: give it once, or once per --image-dir')
-    if len(dirs) == 1: return load_dataset(dirs[0], excels[0], strict=strict, **kw)
-    absd = [os.path.abspath(d) for d in dirs]
+    return list(zip(dirs, excels * len(dirs) if len(excels) == 1 else excels))
+
+def load_folders(image_dir, excel_path, strict=False, **kw):
+    """`load_dataset` of one image folder, or of several (the muscles of one cohort): their tables stacked, subjects
+    matched by ID, the summary of the whole with each folder's own summary under `folders`."""
+    pairs = pair_folders(image_dir, excel_path)
+    if len(pairs) == 1: return load_dataset(*pairs[0], strict=strict, **kw)
+    absd = [os.path.abspath(d) for d, _ in pairs]
     if twice := next((d for d in absd if absd.count(d) > 1), None):
         raise InputError(f'--image-dir {show_name(twice)} is given more than once: give each muscle folder once')
-    parts = [load_dataset(d, x, strict=strict, **kw) for d, x in zip(dirs, excels * len(dirs) if len(excels) == 1 else excels)]
+    parts = [load_dataset(d, x, strict=strict, **kw) for d, x in pairs]
     labels = [_folder_label(s, i) for i, (_, s) in enumerate(parts)]
     if twice := next((m for m in labels if labels.count(m) > 1), None):
         raise InputError(f'two --image-dir folders are both muscle {twice} ({", ".join(show_name(d) for d, m in zip(absd, labels) if m == twice)}): '

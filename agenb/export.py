@@ -227,7 +227,7 @@ def _verify_views(rm: RunModel, wrapped, out_dir, files, tol):
     x = imgs.float().div_(255).numpy()
     cov = (covariate_values(run_table(rm.options, t['path']), wrapped.cov_names, str(rm.options.excel_path)).astype(np.float32)
            if wrapped.cov_names else None)
-    groups = dict(zip(t['subject'].astype(str).iloc[[g[0] for g in subject_groups(t['subject'])]], subject_groups(t['subject'])))
+    groups = {str(t['subject'].iat[g[0]]): g for g in subject_groups(t['subject'])}
     runners = {fmt: load_exported(Path(out_dir) / name) for fmt, name in files.items()}
     preds = {k: [] for k in ('pytorch', *runners)}
     for s in p['subject'].astype(str):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from .core import InputError, Parser
-from .data import as_list
+from .data import as_list, pair_folders
 from .model import ARCHS, check_arch, check_image_size, parse_age_bins, parse_covariates
 
 # %% auto #0
@@ -189,8 +189,7 @@ def _check_options(o):
         if not cond: raise InputError(msg)
     flag = lambda k: '--' + k.replace('_', '-')
     need(o['image_dir'] and o['excel_path'], 'give --image-dir and --excel-path (or --config of an earlier run)')
-    dirs, excels = as_list(o['image_dir']), as_list(o['excel_path'])
-    need(len(excels) in (1, len(dirs)), f'--excel-path was given {len(excels)} times for {len(dirs)} --image-dir: give it once, or once per --image-dir')
+    pair_folders(o['image_dir'], o['excel_path'])
     for k, allowed in CHOICES.items():
         need(o[k] in allowed, f'{flag(k)} {o[k]!r} is not one of {", ".join(allowed)}')
     for k in ('epochs', 'batch_size', 'accum_steps', 'image_size', 'plot_interval'):

@@ -15,7 +15,7 @@ import torch
 
 import agenb
 from .core import InputError, Parser, ensure_output_dir, run_cli, atomic_write, atomic_write_json, file_sha256
-from .data import DEFAULT_PATTERN, IMAGE_EXTS, list_images, load_folders, norm_id, show_name, as_list
+from .data import DEFAULT_PATTERN, IMAGE_EXTS, list_images, load_folders, norm_id, show_name, as_list, pair_folders
 from .images import affine_warp, load_image
 from .runs import (RUN_OWN_FILES, RunModel, is_run_dir, load_run_model, predict_outputs, interval_tables, calibration, INTERVAL_COLS,
                         predict_subject_outputs, outputs_to_age)
@@ -257,9 +257,8 @@ def main(argv=None):
     rm = load_run_model(a.run_dir, a.checkpoint, a.device)
     if a.pattern: parse_subject('x', a.pattern); rm.pattern = a.pattern
     paths = output_paths(a.out, a.run_dir)
+    if a.excel_path: pair_folders(a.image_dir, a.excel_path)   # before any image is read
     files = [f for d in a.image_dir for f in find_images(d)]
-    if a.excel_path and len(a.excel_path) not in (1, len(a.image_dir)):
-        raise InputError(f'--excel-path was given {len(a.excel_path)} times for {len(a.image_dir)} --image-dir: give it once, or once per --image-dir')
     table, data_summary = _table(a, rm) if a.excel_path else (None, None)
     df, skipped, views = predict_images(rm, files, a.batch_size, a.tta, a.skip_bad, a.num_workers, table, ', '.join(a.excel_path or []))
     for s in skipped: print(f'skipped {s["file"]}: {s["reason"]}', file=sys.stderr)

@@ -67,6 +67,14 @@ def command(root, out_dir, name, budget, opts, split_file=None):
     return cmd
 
 
+def _boot_ci(err, oracle_err, n_boot=2000, seed=0):
+    "95% bootstrap intervals over test subjects of the mean absolute error and of its ratio to the oracle's (paired)."
+    err, oracle_err = np.asarray(err, float), np.asarray(oracle_err, float)
+    idx = np.random.default_rng(seed).integers(0, len(err), size=(n_boot, len(err)))
+    m, o = err[idx].mean(1), oracle_err[idx].mean(1)
+    ci = lambda v: [round(float(x), 3) for x in np.percentile(v, [2.5, 97.5])]
+    return ci(m), ci(m / o)
+
 def _mae(a, b): return float(np.mean(np.abs(np.asarray(a, float) - np.asarray(b, float)))) if len(a) else None
 
 
@@ -89,6 +97,9 @@ def row_result(run_dir, root, wall):
     val = predict_split(run_dir, 'val')          # the choice of the combination: validation subjects only
     vsub = val.groupby('subject').agg(age=('age', 'first'), pred=('pred', 'mean'))
     smae = m['subject_level']['mae']
+    both = subj.set_index('subject')[['age', 'pred']].join(osub['oracle'], how='inner')
+    assert len(both) == len(subj)
+    mae_ci, ratio_ci = _boot_ci((both.pred - both.age).abs(), (both.oracle - both.age).abs())
     return {
         'test_mae': round(m['overall']['mae'], 3), 'prediction_unit': m.get('prediction_unit', 'image'),
         'subject_mae': round(smae, 3), 'mae_45_64': round(_mae(mid.age, mid.pred), 3), 'n_45_64': len(mid),
@@ -96,6 +107,7 @@ def row_result(run_dir, root, wall):
         'oracle_image_mae': round(_mae(j.age, j.oracle_pred), 3), 'oracle_subject_mae': round(_mae(osub.age, osub.oracle), 3),
         'oracle_45_64': round(_mae(omid.age, omid.oracle), 3),
         'subject_mae_over_oracle': round(smae / _mae(osub.age, osub.oracle), 3),
+        'subject_mae_ci95': mae_ci, 'subject_mae_over_oracle_ci95': ratio_ci,   # bootstrap over test subjects
         'val_subject_mae': round(_mae(vsub.age, vsub.pred), 3),
         'n_test_subjects': int(m['subject_level']['n']), 'n_test_images': len(test),
         'best_epoch': cfg.get('best_epoch'), 'wall_seconds': round(wall, 1), 'run_dir': B.rel(run_dir),
@@ -139,7 +151,8 @@ def table(res) -> str:
     cols = ('test_mae', 'subject_mae', 'mae_45_64', 'slope', 'oracle_subject_mae', 'subject_mae_over_oracle', 'val_subject_mae', 'wall_seconds')
     head = '| row | ' + ' | '.join(cols) + ' |\n|---|' + '---:|' * len(cols) + '\n'
     rows = res['rows']
-    lines = [f'| {k}{" (" + "+".join(res["combined_of"]) + ")" if k == "combined" else ""} | ' + ' | '.join(str(rows[k][c]) for c in cols) + ' |'
+    cell = lambda r, c: f"{r[c]} [{r[c + '_ci95'][0]}, {r[c + '_ci95'][1]}]" if r.get(c + '_ci95') else str(r[c])
+    lines = [f'| {k}{" (" + "+".join(res["combined_of"]) + ")" if k == "combined" else ""} | ' + ' | '.join(cell(rows[k], c) for c in cols) + ' |'
              for k in rows]
     return head + '\n'.join(lines)
 
@@ -159,7 +172,9 @@ def models_block(res) -> str:
         f"{' (uncommitted changes)' if ag.get('dirty') else ''} on {m.get('cpu_model')}, {m.get('cores')} cores; "
         f"the trainings took {round(res['seconds_all_rows'] / 60)} min in all.",
         table(res),
-        f"Combination chosen by {res['chosen_by']}: {' + '.join(res['combined_of'] or ['none'])}. "
+        "In brackets: 95% bootstrap intervals over the test subjects (the ratio paired with the oracle on the same resamples). "
+        f"Combination chosen by {res['chosen_by']}: {' + '.join(res['combined_of'] or ['none'])} (a comparison of single-seed "
+        "validation figures on the same validation subjects). "
         f"Its subject-level MAE is {C.get('subject_mae_over_oracle')}x the oracle (target 1.10x)."])
 
 def main(argv=None):
