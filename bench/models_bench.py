@@ -69,11 +69,9 @@ def command(root, out_dir, name, budget, opts, split_file=None):
 
 def _boot_ci(err, oracle_err, n_boot=2000, seed=0):
     "95% bootstrap intervals over test subjects of the mean absolute error and of its ratio to the oracle's (paired)."
-    err, oracle_err = np.asarray(err, float), np.asarray(oracle_err, float)
-    idx = np.random.default_rng(seed).integers(0, len(err), size=(n_boot, len(err)))
-    m, o = err[idx].mean(1), oracle_err[idx].mean(1)
-    ci = lambda v: [round(float(x), 3) for x in np.percentile(v, [2.5, 97.5])]
-    return ci(m), ci(m / o)
+    from agenb.stats import mean_ci, ratio_ci
+    ci = lambda v: [round(float(x), 3) for x in v]
+    return ci(mean_ci(err, n_boot, seed)[1:]), ci(ratio_ci(err, oracle_err, n_boot, seed)[1:])
 
 def _mae(a, b): return float(np.mean(np.abs(np.asarray(a, float) - np.asarray(b, float)))) if len(a) else None
 

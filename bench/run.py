@@ -492,19 +492,15 @@ def combined_row(cfg, epochs, plain_run):
 
 def ratio_ci(j, others, n_boot=2000, seed=0):
     """95% intervals of agenb's test MAE / another predictor's MAE on the same test images, by a bootstrap over test
-    subjects (both predictors resampled together: the test set's own noise, not the training's)."""
+    subjects (agenb.stats.ratio_ci: both predictors resampled together: the test set's own noise, not the training's)."""
     import numpy as np
-    subj = j.subject.astype(str).to_numpy()
-    ids, inv = np.unique(subj, return_inverse=True)
-    e_a = np.bincount(inv, np.abs(j.pred - j.age).to_numpy())
-    rng = np.random.default_rng(seed)
-    w = np.stack([np.bincount(rng.integers(0, len(ids), len(ids)), minlength=len(ids)) for _ in range(n_boot)])
+    from agenb.stats import ratio_ci as paired_ratio
+    ids, inv = np.unique(j.subject.astype(str).to_numpy(), return_inverse=True)
+    e_a = np.bincount(inv, np.abs(j.pred - j.age).to_numpy())      # per-subject sums: the image counts cancel in the ratio
     out = {'method': f'{n_boot} bootstrap resamples of the {len(ids)} test subjects (seed {seed}), percentile interval'}
     for o in others:
-        e_o = np.bincount(inv, np.abs(j[o] - j.age).to_numpy())
-        r = (w @ e_a) / (w @ e_o)                                  # the image counts cancel in the ratio of MAEs
-        key = {'oracle': 'mae_over_oracle', 'plain': 'mae_over_plain_loop'}[o]
-        out[key] = [round(float(v), 3) for v in np.percentile(r, [2.5, 97.5])]
+        _, lo, hi = paired_ratio(e_a, np.bincount(inv, np.abs(j[o] - j.age).to_numpy()), n_boot, seed)
+        out[{'oracle': 'mae_over_oracle', 'plain': 'mae_over_plain_loop'}[o]] = [round(lo, 3), round(hi, 3)]
     return out
 
 # The accuracy runs' threads: as many as cores (the figures depend on the thread count, so it is fixed and recorded),

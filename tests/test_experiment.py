@@ -234,7 +234,7 @@ def test_final_records_every_opening(grid_exp, synth_root):
 
 
 def test_ensemble_predict(grid_exp, synth_root):
-    from agenb.experiment import ensemble_predict
+    from agenb.exp_final import ensemble_predict
     img = synth_root / 'TA' / 'Healthy' / 'Images'
     df = ensemble_predict(grid_exp, 'loss=mse', img, synth_root / 'TA' / 'characteristics.xlsx')
     assert len(df) == len(list(img.glob('*.png'))) and (df.n_models == 3).all() and (df.model_sd >= 0).all()
@@ -275,7 +275,7 @@ def test_two_workers_share_a_database_study(tmp_path, synth_root):
     assert len(recs) == 4 and sum(len(r['attempts']) for r in recs) == 4 and all(r['status'] == 'completed' for r in recs)
     assert not (out / 'study.db').exists()
     e = json.loads((out / 'experiment.json').read_text())
-    from agenb.experiment import redact
+    from agenb.exp_store import redact
     assert e['storage'] == redact(url) and e['storage'].startswith('postgresql')
     study = optuna.load_study(study_name=e['study_name'], storage=url)
     assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
@@ -284,7 +284,7 @@ def test_two_workers_share_a_database_study(tmp_path, synth_root):
 
 
 def test_example_specs_are_valid():
-    from agenb.experiment import load_spec
+    from agenb.exp_spec import load_spec
     specs = sorted((ROOT / 'examples').glob('*.yaml'))
     assert specs
     for p in specs:

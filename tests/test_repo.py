@@ -52,3 +52,25 @@ def test_readme_is_generated_from_index():
     text = '\n\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown') + '\n'
     assert (ROOT / 'README.md').read_text() == text, 'run make readme'
     assert 'make demo' in text and 'make test' in text
+
+
+def test_settings_lists_every_package_agenb_imports():
+    """Every third-party package imported anywhere in agenb/ (at the top or inside a function) is a requirement in
+    settings.ini (`requirements`, or `export_requirements` for the optional export), by its distribution name."""
+    import ast, configparser, re
+    from importlib.metadata import packages_distributions
+    cfg = configparser.ConfigParser(); cfg.read(ROOT / 'settings.ini')
+    listed = {re.split(r'[<>=\[ ]', r)[0].lower() for k in ('requirements', 'export_requirements')
+              for r in cfg['DEFAULT'][k].split()}
+    dist_of = packages_distributions()
+    missing = set()
+    for path in (ROOT / 'agenb').glob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for m in mods:
+                top = m.split('.')[0]
+                if top in sys.stdlib_module_names or top in ('agenb', '__future__'): continue
+                dists = {d.lower() for d in dist_of.get(top, [top])}
+                if not dists & listed: missing.add(f'{top} ({", ".join(sorted(dists))}) in {path.name}')
+    assert not missing, f'imported by agenb but not in settings.ini requirements: {sorted(missing)}'

@@ -93,7 +93,7 @@ def test_subject_view_run_predicts_once_per_subject_and_round_trips(muscles, tmp
     from agenb.runs import predict_split
     ps = predict_split(run)
     np.testing.assert_allclose(ps.set_index('subject').loc[preds.subject].pred.to_numpy(), preds.pred.to_numpy(), atol=1e-4)
-    from agenb.experiment import ensemble_matrix   # an experiment's fold ensemble: each image carries its subject's pooled prediction
+    from agenb.exp_final import ensemble_matrix   # an experiment's fold ensemble: each image carries its subject's pooled prediction
     M = ensemble_matrix([run], test.path.tolist(), num_threads=1).iloc[:, 0]
     per = pd.Series(M.to_numpy(), index=test.subject.to_numpy()).groupby(level=0).agg(['mean', 'std'])
     np.testing.assert_allclose(per.loc[preds.subject, 'mean'].to_numpy(), preds.pred.to_numpy(), atol=1e-4)
@@ -119,7 +119,7 @@ def test_attention_distribution_covariate_views_round_trip(muscles, tmp_path):
     assert r.returncode == 0, r.stderr
     p = pd.read_csv(tmp_path / 'p.csv', dtype={'subject': str}).set_index('subject').loc[preds.subject]
     np.testing.assert_allclose(p[['pred', 'pred_sd', 'lo95']].to_numpy(), iv[['pred', 'pred_sd', 'lo95']].to_numpy(), atol=1e-3)
-    from agenb.experiment import ensemble_matrix   # with the covariates of each image, not their training means
+    from agenb.exp_final import ensemble_matrix   # with the covariates of each image, not their training means
     test = pd.read_csv(run / 'split.csv', dtype={'subject': str}).query('split == "test"')
     M = ensemble_matrix([run], test.path.tolist(), num_threads=1).iloc[:, 0]
     got = pd.Series(M.to_numpy(), index=test.subject.to_numpy()).groupby(level=0).mean().loc[preds.subject]
