@@ -17,7 +17,8 @@ from .exp_protocol import _now, exp_lock, read_experiment, update_experiment
 from .exp_store import init_trials, setup_experiment, study_variants
 from .exp_jobs import (_die_with_parent, experiment_status, is_complete, make_context, read_record, settle_trial,
                             train_notebook, variant_jobs, worker_loop)
-from .exp_report import _sd, write_results
+from .stats import board_notes, simulate_oof
+from .exp_report import _sd, compare_oof, write_results
 from .exp_final import _stop_handler, ensemble_predict, run_final
 
 # %% auto #0
@@ -68,15 +69,21 @@ def count_jobs(exp_dir, spec, variants) -> tuple:
         if v['state'] in ('PRUNED', 'FAIL'): total -= per - d
     return total, done
 
+def _vs_text(x, tag) -> str:
+    if x['variant'] == x[tag] or pd.isna(x.get(f'diff_to_{tag}')): return ''
+    flag = x[f'distinguishable_from_{tag}'] in (True, 'True')
+    return (f'   vs {tag} {x[f"diff_to_{tag}"]:+.2f} [{x[f"diff_to_{tag}_ci_low"]:+.2f}, {x[f"diff_to_{tag}_ci_high"]:+.2f}]'
+            + (' distinguishable' if flag else ' (not distinguishable)'))
+
 def _print_board(board, out=print):
+    "The leaderboard (a board or leaderboard.csv read back) and its notes, once."
     b = board[board['status'] == 'complete'] if 'status' in board else board
-    if not len(b): out('no variant has finished all its fold runs yet'); return
-    out('leaderboard (pooled out-of-fold MAE on the development subjects, 95% CI over subjects; the test set is not used):')
+    if not len(b) or b['subject_mae'].isna().all(): out('no variant has finished all its fold runs yet'); return
+    out('leaderboard (subject-level out-of-fold MAE on the development subjects, 95% interval; the test set is not used):')
     for _, x in b.iterrows():
-        vs = '' if x['variant'] == x['best'] else (f'   vs best {x["diff_to_best"]:+.2f} [{x["diff_to_best_ci_low"]:+.2f}, '
-                                                   f'{x["diff_to_best_ci_high"]:+.2f}] ' + ('' if x['distinguishable_from_best'] else '(not distinguishable)'))
-        out(f'  {int(x["rank"])}. {x["variant"]:<28} {x["oof_mae"]:.3f} [{x["oof_mae_ci_low"]:.3f}, {x["oof_mae_ci_high"]:.3f}]'
-            f'   folds {_sd(x["fold_mae_mean"], x["fold_mae_sd"])}{vs}')
+        out(f'  {int(x["rank"])}. {x["variant"]:<28} {x["subject_mae"]:.3f} [{x["subject_mae_ci_low"]:.3f}, {x["subject_mae_ci_high"]:.3f}]'
+            f'   folds {_sd(x["fold_mae_mean"], x["fold_mae_sd"])}' + _vs_text(x, 'baseline') + _vs_text(x, 'best'))
+    for n in board_notes(b): out(f'note: {n}')
 
 # %% ../nbs/25_experiment.ipynb #e6817957
 def run_experiment(spec_path, out=None, workers=1, devices=None, nproc=1, storage=None, engine='papermill') -> tuple:
@@ -190,6 +197,7 @@ def print_status(exp_dir, storage=None, out=print):
     n = len(e['test_openings'])
     out(f'test set opened {n} time(s)' + (': ' + '; '.join(f'{o["when"]} {o["variant"]} ({o["status"]})' for o in e['test_openings']) if n else '')
         + ('  WARNING: more than once' if n > 1 else ''))
+    if (ctx.exp_dir / 'leaderboard.csv').is_file(): _print_board(pd.read_csv(ctx.exp_dir / 'leaderboard.csv'), out)
     for f in ('leaderboard.csv', 'report.html'):
         if (ctx.exp_dir / f).is_file(): out(f'{f}: {ctx.exp_dir / f} ({datetime.fromtimestamp((ctx.exp_dir / f).stat().st_mtime):%Y-%m-%d %H:%M})')
     return st
@@ -216,6 +224,12 @@ def build_parser():
     pr.add_argument('--excel-path', help='spreadsheet of true ages: adds age and error, and prints the MAE')
     pr.add_argument('--out', default='predictions.csv', help='per-image CSV (also writes <stem>_subjects.csv)')
     pr.add_argument('--device', default='cpu'); pr.add_argument('--storage')
+    c = sub.add_parser('compare', help="the honest leaderboard of any tool's out-of-fold predictions (no training)")
+    c.add_argument('oof_csv', help='CSV with the columns variant, seed, fold, subject, file, age, prediction (one row per image and seed)')
+    c.add_argument('--baseline', help='the pre-named variant the others are compared with (confirmatory)')
+    c.add_argument('--out', help='folder for leaderboard.csv and comparison.html (default OOF_comparison/ beside the CSV)')
+    c.add_argument('--n-boot', type=int, default=2000, help='bootstrap resamples (default 2000)')
+    c.add_argument('--seed', type=int, default=0, help='seed of the bootstrap (default 0)')
     w = sub.add_parser('_worker'); w.add_argument('exp_dir'); w.add_argument('--worker', type=int, default=0)
     w.add_argument('--engine', default='papermill'); w.add_argument('--nproc-per-job', type=int, default=1)
     return p
@@ -229,6 +243,12 @@ def main(argv=None):
         if code: sys.exit(code)
         return exp_dir
     if a.verb == 'status': return print_status(a.exp_dir, a.storage)
+    if a.verb == 'compare':
+        if not 100 <= a.n_boot <= 100_000: raise InputError(f'--n-boot must be between 100 and 100000, got {a.n_boot}')
+        board, out = compare_oof(a.oof_csv, a.baseline, a.out, a.n_boot, a.seed)
+        _print_board(board)
+        print(f'report: {out / "comparison.html"}'); print(out, flush=True)
+        return board
     if a.verb == 'predict': return predict_main(a)
     if a.verb == 'report':
         res = write_results(make_context(a.exp_dir, a.storage), force=True, render=True)
