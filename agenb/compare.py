@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import InputError, run_cli, atomic_write_text, run_process_state
+from .core import InputError, run_cli, atomic_write_text, load_json, run_process_state
 
 # %% auto #0
 __all__ = ['IGNORE', 'METRIC_COLS', 'TEST_COLS', 'NAN', 'TEST_NOTE', 'flatten', 'ignored', 'run_summary', 'compare_runs',
@@ -49,11 +49,7 @@ TEST_COLS = tuple(c for c in METRIC_COLS if c.startswith('test_'))   # measured 
 NAN = float('nan')
 
 def _read_json(path, required=True):
-    if not path.is_file():
-        if required: raise InputError(f'{path} is missing; pass run folders made by python -m agenb.train')
-        return None
-    try: return json.loads(path.read_text(encoding='utf-8'))
-    except (ValueError, UnicodeDecodeError) as e: raise InputError(f'{path}: not valid JSON ({e}); fix or remove this run')
+    return load_json(path, 'pass run folders made by python -m agenb.train' if required else None, 'fix or remove this run')
 
 def _get(d, *keys):
     for k in keys:

@@ -16,7 +16,7 @@ from traitlets import default
 
 # %% auto #0
 __all__ = ['InputError', 'Parser', 'run_cli', 'show_path', 'ensure_output_dir', 'timestamped', 'IPCKernelManager', 'IPCEngine',
-           'atomic_write', 'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'atomic_savefig',
+           'atomic_write', 'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'atomic_savefig', 'load_json',
            'file_sha256', 'git_info', 'package_versions', 'environment_info', 'run_process_state']
 
 # %% ../nbs/00_core.ipynb #13fbd2fa
@@ -147,6 +147,22 @@ def atomic_savefig(fig, path, **kw):
     "Save a matplotlib figure atomically."
     path = Path(path)
     with atomic_write(path) as tmp: fig.savefig(tmp, format=path.suffix.lstrip('.') or 'png', **kw)
+
+# %% ../nbs/00_core.ipynb #efac7551
+def load_json(path, missing: str | None = None, damaged: str = '', kind: type | None = None):
+    """The JSON value in `path`. Missing file: None when `missing` is None, else InputError '`path` is missing;
+    `missing`'. Invalid JSON, or not of type `kind`: InputError naming the file, then `damaged` (what to do)."""
+    p, tail = Path(path), f'; {damaged}' if damaged else ''
+    try: text = p.read_text(encoding='utf-8')
+    except FileNotFoundError:
+        if missing is None: return None
+        raise InputError(f'{p} is missing; {missing}') from None
+    except UnicodeDecodeError as e: raise InputError(f'{p} is not valid JSON ({e}){tail}') from None
+    try: obj = json.loads(text)
+    except ValueError as e: raise InputError(f'{p} is not valid JSON ({e}){tail}') from None
+    if kind is not None and not isinstance(obj, kind):
+        raise InputError(f'{p} holds a JSON {type(obj).__name__}, not {"an object" if kind is dict else kind.__name__}{tail}')
+    return obj
 
 # %% ../nbs/00_core.ipynb #31b52847
 def file_sha256(path, chunk=1 << 20):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import InputError, atomic_write_json
+from .core import InputError, atomic_write_json, load_json
 from .split import EXCLUDED, make_split, subject_sort_key
 
 # %% auto #0
@@ -105,10 +105,9 @@ def is_claimed(path) -> bool:
 def _now(): return datetime.now().isoformat(timespec='seconds')
 
 def read_json(path, what='file'):
+    "An experiment's JSON record (experiment.json, results.json, a job record) as an object; one line when missing or damaged."
     p = Path(path)
-    try: return json.loads(p.read_text(encoding='utf-8'))
-    except FileNotFoundError: raise InputError(f'{p} does not exist; is {p.parent} an experiment folder (made by run)?') from None
-    except (ValueError, UnicodeDecodeError) as e: raise InputError(f'{p} is not valid JSON ({e}); the {what} is damaged') from None
+    return load_json(p, f'is {p.parent} an experiment folder (made by run)?', f'the {what} is damaged', dict)
 
 def read_experiment(exp_dir) -> dict:
     "experiment.json of `exp_dir`, with a clear error when the folder is not an experiment."
