@@ -4,7 +4,7 @@
 
 # %% ../nbs/24_exp_final.ipynb #31d195d0
 from __future__ import annotations
-import json, os, signal, socket, time, uuid
+import json, os, signal, socket, threading, time, uuid
 from pathlib import Path
 
 import numpy as np
@@ -12,19 +12,83 @@ import pandas as pd
 
 from .core import InputError, atomic_write_text
 from .data import DEFAULT_PATTERN, load_dataset
-from .runs import load_run_model, outputs_to_age, predict_subject_outputs, run_table
+from .runs import load_run_model, run_table
 from .evaluate import write_evaluation
-from .predict import find_images, parse_subject, predict_tensor, read_images
-from .model import subject_groups
+from .predict import closed_test_error, experiment_test_images, find_images, parse_subject, predict_images, read_images
+from .stats import mean_ci, paired_difference
 from .exp_spec import _closest
-from .exp_protocol import JobLock, _now, read_json, update_experiment
+from .exp_protocol import JobLock, _now, opening_counts, read_json, update_experiment
 from .exp_store import study_variants
-from .exp_jobs import (_ci, _paired, _rel, final_jobs, make_context, read_record, run_config, run_job, slug, stop_current,
-                            variant_jobs)
-from .exp_report import write_results
+from .exp_jobs import _rel, final_jobs, make_context, read_record, run_config, run_job, slug, stop_current, variant_jobs
+from .exp_report import full_leaderboard, write_results
 
 # %% auto #0
-__all__ = ['fold_runs', 'ensemble_matrix', 'ensemble_predict', 'run_final']
+__all__ = ['Opening', 'openings_text', 'openings_warning', 'oof_standing', 'fold_runs', 'ensemble_matrix', 'ensemble_predict',
+           'subject_abs_errors', 'score_summary', 'run_final', 'final_lines']
+
+# %% ../nbs/24_exp_final.ipynb #e2b8d4f6
+def _interrupt(signum, frame): raise KeyboardInterrupt
+
+class Opening:
+    """One opening of the test set of the experiment in `exp_dir`, a context manager: recorded as 'started' on entry
+    (before anything is evaluated), settled on exit as 'completed', 'failed' (an exception; its message in `error`) or
+    'interrupted' (KeyboardInterrupt, SIGTERM). Inside, set `outcome` (fields added to the record when completed) and
+    `on_completed` (a change of experiment.json made in the same write)."""
+    def __init__(self, exp_dir, variant, kind, **fields):
+        self.exp_dir, self.outcome, self.on_completed, self._old = Path(exp_dir), {}, None, None
+        self.record = {'id': uuid.uuid4().hex[:8], 'kind': kind, 'when': _now(), 'variant': variant, 'status': 'started',
+                       'host': socket.gethostname(), 'pid': os.getpid(), **fields}
+
+    def __enter__(self):
+        self.exp = update_experiment(self.exp_dir, lambda e: e.setdefault('test_openings', []).append(self.record))
+        self.number = len(self.exp['test_openings'])                         # its place in test_openings
+        self.completed_before = opening_counts(self.exp)['completed']
+        if threading.current_thread() is threading.main_thread():   # SIGTERM: settled as interrupted, not a silent death
+            self._old = signal.signal(signal.SIGTERM, _interrupt) or signal.SIG_DFL
+        return self
+
+    def _settle(self, status, **kw):
+        def change(e):
+            for o in e['test_openings']:
+                if o['id'] == self.record['id']: o.update(status=status, ended=_now(), **kw)
+            if status == 'completed' and self.on_completed: self.on_completed(e)
+        return update_experiment(self.exp_dir, change)
+
+    def __exit__(self, et, ev, tb):
+        if self._old is not None: signal.signal(signal.SIGTERM, self._old); self._old = None
+        if et is None: self._settle('completed', **self.outcome)
+        elif issubclass(et, Exception): self._settle('failed', error=f'{et.__name__}: {" ".join(str(ev).split())[:500]}')
+        else: self._settle('interrupted')
+        return False
+
+def _others(c) -> str:
+    return '; '.join(f'{o["when"]} {o["kind"]} {o["variant"]} ({o["status"]})' for o in c['other'])
+
+def openings_text(exp) -> str:
+    "One line: how many times the test set was opened to completion (when, kind, variant), and the openings that did not complete."
+    c = opening_counts(exp)
+    done = [o for o in exp.get('test_openings') or [] if o.get('status') == 'completed']
+    return (f'test set opened {c["completed"]} time(s)'
+            + (': ' + '; '.join(f'{o["when"]} {o.get("kind", "final")} {o["variant"]}' for o in done) if done else '')
+            + (f'; {len(c["other"])} opening(s) did not complete, not counted: {_others(c)}' if c['other'] else ''))
+
+def openings_warning(exp) -> str | None:
+    "The warning when the test set was opened to completion more than once (None otherwise)."
+    c = opening_counts(exp)
+    if c['completed'] < 2: return None
+    more = f' ({len(c["other"])} more did not complete and are not counted: {_others(c)})' if c['other'] else ''
+    return f'the test set of this experiment has been opened {c["completed"]} times to completion; report every opening{more}'
+
+def oof_standing(ctx, variants, name) -> dict:
+    """Where variant `name` stood among the variants compared by cross-validation (recorded with every opening):
+    `oof_rank` by OOF subject MAE (1: the best; None when it has no complete OOF set), `n_variants_compared` (the
+    variants ranked), `n_variants_tried` (all, pruned and failed ones too) and its `oof_subject_mae`."""
+    _, board = full_leaderboard(ctx.exp_dir, ctx.exp, ctx.spec, variants)
+    if 'subject_mae' not in board: board = board.assign(subject_mae=np.nan)
+    b = board[board['subject_mae'].notna()].sort_values('subject_mae', kind='stable').reset_index(drop=True)
+    at = b.index[b['variant'] == name]
+    return {'oof_rank': int(at[0]) + 1 if len(at) else None, 'n_variants_compared': int(len(b)), 'n_variants_tried': len(variants),
+            'oof_subject_mae': float(b.loc[at[0], 'subject_mae']) if len(at) else None}
 
 # %% ../nbs/24_exp_final.ipynb #47f976cc
 def fold_runs(exp_dir, spec, v) -> list:
@@ -35,40 +99,30 @@ def fold_runs(exp_dir, spec, v) -> list:
     return [Path(exp_dir) / r['run_dir'] for r in recs]
 
 def ensemble_matrix(runs, paths, device='cpu', batch_size=64, num_threads=4) -> pd.DataFrame:
-    """Predictions of every run's best model (columns) for the images `paths` (rows, by path); images decoded once per
-    preprocessing. A --subject-views model predicts once per subject (its images among `paths` pooled): every image of
-    the subject carries that prediction, so a subject's mean over its images is the pooled prediction."""
+    """Predictions of every run's best model (columns) for the images `paths` (rows, by path), by
+    `agenb.predict.predict_images`; images decoded once per preprocessing. A --subject-views model predicts once per
+    subject (its images among `paths` pooled): every image of the subject carries that prediction, so a subject's mean
+    over its images is the pooled prediction. A covariate run reads each image's own values from its spreadsheet."""
     cache, cols = {}, {}
     for r in runs:
         rm = load_run_model(r, device=device)
         key = json.dumps(rm.prep.to_dict(), sort_keys=True, default=str)
         if key not in cache: cache[key] = read_images(paths, rm.prep, num_threads=num_threads)[:2]
-        images, kept = cache[key]
-        cov = (rm.covariates_for(run_table(rm.options, [str(Path(k).resolve()) for k in kept]), str(rm.options.excel_path))
-               if rm.covariate_stats else None)   # a covariate run: each image's own values, from the run's spreadsheet
-        if rm.per_subject:  # a --subject-views model: each image gets its subject's prediction, all its images pooled
-            keys = [parse_subject(Path(k).name, rm.pattern)[0] or f'\0{i}' for i, k in enumerate(kept)]
-            groups = subject_groups(keys)
-            subj = outputs_to_age(rm, predict_subject_outputs(rm, images, groups, batch_size, cov))
-            pred = np.empty(len(kept))
-            for g, v in zip(groups, subj): pred[g] = v
-        else: pred, _ = predict_tensor(rm, images, batch_size, covariates=cov)
-        cols[Path(r).name] = pd.Series(pred, index=[str(k) for k in kept])
+        kept = cache[key][1]
+        table = run_table(rm.options, [str(Path(k).resolve()) for k in kept]) if rm.covariate_stats else None
+        df, _, _ = predict_images(rm, kept, batch_size, table=table, where=str(rm.options.excel_path), decoded=cache[key],
+                                  per_image=True, intervals=False)
+        cols[Path(r).name] = pd.Series(df['pred'].to_numpy(), index=[str(k) for k in kept])
     return pd.DataFrame(cols).reindex([str(p) for p in paths])
+
+def _variants(ctx) -> list: return study_variants(ctx.study, ctx.spec)
 
 def _variant(variants, name):
     for v in variants:
         if v['name'] == name: return v
     raise InputError(f'no variant named {name!r}; variants: {", ".join(v["name"] for v in variants)}' + _closest(name, [v['name'] for v in variants]))
 
-def ensemble_predict(exp_dir, variant, image_dir, excel_path=None, device='cpu', batch_size=64, num_threads=4, storage=None):
-    """Ages for the images in `image_dir` from the fold models of `variant` as an ensemble: one row per image with
-    `pred` (the mean over models), `model_sd` (their SD: the spread across models) and `n_models`; with `excel_path`
-    also `age` and `error`.
-    Raw predictions: no run's bias correction is applied."""
-    ctx = make_context(exp_dir, storage)
-    runs = fold_runs(ctx.exp_dir, ctx.spec, _variant(study_variants(ctx.study, ctx.spec), variant))
-    files = find_images(image_dir)
+def _ensemble_frame(runs, image_dir, files, excel_path, device, batch_size, num_threads) -> pd.DataFrame:
     M = ensemble_matrix(runs, files, device, batch_size, num_threads)
     pattern = (run_config(runs[0]) or {}).get('args', {}).get('pattern') or DEFAULT_PATTERN
     df = pd.DataFrame({'path': [str(Path(p).resolve()) for p in files], 'filename': [Path(p).name for p in files],
@@ -81,12 +135,30 @@ def ensemble_predict(exp_dir, variant, image_dir, excel_path=None, device='cpu',
         df['error'] = df['pred'] - df['age']
     return df
 
-def _test_mae_ci(df, n_boot, seed):
-    "Image-level MAE of `df` (subject, age, pred) with a bootstrap CI over subjects."
-    g = df.assign(e=(df['pred'] - df['age']).abs()).groupby('subject')['e']
-    s, n = g.sum().to_numpy(), g.size().to_numpy()
-    idx = np.random.default_rng(seed).integers(0, len(s), size=(n_boot, len(s)))
-    return float(s.sum() / n.sum()), [float(x) for x in _ci(s[idx].sum(1) / n[idx].sum(1))]
+def ensemble_predict(exp_dir, variant, image_dir, excel_path=None, device='cpu', batch_size=64, num_threads=4, storage=None,
+                     open_test=False, log=print):
+    """Ages for the images in `image_dir` from the fold models of `variant` as an ensemble: one row per image with
+    `pred` (the mean over models), `model_sd` (their SD: the spread across models) and `n_models`; with `excel_path`
+    also `age` and `error`. Raw predictions: no run's bias correction is applied.
+    Images of the experiment's test subjects are refused unless `open_test`: then the prediction is an opening of the
+    test set (kind 'predict'), recorded in experiment.json."""
+    ctx = make_context(exp_dir, storage)
+    variants = _variants(ctx)
+    runs = fold_runs(ctx.exp_dir, ctx.spec, _variant(variants, variant))
+    files = find_images(image_dir)
+    hits = experiment_test_images(ctx.exp_dir, files)
+    if hits and not open_test:
+        raise closed_test_error(ctx.exp_dir, hits, len(files), 'pass --open-test to open the test set on purpose (the opening is '
+                                'recorded in experiment.json and reported), or predict a folder without them')
+    if not hits:
+        if open_test: log(f'none of the {len(files)} images belongs to a test subject of {ctx.exp["name"]}: the test set is not opened')
+        return _ensemble_frame(runs, image_dir, files, excel_path, device, batch_size, num_threads)
+    with Opening(ctx.exp_dir, variant, 'predict', image_dir=str(Path(image_dir).resolve()), n_images=len(files),
+                 n_test_images=len(hits), n_test_subjects=len(set(hits.values())), ages_given=bool(excel_path),
+                 **oof_standing(ctx, variants, variant)) as op:
+        log(f'opening the test set of {ctx.exp["name"]} for {variant} ({op.completed_before} completed opening(s) before): '
+            f'{len(hits)} of the {len(files)} images belong to {len(set(hits.values()))} test subjects')
+        return _ensemble_frame(runs, image_dir, files, excel_path, device, batch_size, num_threads)
 
 # %% ../nbs/24_exp_final.ipynb #6e3172de
 def _stop_handler(ctx):
@@ -95,27 +167,21 @@ def _stop_handler(ctx):
         stop_current(ctx)
     return handler
 
-def run_final(exp_dir, variant, engine='papermill', nproc=1, devices=None, storage=None, device=None, log=print) -> dict:
-    "Train `variant` on all development subjects, evaluate it and its fold ensemble on the test set, record the opening."
-    ctx = make_context(exp_dir, storage, engine, nproc)
-    if devices: os.environ['CUDA_VISIBLE_DEVICES'] = ','.join(devices[:nproc])
-    v = _variant(study_variants(ctx.study, ctx.spec), variant)
-    if v['state'] != 'COMPLETE':
-        raise InputError(f'variant {variant} has not finished its cross-validation (trial {v["state"].lower()}); '
-                         'finish it with python -m agenb.experiment run first: final evaluates a choice made on OOF results')
-    runs = fold_runs(ctx.exp_dir, ctx.spec, v)
-    opening = {'id': uuid.uuid4().hex[:8], 'when': _now(), 'variant': variant, 'status': 'started', 'host': socket.gethostname(),
-               'seeds': ctx.spec['seeds']}
-    exp = update_experiment(ctx.exp_dir, lambda e: e['test_openings'].append(opening))
-    n_open = len(exp['test_openings'])
-    log(f'opening the test set of {exp["name"]} for {variant} (opening number {n_open})')
-    def set_status(status, **kw):
-        def change(e):
-            for o in e['test_openings']:
-                if o['id'] == opening['id']: o.update(status=status, **kw)
-        return update_experiment(ctx.exp_dir, change)
+def subject_abs_errors(df) -> pd.Series:
+    "Each subject's mean absolute error over its images (`df`: subject, age, pred), by subject: the unit of every test interval."
+    return (df['pred'] - df['age']).abs().groupby(df['subject'].astype(str)).mean()
+
+def score_summary(df, n_boot=2000, seed=0) -> dict:
+    """The test figures of predictions `df` (subject, age, pred): `test_subject_mae` (mean over subjects of their mean
+    absolute error) with its bootstrap interval over subjects, `test_image_mae` (pooled over images), `n_test_subjects`."""
+    m, lo, hi = mean_ci(subject_abs_errors(df).to_numpy(), n_boot, seed)
+    return {'test_subject_mae': m, 'test_subject_mae_ci': [lo, hi], 'test_image_mae': float((df['pred'] - df['age']).abs().mean()),
+            'n_test_subjects': int(df['subject'].nunique())}
+
+def _final_models(ctx, v, exp, log) -> list:
+    "Train (or reuse) the final model of `v` for every seed: [(seed, run folder, reused)]; KeyboardInterrupt when stopped."
     old = {s: signal.signal(s, _stop_handler(ctx)) for s in (signal.SIGTERM, signal.SIGINT)}
-    singles = []
+    done = []
     try:
         for job in final_jobs(ctx.exp_dir, ctx.spec, v):
             lock = JobLock(ctx.exp_dir / 'claims' / f'{job.key}.lock')
@@ -123,49 +189,76 @@ def run_final(exp_dir, variant, engine='papermill', nproc=1, devices=None, stora
                 if ctx.stopping: break
                 time.sleep(ctx.poll)
             if ctx.stopping: break
-            log(f'final model of {variant}, seed {job.seed}: training on all {exp["protocol"]["n_development_subjects"]} development subjects')
+            log(f'final model of {v["name"]}, seed {job.seed}: training on all {exp["protocol"]["n_development_subjects"]} development subjects')
             try: res = run_job(ctx, job, lock)
             finally: lock.release()
             if res['status'] not in ('completed', 'reused'):
-                set_status(res['status'], error=res.get('error'))
                 if ctx.stopping: break
-                raise InputError(f'the final model of {variant} (seed {job.seed}) failed: {res.get("error")}; see {res.get("log")}')
-            m = read_json(Path(res['run_dir']) / 'metrics.json', 'metrics')
-            p = pd.read_csv(Path(res['run_dir']) / 'predictions.csv', dtype={'subject': str})
-            mae, ci = _test_mae_ci(p, ctx.spec['bootstrap'], ctx.spec['split_seed'])
-            singles.append({'seed': job.seed, 'run_dir': _rel(ctx, res['run_dir']), 'test_mae': mae, 'test_mae_ci': ci,
-                            'test_subject_mae': (m.get('subject_level') or {}).get('mae'), 'reused': res['status'] == 'reused',
-                            'pred': p})
+                raise InputError(f'the final model of {v["name"]} (seed {job.seed}) failed: {res.get("error")}; see {res.get("log")}')
+            done.append((job.seed, Path(res['run_dir']), res['status'] == 'reused'))
     finally:
         for s, h in old.items(): signal.signal(s, h)
-    if ctx.stopping:
-        set_status('interrupted'); raise KeyboardInterrupt
-    split = pd.read_csv(ctx.exp_dir / 'splits' / 'final.csv', dtype={'subject': str})
-    test = split[split['split'] == 'test'].reset_index(drop=True)
-    log(f'fold ensemble of {variant}: {len(runs)} fold models on {len(test)} test images')
-    M = ensemble_matrix(runs, test['path'].tolist(), device or ('cuda' if devices else 'cpu'))
-    ens = test[['path', 'filename', 'subject', 'age']].assign(pred=M.mean(axis=1).to_numpy())
-    edir = ctx.exp_dir / 'final' / f'{slug(variant)}_ensemble'
-    em = write_evaluation(edir, ens)
-    atomic_write_text(edir / 'spread.csv', ens.assign(model_sd=M.std(axis=1, ddof=1).to_numpy(), n_models=M.shape[1]).join(
-        M.reset_index(drop=True).add_prefix('model_')).to_csv(index=False))
-    e_mae, e_ci = _test_mae_ci(ens, ctx.spec['bootstrap'], ctx.spec['split_seed'])
-    first = singles[0]['pred']
-    se = lambda d: d.assign(e=(d['pred'] - d['age']).abs()).groupby('subject')['e'].mean()
-    a, b = se(ens), se(first).reindex(se(ens).index)
-    idx = np.random.default_rng(ctx.spec['split_seed']).integers(0, len(a), size=(ctx.spec['bootstrap'], len(a)))
-    maes = [s['test_mae'] for s in singles]
-    oof = float(v['value'])
-    result = {'when': opening['when'], 'opening': n_open, 'oof_mae': oof,
-              'single': [{k: x for k, x in s.items() if k != 'pred'} for s in singles],
-              'single_mean': float(np.mean(maes)), 'single_sd': float(np.std(maes, ddof=1)) if len(maes) > 1 else None,
-              'ensemble': {'dir': _rel(ctx, edir), 'n_models': int(M.shape[1]), 'test_mae': e_mae, 'test_mae_ci': e_ci,
-                           'test_subject_mae': (em.get('subject_level') or {}).get('mae')},
-              'ensemble_vs_single': list(_paired(a.to_numpy(), b.to_numpy(), idx))}
-    def change(e):
-        e['finals'][variant] = result
-        for o in e['test_openings']:
-            if o['id'] == opening['id']: o.update(status='completed', single_test_mae=result['single_mean'], ensemble_test_mae=e_mae)
-    exp = update_experiment(ctx.exp_dir, change)
+    if ctx.stopping: raise KeyboardInterrupt
+    return done
+
+def run_final(exp_dir, variant, engine='papermill', nproc=1, devices=None, storage=None, device=None, log=print) -> dict:
+    "Train `variant` on all development subjects, evaluate it and its fold ensemble on the test set, record the opening."
+    ctx = make_context(exp_dir, storage, engine, nproc)
+    if devices: os.environ['CUDA_VISIBLE_DEVICES'] = ','.join(devices[:nproc])
+    variants = _variants(ctx)
+    v = _variant(variants, variant)
+    if v['state'] != 'COMPLETE':
+        raise InputError(f'variant {variant} has not finished its cross-validation (trial {v["state"].lower()}); '
+                         'finish it with python -m agenb.experiment run first: final evaluates a choice made on OOF results')
+    runs = fold_runs(ctx.exp_dir, ctx.spec, v)
+    standing = oof_standing(ctx, variants, variant)
+    B, seed = ctx.spec['bootstrap'], ctx.spec['split_seed']
+    with Opening(ctx.exp_dir, variant, 'final', seeds=ctx.spec['seeds'], **standing) as op:
+        log(f'opening the test set of {op.exp["name"]} for {variant} ({op.completed_before} completed opening(s) before; '
+            f'OOF rank {standing["oof_rank"]} of {standing["n_variants_compared"]} variants compared)')
+        singles, errs = [], []
+        for s, run_dir, reused in _final_models(ctx, v, op.exp, log):
+            p = pd.read_csv(run_dir / 'predictions.csv', dtype={'subject': str})
+            singles.append({'seed': s, 'run_dir': _rel(ctx, run_dir), **score_summary(p, B, seed), 'reused': reused})
+            errs.append(subject_abs_errors(p))
+        split = pd.read_csv(ctx.exp_dir / 'splits' / 'final.csv', dtype={'subject': str})
+        test = split[split['split'] == 'test'].reset_index(drop=True)
+        log(f'fold ensemble of {variant}: {len(runs)} fold models on {len(test)} test images')
+        M = ensemble_matrix(runs, test['path'].tolist(), device or ('cuda' if devices else 'cpu'))
+        ens = test[['path', 'filename', 'subject', 'age']].assign(pred=M.mean(axis=1).to_numpy())
+        edir = ctx.exp_dir / 'final' / f'{slug(variant)}_ensemble'
+        write_evaluation(edir, ens)
+        atomic_write_text(edir / 'spread.csv', ens.assign(model_sd=M.std(axis=1, ddof=1).to_numpy(), n_models=M.shape[1]).join(
+            M.reset_index(drop=True).add_prefix('model_')).to_csv(index=False))
+        e_err = subject_abs_errors(ens)
+        s_err = pd.concat(errs, axis=1).mean(axis=1).reindex(e_err.index)   # each subject's single-model error, over the seeds
+        maes = [x['test_subject_mae'] for x in singles]
+        result = {'when': op.record['when'], 'opening_id': op.record['id'], 'opening': op.completed_before + 1, **standing,
+                  'single': singles, 'single_mean': float(np.mean(maes)), 'single_sd': float(np.std(maes, ddof=1)) if len(maes) > 1 else None,
+                  'ensemble': {'dir': _rel(ctx, edir), 'n_models': int(M.shape[1]), **score_summary(ens, B, seed)},
+                  'ensemble_vs_single': {**paired_difference(e_err.to_numpy(), s_err.to_numpy(), B, seed),
+                                         'against': f'the single models (each test subject\'s error averaged over {len(singles)} seed(s))'}}
+        op.outcome = {'single_test_subject_mae': result['single_mean'], 'ensemble_test_subject_mae': result['ensemble']['test_subject_mae']}
+        def record(e):   # in the write that settles the opening: `opening` counts the completed ones, this one included
+            result['opening'] = opening_counts(e)['completed']
+            e['finals'][variant] = result
+        op.on_completed = record
     write_results(ctx, force=True)
     return result
+
+def _est(x, nd=3) -> str:
+    lo, hi = x['test_subject_mae_ci']
+    return f'{x["test_subject_mae"]:.{nd}f}' + ('' if lo is None or hi is None or np.isnan(lo) else f' [{lo:.{nd}f}, {hi:.{nd}f}]')
+
+def final_lines(r, variant) -> list:
+    "What `final` prints: each model's test subject MAE (95% CI over test subjects), the ensemble's gain, the OOF figure and rank."
+    d, en = r['ensemble_vs_single'], r['ensemble']
+    lines = [f'single model (seed {m["seed"]}): test subject MAE {_est(m)}' for m in r['single']]
+    lines.append(f'fold ensemble ({en["n_models"]} models): test subject MAE {_est(en)}')
+    lines.append(f'ensemble minus single model, per test subject: {d["diff"]:+.3f} [{d["ci_low"]:+.3f}, {d["ci_high"]:+.3f}] (p {d["p"]:.3f})')
+    k, n = r.get('oof_rank'), r.get('n_variants_compared')
+    rank = ('not ranked' if not k else f'the best of {n} variants compared: chosen on them, so optimistic' if k == 1 and n > 1
+            else f'rank {k} of {n} variants compared')
+    oof = r.get('oof_subject_mae')
+    lines.append(f'cross-validated (OOF) subject MAE of {variant}: ' + (f'{oof:.3f}' if oof is not None else 'n/a') + f' ({rank})')
+    return lines

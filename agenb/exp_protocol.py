@@ -15,7 +15,8 @@ from .core import InputError, atomic_write_json, load_json
 from .split import EXCLUDED, make_split, subject_sort_key
 
 # %% auto #0
-__all__ = ['make_protocol', 'exp_lock', 'JobLock', 'is_claimed', 'read_json', 'read_experiment', 'update_experiment']
+__all__ = ['make_protocol', 'exp_lock', 'JobLock', 'is_claimed', 'read_json', 'read_experiment', 'update_experiment',
+           'opening_counts']
 
 # %% ../nbs/20_exp_protocol.ipynb #546e68a5
 def _subjects(table, mask=None) -> list:
@@ -124,3 +125,11 @@ def update_experiment(exp_dir, change):
         change(exp)
         atomic_write_json(Path(exp_dir) / 'experiment.json', exp)
     return exp
+
+def opening_counts(exp) -> dict:
+    """The test-set openings of experiment record `exp`: `completed` (how many), `other` (the openings that did not
+    complete, each with its status; 'started', a process killed before it could say, is read as 'interrupted') and `n`."""
+    ops = exp.get('test_openings') or []
+    other = [{**o, 'kind': o.get('kind', 'final'), 'status': 'interrupted' if o.get('status') in (None, 'started') else o['status']}
+             for o in ops if o.get('status') != 'completed']
+    return {'completed': len(ops) - len(other), 'other': other, 'n': len(ops)}

@@ -13,13 +13,13 @@ import pandas as pd
 from .core import InputError, Parser, run_cli, atomic_write_text, ensure_output_dir
 from .runs import refuse_run_dir
 from .exp_spec import load_spec
-from .exp_protocol import _now, exp_lock, read_experiment, update_experiment
+from .exp_protocol import _now, exp_lock, opening_counts, read_experiment, update_experiment
 from .exp_store import init_trials, setup_experiment, study_variants
 from .exp_jobs import (_die_with_parent, experiment_status, is_complete, make_context, read_record, settle_trial,
                             train_notebook, variant_jobs, worker_loop)
 from .stats import board_notes, simulate_oof
 from .exp_report import _sd, compare_oof, write_results
-from .exp_final import _stop_handler, ensemble_predict, run_final
+from .exp_final import _stop_handler, ensemble_predict, final_lines, openings_text, openings_warning, run_final
 
 # %% auto #0
 __all__ = ['ENGINES', 'device_groups', 'count_jobs', 'run_experiment', 'worker_main', 'print_status', 'build_parser', 'main',
@@ -194,9 +194,7 @@ def print_status(exp_dir, storage=None, out=print):
         out(f'search: {n} of {ctx.spec["search"]["trials"]} trials created')
     shown = st[['variant', 'kind', 'trial', 'state', 'done', 'running', 'failed', 'to_do', 'fold_mae_mean', 'fold_mae_sd']]
     out(shown.to_string(index=False, float_format=lambda x: f'{x:.3f}') if len(shown) else '(no variants yet)')
-    n = len(e['test_openings'])
-    out(f'test set opened {n} time(s)' + (': ' + '; '.join(f'{o["when"]} {o["variant"]} ({o["status"]})' for o in e['test_openings']) if n else '')
-        + ('  WARNING: more than once' if n > 1 else ''))
+    out(openings_text(e) + ('  WARNING: more than once' if opening_counts(e)['completed'] > 1 else ''))
     if (ctx.exp_dir / 'leaderboard.csv').is_file(): _print_board(pd.read_csv(ctx.exp_dir / 'leaderboard.csv'), out)
     for f in ('leaderboard.csv', 'report.html'):
         if (ctx.exp_dir / f).is_file(): out(f'{f}: {ctx.exp_dir / f} ({datetime.fromtimestamp((ctx.exp_dir / f).stat().st_mtime):%Y-%m-%d %H:%M})')
@@ -224,6 +222,8 @@ def build_parser():
     pr.add_argument('--excel-path', help='spreadsheet of true ages: adds age and error, and prints the MAE')
     pr.add_argument('--out', default='predictions.csv', help='per-image CSV (also writes <stem>_subjects.csv)')
     pr.add_argument('--device', default='cpu'); pr.add_argument('--storage')
+    pr.add_argument('--open-test', action='store_true', help="predict images of the experiment's test subjects too: opens the "
+                    'test set on purpose (recorded in experiment.json as an opening); without it they are refused')
     c = sub.add_parser('compare', help="the honest leaderboard of any tool's out-of-fold predictions (no training)")
     c.add_argument('oof_csv', help='CSV with the columns variant, seed, fold, subject, file, age, prediction (one row per image and seed)')
     c.add_argument('--baseline', help='the pre-named variant the others are compared with (confirmatory)')
@@ -260,15 +260,12 @@ def main(argv=None):
         try: r = run_final(a.exp_dir, a.variant, a.engine, a.nproc_per_job, devices.split(',') if devices else None, a.storage,
                            log=lambda m: print(m, file=sys.stderr, flush=True))
         except KeyboardInterrupt:
-            print('agenb: final interrupted; the opening is recorded; run final again to finish', file=sys.stderr); sys.exit(130)
+            print('agenb: final interrupted; the opening is recorded as interrupted (not counted); run final again to finish',
+                  file=sys.stderr); sys.exit(130)
         exp = read_experiment(a.exp_dir)
-        n = len(exp['test_openings'])
-        for m in r['single']:
-            print(f'single model (seed {m["seed"]}): test MAE {m["test_mae"]:.3f} [{m["test_mae_ci"][0]:.3f}, {m["test_mae_ci"][1]:.3f}]')
-        en = r['ensemble']
-        print(f'fold ensemble ({en["n_models"]} models): test MAE {en["test_mae"]:.3f} [{en["test_mae_ci"][0]:.3f}, {en["test_mae_ci"][1]:.3f}]')
-        print(f'cross-validated (OOF) MAE of {a.variant}: {r["oof_mae"]:.3f}; test set opened {n} time(s)')
-        if n > 1: print(f'agenb: warning: the test set of this experiment has been opened {n} times; report every opening', file=sys.stderr)
+        for line in final_lines(r, a.variant): print(line)
+        print(openings_text(exp))
+        if w := openings_warning(exp): print(f'agenb: warning: {w}', file=sys.stderr)
         print(Path(a.exp_dir), flush=True)
         return r
 
@@ -278,7 +275,8 @@ def predict_main(a):
     out = Path(a.out)
     if out.suffix.lower() != '.csv': raise InputError(f'--out {a.out!r} must be a .csv file name (e.g. predictions.csv)')
     refuse_run_dir(ensure_output_dir(out.parent, '--out'), '--out')
-    df = ensemble_predict(a.exp_dir, a.variant, a.image_dir, a.excel_path, a.device, storage=a.storage)
+    df = ensemble_predict(a.exp_dir, a.variant, a.image_dir, a.excel_path, a.device, storage=a.storage, open_test=a.open_test,
+                          log=lambda m: print(m, file=sys.stderr, flush=True))
     g = df[df['subject'].notna()].groupby('subject', sort=False)
     subj = pd.DataFrame({'n_images': g['pred'].size(), 'pred': g['pred'].mean(), 'model_sd': g['model_sd'].mean(),
                          **({'age': g['age'].mean()} if 'age' in df else {})}).reset_index()
@@ -288,6 +286,7 @@ def predict_main(a):
           f'(mean; model_sd: the spread across models, median {df["model_sd"].median():.2f} years)', file=sys.stderr)
     if 'age' in df and df['age'].notna().any():
         print(f'MAE {df["error"].abs().mean():.3f} (images), {(subj["pred"] - subj["age"]).abs().mean():.3f} (subjects)', file=sys.stderr)
+    if a.open_test and (w := openings_warning(read_experiment(a.exp_dir))): print(f'agenb: warning: {w}', file=sys.stderr)
     print(out)
     return df
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_predict.ipynb #9b18a857
 from __future__ import annotations
-import argparse, json, math, re, subprocess, sys
+import argparse, json, math, os, re, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +24,8 @@ from .model import sheet_covariates, subject_groups
 
 # %% auto #0
 __all__ = ['tta_views', 'apply_view', 'find_images', 'parse_subject', 'read_images', 'predict_tensor', 'predict_images',
-           'subject_table', 'metrics_for', 'metrics_text', 'output_paths', 'build_parser', 'ensemble_command', 'main']
+           'subject_table', 'metrics_for', 'metrics_text', 'experiment_of', 'experiment_test_images',
+           'closed_test_error', 'output_paths', 'build_parser', 'ensemble_command', 'main']
 
 # %% ../nbs/14_predict.ipynb #9177c699
 def tta_views(augmentation: dict, max_rotation=5.0, max_shift=0.05) -> list[dict]:
@@ -96,14 +97,19 @@ def predict_tensor(rm: RunModel, images, batch_size=64, views=None, covariates=N
     p = torch.cat(out).double().numpy() if out else np.zeros((0, len(views)))
     return p.mean(1), (p.std(1, ddof=0) if len(views) > 1 else None)
 
-def predict_images(rm: RunModel, paths, batch_size=64, tta=False, skip_bad=False, num_threads=4, table=None, where='the spreadsheet'):
+def predict_images(rm: RunModel, paths, batch_size=64, tta=False, skip_bad=False, num_threads=4, table=None, where='the spreadsheet',
+                   decoded=None, per_image=False, intervals=True):
     """One row per readable image (path, filename, subject, image_index, pred[, tta_sd][, corrected]) and the skipped files.
     A covariate run reads its covariates from `table` (agenb.data's table of the spreadsheet; an image not in it has them all missing).
     A --subject-views run predicts once per subject from all its images pooled: one row per subject (its first image's
-    path, filename and index; `n_images`); an image whose name gives no subject is predicted alone."""
+    path, filename and index; `n_images`), or with `per_image` one row per image, each carrying its subject's pooled
+    prediction (`n_images`: its subject's); an image whose name gives no subject is predicted alone.
+    `decoded`: `read_images(paths, rm.prep)[:2]` done already (several models of one preprocessing decode once);
+    `intervals=False` leaves out a distribution head's predictive SD and intervals (one more pass over the images)."""
     if tta and rm.per_subject:
         raise InputError('--tta is not available for a --subject-views run (it predicts from all of a subject\'s images pooled); drop --tta')
-    images, kept, skipped = read_images(paths, rm.prep, skip_bad=skip_bad, num_threads=num_threads)
+    images, kept, skipped = ((*decoded, []) if decoded is not None else
+                             read_images(paths, rm.prep, skip_bad=skip_bad, num_threads=num_threads))
     cov = None
     if rm.covariate_stats:
         if table is None: raise InputError(f'this run uses --covariates {",".join(rm.covariate_stats["names"])}: pass --excel-path '
@@ -120,13 +126,18 @@ def predict_images(rm: RunModel, paths, batch_size=64, tta=False, skip_bad=False
     if rm.per_subject:
         groups = subject_groups([s if s is not None else f'\0{i}' for i, (s, _) in enumerate(subj)])
         out = predict_subject_outputs(rm, images, groups, batch_size, cov)
-        df = df.iloc[[g[0] for g in groups]].reset_index(drop=True).assign(n_images=[len(g) for g in groups], pred=outputs_to_age(rm, out))
+        gi = np.empty(len(kept), dtype=int)                  # each image's subject (group)
+        for k, g in enumerate(groups): gi[g] = k
+        at = gi if per_image else np.arange(len(groups))     # the group of each output row
+        if not per_image: df = df.iloc[[g[0] for g in groups]].reset_index(drop=True)
+        out = out[torch.as_tensor(at)]
+        df = df.assign(n_images=[len(groups[k]) for k in at], pred=outputs_to_age(rm, out))
     else:
         pred, sd = predict_tensor(rm, images, batch_size, views, cov)
         df['pred'] = pred
         if sd is not None: df['tta_sd'] = sd
     if cov is not None: df.attrs['covariates_imputed'] = n_imputed
-    if rm.head is not None:  # distribution head: predictive SD and intervals (of the unaugmented image)
+    if rm.head is not None and intervals:  # distribution head: predictive SD and intervals (of the unaugmented image)
         probs = rm.head.probs(out if rm.per_subject else predict_outputs(rm, images, batch_size, cov)).numpy()
         img, _ = interval_tables(rm.head, df[['subject']].fillna(''), probs)
         for c in INTERVAL_COLS: df[c] = img[c].to_numpy()
@@ -188,6 +199,47 @@ def metrics_text(m) -> str:
         lines.append('bias correction: ' + (f'not applied ({bc.get("reason")})' if bc else "the run's metrics.json has none"))
     return '\n'.join(lines)
 
+# %% ../nbs/14_predict.ipynb #b4d2f8e1
+def experiment_of(run_dir) -> Path | None:
+    "The experiment folder that the run folder `run_dir` belongs to (EXP_DIR/runs/<job>/<run>, EXP_DIR/final/<job>/<run>), or None."
+    return next((d for d in list(Path(run_dir).resolve().parents)[:3] if (d / 'experiment.json').is_file()), None)
+
+def _size(p) -> int:
+    try: return os.stat(p).st_size
+    except OSError: return -1
+
+def experiment_test_images(exp_dir, paths) -> dict:
+    """{path: test subject} for the images among `paths` that belong to the test subjects of the experiment in `exp_dir`:
+    an image in one of its data folders whose file name names a test subject, or a byte-identical copy of one of its
+    test images (splits/final.csv) under any name in any folder."""
+    exp_dir = Path(exp_dir)
+    exp = json.loads((exp_dir / 'experiment.json').read_text(encoding='utf-8'))
+    test = {str(s) for s in exp.get('test_subjects') or []}
+    if not test: return {}
+    data = exp.get('data') or {}
+    folders = {str(Path(d).resolve()) for d in as_list(data.get('image_dir'))}
+    pattern = data.get('pattern') or DEFAULT_PATTERN
+    paths, hits = [str(p) for p in paths], {}
+    for p in paths:
+        s = parse_subject(Path(p).name, pattern)[0]
+        if s in test and str(Path(p).resolve().parent) in folders: hits[p] = s
+    split = pd.read_csv(exp_dir / 'splits' / 'final.csv', dtype=str, keep_default_na=False)
+    by_size = {}
+    for t, s in zip(split.loc[split['split'] == 'test', 'path'], split.loc[split['split'] == 'test', 'subject']):
+        if (n := _size(t)) >= 0: by_size.setdefault(n, []).append((t, s))
+    maybe = [p for p in paths if p not in hits and _size(p) in by_size]    # only a file of a test image's size can be a copy
+    digests = {file_sha256(t): s for n in {_size(p) for p in maybe} for t, s in by_size[n]}
+    for p in maybe:
+        if (s := digests.get(file_sha256(p))) is not None: hits[p] = s
+    return {p: hits[p] for p in paths if p in hits}
+
+def closed_test_error(exp_dir, hits, n_images, what) -> InputError:
+    "The one-line refusal of images of an experiment's test subjects (`hits`: experiment_test_images), ending with `what` to do."
+    name = json.loads((Path(exp_dir) / 'experiment.json').read_text(encoding='utf-8')).get('name')
+    k = len(set(hits.values()))
+    return InputError(f'{len(hits)} of the {n_images} images belong to {k} of the test subjects of experiment {name!r} ({show_name(exp_dir)}), '
+                      f'set aside for its test set (first: {Path(next(iter(hits))).name}); {what}')
+
 # %% ../nbs/14_predict.ipynb #4d916670
 def output_paths(out, run_dir) -> dict:
     "The files a prediction writes next to `out`; refuses `.json` names and the run folder's own files."
@@ -209,6 +261,8 @@ def build_parser():
                                             "and the run's recorded preprocessing.")
     p.add_argument('run_dir', help='run folder made by python -m agenb.train (or an experiment folder, with --variant)')
     p.add_argument('--variant', help='with an experiment folder: predict with the variant\'s fold models as an ensemble')
+    p.add_argument('--open-test', action='store_true', help='with an experiment folder: predict images of its test subjects too, '
+                   'opening its test set on purpose (recorded in experiment.json as an opening)')
     p.add_argument('--image-dir', required=True, action='append',
                    help='folder of images to predict (not searched recursively); more than once: the muscles of one cohort')
     p.add_argument('--excel-path', action='append',
@@ -244,7 +298,7 @@ def ensemble_command(a) -> list:
     "`python -m agenb.experiment predict ...`: what `predict EXP_DIR --variant NAME` runs (experiments build on this chapter)."
     cmd = [sys.executable, '-m', 'agenb.experiment', 'predict', str(a.run_dir), '--variant', a.variant,
            '--image-dir', str(a.image_dir[0]), '--out', str(a.out), '--device', a.device]
-    return cmd + (['--excel-path', str(a.excel_path[0])] if a.excel_path else [])
+    return cmd + (['--excel-path', str(a.excel_path[0])] if a.excel_path else []) + (['--open-test'] if a.open_test else [])
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
@@ -253,12 +307,17 @@ def main(argv=None):
         if len(a.image_dir) > 1 or len(a.excel_path or []) > 1:
             raise InputError('--variant predicts one folder: give --image-dir (and --excel-path) once')
         sys.exit(subprocess.run(ensemble_command(a)).returncode)
+    if a.open_test: raise InputError(f'--open-test opens an experiment\'s test set: give an experiment folder and --variant NAME; '
+                                     f'{show_name(a.run_dir)} is a run folder')
     if a.batch_size < 1: raise InputError(f'--batch-size must be >= 1, got {a.batch_size}')
     rm = load_run_model(a.run_dir, a.checkpoint, a.device)
     if a.pattern: parse_subject('x', a.pattern); rm.pattern = a.pattern
     paths = output_paths(a.out, a.run_dir)
     if a.excel_path: pair_folders(a.image_dir, a.excel_path)   # before any image is read
     files = [f for d in a.image_dir for f in find_images(d)]
+    if (exp_dir := experiment_of(a.run_dir)) is not None and (hits := experiment_test_images(exp_dir, files)):
+        raise closed_test_error(exp_dir, hits, len(files), f'{show_name(a.run_dir)} is one of its runs: open its test set on purpose with '
+                                f'python -m agenb.experiment predict {show_name(exp_dir)} --variant NAME --open-test (recorded), or leave them out')
     table, data_summary = _table(a, rm) if a.excel_path else (None, None)
     df, skipped, views = predict_images(rm, files, a.batch_size, a.tta, a.skip_bad, a.num_workers, table, ', '.join(a.excel_path or []))
     for s in skipped: print(f'skipped {s["file"]}: {s["reason"]}', file=sys.stderr)

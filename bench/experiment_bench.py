@@ -74,12 +74,14 @@ def ensemble_vs_single(tmp, preset):
     f = e['finals']['base']
     return {'preset': preset, 'oracle_mae': meta['oracle']['TA']['mae'], 'generate_seconds': gen,
             'protocol': {k: e['protocol'][k] for k in ('n_subjects', 'n_test_subjects', 'n_development_subjects', 'folds')},
-            'settings': base, 'oof_mae': float(board.oof_mae[0]),
-            'oof_mae_ci': [float(board.oof_mae_ci_low[0]), float(board.oof_mae_ci_high[0])],
-            'single_model_test_mae': f['single'][0]['test_mae'], 'single_model_test_mae_ci': f['single'][0]['test_mae_ci'],
-            'fold_ensemble_test_mae': f['ensemble']['test_mae'], 'fold_ensemble_test_mae_ci': f['ensemble']['test_mae_ci'],
+            'settings': base, 'oof_subject_mae': float(board.subject_mae[0]),
+            'oof_subject_mae_ci': [float(board.subject_mae_ci_low[0]), float(board.subject_mae_ci_high[0])],
+            'single_model_test_subject_mae': f['single'][0]['test_subject_mae'],
+            'single_model_test_subject_mae_ci': f['single'][0]['test_subject_mae_ci'],
+            'fold_ensemble_test_subject_mae': f['ensemble']['test_subject_mae'],
+            'fold_ensemble_test_subject_mae_ci': f['ensemble']['test_subject_mae_ci'],
             'fold_ensemble_models': f['ensemble']['n_models'],
-            'ensemble_minus_single_per_subject': dict(zip(('mean', 'ci_low', 'ci_high', 'wilcoxon_p'), f['ensemble_vs_single'])),
+            'ensemble_minus_single_per_subject': f['ensemble_vs_single'],   # agenb.stats.paired_difference
             'run_seconds': t_run, 'final_seconds': t_final}
 
 
@@ -102,9 +104,10 @@ def main():
     o, en = res['engine_overhead'], res['ensemble_vs_single']
     print(f'papermill overhead per job: {o["overhead_seconds_per_job"]["mean"]:.1f} s (sd {o["overhead_seconds_per_job"]["sd"]:.1f}), '
           f'{o["overhead_ratio_of_cli_job"]:.2f}x a short CLI job of {o["cli_job_seconds"]["mean"]:.1f} s')
-    print(f'{en["preset"]} preset: single model test MAE {en["single_model_test_mae"]:.2f} {en["single_model_test_mae_ci"]}, '
-          f'fold ensemble ({en["fold_ensemble_models"]}) {en["fold_ensemble_test_mae"]:.2f} {en["fold_ensemble_test_mae_ci"]}, '
-          f'OOF {en["oof_mae"]:.2f}, oracle {en["oracle_mae"]:.2f}; wrote {a.out} in {res["seconds"] / 60:.1f} min')
+    print(f'{en["preset"]} preset: single model test subject MAE {en["single_model_test_subject_mae"]:.2f} '
+          f'{en["single_model_test_subject_mae_ci"]}, fold ensemble ({en["fold_ensemble_models"]}) '
+          f'{en["fold_ensemble_test_subject_mae"]:.2f} {en["fold_ensemble_test_subject_mae_ci"]}, OOF subject MAE '
+          f'{en["oof_subject_mae"]:.2f}, oracle {en["oracle_mae"]:.2f}; wrote {a.out} in {res["seconds"] / 60:.1f} min')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """agenb.experiment end to end on tiny synthetic data: the protocol (OOF coverage, test subjects never used),
 kill and resume, two workers on one study, a pruned search, final and its test-set openings, bad specs."""
-import json, os, re, signal, subprocess, sys, time
+import json, os, re, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
 import optuna
@@ -40,6 +40,14 @@ def job_records(exp):
 
 def read_csv(p):
     return pd.read_csv(p, dtype={'subject': str})
+
+
+def dev_images(exp, dest):
+    "A folder of copies of the experiment's development images only (predict refuses its test subjects' images)."
+    split = read_csv(exp / 'splits' / 'final.csv')
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in split.path[split.split.isin(['train', 'val'])]: shutil.copy(p, dest / Path(p).name)
+    return dest
 
 
 def study_of(exp):
@@ -86,13 +94,15 @@ def test_grid_pools_oof_predictions_without_test_subjects(grid_exp):
         assert not set(read_csv(run / 'predictions.csv').subject) & test
         assert cfg['dataset']['excluded_by_split_file']['subjects'] == len(test)
     board = read_csv(exp / 'leaderboard.csv')
-    need = ['variant', 'oof_mae', 'oof_mae_ci_low', 'oof_mae_ci_high', 'fold_mae_mean', 'fold_mae_sd', 'subject_mae',
-            'diff_to_best', 'diff_to_best_ci_low', 'diff_to_best_ci_high', 'p_to_best', 'diff_to_baseline', 'p_to_baseline']
+    need = ['variant', 'subject_mae', 'subject_mae_ci_low', 'subject_mae_ci_high', 'image_mae', 'fold_mae_mean', 'fold_mae_sd',
+            'diff_to_best', 'diff_to_best_ci_low', 'diff_to_best_ci_high', 'p_to_best', 'diff_to_baseline', 'p_to_baseline',
+            'distinguishable_from_best', 'distinguishable_from_baseline', 'interval_covers']
     assert [c for c in need if c not in board.columns] == [] and len(board) == 2
-    assert (board.oof_mae_ci_low <= board.oof_mae).all() and (board.oof_mae <= board.oof_mae_ci_high).all()
-    for _, b in board.iterrows():                                               # pooled MAE recomputed from the OOF file
-        g = oof[oof.variant == b.variant]
-        assert abs((g.prediction - g.age).abs().mean() - b.oof_mae) < 1e-9
+    assert (board.subject_mae_ci_low <= board.subject_mae).all() and (board.subject_mae <= board.subject_mae_ci_high).all()
+    for _, b in board.iterrows():                                               # the one measure, recomputed from the OOF file
+        g = oof[oof.variant == b.variant].assign(e=lambda d: (d.prediction - d.age).abs())
+        assert abs(g.groupby('subject').e.mean().mean() - b.subject_mae) < 1e-9
+        assert abs(g.e.mean() - b.image_mae) < 1e-9
     trials = study_of(exp).get_trials()
     assert sorted(t.params['variant'] for t in trials) == ['loss=mae', 'loss=mse']
     for t in trials:
@@ -194,7 +204,7 @@ def test_search_records_pruned_trials(tmp_path, synth_root):
     assert len(job_records(exp)) == 3                                        # the second fold of each was not run
     assert 'pruned' in r.stderr
     board = read_csv(exp / 'leaderboard.csv')
-    assert sorted(board.status) == ['pruned'] * 3 and board.oof_mae.isna().all()
+    assert sorted(board.status) == ['pruned'] * 3 and board.subject_mae.isna().all()
     assert not (exp / 'report.html').exists()
     r = experiment('report', exp, timeout=300)
     assert r.returncode == 0 and exp_dir_of(r) == exp / 'report.html', r.stderr[-2000:]
@@ -207,7 +217,7 @@ def test_final_records_every_opening(grid_exp, synth_root):
     e0 = json.loads((grid_exp / 'experiment.json').read_text())
     r = experiment('final', grid_exp, '--variant', 'loss=mae')                 # the default engine: papermill
     assert r.returncode == 0, r.stderr[-3000:]
-    assert 'fold ensemble (3 models): test MAE' in r.stdout and 'test set opened 1 time(s)' in r.stdout
+    assert 'fold ensemble (3 models): test subject MAE' in r.stdout and 'test set opened 1 time(s)' in r.stdout
     e = json.loads((grid_exp / 'experiment.json').read_text())
     assert [o['variant'] for o in e['test_openings']] == ['loss=mae'] and e['test_openings'][0]['status'] == 'completed'
     fin = e['finals']['loss=mae']
@@ -219,7 +229,8 @@ def test_final_records_every_opening(grid_exp, synth_root):
     assert set(split.subject[split.split.isin(['train', 'val'])]) == dev
     ens = read_csv(grid_exp / fin['ensemble']['dir'] / 'predictions.csv')
     assert set(ens.subject) == set(e0['test_subjects']) and fin['ensemble']['n_models'] == 3
-    assert abs((ens.pred - ens.age).abs().mean() - fin['ensemble']['test_mae']) < 1e-6
+    assert abs((ens.pred - ens.age).abs().mean() - fin['ensemble']['test_image_mae']) < 1e-6
+    assert abs((ens.pred - ens.age).abs().groupby(ens.subject).mean().mean() - fin['ensemble']['test_subject_mae']) < 1e-6
     assert 'WARNING: the test set was opened' not in (grid_exp / 'report.html').read_text()
     r = experiment('final', grid_exp, '--variant', 'loss=mae', '--engine', 'cli')
     assert r.returncode == 0, r.stderr[-3000:]
@@ -233,9 +244,12 @@ def test_final_records_every_opening(grid_exp, synth_root):
     assert r.returncode == 2 and "no variant named 'loss=l1'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_ensemble_predict(grid_exp, synth_root):
+def test_ensemble_predict(grid_exp, synth_root, tmp_path):
+    from agenb.core import InputError
     from agenb.exp_final import ensemble_predict
-    img = synth_root / 'TA' / 'Healthy' / 'Images'
+    with pytest.raises(InputError, match='pass --open-test'):          # the data folder holds the test subjects
+        ensemble_predict(grid_exp, 'loss=mse', synth_root / 'TA' / 'Healthy' / 'Images')
+    img = dev_images(grid_exp, tmp_path / 'Healthy' / 'Images')   # a cohort folder: the spreadsheet's block
     df = ensemble_predict(grid_exp, 'loss=mse', img, synth_root / 'TA' / 'characteristics.xlsx')
     assert len(df) == len(list(img.glob('*.png'))) and (df.n_models == 3).all() and (df.model_sd >= 0).all()
     assert df.age.notna().all() and abs(df.error - (df.pred - df.age)).max() < 1e-9
@@ -294,7 +308,7 @@ def test_example_specs_are_valid():
 
 def test_predict_with_an_experiment_variant_is_the_fold_ensemble(grid_exp, synth_root, tmp_path):
     "`python -m agenb.predict EXP_DIR --variant NAME` predicts with the variant's fold models (mean and spread)."
-    images = synth_root / 'TA' / 'Healthy' / 'Images'
+    images = dev_images(grid_exp, tmp_path / 'dev')      # the test subjects' images need --open-test (tests/test_test_lock.py)
     r = agenb('predict', grid_exp, '--variant', 'loss=mae', '--image-dir', images, '--out', tmp_path / 'ens.csv')
     assert r.returncode == 0, r.stderr[-2000:]
     df = read_csv(tmp_path / 'ens.csv')
