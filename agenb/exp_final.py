@@ -115,7 +115,7 @@ def ensemble_matrix(runs, paths, device='cpu', batch_size=64, num_threads=4) -> 
         cols[Path(r).name] = pd.Series(df['pred'].to_numpy(), index=[str(k) for k in kept])
     return pd.DataFrame(cols).reindex([str(p) for p in paths])
 
-def _variants(ctx) -> list: return study_variants(ctx.study, ctx.spec)
+def _variants(ctx) -> list: return study_variants(ctx.studies, ctx.spec)
 
 def _variant(variants, name):
     for v in variants:

@@ -13,22 +13,24 @@ import pandas as pd
 import yaml
 import optuna
 from optuna.trial import TrialState
-from scipy import stats
 
 import agenb
-from .core import InputError, atomic_write_json, atomic_write_text, run_process_state
+from .core import InputError, atomic_write_json, atomic_write_text
 from .options import cli_flags
-from .split import subject_sort_key
+from .runs import check_resumable, read_history, read_run_config
+from .stats import OOF_COLUMNS, subject_errors
 from .exp_spec import check_spec, make_pruner
 from .exp_protocol import JobLock, _now, exp_lock, is_claimed, read_experiment, read_json
-from .exp_store import new_search_trial, open_study, storage_url, study_variants
+from .exp_store import (add_fixed_trial, new_search_trial, next_search_name, open_studies, reopen_search_trial, report_folds,
+                            storage_url, study_variants)
 
 # %% auto #0
-__all__ = ['GRACE_SECONDS', 'OOF_COLUMNS', 'ProtocolError', 'slug', 'variant_jobs', 'final_jobs', 'run_config', 'job_state',
-           'record_path', 'read_record', 'write_record', 'development_subjects', 'verify_run', 'repo_root',
-           'train_notebook', 'job_options', 'job_command', 'make_context', 'stop_current', 'run_job', 'finish_job',
-           'pooled_mae', 'report_fold', 'settle_trial', 'claim_next', 'worker_loop', 'collect_oof', 'leaderboard',
-           'experiment_status', 'is_complete', 'job_table']
+__all__ = ['GRACE_SECONDS', 'ProtocolError', 'slug', 'variant_jobs', 'final_jobs', 'run_config', 'job_state', 'record_path',
+           'read_record', 'write_record', 'development_subjects', 'verify_run', 'fold_frame', 'subject_mae',
+           'repo_root', 'train_notebook', 'job_options', 'job_command', 'make_context', 'stop_current', 'run_job',
+           'finish_job', 'trial_claim', 'fold_results', 'start_search_trial', 'search_trial', 'release_trials',
+           'report_fold', 'oof_value', 'settle_trial', 'claim_next', 'worker_loop', 'collect_oof', 'experiment_status',
+           'is_complete', 'job_table']
 
 # %% ../nbs/22_exp_jobs.ipynb #975175df
 class ProtocolError(Exception): pass
@@ -45,21 +47,21 @@ def variant_jobs(exp_dir, spec, v) -> list:
         for k in range(1, K + 1):
             key = f'{slug(v["name"])}_s{seed}_f{k}'
             out.append(SimpleNamespace(key=key, variant=v['name'], kind=v['kind'], options=v['options'], trial=v['trial'],
-                                       trial_id=v['trial_id'], seed=seed, fold=k, step=i * K + k - 1, final=False,
+                                       seed=seed, fold=k, step=i * K + k - 1, final=False,
                                        dir=Path(exp_dir) / 'runs' / key, split_file=Path(exp_dir) / 'splits' / f'fold_{k}.csv'))
     return out
 
 def final_jobs(exp_dir, spec, v) -> list:
     "The final jobs of variant `v`: one per training seed, on all development subjects."
     return [SimpleNamespace(key=f'final_{slug(v["name"])}_s{seed}', variant=v['name'], kind=v['kind'], options=v['options'],
-                            trial=v['trial'], trial_id=v['trial_id'], seed=seed, fold=None, step=None, final=True,
+                            trial=v['trial'], seed=seed, fold=None, step=None, final=True,
                             dir=Path(exp_dir) / 'final' / f'{slug(v["name"])}_s{seed}', split_file=Path(exp_dir) / 'splits' / 'final.csv')
             for seed in spec['seeds']]
 
 def run_config(run_dir):
-    "A run's config.json, or None when it has none (yet) or it is unreadable."
-    try: return json.loads((Path(run_dir) / 'config.json').read_text(encoding='utf-8'))
-    except (OSError, ValueError): return None
+    "A run's config.json (`agenb.runs.read_run_config`), or None when it has none (yet) or it is unreadable."
+    try: return read_run_config(Path(run_dir) / 'config.json')
+    except InputError: return None
 
 def job_state(job_dir) -> tuple:
     "('done', run) | ('resume', run) | ('new', None) for the run folders in `job_dir`."
@@ -73,9 +75,9 @@ def job_state(job_dir) -> tuple:
 
 def _epochs_left(run_dir, cfg) -> bool:
     "Whether an unfinished run has epochs left to train: `--resume` refuses a run stopped after its last epoch."
-    try: done = len(json.loads((Path(run_dir) / 'history.json').read_text(encoding='utf-8')))
-    except (OSError, ValueError): return True
-    return done < ((cfg.get('args') or {}).get('epochs') or math.inf)
+    try: done = len(read_history(run_dir))
+    except InputError: return True
+    return done < (cfg['args'].get('epochs') or math.inf)
 
 def record_path(exp_dir, key): return Path(exp_dir) / 'jobs' / f'{key}.json'
 
@@ -108,11 +110,21 @@ def verify_run(exp, job, run_dir) -> pd.DataFrame:
         if got[p] != w:
             raise ProtocolError(f'{run_dir}: its {p} subjects are not the protocol\'s ({len(got[p] ^ w)} differ); was split.csv edited?')
     preds = pd.read_csv(run_dir / 'predictions.csv', dtype={'subject': str})
-    per_subject = bool(read_json(run_dir / 'config.json', 'run config')['args'].get('subject_views'))   # one row per subject
+    per_subject = bool(read_run_config(run_dir)['args'].get('subject_views'))   # one row per subject
     n_rows = len(want['test']) if per_subject else int((split.split == 'test').sum())
     if set(preds.subject) != want['test'] or len(preds) != n_rows:
         raise ProtocolError(f'{run_dir}/predictions.csv does not hold exactly the {"subjects" if per_subject else "images"} of its test subjects')
     return preds
+
+def fold_frame(job, preds) -> pd.DataFrame:
+    "The predictions of `job`'s fold run (its predictions.csv) as out-of-fold rows: `OOF_COLUMNS` and the image path."
+    return pd.DataFrame({'variant': job.variant, 'seed': job.seed, 'fold': job.fold, 'subject': preds['subject'].astype(str),
+                         'file': preds['filename'], 'age': preds['age'], 'prediction': preds['pred'], 'path': preds['path']})
+
+def subject_mae(oof) -> float:
+    """The subject-level MAE of one variant's out-of-fold rows: per subject and seed the mean absolute error of its
+    images (`agenb.stats.subject_errors`), the mean over seeds, then over subjects."""
+    return float(subject_errors(oof).groupby('subject')['err'].mean().mean())
 
 # %% ../nbs/22_exp_jobs.ipynb #e911adf0
 def repo_root() -> Path:
@@ -156,14 +168,16 @@ def _die_with_parent():
 GRACE_SECONDS = 120   # how long a stopped job may take to save and exit before it is killed
 
 def make_context(exp_dir, storage=None, engine='papermill', nproc=1, worker=0) -> SimpleNamespace:
-    "Everything a worker needs: the experiment record, the spec, the study (with the spec's pruner)."
+    """Everything a worker needs: the experiment record, the spec, the studies (`study`: fixed variants; `search_study`:
+    the search, with the spec's pruner, None without a search; `studies`: both) and the search trials it runs (`owned`)."""
     exp_dir = Path(exp_dir).resolve()
     exp = read_experiment(exp_dir)
     spec = check_spec(yaml.safe_load((exp_dir / 'spec.yaml').read_text(encoding='utf-8')), f'{exp_dir}/spec.yaml')
     pruner = make_pruner(spec['search']['pruner']) if spec['search'] else optuna.pruners.NopPruner()
     url = storage_url(exp, exp_dir, storage)
-    return SimpleNamespace(exp_dir=exp_dir, exp=exp, spec=spec, url=url, study=open_study(exp, exp_dir, url, pruner),
-                           pruner=pruner, engine=engine, nproc=nproc, worker=worker, stopping=False, stop_at=None,
+    fixed, search = open_studies(exp, exp_dir, url, pruner, search=bool(spec['search']))
+    return SimpleNamespace(exp_dir=exp_dir, exp=exp, spec=spec, url=url, study=fixed, search_study=search, studies=(fixed, search),
+                           owned={}, pruner=pruner, engine=engine, nproc=nproc, worker=worker, stopping=False, stop_at=None,
                            current=None, poll=2.0)
 
 def _rel(ctx, p): return None if p is None else os.path.relpath(Path(p).resolve(), ctx.exp_dir.resolve())
@@ -171,10 +185,15 @@ def _rel(ctx, p): return None if p is None else os.path.relpath(Path(p).resolve(
 def _wait_gone(run_dir, timeout=GRACE_SECONDS):
     "Wait until the process that last wrote `run_dir` (same host) has exited: it may still be saving after a stop."
     end = time.time() + timeout
-    while time.time() < end:
-        cfg = run_config(run_dir) or {}
-        if cfg.get('status') != 'running' or run_process_state(cfg) != 'alive': return
-        time.sleep(1)
+    while time.time() < end and _alive(run_dir): time.sleep(1)
+
+def _alive(run_dir) -> bool:
+    "Is the process that last wrote `run_dir` still running it (`agenb.runs.check_resumable` refuses to resume it)?"
+    cfg = run_config(run_dir)
+    if not cfg or cfg.get('status') != 'running': return False
+    try: check_resumable(cfg, run_dir)
+    except InputError: return True
+    return False
 
 def _error_line(log_path, rc) -> str:
     "The trainer's own error line from the job log, else its last lines."
@@ -253,52 +272,103 @@ def run_job(ctx, job, lock) -> dict:
     return {'status': status, 'run_dir': run_dir, 'seconds': seconds, 'error': rec.get('error'), 'log': job.dir / 'job.log'}
 
 def finish_job(ctx, job, rec, run_dir, action, seconds) -> dict:
-    "Check a finished run against the protocol, record it, and feed the fold result to its trial."
-    try: preds = verify_run(ctx.exp, job, run_dir)
-    except (ProtocolError, OSError, ValueError, KeyError) as e:
+    "Check a finished run against the protocol, record it (`mae`: its subject-level MAE), and feed it to its trial."
+    try:
+        oof = fold_frame(job, verify_run(ctx.exp, job, run_dir))
+        mae = subject_mae(oof)
+    except (ProtocolError, InputError, OSError, ValueError, KeyError) as e:
         rec.update(status='failed', run_dir=_rel(ctx, run_dir), error=f'protocol check: {e}')
         write_record(ctx.exp_dir, rec)
         return {'status': 'failed', 'run_dir': run_dir, 'seconds': seconds, 'error': rec['error'], 'log': job.dir / 'job.log'}
-    mae = float((preds['pred'] - preds['age']).abs().mean())
     if action == 'reused': rec.setdefault('reused', []).append(_now())
-    rec.update(status='completed', run_dir=_rel(ctx, run_dir), mae=mae, n_images=int(len(preds)),
-               n_subjects=int(preds['subject'].nunique()), completed_at=rec.get('completed_at') or _now(), error=None)
+    rec.update(status='completed', run_dir=_rel(ctx, run_dir), mae=mae, image_mae=float((oof['prediction'] - oof['age']).abs().mean()),
+               n_images=int(len(oof)), n_subjects=int(oof['subject'].nunique()), completed_at=rec.get('completed_at') or _now(), error=None)
     write_record(ctx.exp_dir, rec)
     state = None if job.final else report_fold(ctx, job, mae, rec['run_dir'])
     return {'status': 'reused' if action == 'reused' else 'completed', 'mae': mae, 'run_dir': run_dir, 'seconds': seconds,
             'trial_state': state}
 
 # %% ../nbs/22_exp_jobs.ipynb #f9eefd58
-def pooled_mae(records) -> float:
-    "Image-level MAE of the pooled predictions of several finished jobs."
-    n = sum(r['n_images'] for r in records)
-    return sum(r['mae'] * r['n_images'] for r in records) / n
+def trial_claim(exp_dir, name) -> JobLock:
+    "The claim on search trial `name`: held by the worker that runs it, for as long as that worker lives."
+    return JobLock(Path(exp_dir) / 'claims' / 'trials' / f'{slug(name)}.lock')
 
-def report_fold(ctx, job, mae, rel_run):
-    "Fold result -> the trial's intermediate value and attributes; then settle the trial. Returns its state."
-    st = ctx.study._storage
-    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError):
-        st.set_trial_intermediate_value(job.trial_id, job.step, mae)
-        st.set_trial_user_attr(job.trial_id, f'run seed{job.seed} fold{job.fold}', rel_run)
-    return settle_trial(ctx, {'name': job.variant, 'kind': job.kind, 'options': job.options, 'trial': job.trial,
-                              'trial_id': job.trial_id})
+def fold_results(ctx, v) -> list:
+    "The finished fold runs of variant `v` as fold results: step, seed, fold, value (the fold's subject-level MAE), run_dir."
+    out = []
+    for j in variant_jobs(ctx.exp_dir, ctx.spec, v):
+        r = read_record(ctx.exp_dir, j.key) or {}
+        if r.get('status') == 'completed':
+            out.append({'step': j.step, 'seed': j.seed, 'fold': j.fold, 'value': r['mae'], 'run_dir': r['run_dir']})
+    return out
+
+def start_search_trial(ctx):
+    "Ask for a new search trial that this worker runs; its name, or None when the search budget is used."
+    with exp_lock(ctx.exp_dir):
+        name = next_search_name(ctx.search_study, ctx.spec)
+        if name is None: return None
+        claim = trial_claim(ctx.exp_dir, name)
+        if not claim.acquire(): return None            # nobody claims a name before it exists: not reached
+        ctx.owned[name] = (new_search_trial(ctx.search_study, ctx.spec, name), claim)
+    return name
+
+def search_trial(ctx, v):
+    """This worker's live trial of search variant `v`: the one it runs, or the one it takes over when the worker that
+    ran it is gone (its claim is free); None while another worker runs it, or when it has finished."""
+    if v['name'] in ctx.owned: return ctx.owned[v['name']][0]
+    claim = trial_claim(ctx.exp_dir, v['name'])
+    if not claim.acquire(): return None
+    with exp_lock(ctx.exp_dir): t = reopen_search_trial(ctx.search_study, v['name'], fold_results(ctx, v))
+    if t is None:
+        claim.release(); return None
+    ctx.owned[v['name']] = (t, claim)
+    return t
+
+def release_trials(ctx, names=None):
+    "Give up the claims on search trials this worker runs (all of them by default): they finished, or it stops."
+    for name in list(ctx.owned if names is None else names):
+        _, claim = ctx.owned.pop(name, (None, None))
+        if claim is not None: claim.release()
+
+def report_fold(ctx, job, mae, rel_run) -> str:
+    """A fold result -> the intermediate value of its search trial (a fixed variant's trial gets all of them when it is
+    made); then settle the trial. Returns its state."""
+    v = {'name': job.variant, 'kind': job.kind, 'options': job.options, 'trial': job.trial, 'state': 'RUNNING'}
+    if job.kind == 'search' and job.variant in ctx.owned:
+        report_folds(ctx.owned[job.variant][0], [{'step': job.step, 'seed': job.seed, 'fold': job.fold, 'value': mae, 'run_dir': rel_run}])
+    return settle_trial(ctx, v)
+
+def oof_value(ctx, v) -> float:
+    "The value of variant `v`'s trial: the subject-level MAE of its out-of-fold predictions (all fold runs done)."
+    return subject_mae(collect_oof(ctx.exp_dir, ctx.exp, ctx.spec, [v]))
 
 def settle_trial(ctx, v) -> str:
-    "Complete (all fold runs done) or prune (search, pruner says so) the trial of variant `v`; returns its state name."
-    frozen = ctx.study._storage.get_trial(v['trial_id'])
-    if frozen.state != TrialState.RUNNING: return frozen.state.name
-    recs = [read_record(ctx.exp_dir, j.key) for j in variant_jobs(ctx.exp_dir, ctx.spec, v)]
-    if all(r and r.get('status') == 'completed' for r in recs):
-        return ctx.study.tell(v['trial'], pooled_mae(recs), skip_if_finished=True).state.name
-    if v['kind'] == 'search' and frozen.intermediate_values and ctx.pruner.prune(ctx.study, frozen):
-        return ctx.study.tell(v['trial'], state=TrialState.PRUNED, skip_if_finished=True).state.name
-    return 'RUNNING'
+    """Finish the trial of variant `v` when it can be: complete when all its fold runs are done (value: its subject-level
+    OOF MAE over all of them), pruned when it is a search trial and the pruner says so. Returns its state name."""
+    recs = [read_record(ctx.exp_dir, j.key) or {} for j in variant_jobs(ctx.exp_dir, ctx.spec, v)]
+    done = all(r.get('status') == 'completed' for r in recs)
+    if v['kind'] != 'search':
+        if not done: return 'RUNNING'
+        value = oof_value(ctx, v)
+        with exp_lock(ctx.exp_dir): return add_fixed_trial(ctx.study, ctx.spec, v, fold_results(ctx, v), value).state.name
+    if v['name'] not in ctx.owned and not done: return v.get('state', 'RUNNING')   # its worker reports it (or takes it over)
+    t = search_trial(ctx, v)
+    if t is None: return v.get('state', 'RUNNING')
+    if done: state = ctx.search_study.tell(t, oof_value(ctx, v), skip_if_finished=True).state
+    elif t.should_prune(): state = ctx.search_study.tell(t, state=TrialState.PRUNED, skip_if_finished=True).state
+    else: return 'RUNNING'
+    release_trials(ctx, [v['name']])
+    return state.name
 
 def claim_next(ctx, tried) -> tuple:
     "(job, lock, others_busy): the next job this worker may run, claimed; or (None, None, whether others hold some)."
     busy = False
-    for v in study_variants(ctx.study, ctx.spec):
+    for v in study_variants(ctx.studies, ctx.spec):
         if v['state'] != 'RUNNING': continue
+        if v['kind'] == 'search':
+            if search_trial(ctx, v) is None:                            # another worker runs it
+                busy = True; continue
+            if settle_trial(ctx, v) != 'RUNNING': continue               # taken over: maybe done, or to be pruned
         open_jobs = [j for j in variant_jobs(ctx.exp_dir, ctx.spec, v) if (read_record(ctx.exp_dir, j.key) or {}).get('status') != 'completed']
         if not open_jobs:
             settle_trial(ctx, v); continue
@@ -315,103 +385,45 @@ def claim_next(ctx, tried) -> tuple:
 def worker_loop(ctx, emit):
     "Claim and run jobs until nothing is left that this worker could do (or it is asked to stop)."
     tried = set()
-    while not ctx.stopping:
-        job, lock, busy = claim_next(ctx, tried)
-        if job is None:
-            if ctx.spec['search']:
-                with exp_lock(ctx.exp_dir): n = new_search_trial(ctx.study, ctx.spec)
-                if n is not None:
-                    emit({'event': 'trial', 'variant': f'search-{n:03d}', 'worker': ctx.worker}); continue
-            if busy:
-                time.sleep(ctx.poll); continue
-            return
-        tried.add(job.key)
-        ev = {'variant': job.variant, 'seed': job.seed, 'fold': job.fold, 'worker': ctx.worker, 'key': job.key}
-        emit({'event': 'start', **ev})
-        try: res = run_job(ctx, job, lock)
-        finally: lock.release()
-        emit({'event': 'end', **ev, **{k: (str(v) if isinstance(v, Path) else v) for k, v in res.items()}})
-        if res.get('trial_state') == 'PRUNED':
-            v = {'name': job.variant, 'trial': job.trial, 'trial_id': job.trial_id, 'kind': job.kind, 'options': job.options}
-            skipped = [j for j in variant_jobs(ctx.exp_dir, ctx.spec, v) if (read_record(ctx.exp_dir, j.key) or {}).get('status')
-                       != 'completed' and not is_claimed(ctx.exp_dir / 'claims' / f'{j.key}.lock')]
-            emit({'event': 'pruned', **ev, 'mae': res.get('mae'), 'skipped': len(skipped)})
+    try:
+        while not ctx.stopping:
+            job, lock, busy = claim_next(ctx, tried)
+            if job is None:
+                if ctx.spec['search']:
+                    name = start_search_trial(ctx)
+                    if name is not None:
+                        emit({'event': 'trial', 'variant': name, 'worker': ctx.worker}); continue
+                if busy:
+                    time.sleep(ctx.poll); continue
+                return
+            tried.add(job.key)
+            ev = {'variant': job.variant, 'seed': job.seed, 'fold': job.fold, 'worker': ctx.worker, 'key': job.key}
+            emit({'event': 'start', **ev})
+            try: res = run_job(ctx, job, lock)
+            finally: lock.release()
+            emit({'event': 'end', **ev, **{k: (str(v) if isinstance(v, Path) else v) for k, v in res.items()}})
+            if res.get('trial_state') == 'PRUNED':
+                v = {'name': job.variant, 'trial': job.trial, 'kind': job.kind, 'options': job.options}
+                skipped = [j for j in variant_jobs(ctx.exp_dir, ctx.spec, v) if (read_record(ctx.exp_dir, j.key) or {}).get('status')
+                           != 'completed' and not is_claimed(ctx.exp_dir / 'claims' / f'{j.key}.lock')]
+                emit({'event': 'pruned', **ev, 'mae': res.get('mae'), 'skipped': len(skipped)})
+    finally: release_trials(ctx)
 
 # %% ../nbs/22_exp_jobs.ipynb #e8c2b288
-OOF_COLUMNS = ['variant', 'seed', 'fold', 'subject', 'file', 'age', 'prediction']
-
 def collect_oof(exp_dir, exp, spec, variants) -> pd.DataFrame:
-    "The pooled out-of-fold predictions of `variants` (all of whose fold runs are done)."
+    "The pooled out-of-fold predictions of `variants` (all of whose fold runs are done): `OOF_COLUMNS` and the image path."
     frames, dev = [], development_subjects(exp)
     for v in variants:
         for j in variant_jobs(exp_dir, spec, v):
             rec = read_record(exp_dir, j.key)
             if not rec or rec.get('status') != 'completed': raise RuntimeError(f'{j.key} is not done; {v["name"]} is not complete')
-            p = pd.read_csv(Path(exp_dir) / rec['run_dir'] / 'predictions.csv', dtype={'subject': str})
-            frames.append(pd.DataFrame({'variant': v['name'], 'seed': j.seed, 'fold': j.fold, 'subject': p['subject'],
-                                        'file': p['filename'], 'age': p['age'], 'prediction': p['pred'], 'path': p['path']}))
+            frames.append(fold_frame(j, pd.read_csv(Path(exp_dir) / rec['run_dir'] / 'predictions.csv', dtype={'subject': str})))
     oof = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=OOF_COLUMNS)
     for (v, seed), g in oof.groupby(['variant', 'seed']):
         per = g.groupby('subject')['fold'].nunique()
         if set(per.index) != dev or (per != 1).any() or g['path'].duplicated().any():   # several muscles: one file name twice
             raise RuntimeError(f'the OOF predictions of {v} (seed {seed}) do not cover every development subject exactly once')
     return oof
-
-def _ci(x): return np.percentile(x, [2.5, 97.5])
-
-def _paired(a, b, idx) -> tuple:
-    "Mean of a - b, its bootstrap CI over subjects, Wilcoxon p (NaN when a == b everywhere)."
-    d = np.asarray(a) - np.asarray(b)
-    lo, hi = _ci(d[idx].mean(1))
-    p = float('nan')
-    if np.any(d != 0):
-        with contextlib.suppress(ValueError): p = float(stats.wilcoxon(d).pvalue)
-    return float(d.mean()), float(lo), float(hi), p
-
-def _holm(p: pd.Series) -> pd.Series:
-    "Holm-adjusted p-values (NaN kept)."
-    q = p.dropna().sort_values()
-    m, out, run = len(q), {}, 0.0
-    for i, (k, v) in enumerate(q.items()):
-        run = max(run, min(1.0, (m - i) * v)); out[k] = run
-    return pd.Series(out).reindex(p.index)
-
-def leaderboard(oof, baseline=None, n_boot=2000, seed=0) -> pd.DataFrame:
-    "One row per variant of `oof` (ranked by pooled OOF MAE), with CIs and paired comparisons."
-    if oof.empty: return pd.DataFrame(columns=['variant', 'rank', 'oof_mae'])
-    e = oof.assign(abs_err=(oof['prediction'] - oof['age']).abs(), subject=oof['subject'].astype(str))
-    subjects = sorted(set(e['subject']), key=subject_sort_key)
-    idx = np.random.default_rng(seed).integers(0, len(subjects), size=(n_boot, len(subjects)))
-    per, rows = {}, []
-    for v, ev in e.groupby('variant', sort=False):
-        g = ev.groupby('subject')['abs_err']
-        s_sum, s_n = g.sum().reindex(subjects).to_numpy(), g.size().reindex(subjects).to_numpy()
-        sp = ev.groupby(['seed', 'subject']).agg(pred=('prediction', 'mean'), age=('age', 'first'))
-        s_err = (sp['pred'] - sp['age']).abs().groupby('subject').mean().reindex(subjects).to_numpy()
-        per[v] = s_sum / s_n                                   # per-subject mean absolute error of its images
-        fold, by_seed = ev.groupby(['seed', 'fold'])['abs_err'].mean(), ev.groupby('seed')['abs_err'].mean()
-        lo, hi = _ci(s_sum[idx].sum(1) / s_n[idx].sum(1))
-        slo, shi = _ci(s_err[idx].mean(1))
-        rows.append({'variant': v, 'oof_mae': s_sum.sum() / s_n.sum(), 'oof_mae_ci_low': lo, 'oof_mae_ci_high': hi,
-                     'fold_mae_mean': fold.mean(), 'fold_mae_sd': fold.std(ddof=1) if len(fold) > 1 else np.nan,
-                     'subject_mae': s_err.mean(), 'subject_mae_ci_low': slo, 'subject_mae_ci_high': shi,
-                     'seed_mae_mean': by_seed.mean(), 'seed_mae_sd': by_seed.std(ddof=1) if len(by_seed) > 1 else np.nan,
-                     'oof_rmse': float(np.sqrt(((ev['prediction'] - ev['age']) ** 2).mean())),
-                     'oof_r': float(np.corrcoef(ev['prediction'], ev['age'])[0, 1]) if ev['prediction'].std() > 0 else np.nan,
-                     'n_subjects': len(subjects), 'n_images': int(len(ev) / ev['seed'].nunique()),
-                     'n_seeds': int(ev['seed'].nunique()), 'n_fold_runs': int(len(fold))})
-    board = pd.DataFrame(rows).sort_values('oof_mae', kind='stable').reset_index(drop=True)
-    board.insert(1, 'rank', np.arange(1, len(board) + 1))
-    best = board['variant'].iloc[0]
-    for ref, tag in ((best, 'best'), (baseline, 'baseline')):
-        if ref is None or ref not in per: continue
-        res = [_paired(per[v], per[ref], idx) for v in board['variant']]
-        board[f'diff_to_{tag}'], board[f'diff_to_{tag}_ci_low'], board[f'diff_to_{tag}_ci_high'], board[f'p_to_{tag}'] = zip(*res)
-        if tag == 'best': board['p_to_best_holm'] = _holm(board['p_to_best'].where(board['variant'] != best))
-        board[f'distinguishable_from_{tag}'] = (board[f'diff_to_{tag}_ci_low'] > 0) | (board[f'diff_to_{tag}_ci_high'] < 0)
-    board['best'] = best
-    board['baseline'] = baseline if baseline in per else None
-    return board
 
 # %% ../nbs/22_exp_jobs.ipynb #73fd11ab
 def experiment_status(exp_dir, spec, variants) -> pd.DataFrame:
@@ -440,9 +452,9 @@ def is_complete(spec, variants) -> bool:
     return ok
 
 def job_table(exp_dir) -> pd.DataFrame:
-    "Every job record of the experiment: key, variant, seed, fold, status, fold MAE, run folder, attempts, reuses."
+    "Every job record of the experiment: key, variant, seed, fold, status, fold MAE (subject level; image level), run folder, attempts, reuses."
     recs = [read_json(p, 'job record') for p in sorted((Path(exp_dir) / 'jobs').glob('*.json'))]
-    cols = ['key', 'variant', 'kind', 'trial', 'seed', 'fold', 'final', 'status', 'mae', 'n_images', 'n_subjects', 'run_dir', 'error']
+    cols = ['key', 'variant', 'kind', 'trial', 'seed', 'fold', 'final', 'status', 'mae', 'image_mae', 'n_images', 'n_subjects', 'run_dir', 'error']
     df = pd.DataFrame([{**{c: r.get(c) for c in cols}, 'attempts': len(r.get('attempts', [])), 'reused': len(r.get('reused', [])),
                         'seconds': sum(a.get('seconds') or 0 for a in r.get('attempts', []))} for r in recs],
                       columns=cols + ['attempts', 'reused', 'seconds'])

@@ -4,11 +4,12 @@
 
 # %% ../nbs/21_exp_store.ipynb #7203c5c5
 from __future__ import annotations
-import hashlib, re, shutil, sys, uuid
+import hashlib, json, re, shutil, sys, uuid, warnings
 from pathlib import Path
 
 import yaml
 import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 import agenb
@@ -19,8 +20,10 @@ from .exp_spec import check_spec, option_value, trainer_options
 from .exp_protocol import _now, exp_lock, make_protocol, read_experiment
 
 # %% auto #0
-__all__ = ['read_table', 'data_fingerprint', 'redact', 'storage_url', 'open_study', 'setup_experiment', 'init_trials',
-           'new_search_trial', 'study_variants']
+__all__ = ['METRIC', 'STUDY_LAYOUT', 'read_table', 'data_fingerprint', 'redact', 'storage_url', 'study_names', 'open_storage',
+           'open_study', 'open_studies', 'setup_experiment', 'fixed_distributions', 'search_distributions',
+           'report_folds', 'init_trials', 'add_fixed_trial', 'next_search_name', 'new_search_trial',
+           'reopen_search_trial', 'study_variants']
 
 # %% ../nbs/21_exp_store.ipynb #5397acac
 def read_table(data: dict, verify=True):
@@ -55,22 +58,48 @@ def storage_url(exp, exp_dir, given=None) -> str:
 
 def _default_url(exp_dir): return f'sqlite:///{(Path(exp_dir) / "study.db").resolve()}'
 
-def open_study(exp, exp_dir, url, pruner=None):
-    "The experiment's Optuna study (created on first use)."
+METRIC = 'oof_subject_mae'   # the one measure: per subject the mean absolute error of its images, mean over seeds, over subjects
+STUDY_LAYOUT = 2             # 2: fixed variants and the search in two studies (1, agenb <= 0.2: one study for both)
+
+def study_names(exp) -> tuple:
+    "(fixed study, search study): the names of an experiment's two Optuna studies, `<study_name>` and `<study_name>-search`."
+    return exp['study_name'], exp.get('search_study_name') or f'{exp["study_name"]}-search'
+
+def open_storage(url):
+    "The Optuna storage at `url` (SQLite waits for its lock; a database server's connections are checked before use)."
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kw = {'connect_args': {'timeout': 300}} if url.startswith('sqlite') else {'pool_pre_ping': True}
-    try: storage = optuna.storages.RDBStorage(url, engine_kwargs=kw)
+    try: return optuna.storages.RDBStorage(url, engine_kwargs=kw)
     except Exception as e:
         hint = ''
         if isinstance(e, ImportError) and url.startswith('postgresql://'):   # SQLAlchemy 2.1's default driver is psycopg 3
             hint = '; pip install psycopg[binary], or say which driver you have: postgresql+psycopg2://...'
         raise InputError(f'cannot open the study storage {redact(url)} ({type(e).__name__}: {" ".join(str(e).split())[:300]}){hint}') from None
-    study = optuna.create_study(storage=storage, study_name=exp['study_name'], direction='minimize', load_if_exists=True,
-                                pruner=pruner or optuna.pruners.NopPruner())
-    got = study.user_attrs.get('experiment_id')
-    if got is None: study.set_user_attr('experiment_id', exp['id'])
-    elif got != exp['id']: raise InputError(f'study {exp["study_name"]} in {redact(url)} belongs to another experiment ({got})')
+
+def open_study(exp, exp_dir, url, pruner=None, search=False, storage=None):
+    "The experiment's study of fixed variants (`search=True`: of its search), created on first use in the storage at `url`."
+    name = study_names(exp)[int(bool(search))]
+    study = optuna.create_study(storage=storage or open_storage(url), study_name=name, direction='minimize',
+                                load_if_exists=True, pruner=pruner or optuna.pruners.NopPruner())
+    attrs = study.user_attrs
+    if attrs.get('experiment_id') not in (None, exp['id']):
+        raise InputError(f'study {name} in {redact(url)} belongs to another experiment ({attrs["experiment_id"]})')
+    if attrs.get('layout') is None and study.get_trials(deepcopy=False):
+        raise InputError(f'study {name} in {redact(url)} was made by an earlier agenb (one study for all variants); '
+                         'finish it with that version, or start a new experiment')
+    for k, v in (('experiment_id', exp['id']), ('role', 'search' if search else 'fixed'), ('layout', STUDY_LAYOUT)):
+        if attrs.get(k) != v: study.set_user_attr(k, v)
+    if study.metric_names != [METRIC]:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC])
     return study
+
+def open_studies(exp, exp_dir, url, pruner=None, search=True) -> tuple:
+    "(fixed study, search study with `pruner`, or None without `search`): both in one storage."
+    storage = open_storage(url)
+    return (open_study(exp, exp_dir, url, storage=storage),
+            open_study(exp, exp_dir, url, pruner, search=True, storage=storage) if search else None)
 
 def _spec_difference(a, b) -> str:
     for k in sorted(set(a) | set(b)):
@@ -114,65 +143,137 @@ def setup_experiment(spec, spec_path, exp_dir, storage=None, log=print) -> dict:
                'protocol': protocol, 'test_subjects': test, 'excluded_subjects': excluded, 'folds': folds,
                'test_openings': [], 'finals': {}, 'invocations': []}
         exp['study_name'] = f'{spec["name"]}-{exp["id"]}'
+        exp['search_study_name'] = study_names(exp)[1]
         atomic_write_json(exp_dir / 'experiment.json', exp)
         return exp
 
 # %% ../nbs/21_exp_store.ipynb #13349cfa
-def init_trials(study, spec, seed):
-    "Create the static variants' trials that do not exist yet (call under the experiment lock)."
-    names = [v['name'] for v in spec['static']]
-    kinds = {v['name']: v['kind'] for v in spec['static']}
-    for t in study.get_trials(deepcopy=False):          # a run killed while creating a trial leaves it half-made
-        if t.state == TrialState.RUNNING and 'kind' not in t.user_attrs:
-            v = t.params.get('variant')
-            if v in kinds and not t.user_attrs.get('search'):
-                study._storage.set_trial_user_attr(t._trial_id, 'kind', kinds[v])
-                study._storage.set_trial_user_attr(t._trial_id, 'variant', v)
-            else: study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-    have = {t.user_attrs.get('variant') for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL}
-    if not [n for n in names if n not in have]: return
-    study.sampler = optuna.samplers.GridSampler({'variant': names}, seed=seed)
-    for _ in range(3 * len(names)):
-        missing = [n for n in names if n not in have]
-        if not missing: return
-        t = study.ask()
-        v = t.suggest_categorical('variant', names)
-        if v in have:                                     # the grid sampler repeated a point: never run it twice
-            study.tell(t, state=TrialState.FAIL); continue
-        t.set_user_attr('kind', kinds[v]); t.set_user_attr('variant', v)
-        have.add(v)
-    raise RuntimeError(f'could not create trials for {missing}')
+def _choice(x):
+    "An option value as an Optuna categorical choice (None, bool, int, float, str; anything else as JSON text)."
+    return x if x is None or isinstance(x, (bool, int, float, str)) else json.dumps(x, sort_keys=True)
 
-def new_search_trial(study, spec):
-    "Ask the TPE sampler for the next search trial (call under the experiment lock); None when the budget is used."
+def fixed_distributions(spec) -> dict:
+    "option -> a categorical distribution over the values the grid and explicit variants give it (in spec order)."
+    choices = {}
+    for v in spec['static']:
+        for k, x in v['options'].items():
+            c = choices.setdefault(k, [])
+            if not any(type(y) is type(_choice(x)) and y == _choice(x) for y in c): c.append(_choice(x))
+    return {k: CategoricalDistribution(c) for k, c in choices.items()}
+
+def search_distributions(spec) -> dict:
+    "option -> the Optuna distribution the search space gives it."
+    out = {}
+    for k, (kind, args) in spec['search']['space'].items():
+        if kind == 'choice': out[k] = CategoricalDistribution(args)
+        elif kind in ('int', 'log_int'): out[k] = IntDistribution(args[0], args[1], log=kind == 'log_int')
+        else: out[k] = FloatDistribution(args[0], args[1], log=kind == 'log_uniform')
+    return out
+
+def report_folds(trial, folds):
+    "Fold results (dicts: step, seed, fold, value, run_dir) -> the trial's intermediate values and one user attribute each."
+    for f in sorted(folds, key=lambda f: f['step']):
+        trial.report(f['value'], f['step'])
+        trial.set_user_attr(f'run seed{f["seed"]} fold{f["fold"]}', {k: f.get(k) for k in ('step', 'seed', 'fold', 'run_dir', 'value')})
+
+def _fail_half_made(study, running=True):
+    """Fail what a killed process left half-made (call under the experiment lock): WAITING trials (enqueued, never asked;
+    `ask` hands them out, oldest first), RUNNING trials without a variant name, and with `running` every RUNNING trial."""
+    for _ in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        study.tell(study.ask(), state=TrialState.FAIL)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if running or 'variant' not in t.user_attrs: study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+
+def _as_studies(studies) -> list:
+    return [s for s in ([studies] if isinstance(studies, optuna.Study) else studies) if s is not None]
+
+def _split_studies(studies, spec) -> tuple:
+    "(fixed study, search study or None) of `studies` (one study, or several), by the role `open_study` gave them."
+    ss = _as_studies(studies)
+    fixed = [s for s in ss if s.user_attrs.get('role') != 'search']
+    search = [s for s in ss if s.user_attrs.get('role') == 'search']
+    if spec['search'] and not search:
+        raise ValueError('this experiment has a search: give both studies, e.g. study_variants(ctx.studies, spec)')
+    return (fixed[0] if fixed else None), (search[0] if search else None)
+
+def init_trials(studies, spec=None, seed=None):
+    """Before workers start (call under the experiment lock): fail the trials a killed process left half-made. Fixed
+    variants' trials are made whole when their last fold run is done (`add_fixed_trial`), so none is RUNNING."""
+    for s in _as_studies(studies): _fail_half_made(s, running=s.user_attrs.get('role') != 'search')
+
+def add_fixed_trial(study, spec, v, folds, value):
+    """The trial of fixed variant `v` (grid point or explicit variant) whose fold runs are all done (call under the
+    experiment lock): its options as categorical parameters, its name as user attribute `variant`, the fold results as
+    intermediate values, `value` (its subject-level OOF MAE) as its value. Made at once: `enqueue_trial`, `ask`,
+    `report`, `tell`. Returns the (new, or already made) FrozenTrial."""
+    _fail_half_made(study)                      # every change to this study happens at once, under the lock
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get('variant') == v['name']: return t
+    params = {k: _choice(x) for k, x in v['options'].items()}
+    dists = fixed_distributions(spec)
+    study.enqueue_trial(params, user_attrs={'variant': v['name'], 'kind': v['kind']})
+    t = study.ask({k: dists[k] for k in params})
+    report_folds(t, folds)
+    return study.tell(t, value)
+
+def _search_names(study) -> list:
+    "The search variants of `study` so far (trials that did not fail), in the order they were made."
+    return list(dict.fromkeys(t.user_attrs['variant'] for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+                              if 'variant' in t.user_attrs and t.state not in (TrialState.FAIL, TrialState.WAITING)))
+
+def next_search_name(study, spec):
+    "The name of the next search trial (search-000, search-001, ...), or None when the search budget is used."
+    n = len(_search_names(study))
+    return None if n >= spec['search']['trials'] else f'search-{n:03d}'
+
+def new_search_trial(study, spec, name=None):
+    """Ask the TPE sampler of the search study for the next search trial (call under the experiment lock): a live
+    `optuna.Trial` named `name` (default: `next_search_name`), or None when the budget is used. TPE learns from this
+    study's trials only: the search trials, never the fixed variants."""
     se = spec['search']
-    done = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get('kind') == 'search' and t.state != TrialState.FAIL]
-    if len(done) >= se['trials']: return None
-    study.sampler = optuna.samplers.TPESampler(seed=se['seed'] + len(done), n_startup_trials=se['startup_trials'],
-                                               constant_liar=True)
-    t = study.ask()
-    t.set_user_attr('search', True)
-    types = trainer_options()
-    for k, (kind, args) in se['space'].items():
-        if kind == 'choice': t.suggest_categorical(k, args)
-        elif kind in ('int', 'log_int'): t.suggest_int(k, args[0], args[1], log=kind == 'log_int')
-        else: t.suggest_float(k, args[0], args[1], log=kind == 'log_uniform')
-    t.set_user_attr('variant', f'search-{t.number:03d}')
-    t.set_user_attr('kind', 'search')
-    return t.number
+    _fail_half_made(study, running=False)
+    n = len(_search_names(study))
+    if n >= se['trials']: return None
+    name = name or f'search-{n:03d}'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+        study.sampler = optuna.samplers.TPESampler(seed=se['seed'] + n, n_startup_trials=se['startup_trials'], constant_liar=True)
+    study.enqueue_trial({}, user_attrs={'variant': name, 'kind': 'search'})     # the name comes with the trial
+    return study.ask(search_distributions(spec))
 
-def study_variants(study, spec) -> list:
-    "Every variant of the study in trial order: name, kind, options, trial number and id, state, value."
-    static = {v['name']: v for v in spec['static']}
-    types = trainer_options()
+def reopen_search_trial(study, name, folds):
+    """A live trial for the RUNNING search trial `name` whose process is gone (call under the experiment lock, holding
+    its claim): Optuna hands out live trials only through `ask`, so that trial fails and its twin takes over (the same
+    parameters through `enqueue_trial`, the same name), with the fold results `folds` reported again. None when it is
+    no longer running."""
+    _fail_half_made(study, running=False)
+    ts = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED))
+          if t.user_attrs.get('variant') == name]
+    if not ts or ts[-1].state != TrialState.RUNNING: return None
+    old = ts[-1]
+    study.tell(old.number, state=TrialState.FAIL, skip_if_finished=True)
+    study.enqueue_trial(old.params, user_attrs={'variant': name, 'kind': 'search', 'reopened_from': old.number})
+    t = study.ask(old.distributions)
+    report_folds(t, folds)
+    return t
+
+def study_variants(studies, spec) -> list:
+    """Every variant of the experiment: the fixed ones in spec order, then the search trials in the order they were
+    made; each with name, kind, options, trial (its number in its study, None before it is made), state, value, study."""
+    fixed, search = _split_studies(studies, spec)
+    done = {t.user_attrs.get('variant'): t for t in (fixed.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if fixed else [])}
     out = []
-    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        kind = t.user_attrs.get('kind')
-        if kind is None or t.state == TrialState.FAIL: continue
-        name = t.user_attrs['variant']
-        if kind == 'search': opts = {k: option_value(k, v, types[k], 'search trial') for k, v in t.params.items()}
-        elif name in static: opts = static[name]['options']
-        else: continue
-        out.append({'name': name, 'kind': kind, 'options': opts, 'trial': t.number, 'trial_id': t._trial_id,
-                    'state': t.state.name, 'value': t.value})
+    for v in spec['static']:
+        t = done.get(v['name'])
+        out.append({'name': v['name'], 'kind': v['kind'], 'options': v['options'], 'trial': t.number if t else None,
+                    'state': t.state.name if t else 'RUNNING', 'value': t.value if t else None, 'study': 'fixed'})
+    first, latest = {}, {}                      # a trial taken over keeps its place: the order its name was first made
+    for t in sorted(search.get_trials(deepcopy=False) if search else [], key=lambda t: t.number):
+        if 'variant' not in t.user_attrs: continue
+        first.setdefault(t.user_attrs['variant'], t.number)
+        if t.state not in (TrialState.FAIL, TrialState.WAITING): latest[t.user_attrs['variant']] = t
+    types = trainer_options()
+    for name, t in sorted(latest.items(), key=lambda x: first[x[0]]):
+        out.append({'name': name, 'kind': 'search', 'options': {k: option_value(k, x, types[k], 'search trial') for k, x in t.params.items()},
+                    'trial': t.number, 'state': t.state.name, 'value': t.value, 'study': 'search'})
     return out

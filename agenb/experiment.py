@@ -99,8 +99,8 @@ def run_experiment(spec_path, out=None, workers=1, devices=None, nproc=1, storag
     say = lambda m: print(m, file=sys.stderr, flush=True)
     exp = setup_experiment(spec, spec_path, exp_dir, storage, log=say)
     ctx = make_context(exp_dir, storage, engine, nproc)
-    with exp_lock(exp_dir): init_trials(ctx.study, spec, spec['split_seed'])
-    total, done = count_jobs(exp_dir, spec, study_variants(ctx.study, spec))
+    with exp_lock(exp_dir): init_trials(ctx.studies, spec, spec['split_seed'])
+    total, done = count_jobs(exp_dir, spec, study_variants(ctx.studies, spec))
     print(f'experiment {spec["name"]}: {len(spec["static"])} variant(s)'
           + (f' + a search of {spec["search"]["trials"]} trials' if spec['search'] else '')
           + f' x {len(spec["seeds"])} seed(s) x {spec["folds"]} folds = {total} fold runs ({done} done before); '
@@ -143,9 +143,9 @@ def run_experiment(spec_path, out=None, workers=1, devices=None, nproc=1, storag
         bar.close()
         for s, h in old.items(): signal.signal(s, h)
     ctx = make_context(exp_dir, storage, engine, nproc)
-    for v in study_variants(ctx.study, spec):
+    for v in study_variants(ctx.studies, spec):
         if v['state'] == 'RUNNING': settle_trial(ctx, v)
-    variants = study_variants(ctx.study, spec)
+    variants = study_variants(ctx.studies, spec)
     res = write_results(ctx)
     complete = is_complete(spec, variants)
     status = 'interrupted' if stopping else ('complete' if complete else ('failed jobs' if failed else 'incomplete'))
@@ -180,7 +180,7 @@ def print_status(exp_dir, storage=None, out=print):
     "The `status` verb: protocol, variants and their fold runs, test openings, results."
     ctx = make_context(exp_dir, storage)
     e, p = ctx.exp, ctx.exp['protocol']
-    variants = study_variants(ctx.study, ctx.spec)
+    variants = study_variants(ctx.studies, ctx.spec)
     st = experiment_status(ctx.exp_dir, ctx.spec, variants)
     total, done = count_jobs(ctx.exp_dir, ctx.spec, variants)
     out(f'experiment {e["name"]} in {ctx.exp_dir}  (study {e["study_name"]}, storage {e["storage"]})')

@@ -50,9 +50,10 @@ def dev_images(exp, dest):
     return dest
 
 
-def study_of(exp):
+def study_of(exp, search=False):
+    "The experiment's study of fixed variants (or of its search), through Optuna's public API."
     e = json.loads((exp / 'experiment.json').read_text())
-    return optuna.load_study(study_name=e['study_name'], storage=f'sqlite:///{(exp / "study.db").resolve()}')
+    return optuna.load_study(study_name=e['search_study_name' if search else 'study_name'], storage=f'sqlite:///{(exp / "study.db").resolve()}')
 
 
 @pytest.fixture(scope='module')
@@ -104,11 +105,12 @@ def test_grid_pools_oof_predictions_without_test_subjects(grid_exp):
         assert abs(g.groupby('subject').e.mean().mean() - b.subject_mae) < 1e-9
         assert abs(g.e.mean() - b.image_mae) < 1e-9
     trials = study_of(exp).get_trials()
-    assert sorted(t.params['variant'] for t in trials) == ['loss=mae', 'loss=mse']
+    assert sorted(t.user_attrs['variant'] for t in trials) == ['loss=mae', 'loss=mse']
+    assert sorted(t.params['loss'] for t in trials) == ['mae', 'mse'] and all(set(t.params) == {'loss'} for t in trials)
     for t in trials:
         assert t.state == optuna.trial.TrialState.COMPLETE and sorted(t.intermediate_values) == [0, 1, 2]
         assert len([k for k in t.user_attrs if k.startswith('run ')]) == 3
-        assert abs(t.value - board.set_index('variant').oof_mae[t.params['variant']]) < 1e-9
+        assert abs(t.value - board.set_index('variant').subject_mae[t.user_attrs['variant']]) < 1e-9   # one measure
     html = (exp / 'report.html').read_text()
     assert '<script' not in html.lower() and 'Leaderboard' in html and 'Subjects per fold' in html
     assert not re.findall(r'<img [^>]*src="(?!data:)', html)
@@ -198,7 +200,7 @@ def test_search_records_pruned_trials(tmp_path, synth_root):
     r = experiment('run', spec, '--out', tmp_path / 'exp', '--engine', 'cli')
     assert r.returncode == 0, r.stderr[-3000:]
     exp = tmp_path / 'exp'
-    trials = study_of(exp).get_trials()
+    trials = study_of(exp, search=True).get_trials()
     assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.PRUNED for t in trials)
     assert all(len(t.intermediate_values) == 1 and set(t.params) == {'lr', 'loss'} for t in trials)
     assert len(job_records(exp)) == 3                                        # the second fold of each was not run
