@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_data.ipynb #b07b7264
 from __future__ import annotations
-import argparse, itertools, json, math, os, re, stat, sys, unicodedata, zipfile
+import argparse, hashlib, itertools, json, math, os, re, stat, sys, unicodedata, zipfile
 from pathlib import Path, PureWindowsPath
 from types import SimpleNamespace
 
@@ -17,8 +17,8 @@ from .core import InputError, Parser, run_cli, file_sha256
 # %% auto #0
 __all__ = ['DEFAULT_PATTERN', 'IMAGE_EXTS', 'ID_NAMES', 'AGE_NAMES', 'SEX_NAMES', 'HEIGHT_NAMES', 'WEIGHT_NAMES', 'FILE_NAMES',
            'COLUMNS', 'BMI_RANGE', 'MAX_TABLE_MB', 'MAX_EXPANDED_MB', 'CELLS_PER_MB', 'norm_id', 'show_name',
-           'read_cells', 'list_images', 'load_dataset', 'as_list', 'pair_folders', 'load_folders', 'folder_matching',
-           'format_summary', 'main']
+           'read_cells', 'list_images', 'load_dataset', 'as_list', 'data_fingerprint', 'pair_folders', 'load_folders',
+           'folder_matching', 'format_summary', 'main']
 
 # %% ../nbs/02_data.ipynb #028603c1
 DEFAULT_PATTERN = r'^anon_(\d+)_(\d+)\.(png|jpe?g|tiff?|bmp)$'
@@ -617,6 +617,13 @@ def as_list(v) -> list:
     "A path, or a list of paths, as a list (`--image-dir` and `--excel-path` may be given more than once)."
     if v is None: return []
     return [v] if isinstance(v, (str, os.PathLike)) else list(v)
+
+def data_fingerprint(table, excel_path):
+    "What a run or an experiment records about its data: the hash of the spreadsheet(s) and of the images actually used (names and contents), their number."
+    h = hashlib.sha256()
+    for p in sorted(table.path): h.update(f'{Path(p).name}\0{file_sha256(p)}\n'.encode())
+    sha = [file_sha256(x) for x in as_list(excel_path)]
+    return {'excel_sha256': sha[0] if len(sha) == 1 else sha, 'images_sha256': h.hexdigest(), 'n_images': len(table)}
 
 def _folder_label(s, i):
     return s['muscle'] or f'folder{i + 1}'

@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_exp_protocol.ipynb #21f7cf55
 from __future__ import annotations
-import contextlib, fcntl, io, json, os, socket
+import contextlib, io, json
 from datetime import datetime
 from pathlib import Path
 
@@ -15,8 +15,7 @@ from .core import InputError, atomic_write_json, load_json
 from .split import EXCLUDED, make_split, subject_sort_key
 
 # %% auto #0
-__all__ = ['make_protocol', 'exp_lock', 'JobLock', 'is_claimed', 'read_json', 'read_experiment', 'update_experiment',
-           'opening_counts']
+__all__ = ['make_protocol', 'protocol_labels', 'read_json', 'opening_counts']
 
 # %% ../nbs/20_exp_protocol.ipynb #546e68a5
 def _subjects(table, mask=None) -> list:
@@ -68,63 +67,25 @@ def make_protocol(table, spec) -> tuple:
     return protocol, test, _subjects(table, ~keep), folds, labels
 
 # %% ../nbs/20_exp_protocol.ipynb #c5cb2fa3
-@contextlib.contextmanager
-def exp_lock(exp_dir):
-    "Exclusive lock on the experiment folder (experiment.json updates, trial creation)."
-    fd = os.open(Path(exp_dir) / '.lock', os.O_CREAT | os.O_RDWR, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-class JobLock:
-    "A claim on one job: a non-blocking exclusive flock on claims/<job>.lock, held until `release` (or process exit)."
-    def __init__(self, path): self.path, self.fd = Path(path), None
-    def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
-        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd); return False
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'since': _now()}).encode())
-        self.fd = fd
-        return True
-    def release(self):
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN); os.close(self.fd); self.fd = None
-
-def is_claimed(path) -> bool:
-    "Whether some process holds the job lock at `path` now."
-    if not Path(path).exists(): return False
-    lk = JobLock(path)
-    if lk.acquire():
-        lk.release(); return False
-    return True
+def protocol_labels(table, exp) -> dict:
+    "'fold_1'..'fold_K' and 'final' -> the split label of every row of `table`, from the experiment record `exp`."
+    s = table['subject'].astype(str)
+    def labels(roles):
+        out = pd.Series(EXCLUDED, index=table.index, dtype=object)
+        for role, subjects in roles.items(): out[s.isin(set(map(str, subjects)))] = role
+        return out
+    res = {f'fold_{f["fold"]}': labels({p: f[f'{p}_subjects'] for p in ('train', 'val', 'test')}) for f in exp['folds']}
+    dev = set().union(*(map(str, f['test_subjects']) for f in exp['folds']))
+    val = set(map(str, exp['protocol']['final']['val_subjects']))
+    res['final'] = labels({'train': dev - val, 'val': val, 'test': exp['test_subjects']})
+    return res
 
 def _now(): return datetime.now().isoformat(timespec='seconds')
 
 def read_json(path, what='file'):
-    "An experiment's JSON record (experiment.json, results.json, a job record) as an object; one line when missing or damaged."
+    "An experiment's JSON file (experiment.json, results.json) as an object; one line when missing or damaged."
     p = Path(path)
     return load_json(p, f'is {p.parent} an experiment folder (made by run)?', f'the {what} is damaged', dict)
-
-def read_experiment(exp_dir) -> dict:
-    "experiment.json of `exp_dir`, with a clear error when the folder is not an experiment."
-    exp_dir = Path(exp_dir)
-    if not exp_dir.is_dir(): raise InputError(f'{exp_dir} is not a folder; give an experiment folder made by python -m agenb.experiment run')
-    if not (exp_dir / 'experiment.json').is_file():
-        raise InputError(f'{exp_dir} has no experiment.json: it is not an experiment folder (or run was stopped before it was made)')
-    return read_json(exp_dir / 'experiment.json', 'experiment record')
-
-def update_experiment(exp_dir, change):
-    "Read experiment.json, apply `change(exp)` and write it back atomically, under the experiment lock; returns it."
-    with exp_lock(exp_dir):
-        exp = read_experiment(exp_dir)
-        change(exp)
-        atomic_write_json(Path(exp_dir) / 'experiment.json', exp)
-    return exp
 
 def opening_counts(exp) -> dict:
     """The test-set openings of experiment record `exp`: `completed` (how many), `other` (the openings that did not

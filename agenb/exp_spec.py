@@ -30,7 +30,7 @@ SET_BY_EXPERIMENT = {   # trainer options that belong to the protocol, and what 
     'fold': 'the experiment runs every fold', 'split_file': 'the experiment writes the split files itself',
     'output_dir': 'fold runs are written under EXP_DIR/runs/', 'run_name': 'fold runs are named after their job'}
 SPEC_KEYS = ('name', 'description', 'data', 'base', 'grid', 'variants', 'baseline', 'folds', 'seeds', 'test_size',
-             'val_size', 'split_seed', 'stratify', 'bin_width', 'search', 'bootstrap', 'report')
+             'val_size', 'split_seed', 'stratify', 'bin_width', 'search', 'bootstrap', 'report', 'job_timeout')
 SEARCH_KEYS = ('trials', 'space', 'pruner', 'seed', 'startup_trials')
 DISTRIBUTIONS = ('log_uniform', 'uniform', 'int', 'log_int', 'choice')
 PRUNERS = {'median': 'MedianPruner', 'percentile': 'PercentilePruner', 'threshold': 'ThresholdPruner', 'none': 'NopPruner'}
@@ -194,6 +194,10 @@ def check_spec(raw, where='spec') -> dict:
     if not isinstance(seeds, list) or not seeds: _fail(f'{where} seeds', f'expected a list of training seeds, e.g. [1, 2, 3], got {seeds!r}')
     s['seeds'] = [_int(x, f'{where} seeds', 0) for x in seeds]
     if len(set(s['seeds'])) < len(s['seeds']): _fail(f'{where} seeds', f'a seed is listed twice: {seeds}')
+    jt = raw.get('job_timeout')
+    if jt is not None and (isinstance(jt, bool) or not isinstance(jt, (int, float)) or not 0 < jt <= 10080):
+        _fail(f'{where} job_timeout', f'give the minutes one job may run before it is stopped as hung (0 < minutes <= 10080), got {jt!r}')
+    s['job_timeout'] = None if jt is None else float(jt)
     for k in ('stratify', 'report'):
         x = raw.get(k, k == 'report')
         if not isinstance(x, bool): _fail(f'{where} {k}', f'must be true or false, got {x!r}')

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import agenb
 from .core import InputError, run_cli, environment_info, file_sha256, atomic_write, atomic_write_json
-from .data import as_list, folder_matching
+from .data import as_list, data_fingerprint, folder_matching
 from .split import save_split
 from .model import build_model, describe_model, set_trainable
 from .options import Options, build_parser, resolve_options, given_from_config
@@ -25,8 +25,8 @@ from .explain import explain_run
 from .report import render_report
 
 # %% auto #0
-__all__ = ['parse_command_line', 'build_config', 'data_fingerprint', 'Interrupted', 'seed_everything', 'start_bias', 'train',
-           'finish_run', 'write_intervals', 'render_report_safely', 'main']
+__all__ = ['parse_command_line', 'build_config', 'Interrupted', 'seed_everything', 'start_bias', 'train', 'finish_run',
+           'write_intervals', 'render_report_safely', 'main']
 
 # %% ../nbs/16_train.ipynb #bdca8d07
 def parse_command_line(argv=None) -> tuple:
@@ -107,13 +107,6 @@ def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: 
 def _resolved(paths):
     "A path resolved, or each of a list of them (several muscle folders)."
     return [str(Path(p).resolve()) for p in paths] if isinstance(paths, (list, tuple)) else str(Path(paths).resolve())
-
-def data_fingerprint(table, excel_path):
-    "Hash of the spreadsheet(s) and of the images actually used (names, sizes and contents)."
-    h = hashlib.sha256()
-    for p in sorted(table.path): h.update(f'{Path(p).name}\0{file_sha256(p)}\n'.encode())
-    sha = [file_sha256(x) for x in as_list(excel_path)]
-    return {'excel_sha256': sha[0] if len(sha) == 1 else sha, 'images_sha256': h.hexdigest(), 'n_images': len(table)}
 
 # %% ../nbs/16_train.ipynb #3f7dc2ca
 class Interrupted(Exception): pass

@@ -9,6 +9,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from agenb.exp_db import ExpDB, default_url, write_local
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
@@ -32,8 +33,10 @@ def make_experiment(d, spec=SPEC, n=9):
     for k in range(K):
         rest = [x for x in subs if x not in subs[k::K]]
         folds.append({'fold': k + 1, 'test_subjects': subs[k::K], 'val_subjects': rest[:1], 'train_subjects': rest[1:]})
-    atomic_write_json(d / 'experiment.json', {'name': spec['name'], 'id': 'abc', 'study_name': f'{spec["name"]}-abc',
-                                              'storage': 'default', 'folds': folds, 'test_subjects': ['99']})
+    rec = {'name': spec['name'], 'id': 'abc', 'study_name': f'{spec["name"]}-abc', 'storage': 'default', 'folds': folds,
+           'test_subjects': ['99'], 'data': {}}
+    ExpDB(default_url(d), 'abc').create(rec, yaml.safe_dump(spec), 'key', 'data')   # the experiment lives in its database
+    write_local(d, rec)
     return d
 
 

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from agenb.exp_db import ExpDB, default_url
 from conftest import ROOT, agenb
 
 # Tiny fold runs: 32 px, one epoch, no report or Grad-CAM (the experiment's own report is still rendered).
@@ -35,7 +36,8 @@ def exp_dir_of(r):
 
 
 def job_records(exp):
-    return [json.loads(p.read_text()) for p in sorted((exp / 'jobs').glob('*.json'))]
+    "The experiment's job records, from its database (the folder's study.db)."
+    return ExpDB(default_url(exp), json.loads((exp / 'experiment.json').read_text())['id']).jobs()
 
 
 def read_csv(p):
@@ -239,7 +241,7 @@ def test_final_records_every_opening(grid_exp, synth_root):
     assert 'opened 2 times' in r.stderr
     e = json.loads((grid_exp / 'experiment.json').read_text())
     assert len(e['test_openings']) == 2
-    rec = json.loads((grid_exp / 'jobs' / f'final_{run.parent.name}.json').read_text())
+    rec = next(r for r in job_records(grid_exp) if r['key'] == f'final_{run.parent.name}')
     assert len(rec['attempts']) == 1 and len(rec['reused']) == 1                       # the final model is not retrained
     assert 'WARNING: the test set was opened 2 times' in (grid_exp / 'report.html').read_text()
     r = experiment('final', grid_exp, '--variant', 'loss=l1', timeout=120)
