@@ -30,7 +30,7 @@ unit: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 2 $(NBDEV_TEST_FLAGS)
 
 integration: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "$(PYTEST_MARKS)" tests
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile -m "$(PYTEST_MARKS)" tests
 
 ## make demo: generate the synthetic demo dataset (reused only if the current generator wrote it with these
 ## parameters), train the mae recipe on it (nbs/train.ipynb via papermill), render the run's report.html and

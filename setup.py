@@ -11,7 +11,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['agenb', 'agenb.*']),
     python_requires='>=' + cfg['min_python'],
     install_requires=cfg['requirements'].split(),
-    extras_require={'export': cfg.get('export_requirements', '').split(), 'dev': cfg.get('dev_requirements', '').split()},
+    extras_require={k: cfg.get(f'{k}_requirements', '').split() for k in ('export', 'dashboard', 'dev')},
     entry_points={'papermill.engine': ['agenb = agenb.core:IPCEngine']},
     include_package_data=True, zip_safe=False,
 )

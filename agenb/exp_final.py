@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from .core import InputError, atomic_write_text
 from .data import DEFAULT_PATTERN, load_dataset
@@ -120,10 +121,43 @@ def ensemble_matrix(runs, paths, device='cpu', batch_size=64, num_threads=4) -> 
 
 def _variants(ctx) -> list: return study_variants(ctx.studies, ctx.spec)
 
+def _as_options(name) -> dict | None:
+    "A variant name written as option=value,option=value -> {option: value}, values read as YAML reads them; else None."
+    parts = [p.split('=', 1) for p in str(name).split(',')]
+    if not all(len(p) == 2 and p[0].strip() for p in parts): return None
+    def value(v):
+        x = yaml.safe_load(v)
+        if isinstance(x, str):                      # PyYAML reads 1e-3 (no dot) as text
+            try: return float(x)
+            except ValueError: return x
+        return x
+    try: return {k.strip(): value(v) for k, v in parts}
+    except yaml.YAMLError: return None
+
+def _num(x) -> bool: return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+def _apart(a, b) -> float:
+    "How far option sets `a` and `b` are apart: per option, a relative difference of numbers, else 0 (same) or 1."
+    d = 0.0
+    for k in set(a) | set(b):
+        x, y = a.get(k), b.get(k)
+        if _num(x) and _num(y): d += abs(x - y) / max(abs(x), abs(y), 1e-12) if x != y else 0.0
+        else: d += float(x != y)
+    return d
+
 def _variant(variants, name):
+    """The variant named `name`; a grid point also by any spelling of its values (`dropout=0.0`, `dropout=0` and
+    `dropout=0e0` name the same one). The "did you mean" of an unknown name is the nearest by value."""
     for v in variants:
         if v['name'] == name: return v
-    raise InputError(f'no variant named {name!r}; variants: {", ".join(v["name"] for v in variants)}' + _closest(name, [v['name'] for v in variants]))
+    want, names = _as_options(name), [v['name'] for v in variants]
+    if want is not None:
+        same = [v for v in variants if v['kind'] != 'search' and _apart(want, v['options']) == 0]
+        if len(same) == 1: return same[0]
+        near = [v for v in variants if set(v['options']) == set(want)]
+        hint = f' (did you mean {min(near, key=lambda v: _apart(want, v["options"]))["name"]}?)' if near else _closest(name, names)
+    else: hint = _closest(name, names)
+    raise InputError(f'no variant named {name!r}; variants: {", ".join(names)}' + hint)
 
 def _ensemble_frame(runs, image_dir, files, excel_path, device, batch_size, num_threads) -> pd.DataFrame:
     M = ensemble_matrix(runs, files, device, batch_size, num_threads)

@@ -2,56 +2,28 @@
 experiment with every job trained once, a machine killed with kill -9 whose job another takes over, a corrupted run
 that is set aside and trained again; and, on SQLite, the hung-trainer timeout and the resume checks (agenb version,
 data content, --allow-changed-data)."""
-import glob, json, os, pwd, shutil, signal, socket, subprocess, sys, tempfile, time
+import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import sqlalchemy as sa
 import yaml
 from PIL import Image
 
 from agenb.exp_db import ExpDB, default_url
 from conftest import ROOT, agenb
+from pgserver import new_database, pg_binaries, postgres_server
 
 TINY = {'arch': 'resnet18', 'pretrained': False, 'image_size': 32, 'epochs': 1, 'batch_size': 16, 'num_workers': 1,
         'warmup_epochs': 0, 'lr': 1.0e-3, 'report': False, 'gradcam_n': 0, 'checkpoint_every': 0}
 
 
-def pg_binaries():
-    "initdb and pg_ctl: on the PATH, or in the usual Debian place; None when this machine has no PostgreSQL server."
-    for d in [None, *sorted(glob.glob('/usr/lib/postgresql/*/bin'), reverse=True)]:
-        i, c = shutil.which('initdb', path=d), shutil.which('pg_ctl', path=d)
-        if i and c: return i, c
-    return None
-
-
 @pytest.fixture(scope='module')
 def pg_url():
-    """A PostgreSQL server of its own, started from the binaries on this machine (as the unprivileged `postgres` or
-    `nobody` user when the tests run as root: the server refuses root), stopped at the end. Skips, saying why, without them."""
-    bins = pg_binaries()
-    if bins is None: pytest.skip('no PostgreSQL server binaries (initdb, pg_ctl) on this machine: the multi-machine tests need them')
-    initdb, pg_ctl = bins
-    d = Path(tempfile.mkdtemp(prefix='agenb_pg_'))           # not under pytest's tmp (mode 700, root's): the server must reach it
-    kw = {}
-    if os.geteuid() == 0:
-        try: u = pwd.getpwnam('postgres')
-        except KeyError: u = pwd.getpwnam('nobody')
-        os.chown(d, u.pw_uid, u.pw_gid)
-        kw = {'user': u.pw_uid, 'group': u.pw_gid, 'extra_groups': []}
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
-    run = lambda *a: subprocess.run(a, capture_output=True, text=True, cwd=d, **kw)
-    r = run(initdb, '-D', str(d / 'data'), '-U', 'agenb', '--auth=trust', '-E', 'UTF8', '--no-sync')
-    assert r.returncode == 0, r.stderr
-    r = run(pg_ctl, '-D', str(d / 'data'), '-l', str(d / 'log'), '-w', '-t', '60', 'start',
-            '-o', f'-p {port} -h 127.0.0.1 -k {d} -c fsync=off -c max_connections=200')
-    assert r.returncode == 0, r.stderr + (d / 'log').read_text()
-    try: yield f'postgresql+psycopg2://agenb@127.0.0.1:{port}/postgres'
-    finally:
-        run(pg_ctl, '-D', str(d / 'data'), '-m', 'immediate', 'stop')
-        shutil.rmtree(d, ignore_errors=True)
+    "A PostgreSQL server of this module's own (tests/pgserver.py); skips, saying why, on a machine without the binaries."
+    if pg_binaries() is None:
+        pytest.skip('no PostgreSQL server binaries (initdb, pg_ctl) on this machine: the multi-machine tests need them')
+    with postgres_server() as url: yield url
 
 
 _n = [0]
@@ -59,11 +31,7 @@ _n = [0]
 def db_url(pg_url):
     "A fresh database on the server for each test."
     _n[0] += 1
-    name = f't{os.getpid()}_{_n[0]}'
-    eng = sa.create_engine(pg_url, isolation_level='AUTOCOMMIT')
-    with eng.connect() as c: c.execute(sa.text(f'CREATE DATABASE {name}'))
-    eng.dispose()
-    return pg_url.rsplit('/', 1)[0] + f'/{name}'
+    return new_database(pg_url, f't{os.getpid()}_{_n[0]}')
 
 
 def write_spec(path, synth_root, **kw):
@@ -201,7 +169,15 @@ def test_resume_checks_version_and_data(tmp_path, synth_root):
     db.update(lambda e: e.update(agenb_version='0.1.0'))
     r = agenb('experiment', 'run', spec, '--out', out, '--engine', 'cli')
     assert r.returncode == 2 and 'agenb 0.1.0 -> ' in r.stderr and '--allow-changed-data' in r.stderr
-    assert len(r.stderr.strip().splitlines()[-1]) > 0 and 'Traceback' not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr
+    imgs = tmp_path / 'new'; imgs.mkdir()
+    split = pd.read_csv(out / 'splits' / 'final.csv', dtype={'subject': str})
+    shutil.copy(split.path[split.split == 'train'].iloc[0], imgs)
+    args = ('experiment', 'predict', out, '--variant', 'loss=mae', '--image-dir', imgs, '--out', tmp_path / 'p' / 'p.csv')
+    r = agenb(*args)                                                         # predict checks too
+    assert r.returncode == 2 and 'agenb 0.1.0 -> ' in r.stderr, r.stderr
+    assert agenb(*args, '--allow-changed-data').returncode == 0
+    assert db.read()['test_openings'] == []                                   # not a test image: nothing opened
     img = sorted((data / 'TA' / 'Healthy' / 'Images').glob('*.png'))[0]
     Image.open(img).convert('L').point(lambda v: 255 - v).save(img)          # one image's content changed
     r = agenb('experiment', 'run', spec, '--out', out, '--engine', 'cli')
