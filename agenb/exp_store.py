@@ -4,7 +4,7 @@
 
 # %% ../nbs/22_exp_store.ipynb #7203c5c5
 from __future__ import annotations
-import hashlib, json, sys, warnings
+import hashlib, json, sys, time, warnings
 from pathlib import Path
 
 import yaml
@@ -95,9 +95,11 @@ def open_storage(url):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kw = {'connect_args': {'timeout': 300}} if url.startswith('sqlite') else {'pool_pre_ping': True}
     make_engine(url)                    # a missing driver: one line saying which to install
-    try: return optuna.storages.RDBStorage(url, engine_kwargs=kw)
-    except Exception as e:
-        raise InputError(f'cannot open the study storage {redact(url)} ({type(e).__name__}: {" ".join(str(e).split())[:300]})') from None
+    for i in range(4):                  # machines starting together race to create Optuna's tables: the loser tries again
+        try: return optuna.storages.RDBStorage(url, engine_kwargs=kw)
+        except Exception as e:
+            if i == 3: raise InputError(f'cannot open the study storage {redact(url)} ({type(e).__name__}: {" ".join(str(e).split())[:300]})') from None
+            time.sleep(1 + i)
 
 def open_study(exp, exp_dir, url, pruner=None, search=False, storage=None):
     "The experiment's study of fixed variants (`search=True`: of its search), created on first use in the storage at `url`."
@@ -150,6 +152,7 @@ def _find_or_make(spec, spec_text, table, data, fp, url, storage, allow, log) ->
             else:
                 log(f'new experiment {spec["name"]} ({eid}) in {redact(url)}')
                 ExpDB(url, eid).create(_new_record(spec, table, data, fp, storage, eid), spec_text, key, fp['images_sha256'])
+        open_storage(url)                # Optuna's tables too are made under this lock, by one machine
         return ExpDB(url, eid)
 
 def setup_experiment(spec, spec_path, exp_dir, storage=None, log=print, allow_changed=False) -> dict:
