@@ -278,29 +278,6 @@ def test_bad_command_lines(tmp_path):
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-@pytest.mark.skipif(not os.environ.get('AGENB_TEST_STORAGE'), reason='set AGENB_TEST_STORAGE=postgresql+psycopg2://USER:PASSWORD@HOST/DB to run')
-def test_two_workers_share_a_database_study(tmp_path, synth_root):
-    "The multi-machine path: two run processes, one study in a database server (PostgreSQL), every job once."
-    url = os.environ['AGENB_TEST_STORAGE']
-    spec = write_spec(tmp_path / 'spec.yaml', synth_root, folds=2, baseline=None, name=f'pg{os.getpid()}')
-    out = tmp_path / 'exp'
-    cmd = [sys.executable, '-m', 'agenb.experiment', 'run', str(spec), '--out', str(out), '--engine', 'cli', '--storage', url]
-    ps = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                           env=dict(os.environ, OMP_NUM_THREADS='1')) for _ in range(2)]
-    res = [p.communicate(timeout=900) for p in ps]
-    assert all(p.returncode == 0 for p in ps), [e[-2000:] for _, e in res]
-    recs = job_records(out)
-    assert len(recs) == 4 and sum(len(r['attempts']) for r in recs) == 4 and all(r['status'] == 'completed' for r in recs)
-    assert not (out / 'study.db').exists()
-    e = json.loads((out / 'experiment.json').read_text())
-    from agenb.exp_store import redact
-    assert e['storage'] == redact(url) and e['storage'].startswith('postgresql')
-    study = optuna.load_study(study_name=e['study_name'], storage=url)
-    assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    r = experiment('status', out, '--storage', url, timeout=120)
-    assert r.returncode == 0 and 'fold runs: 4 of 4 done' in r.stdout, r.stderr
-
-
 def test_example_specs_are_valid():
     from agenb.exp_spec import load_spec
     specs = sorted((ROOT / 'examples').glob('*.yaml'))

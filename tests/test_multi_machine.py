@@ -169,7 +169,7 @@ def test_resume_checks_version_and_data(tmp_path, synth_root):
     db.update(lambda e: e.update(agenb_version='0.1.0'))
     r = agenb('experiment', 'run', spec, '--out', out, '--engine', 'cli')
     assert r.returncode == 2 and 'agenb 0.1.0 -> ' in r.stderr and '--allow-changed-data' in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr
+    assert [l for l in r.stderr.splitlines() if 'error' in l] == [r.stderr.strip().splitlines()[-1]] and 'Traceback' not in r.stderr
     imgs = tmp_path / 'new'; imgs.mkdir()
     split = pd.read_csv(out / 'splits' / 'final.csv', dtype={'subject': str})
     shutil.copy(split.path[split.split == 'train'].iloc[0], imgs)
