@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 NBDEV_TEST_FLAGS ?=
 
-.PHONY: install test test-all unit integration demo bench export readme outputs mutate
+.PHONY: install test test-all unit integration browser demo bench export readme outputs mutate
 
 $(STAMP): requirements.lock setup.py settings.ini
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,24 @@ test-all:
 unit: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 2 $(NBDEV_TEST_FLAGS)
 
-integration: $(STAMP)
-	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile -m "$(PYTEST_MARKS)" tests
+integration: $(STAMP) browser
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --durations=15 -m "$(PYTEST_MARKS)" tests
+
+## make browser: the system Chromium that tests/test_browser.py drives (through Playwright, no browser download):
+## installed with apt-get when missing and this is root on a Debian-like system; otherwise one line says the browser
+## test will be skipped. Never fails make.
+BROWSERS := chromium chromium-browser google-chrome
+BROWSER_PKG := chromium
+browser:
+	@for b in $(BROWSERS); do command -v $$b >/dev/null 2>&1 && { \
+	   echo "make browser: $$(command -v $$b) ($$($$b --version 2>/dev/null)) for tests/test_browser.py"; exit 0; }; done; \
+	 if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	   echo "make browser: no Chromium and not root with apt-get: tests/test_browser.py will be skipped"; exit 0; fi; \
+	 echo "make browser: installing $(BROWSER_PKG) with apt-get"; \
+	 export DEBIAN_FRONTEND=noninteractive; \
+	 apt-get install -y -qq $(BROWSER_PKG) >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+	   apt-get install -y -qq $(BROWSER_PKG) >/dev/null 2>&1; } || \
+	   echo "make browser: apt-get install $(BROWSER_PKG) failed: tests/test_browser.py will be skipped"
 
 ## make demo: generate the synthetic demo dataset (reused only if the current generator wrote it with these
 ## parameters), train the mae recipe on it (nbs/train.ipynb via papermill), render the run's report.html and
@@ -67,7 +83,8 @@ readme:
 	$(PYTHON) -c "import json; nb = json.load(open('nbs/index.ipynb')); open('README.md', 'w').write('\n\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown') + '\n')"
 
 ## make mutate: mutation testing (mutmut, pinned in requirements.lock) of the code whose bugs would falsify results
-## (split, evaluate, the trainer's decisions and checkpoints, runs, predict's preprocessing) with the fast in-process
+## (split, evaluate, the trainer's decisions and checkpoints, runs, predict's preprocessing, the experiment statistics,
+## protocol and OOF coverage, the age-gap statistics, the model's view pooling and heads) with the fast in-process
 ## tests; writes mutation/REPORT.md (counts, and every survivor with why it is equivalent). Not part of make test.
 MUTATE_DIR := build/mutate
 mutate: $(STAMP)

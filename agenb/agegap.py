@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_agegap.ipynb #d823ca83
 from __future__ import annotations
-import html, math, sys
+import html, math, os, sys
 from datetime import datetime
 from pathlib import Path
 
@@ -17,8 +17,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 import agenb
 from .core import (InputError, Parser, run_cli, show_path, ensure_output_dir, atomic_write, atomic_write_json,
-                        atomic_savefig, atomic_write_text)
-from .data import load_dataset
+                        atomic_savefig, atomic_write_text, file_sha256)
+from .data import load_dataset, data_fingerprint
 from .model import sheet_covariates
 from .runs import load_run_model, read_split, refuse_run_dir
 from .evaluate import apply_bias_correction, subject_level
@@ -27,11 +27,11 @@ from .report import STYLE, Html, kv_table, table, note, img_file, fmt, notebook_
 from .predict import predict_images
 
 # %% auto #0
-__all__ = ['HEALTHY', 'COLUMNS', 'MIN_HEALTHY', 'COLORS', 'DASH_P', 'OUT_FILES', 'correction_applied', 'subject_gaps',
-           'train_age_range', 'healthy_test_images', 'default_excel', 'clinical_images', 'cohens_d', 'compare_gaps',
-           'age_bands', 'band_table', 'age_adjusted', 'agegap_stats', 'gap_vs_age_figure', 'gap_distribution_figure',
-           'roc_figure', 'summary_frame', 'bands_frame', 'agegap_html', 'build_parser', 'output_dir', 'main',
-           'summary_text']
+__all__ = ['HEALTHY', 'COLUMNS', 'NEVER_SEEN', 'MIN_HEALTHY', 'COLORS', 'DASH_P', 'OUT_FILES', 'correction_applied',
+           'subject_gaps', 'train_age_range', 'healthy_test_images', 'default_excel', 'clinical_images',
+           'refuse_run_data', 'cohens_d', 'compare_gaps', 'age_bands', 'band_table', 'age_adjusted', 'agegap_stats',
+           'gap_vs_age_figure', 'gap_distribution_figure', 'roc_figure', 'summary_frame', 'bands_frame', 'agegap_html',
+           'build_parser', 'output_dir', 'main', 'summary_text']
 
 # %% ../nbs/18_agegap.ipynb #b667d243
 HEALTHY = 'Healthy test'   # the name of the comparison group: the run's own healthy test subjects
@@ -102,11 +102,7 @@ def clinical_images(rm, image_dir, excel_path, cohort=None, batch_size=64, num_w
         tab, summary = load_dataset(image_dir, excel_path, cohort=cohort, pattern=rm.pattern, verify=False, extra_columns=extra, **kw)
     except InputError as e:
         raise InputError(f'cohort folder {image_dir}: {e}') from None
-    used = {str(Path(p).resolve()): s for p, s in zip(read_split(rm.run_dir).path, read_split(rm.run_dir).split)}
-    seen = [(Path(p).name, used[str(Path(p).resolve())]) for p in tab['path'] if str(Path(p).resolve()) in used]
-    if seen:
-        raise InputError(f'cohort folder {image_dir}: {len(seen)} of its images were used by the run ({_few(f"{n} ({s})" for n, s in seen)}); '
-                         'an age gap needs a cohort the run never saw: pass the clinical image folder')
+    refuse_run_data(rm.run_dir, rm.cfg, tab, summary, excel_path, f'cohort folder {image_dir}')   # by path, bytes and rows
     df, _, _ = predict_images(rm, list(tab['path']), batch_size, tta=False, skip_bad=False, num_threads=num_workers,
                               table=tab, where=f'{excel_path} (cohort folder {image_dir})')  # a covariate run's covariates
     key = lambda p: str(Path(p).resolve())
@@ -114,6 +110,60 @@ def clinical_images(rm, image_dir, excel_path, cohort=None, batch_size=64, num_w
     out = tab[['path', 'filename', 'subject', 'image_index', 'age']].copy()
     out['pred'] = [pred[key(p)] for p in out['path']]
     return out, summary
+
+# %% ../nbs/18_agegap.ipynb #b5a5415a
+NEVER_SEEN = 'an age gap needs a cohort the run never saw: pass the clinical image folder (e.g. <root>/TA/Pathological/Images)'
+
+def _hashes(paths) -> dict:
+    "{path: SHA-256} of the readable files (an unreadable one is reported when it is predicted)."
+    out = {}
+    for p in paths:
+        try: out[p] = file_sha256(p)
+        except OSError: pass
+    return out
+
+def _same_bytes(paths, split) -> list:
+    "(cohort file, run file, split) of each cohort image byte-identical to an image the run used."
+    def size(p):
+        try: return os.stat(p).st_size
+        except OSError: return -1
+    mine, theirs = {p: size(p) for p in paths}, {p: size(p) for p in split.path}
+    both = (set(mine.values()) & set(theirs.values())) - {-1}
+    run = {h: p for p, h in _hashes([p for p, n in theirs.items() if n in both]).items()}
+    where = dict(zip(split.path, split.split))
+    return [(Path(p).name, Path(run[h]).name, where[run[h]])
+            for p, h in _hashes([p for p, n in mine.items() if n in both]).items() if h in run]
+
+# %% ../nbs/18_agegap.ipynb #8e37e64f
+def _whole_copy(tab, excel_path, cfg) -> bool:
+    "Whether the cohort's images hash to the run's recorded `data_fingerprint` (the same names and contents)."
+    fp = cfg.get('data_fingerprint') or {}
+    if not fp.get('images_sha256') or fp.get('n_images') != len(tab): return False
+    try: return data_fingerprint(tab, excel_path)['images_sha256'] == fp['images_sha256']
+    except OSError: return False
+
+def _run_sheets(cfg) -> set:
+    "(spreadsheet SHA-256, block) of every folder the run read: where its subjects' rows are."
+    rs = (cfg.get('dataset') or {}).get('read_summary') or {}
+    return {(f.get('excel_sha256'), f.get('cohort')) for f in (rs.get('folders') or [rs]) if f.get('excel_sha256')}
+
+def refuse_run_data(run_dir, cfg, tab, summary, excel_path, where):
+    "InputError (one line) when the cohort (`load_dataset`'s `tab`, `summary`) holds the run's images or subjects' rows."
+    split, real = read_split(run_dir), lambda p: os.path.realpath(p)
+    used, found = dict(zip(split.path.map(real), split.split)), []
+    if seen := [(Path(p).name, used[real(p)]) for p in tab.path if real(p) in used]:
+        found.append(f'{len(seen)} of its images were used by the run ({_few(f"{n} ({s})" for n, s in seen)})')
+    elif same := _same_bytes(list(tab.path), split):
+        found.append(f'{len(same)} of its images are byte-identical to images the run used '
+                     f'({_few(f"{a} = {b} ({s})" for a, b, s in same)})')
+    elif _whole_copy(tab, excel_path, cfg):
+        found.append(f"its {len(tab)} images are the run's (names and contents hash to config.json's data_fingerprint)")
+    if (summary.get('excel_sha256'), summary.get('cohort')) in _run_sheets(cfg):
+        of = split.drop_duplicates('subject').set_index('subject').split
+        if ids := [s for s in dict.fromkeys(tab.subject) if s in of.index]:
+            found.append(f"{len(ids)} of its subjects are the run's (the same rows: spreadsheet sha256 "
+                         f"{summary['excel_sha256'][:12]}, block {summary.get('cohort')}; {_few(f'{s} ({of[s]})' for s in ids)})")
+    if found: raise InputError(f'{where}: ' + '; '.join(found) + '; ' + NEVER_SEEN)
 
 # %% ../nbs/18_agegap.ipynb #6d6ece26
 def cohens_d(x, y) -> float:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_data.ipynb #b07b7264
 from __future__ import annotations
-import argparse, hashlib, itertools, json, math, os, re, stat, sys, unicodedata, zipfile
+import argparse, errno, hashlib, itertools, json, math, os, re, stat, sys, unicodedata, zipfile
 from pathlib import Path, PureWindowsPath
 from types import SimpleNamespace
 
@@ -16,9 +16,9 @@ from .core import InputError, Parser, run_cli, file_sha256
 
 # %% auto #0
 __all__ = ['DEFAULT_PATTERN', 'IMAGE_EXTS', 'ID_NAMES', 'AGE_NAMES', 'SEX_NAMES', 'HEIGHT_NAMES', 'WEIGHT_NAMES', 'FILE_NAMES',
-           'COLUMNS', 'BMI_RANGE', 'MAX_TABLE_MB', 'MAX_EXPANDED_MB', 'CELLS_PER_MB', 'norm_id', 'show_name',
-           'read_cells', 'list_images', 'load_dataset', 'as_list', 'data_fingerprint', 'pair_folders', 'load_folders',
-           'folder_matching', 'format_summary', 'main']
+           'COLUMNS', 'BMI_RANGE', 'MAX_TABLE_MB', 'MAX_EXPANDED_MB', 'CELLS_PER_MB', 'norm_id', 'show_name', 'denied',
+           'no_read_access', 'read_cells', 'list_images', 'load_dataset', 'as_list', 'data_fingerprint', 'pair_folders',
+           'distinct_folders', 'load_folders', 'folder_matching', 'format_summary', 'main']
 
 # %% ../nbs/02_data.ipynb #028603c1
 DEFAULT_PATTERN = r'^anon_(\d+)_(\d+)\.(png|jpe?g|tiff?|bmp)$'
@@ -116,9 +116,27 @@ def _limit(value, env, default, flag):
         raise InputError(f'{src} must be a positive number of megabytes, got {value!r}: e.g. {src}={default * 4}')
     return v
 
-def _why(e):
-    "An exception as a short text for a message."
-    return f'{type(e).__name__}: {show_name(str(e).splitlines()[0] if str(e) else "")[:120]}'
+def _cut(text, n=120):
+    "`text` shortened to about `n` characters at a space: never inside a word, so a path is whole or left out."
+    if len(text) <= n: return text
+    head = text[:n + 1]
+    return (head.rsplit(' ', 1)[0] if ' ' in head else text.split(' ', 1)[0]) + ' ...'
+
+def _why(e, path=None):
+    """An exception as a short text for a message. An error of the operating system by its reason alone, and `path`
+    in the text by its file name: the message names the full path once, itself."""
+    if isinstance(e, OSError) and e.strerror: return f'{type(e).__name__}: {e.strerror}'
+    text = show_name(str(e).splitlines()[0] if str(e) else '')
+    if path is not None and show_name(path) in text: text = text.replace(show_name(path), show_name(Path(path).name))
+    return f'{type(e).__name__}: {_cut(text)}'
+
+def denied(e) -> bool:
+    "Is `e` the operating system refusing access to a file or folder (PermissionError, errno EACCES or EPERM)?"
+    return isinstance(e, PermissionError) or (isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM))
+
+def no_read_access(what, path, todo='') -> InputError:
+    "The one line for a `what` at `path` the user may not read: the full path once, and what to do about it."
+    return InputError(f'{what} {show_name(path)} cannot be read (permission denied): give your user read access to it{todo}')
 
 def _read_csv(path, shown):
     try:
@@ -190,13 +208,18 @@ def read_cells(path, sheet=None, max_table_mb=None, max_expanded_mb=None):
     max_expanded_mb = _limit(max_expanded_mb, 'AGENB_MAX_EXPANDED_MB', MAX_EXPANDED_MB, '--max-expanded-mb')
     try: st = path.stat()
     except FileNotFoundError: raise InputError(f'spreadsheet {shown} does not exist: check --excel-path')
-    except OSError as e: raise InputError(f'spreadsheet {shown} cannot be opened ({_why(e)}): check --excel-path and its permissions')
+    except OSError as e:
+        if denied(e): raise InputError(f'spreadsheet {shown} cannot be reached (permission denied on a folder above it): '
+                                       'give your user access to its folders (read and search, r-x)')
+        raise InputError(f'spreadsheet {shown} cannot be opened ({_why(e)}): check --excel-path')
     if not stat.S_ISREG(st.st_mode): raise InputError(f'spreadsheet {shown} is not a file: pass the .xlsx or .csv file itself')
     if st.st_size > max_table_mb * 1e6:
         raise InputError(f'{shown} is {st.st_size / 1e6:,.1f} MB, above the limit of {max_table_mb:g} MB for a subjects table: '
                          'check that it is the right file, or raise the limit with --max-table-mb or AGENB_MAX_TABLE_MB')
     try: open(path, 'rb').close()
-    except OSError as e: raise InputError(f'spreadsheet {shown} cannot be opened ({_why(e)}): check that you may read it')
+    except OSError as e:
+        if denied(e): raise no_read_access('spreadsheet', path)
+        raise InputError(f'spreadsheet {shown} cannot be opened ({_why(e)}): check --excel-path')
     ext = path.suffix.lower()
     if ext in ('.csv', '.tsv', '.txt'):
         if sheet is not None: raise InputError(f'{shown} is a CSV file, it has no sheets: leave out the sheet option')
@@ -276,10 +299,15 @@ def list_images(folder, pattern=None) -> list[Path]:
     try: root = d.resolve(strict=True)
     except FileNotFoundError: raise InputError(f'image folder {show_name(d)} does not exist: check --image-dir')
     except (OSError, RuntimeError) as e:   # RuntimeError: a link loop (Python < 3.13)
+        if denied(e): raise InputError(f'image folder {show_name(d)} cannot be reached (permission denied): give your '
+                                       'user access to it and the folders above it (read and search, r-x)')
         raise InputError(f'image folder {show_name(d)} cannot be opened ({_why(e)}): check --image-dir')
     if not root.is_dir(): raise InputError(f'--image-dir {show_name(d)} is not a folder: pass the folder that holds the images')
     try: names = os.listdir(root)
-    except OSError as e: raise InputError(f'image folder {show_name(d)} cannot be listed ({_why(e)}): check its permissions')
+    except OSError as e:
+        if denied(e): raise InputError(f'image folder {show_name(d)} cannot be listed (permission denied): give your user '
+                                       'read access to it (read and search, r-x)')
+        raise InputError(f'image folder {show_name(d)} cannot be listed ({_why(e)}): check --image-dir')
     files, outside, broken, odd, undecodable = [], [], [], [], []
     for name in names:
         if name.startswith('.') or os.path.splitext(name)[1].lower() not in IMAGE_EXTS: continue
@@ -361,7 +389,11 @@ def _verify_image(path):
                 im.verify()
     except InputError: raise
     except Exception as e:   # PIL raises many types (OSError, SyntaxError, ValueError, struct.error...) for bad files
-        raise InputError(f'image {show_name(path)} cannot be decoded ({_why(e)}): replace the file or remove it from the folder')
+        if denied(e): raise no_read_access('image', path, ', or remove it from the folder') from None
+        if isinstance(e, OSError) and e.errno is not None:   # the system could not read it (PIL's own errors have no errno)
+            raise InputError(f'image {show_name(path)} cannot be read ({_why(e)}): check the file and its disk, or remove '
+                             'it from the folder') from None
+        raise InputError(f'image {show_name(path)} cannot be decoded ({_why(e, path)}): replace the file or remove it from the folder')
 
 def _uncomputed(rows, row_range, cols):
     "Addresses of the never-computed formula cells in `rows[row_range]`, columns `cols` (None: all)."
@@ -633,7 +665,19 @@ def pair_folders(image_dir, excel_path) -> list:
     dirs, excels = as_list(image_dir), as_list(excel_path)
     if not dirs or len(excels) not in (1, len(dirs)):
         raise InputError(f'--excel-path was given {len(excels)} times for {len(dirs)} --image-dir: give it once, or once per --image-dir')
+    distinct_folders(dirs)
     return list(zip(dirs, excels * len(dirs) if len(excels) == 1 else excels))
+
+def distinct_folders(dirs):
+    "Refuse two `--image-dir` that are one folder: the same path, or two paths that resolve to it (a link)."
+    absd, real = [os.path.abspath(d) for d in dirs], [os.path.realpath(d) for d in dirs]
+    if twice := next((d for d in absd if absd.count(d) > 1), None):
+        raise InputError(f'--image-dir {show_name(twice)} is given more than once: give each muscle folder once')
+    if (r := next((r for r in real if real.count(r) > 1), None)) is not None:
+        a, b = [d for d, x in zip(absd, real) if x == r][:2]
+        raise InputError(f'--image-dir {show_name(a)} and --image-dir {show_name(b)} are the same folder'
+                         f'{"" if r in (a, b) else " " + show_name(r)} (through a link): its images would count twice, '
+                         'as two muscles; give each muscle folder once')
 
 def load_folders(image_dir, excel_path, strict=False, **kw):
     """`load_dataset` of one image folder, or of several (the muscles of one cohort): their tables stacked, subjects
@@ -641,8 +685,6 @@ def load_folders(image_dir, excel_path, strict=False, **kw):
     pairs = pair_folders(image_dir, excel_path)
     if len(pairs) == 1: return load_dataset(*pairs[0], strict=strict, **kw)
     absd = [os.path.abspath(d) for d, _ in pairs]
-    if twice := next((d for d in absd if absd.count(d) > 1), None):
-        raise InputError(f'--image-dir {show_name(twice)} is given more than once: give each muscle folder once')
     parts = [load_dataset(d, x, strict=strict, **kw) for d, x in pairs]
     labels = [_folder_label(s, i) for i, (_, s) in enumerate(parts)]
     if twice := next((m for m in labels if labels.count(m) > 1), None):

@@ -4,14 +4,15 @@
 
 # %% ../nbs/09_evaluate.ipynb #d39da454
 from __future__ import annotations
-import argparse, json, math, re
+import argparse, json, math, os, re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.stats import linregress
 
-from .core import InputError, Parser, run_cli, atomic_write, atomic_write_json, atomic_savefig, ensure_output_dir, timestamped
+from .core import (InputError, Parser, run_cli, atomic_write, atomic_write_json, atomic_savefig, ensure_output_dir, timestamped,
+                        show_path)
 from .data import DEFAULT_PATTERN
 from .runs import predict_split, read_split, refuse_run_dir
 from matplotlib.figure import Figure  # never pyplot: drawing must not switch the caller's backend
@@ -371,14 +372,26 @@ def load_predictions(path, true_col=None, pred_col=None, file_col=None, subject_
     return out
 
 # %% ../nbs/09_evaluate.ipynb #55cf400b
+def _default_out(run, split) -> Path:
+    "RUN/evaluations/<split>_<timestamp>: a new folder, refused up front when the folder it goes into cannot be written."
+    out = timestamped(run / 'evaluations', split)
+    p = out.parent if out.parent.is_dir() else run   # the folder the new one is made in
+    if not os.access(p, os.W_OK | os.X_OK):
+        ro = hasattr(os, 'statvfs') and os.statvfs(p).f_flag & os.ST_RDONLY   # no statvfs on Windows
+        why = 'a read-only file system' if ro else 'permission denied'
+        raise InputError(f'folder {show_path(p)} is not writable ({why}), so the evaluation cannot be written into the run '
+                         'folder: pass --out DIR to write it to another folder')
+    return out
+
 def _run_mode(a):
     run = Path(a.run_dir)
     split = read_split(run)
     _need(split, ['age', 'split'], f'{run / "split.csv"}')
+    out = Path(a.out) if a.out else _default_out(run, a.split)   # before predicting: a refusal costs nothing
     test = predict_split(run, split=a.split, device=a.device)
     val = predict_split(run, split='val', device=a.device) if a.split == 'test' and (split['split'] == 'val').any() else None
     train_ages = split.loc[split['split'] == 'train', 'age'].to_numpy(dtype=float)
-    return Path(a.out) if a.out else timestamped(run / 'evaluations', a.split), test, val, train_ages
+    return out, test, val, train_ages
 
 def main(argv=None):
     ap = Parser(prog='python -m agenb.evaluate',
@@ -407,7 +420,8 @@ def main(argv=None):
     else:
         out, test, val, train_ages = _run_mode(a)
     refuse_run_dir(out, instead='a new folder (RUN_DIR mode writes RUN_DIR/evaluations/<split>_<timestamp>/ by default)')
-    m = write_evaluation(ensure_output_dir(out), test, val, train_ages, bin_width=a.bin_width, min_slope=a.min_slope)
+    out = ensure_output_dir(out, '--out' if a.out else 'evaluation folder')
+    m = write_evaluation(out, test, val, train_ages, bin_width=a.bin_width, min_slope=a.min_slope)
     print(summary_text(m))
     print(f'wrote {", ".join(m["files"].values())} to {out}')
     return m

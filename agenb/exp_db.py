@@ -14,9 +14,9 @@ from .core import InputError, atomic_write_json
 from .exp_protocol import _now, read_json
 
 # %% auto #0
-__all__ = ['META', 'EXPERIMENTS', 'JOBS', 'CLAIMS', 'LEASE_SECONDS', 'redact', 'default_url', 'make_engine', 'create_tables',
-           'ExpDB', 'bind', 'local_record', 'storage_url', 'exp_db', 'write_local', 'read_experiment',
-           'update_experiment', 'exp_lock']
+__all__ = ['META', 'EXPERIMENTS', 'JOBS', 'CLAIMS', 'LEASE_SECONDS', 'CONNECT_TIMEOUT', 'STATEMENT_TIMEOUT_MS', 'redact',
+           'default_url', 'make_engine', 'reachable', 'create_tables', 'ExpDB', 'bind', 'local_record', 'storage_url',
+           'exp_db', 'write_local', 'read_experiment', 'update_experiment', 'exp_lock']
 
 # %% ../nbs/21_exp_db.ipynb #814a9be3
 META = sa.MetaData()
@@ -42,33 +42,65 @@ def default_url(exp_dir) -> str:
     "The storage of an experiment without --storage: the SQLite file EXP_DIR/study.db."
     return f'sqlite:///{(Path(exp_dir) / "study.db").resolve()}'
 
+# %% ../nbs/21_exp_db.ipynb #2d41306a
+CONNECT_TIMEOUT, STATEMENT_TIMEOUT_MS = 10, 120_000
+
+def _server_args(u) -> dict:
+    "connect_args of PostgreSQL URL `u` (libpq drivers): timeouts and keepalives the URL and environment do not set."
+    if u.get_backend_name() != 'postgresql' or u.get_driver_name() not in ('psycopg2', 'psycopg', 'psycopg2cffi'): return {}
+    q, a = set(u.query), {}
+    if 'connect_timeout' not in q and 'PGCONNECT_TIMEOUT' not in os.environ: a['connect_timeout'] = CONNECT_TIMEOUT
+    if 'options' not in q and 'PGOPTIONS' not in os.environ: a['options'] = f'-c statement_timeout={STATEMENT_TIMEOUT_MS}'
+    if 'keepalives' not in q: a.update(keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+    return a
+
 def make_engine(url):
-    "A SQLAlchemy engine for `url` (SQLite waits for its lock; a server's connections are checked before use)."
-    kw = {'connect_args': {'timeout': 300}} if url.startswith('sqlite') else {'pool_pre_ping': True, 'pool_size': 2}
-    try: return sa.create_engine(url, **kw)
+    "A SQLAlchemy engine for `url` (SQLite waits for its lock; a server's connections are checked before use, with timeouts)."
+    try:
+        u = sa.engine.make_url(url)
+        if u.get_backend_name() == 'sqlite' and u.database in (None, '', ':memory:'):
+            raise InputError(f'--storage {redact(url)} is an in-memory database, which each process would have its own of; '
+                             'give a file (sqlite:////path/study.db) or a database server')
+        kw = ({'connect_args': {'timeout': 300}} if u.get_backend_name() == 'sqlite' else
+              {'pool_pre_ping': True, 'pool_size': 2, 'connect_args': _server_args(u)})
+        return sa.create_engine(u, **kw)
+    except InputError: raise
     except Exception as e:
         hint = ''
         if isinstance(e, ImportError) and url.startswith('postgresql://'):   # SQLAlchemy 2.1's default driver is psycopg 3
             hint = '; pip install psycopg[binary], or say which driver you have: postgresql+psycopg2://...'
         raise InputError(f'cannot open the storage {redact(url)} ({type(e).__name__}: {" ".join(str(e).split())[:300]}){hint}') from None
 
+def _url_text(engine): return redact(engine.url.render_as_string(hide_password=False))
+
+def reachable(engine):
+    "Connect once: a storage that cannot be reached, or does not answer within the connect timeout, is one line at once."
+    try:
+        with engine.connect(): pass
+    except sa.exc.SQLAlchemyError as e:
+        why = " ".join(str(getattr(e, 'orig', None) or e).split())[:300]
+        raise InputError(f'cannot reach the storage {_url_text(engine)} ({type(e).__name__}: {why}); check the URL, '
+                         'that the server runs and answers, and the network') from None
+    return engine
+
 def create_tables(engine, tries=5):
     "agenb's tables, made if missing (several machines may start together: a lost race is tried again)."
+    reachable(engine)
     for i in range(tries):
         try: return META.create_all(engine)
         except sa.exc.SQLAlchemyError as e:
             if i == tries - 1:
-                raise InputError(f'cannot use the storage {redact(engine.url.render_as_string(hide_password=False))} '
-                                 f'({type(e).__name__}: {" ".join(str(e).split())[:300]})') from None
+                raise InputError(f'cannot use the storage {_url_text(engine)} ({type(e).__name__}: {" ".join(str(e).split())[:300]})') from None
             time.sleep(0.5 * (i + 1))
 
 # %% ../nbs/21_exp_db.ipynb #03489bc9
 class ExpDB:
-    "One process's access to the rows of experiment `exp_id` in the database at `url` (agenb's tables made if missing)."
-    def __init__(self, url, exp_id=None, lease=LEASE_SECONDS):
+    """One process's access to the rows of experiment `exp_id` in the database at `url` (agenb's tables made if missing;
+    with `create=False` nothing is made: only connected to)."""
+    def __init__(self, url, exp_id=None, lease=LEASE_SECONDS, create=True):
         self.url, self.id, self.lease = url, exp_id, float(lease)
         self.engine = make_engine(url)
-        create_tables(self.engine)
+        create_tables(self.engine) if create else reachable(self.engine)
         self.owner = f'{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}'
         self.held, self.on_lost, self.took_over = {}, None, {}
         self._guard, self._depth, self._hb = threading.RLock(), 0, None
@@ -233,13 +265,25 @@ def bind(exp_dir, db) -> ExpDB:
     _OPEN[str(Path(exp_dir).resolve())] = db
     return db
 
+def _format(rec) -> int:
+    f = rec.get('format', 1)
+    return f if isinstance(f, int) and not isinstance(f, bool) else 0
+
 def local_record(exp_dir) -> dict:
     "The folder's experiment.json (its id, storage and this machine's data paths), with a clear error when it is not one."
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir(): raise InputError(f'{exp_dir} is not a folder; give an experiment folder made by python -m agenb.experiment run')
-    if not (exp_dir / 'experiment.json').is_file():
+    p = exp_dir / 'experiment.json'
+    if not p.is_file():
         raise InputError(f'{exp_dir} has no experiment.json: it is not an experiment folder (or run was stopped before it was made)')
-    return read_json(exp_dir / 'experiment.json', 'experiment record')
+    rec = read_json(p, 'experiment record')
+    bad = next((k for k, ok in (('format', _format(rec) > 0), ('id', _format(rec) < 2 or isinstance(rec.get('id'), str)),
+                                ('data', isinstance(rec.get('data'), dict) or (_format(rec) < 2 and rec.get('data') is None)),
+                                ('storage', isinstance(rec.get('storage', 'default'), str))) if not ok), None)
+    if bad:
+        raise InputError(f'{p}: its {bad!r} is {type(rec.get(bad)).__name__ if bad in rec else "missing"}: the experiment record '
+                         'is damaged; restore it from a copy, or write a new folder from the database (status NAME --storage URL --out NEW_DIR)')
+    return rec
 
 def storage_url(local, exp_dir, given=None) -> str:
     "The storage URL of an experiment folder: `given` (checked against the recorded one), else the recorded one."
@@ -261,8 +305,13 @@ def exp_db(exp_dir, storage=None) -> ExpDB:
     k = str(Path(exp_dir).resolve())
     if k not in _OPEN or (storage and redact(storage) != redact(_OPEN[k].url)):
         local = local_record(exp_dir)
-        db = ExpDB(storage_url(local, exp_dir, storage), local.get('id'))
-        if db.read() is None:
+        url, new = storage_url(local, exp_dir, storage), _format(local) >= 2
+        if new and url == default_url(exp_dir) and not (Path(exp_dir) / 'study.db').is_file():
+            raise InputError(f'{Path(exp_dir) / "study.db"} is missing: the experiment lives in it; restore it from a copy')
+        db = ExpDB(url, local.get('id'), create=False)    # nothing made in a database that lacks the experiment
+        if not sa.inspect(db.engine).has_table(EXPERIMENTS.name) or db.read() is None:
+            if new: raise InputError(f'the storage {redact(url)} holds no record of experiment {local["id"]} (named by {exp_dir}/experiment.json): '
+                                     'was the database emptied or replaced? restore it from a copy, or give the --storage it lives in')
             raise InputError(f'{exp_dir} was made by agenb {local.get("agenb_version", "< 0.2")}, which kept experiments in files: '
                              f'finish it with that version, or start a new experiment (--out elsewhere)')
         bind(exp_dir, db)

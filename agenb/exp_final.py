@@ -132,7 +132,7 @@ def _as_options(name) -> dict | None:
             except ValueError: return x
         return x
     try: return {k.strip(): value(v) for k, v in parts}
-    except yaml.YAMLError: return None
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError): return None   # e.g. a date like 2020-13-45
 
 def _num(x) -> bool: return isinstance(x, (int, float)) and not isinstance(x, bool)
 

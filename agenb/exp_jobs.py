@@ -20,7 +20,7 @@ from .core import InputError, atomic_write_text
 from .options import cli_flags
 from .runs import check_resumable, read_history, read_run_config
 from .stats import OOF_COLUMNS, subject_errors
-from .exp_spec import check_spec, make_pruner
+from .exp_spec import PATH_OPTIONS, check_spec, make_pruner, spec_from_text
 from .exp_protocol import _now
 from .exp_db import LEASE_SECONDS, ExpDB, exp_db, exp_lock, read_experiment
 from .exp_store import (add_fixed_trial, new_search_trial, next_search_name, open_studies, reopen_search_trial, report_folds,
@@ -32,8 +32,8 @@ __all__ = ['GRACE_SECONDS', 'MODEL_FILES', 'ProtocolError', 'slug', 'variant_job
            'verify_run', 'fold_frame', 'subject_mae', 'repo_root', 'train_notebook', 'job_options', 'job_command',
            'make_context', 'stop_current', 'set_aside', 'run_job', 'finish_job', 'artifact_store', 'upload_model',
            'model_dir', 'trial_claim', 'fold_results', 'start_search_trial', 'search_trial', 'release_trials',
-           'report_fold', 'oof_value', 'settle_trial', 'claim_next', 'worker_loop', 'collect_oof', 'experiment_status',
-           'is_complete', 'job_table']
+           'report_fold', 'oof_value', 'settle_trial', 'claim_next', 'worker_loop', 'OOFError', 'collect_oof',
+           'experiment_status', 'is_complete', 'job_table']
 
 # %% ../nbs/23_exp_jobs.ipynb #975175df
 class ProtocolError(Exception): pass
@@ -157,12 +157,16 @@ def train_notebook() -> Path:
     return p
 
 def job_options(exp_dir, exp, spec, job) -> dict:
-    "The trainer options of `job`."
-    data = {k: v for k, v in exp['data'].items() if k != 'fingerprint'}
+    """The trainer options of `job`. A relative path option (weights, cache_dir) becomes the absolute path `run`
+    resolved on this machine (`data.paths` of experiment.json): the job runs in a folder of its own."""
+    paths = exp['data'].get('paths') or {}
+    data = {k: v for k, v in exp['data'].items() if k not in ('fingerprint', 'paths')}
     kind = 'final model' if job.final else f'fold {job.fold}/{spec["folds"]}'
     g = {**data, **spec['base'], **job.options, 'seed': job.seed, 'split_file': str(Path(job.split_file).resolve()),
          'output_dir': str(Path(job.dir).resolve()), 'run_name': job.key, 'bin_width': spec['bin_width']}
-    if 'cache_dir' not in spec['base']: g['cache_dir'] = str((Path(exp_dir) / 'image_cache').resolve())
+    for k in PATH_OPTIONS:
+        if isinstance(g.get(k), str) and not Path(g[k]).is_absolute(): g[k] = paths.get(g[k]) or str(Path(g[k]).resolve())
+    if g.get('cache_dir') is None: g['cache_dir'] = str((Path(exp_dir) / 'image_cache').resolve())
     if g.get('description') is None:
         g['description'] = f'agenb.experiment {exp["name"]} ({exp["id"]}): variant {job.variant}, training seed {job.seed}, {kind}'
     return {k: v for k, v in g.items() if v is not None}
@@ -197,7 +201,7 @@ def make_context(exp_dir, storage=None, engine='papermill', nproc=1, worker=0, l
     shared = exp_db(exp_dir, storage)
     db = ExpDB(shared.url, shared.id, lease or LEASE_SECONDS)      # this worker's own claims, with its own heartbeat
     exp = read_experiment(exp_dir)
-    spec = check_spec(yaml.safe_load(db.spec_text()), f'the spec of experiment {exp["name"]}')
+    spec = spec_from_text(db.spec_text(), f'the spec of experiment {exp["name"]}')
     pruner = make_pruner(spec['search']['pruner']) if spec['search'] else optuna.pruners.NopPruner()
     fixed, search = open_studies(exp, exp_dir, db.url, pruner, search=bool(spec['search']))
     ctx = SimpleNamespace(exp_dir=exp_dir, exp=exp, spec=spec, url=db.url, db=db, study=fixed, search_study=search,
@@ -550,21 +554,37 @@ def worker_loop(ctx, emit):
     finally: release_trials(ctx)
 
 # %% ../nbs/23_exp_jobs.ipynb #e8c2b288
+class OOFError(InputError, RuntimeError):
+    "The out-of-fold predictions the database holds for a job marked complete are missing or damaged (one line, exit 2)."
+
+def _job_oof(exp_dir, exp, j) -> pd.DataFrame:
+    "The out-of-fold rows of the complete fold job `j`, checked: exactly the subjects of its held-out fold, each image once."
+    f, where = exp_db(exp_dir).job_oof(j.key), f'the database of {exp_dir}'
+    if f is None: raise OOFError(f'{where} has no out-of-fold predictions of job {j.key}, which is marked complete; restore the database from a copy')
+    want = set(map(str, exp['folds'][j.fold - 1]['test_subjects']))
+    miss = [c for c in (*OOF_COLUMNS, 'path') if c not in f]
+    got = set() if miss else set(f['subject'].astype(str))
+    if miss or got != want or f['path'].duplicated().any():
+        raise OOFError(f'the out-of-fold predictions of job {j.key} in {where} are damaged '
+                       + (f'(no {miss[0]} column)' if miss else f'({len(want - got)} of the {len(want)} subjects of fold {j.fold} missing, '
+                          f'{len(got - want)} others, {int(f["path"].duplicated().sum())} images twice)')
+                       + '; restore the database from a copy')
+    return f
+
 def collect_oof(exp_dir, exp, spec, variants) -> pd.DataFrame:
     "The pooled out-of-fold predictions of `variants` (all of whose fold runs are done): `OOF_COLUMNS` and the image path."
     frames, dev = [], development_subjects(exp)
     for v in variants:
         for j in variant_jobs(exp_dir, spec, v):
             rec = read_record(exp_dir, j.key)
-            if not rec or rec.get('status') != 'completed': raise RuntimeError(f'{j.key} is not done; {v["name"]} is not complete')
-            f = exp_db(exp_dir).job_oof(j.key)
-            if f is None: raise RuntimeError(f'the database has no out-of-fold predictions of {j.key}, which is marked complete')
-            frames.append(f)
+            if not rec or rec.get('status') != 'completed':              # a complete variant's job: the database lost it
+                raise OOFError(f'job {j.key} of variant {v["name"]} is not recorded done in the database of {exp_dir}; restore the database from a copy')
+            frames.append(_job_oof(exp_dir, exp, j))
     oof = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=OOF_COLUMNS)
     for (v, seed), g in oof.groupby(['variant', 'seed']):
         per = g.groupby('subject')['fold'].nunique()
         if set(per.index) != dev or (per != 1).any() or g['path'].duplicated().any():   # several muscles: one file name twice
-            raise RuntimeError(f'the OOF predictions of {v} (seed {seed}) do not cover every development subject exactly once')
+            raise OOFError(f'the OOF predictions of {v} (seed {seed}) do not cover every development subject exactly once')
     return oof
 
 # %% ../nbs/23_exp_jobs.ipynb #73fd11ab

@@ -12,19 +12,20 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure  # never pyplot: drawing must not switch the caller's backend
 
-from .core import InputError, IPCKernelManager, atomic_write_json, atomic_write_text
-from .report import STYLE, Html, fig_tag, kv_table, note, notebook_html, table
+from .core import InputError, atomic_write_json, atomic_write_text
+from .report import STYLE, Html, QuietKernelManager, fig_tag, kv_table, note, notebook_html, table
 from .stats import OOF_COLUMNS, board_notes, leaderboard, subject_errors
 from .exp_protocol import _now, opening_counts, read_json
-from .exp_db import exp_lock, read_experiment
+from .exp_db import exp_lock, read_experiment, redact
 from .exp_store import study_variants
-from .exp_jobs import collect_oof, experiment_status, is_complete, job_table, make_context, repo_root
+from .exp_jobs import (collect_oof, experiment_status, is_complete, job_table, make_context, read_record, repo_root,
+                            variant_jobs)
 
 # %% auto #0
-__all__ = ['FIRST', 'results_signature', 'full_leaderboard', 'write_results', 'load_results', 'html_escape', 'header_section',
-           'openings_note', 'protocol_section', 'leaderboard_section', 'forest_figure', 'fold_table', 'folds_section',
-           'fold_figure', 'scatter_figure', 'search_section', 'final_section', 'runs_section',
-           'experiment_report_notebook', 'render_experiment_report', 'comparison_html', 'compare_oof']
+__all__ = ['FIRST', 'results_signature', 'full_leaderboard', 'write_results', 'lost_variants', 'check_not_lost', 'load_results',
+           'html_escape', 'header_section', 'openings_note', 'protocol_section', 'leaderboard_section', 'forest_figure',
+           'fold_table', 'folds_section', 'fold_figure', 'scatter_figure', 'search_section', 'final_section',
+           'runs_section', 'experiment_report_notebook', 'render_experiment_report', 'comparison_html', 'compare_oof']
 
 # %% ../nbs/24_exp_report.ipynb #f4c88c49
 FIRST = ['variant', 'rank', 'status', 'subject_mae', 'subject_mae_ci_low', 'subject_mae_ci_high', 'image_mae',
@@ -53,9 +54,13 @@ def full_leaderboard(exp_dir, exp, spec, variants) -> tuple:
 def write_results(ctx, force=False, render=None) -> dict:
     "oof_predictions.csv, leaderboard.csv and (unless the spec says `report: false`) report.html; returns results.json."
     render = ctx.spec['report'] if render is None else render
+    variants = study_variants(ctx.studies, ctx.spec)      # refused before the lock is taken (taking it writes a claim)
+    check_not_lost(ctx, variants)
+    collect_oof(ctx.exp_dir, read_experiment(ctx.exp_dir), ctx.spec, [v for v in variants if v['state'] == 'COMPLETE'])
     with exp_lock(ctx.exp_dir):
         exp = read_experiment(ctx.exp_dir)
         variants = study_variants(ctx.studies, ctx.spec)
+        check_not_lost(ctx, variants)                # a database that lost results never shrinks the leaderboard
         oof, board = full_leaderboard(ctx.exp_dir, exp, ctx.spec, variants)
         sig = results_signature(exp, variants, oof)
         prev = ctx.exp_dir / 'results.json'
@@ -73,6 +78,31 @@ def write_results(ctx, force=False, render=None) -> dict:
             except Exception as e: res['report_error'] = f'{type(e).__name__}: {" ".join(str(e).split())[:500]}'
         atomic_write_json(prev, res)
         return res
+
+# %% ../nbs/24_exp_report.ipynb #b7bf1af4
+def lost_variants(exp_dir, variants) -> list:
+    "The variants `leaderboard.csv` shows complete that are not complete in the study `variants` now."
+    p = Path(exp_dir) / 'leaderboard.csv'
+    try: old = pd.read_csv(p, dtype={'variant': str}) if p.is_file() else None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError): return []   # unreadable: rewritten
+    if old is None or 'variant' not in old: return []
+    done = old[old['status'] == 'complete'] if 'status' in old else old[old['subject_mae'].notna()] if 'subject_mae' in old else old.iloc[:0]
+    now = {v['name'] for v in variants if v['state'] == 'COMPLETE'}
+    return [v for v in done['variant'] if v not in now]
+
+def check_not_lost(ctx, variants):
+    "One line naming what the database lost, when it lost a variant `leaderboard.csv` shows complete (see `lost_variants`)."
+    lost = lost_variants(ctx.exp_dir, variants)
+    if not lost: return
+    v = next((x for x in variants if x['name'] == lost[0]), None)
+    recs = [read_record(ctx.exp_dir, j.key) or {} for j in variant_jobs(ctx.exp_dir, ctx.spec, v)] if v else []
+    done = sum(r.get('status') == 'completed' for r in recs)
+    what = ('it is no longer in the study' if v is None else
+            f'its trial is missing from the study, its {done} fold runs are recorded done: `run` with the spec and --out {ctx.exp_dir} makes the trial again, or restore the database'
+            if recs and done == len(recs) and v['kind'] != 'search' else
+            f'{len(recs) - done} of its {len(recs)} fold runs are no longer recorded done: restore the database from a copy')
+    raise InputError(f'the database {redact(ctx.url)} has lost {len(lost)} variant(s) that {ctx.exp_dir / "leaderboard.csv"} shows complete '
+                     f'({", ".join(lost[:3])}{", ..." if len(lost) > 3 else ""}); {lost[0]}: {what}; leaderboard.csv is kept')
 
 # %% ../nbs/24_exp_report.ipynb #0085e02f
 def load_results(exp_dir, storage=None) -> SimpleNamespace:
@@ -304,7 +334,7 @@ def render_experiment_report(exp_dir, storage_url=None, timeout=900) -> Path:
         try:
             pm.execute_notebook(str(experiment_report_notebook()), str(out), parameters={'exp_dir': str(exp_dir)}, kernel_name='python3',
                                 cwd=tmp, progress_bar=False, log_output=False, request_save_on_cell_execute=False,
-                                execution_timeout=timeout, kernel_manager_class=IPCKernelManager)
+                                execution_timeout=timeout, kernel_manager_class=QuietKernelManager)
         except pm.PapermillExecutionError as e:
             raise RuntimeError(f'the experiment report notebook failed in cell {e.exec_count}: {e.ename}: {e.evalue}') from None
         finally:

@@ -14,9 +14,10 @@ from .core import InputError
 from .options import OPTION_TYPES, resolve_options
 
 # %% auto #0
-__all__ = ['DATA_KEYS', 'SET_BY_EXPERIMENT', 'SPEC_KEYS', 'SEARCH_KEYS', 'DISTRIBUTIONS', 'PRUNERS', 'trainer_options',
-           'resolve_trainer_options', 'option_value', 'check_options', 'value_text', 'expand_variants', 'search_space',
-           'make_pruner', 'check_spec', 'load_spec']
+__all__ = ['DATA_KEYS', 'SET_BY_EXPERIMENT', 'SPEC_KEYS', 'SEARCH_KEYS', 'DISTRIBUTIONS', 'PRUNERS', 'PATH_OPTIONS', 'MAX_SEED',
+           'LIMITS', 'MAX_SPEC_BYTES', 'MAX_SPEC_VALUES', 'trainer_options', 'resolve_trainer_options', 'option_value',
+           'check_options', 'value_text', 'expand_variants', 'search_space', 'make_pruner', 'check_spec', 'SpecLoader',
+           'read_spec_yaml', 'spec_from_text', 'load_spec', 'spec_paths', 'resolve_paths']
 
 # %% ../nbs/19_exp_spec.ipynb #c5a55c48
 DATA_KEYS = ('image_dir', 'excel_path', 'cohort', 'pattern', 'id_col', 'age_col', 'file_col', 'strict', 'min_age', 'max_age',
@@ -34,6 +35,9 @@ SPEC_KEYS = ('name', 'description', 'data', 'base', 'grid', 'variants', 'baselin
 SEARCH_KEYS = ('trials', 'space', 'pruner', 'seed', 'startup_trials')
 DISTRIBUTIONS = ('log_uniform', 'uniform', 'int', 'log_int', 'choice')
 PRUNERS = {'median': 'MedianPruner', 'percentile': 'PercentilePruner', 'threshold': 'ThresholdPruner', 'none': 'NopPruner'}
+PATH_OPTIONS = ('weights', 'cache_dir')   # trainer options that name a file or folder: resolved where `run` starts, like data:
+MAX_SEED = 2**32 - 1                       # seeds go to numpy, whose generators take 0 .. 2**32 - 1
+LIMITS = {'variants': 1000, 'seeds': 100, 'folds': 1000, 'trials': 100_000, 'bootstrap': (100, 100_000)}
 
 def trainer_options() -> dict:
     "name -> type of every trainer option, from the option table (agenb.options)."
@@ -44,31 +48,38 @@ def resolve_trainer_options(given: dict):
     return resolve_options(given)
 
 def _closest(name, names):
-    m = difflib.get_close_matches(str(name), list(names), n=1)
+    m = difflib.get_close_matches(str(name)[:100], list(names), n=1)   # a long name would make difflib slow
     return f' (did you mean {m[0]}?)' if m else ''
 
-def _fail(where, msg): raise InputError(f'{where}: {msg}')
+def _r(v, n=80) -> str:
+    "repr(v), cut to `n` characters: a message shows what was given, never a whole value."
+    t = repr(v)
+    return t if len(t) <= n else t[:n - 5] + ' ...' + t[-1]
+
+def _fail(where, msg):
+    where = str(where)
+    raise InputError(f'{where if len(where) <= 200 else where[:195] + " ..."}: {msg}')
 
 def option_value(name, value, typ, where):
     "`value` (from YAML) as the option's type; InputError naming `where` when it cannot be."
     if value is None: return None
     if typ is bool:
         if isinstance(value, bool): return value
-        _fail(where, f'{name} must be true or false, got {value!r}')
+        _fail(where, f'{name} must be true or false, got {_r(value)}')
     if typ is int:
         if not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             return int(value)
-        _fail(where, f'{name} must be a whole number, got {value!r}')
+        _fail(where, f'{name} must be a whole number, got {_r(value)}')
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value): return float(value)
         if isinstance(value, str):
             with contextlib.suppress(ValueError):
                 if math.isfinite(float(value)): return float(value)   # PyYAML reads 1e-4 (no dot) as text
-        _fail(where, f'{name} must be a number, got {value!r}')
+        _fail(where, f'{name} must be a number, got {_r(value)}')
     if isinstance(value, (str, int, float)) and not isinstance(value, bool): return str(value)
     if name in ('image_dir', 'excel_path') and isinstance(value, list) and value and all(isinstance(x, str) for x in value):
         return value if len(value) > 1 else value[0]   # several muscle folders of one cohort
-    _fail(where, f'{name} must be text, got {value!r}')
+    _fail(where, f'{name} must be text, got {_r(value)}')
 
 def check_options(d, where, types, data=False) -> dict:
     "Check a mapping of trainer options (or, with `data`, of data options); returns it with typed values."
@@ -78,12 +89,12 @@ def check_options(d, where, types, data=False) -> dict:
     for k, v in d.items():
         k = str(k)
         if data and k not in DATA_KEYS:
-            _fail(where, f'{k!r} is not a data option; data takes {", ".join(DATA_KEYS)}' + _closest(k, DATA_KEYS))
+            _fail(where, f'{_r(k)} is not a data option; data takes {", ".join(DATA_KEYS)}' + _closest(k, DATA_KEYS))
         if not data:
             if k in DATA_KEYS: _fail(where, f'{k} is a data option: put it under data: (the same for every variant)')
             if k in SET_BY_EXPERIMENT: _fail(where, f'{k} is set by the experiment: {SET_BY_EXPERIMENT[k]}')
             if k not in types:
-                _fail(where, f'unknown option {k!r}; options are the trainer\'s (python -m agenb.train --help, '
+                _fail(where, f'unknown option {_r(k)}; options are the trainer\'s (python -m agenb.train --help, '
                              'with underscores)' + _closest(k, types))
         out[k] = option_value(k, v, types[k], where)
     return out
@@ -95,14 +106,24 @@ def value_text(v) -> str:
     if isinstance(v, float): return f'{v:g}'
     return str(v)
 
-def _int(v, where, lo=None):
-    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
-        _fail(where, f'must be a whole number{f" >= {lo}" if lo is not None else ""}, got {v!r}')
+def _int(v, where, lo=None, hi=None):
+    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f' from {lo} to {hi}' if hi is not None else f' >= {lo}' if lo is not None else ''
+        _fail(where, f'must be a whole number{rng}, got {_r(v)}')
     return v
 
 def _share(v, where):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1: _fail(where, f'must be a number between 0 and 1, got {v!r}')
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1: _fail(where, f'must be a number between 0 and 1, got {_r(v)}')
     return float(v)
+
+def _count_variants(grid, variants, where) -> int:
+    "How many static variants the grid and explicit variants make, refused above `LIMITS['variants']` before any is made."
+    n = math.prod(len(v) for v in grid.values()) if isinstance(grid, dict) and grid else 0
+    n += len(variants) if isinstance(variants, list) else 0
+    if n > LIMITS['variants']:
+        _fail(f'{where} grid', f'{n} variants (the product of the grid\'s list lengths, plus explicit variants) is more than '
+                               f'{LIMITS["variants"]}; use a search: for a large space, or split the experiment')
+    return n
 
 def expand_variants(grid, variants, types, where='spec') -> list:
     "The static variants: grid points, then explicit variants; each a dict(name, kind, options)."
@@ -110,24 +131,27 @@ def expand_variants(grid, variants, types, where='spec') -> list:
     if grid is not None:
         if not isinstance(grid, dict) or not grid: _fail(f'{where} grid', 'expected a mapping of option: [values]')
         for k, vals in grid.items():
-            if not isinstance(vals, list) or not vals: _fail(f'{where} grid', f'{k} must be a non-empty list of values, got {vals!r}')
+            if not isinstance(vals, list) or not vals: _fail(f'{where} grid', f'{k} must be a non-empty list of values, got {_r(vals)}')
+        _count_variants(grid, variants, where)
         checked = {k: [check_options({k: v}, f'{where} grid', types)[k] for v in vals] for k, vals in grid.items()}
         for combo in itertools.product(*checked.values()):
             opts = dict(zip(checked, combo))
             out.append({'name': ','.join(f'{k}={value_text(v)}' for k, v in opts.items()), 'kind': 'grid', 'options': opts})
     if variants is not None:
         if not isinstance(variants, list): _fail(f'{where} variants', 'expected a list of {name: ..., option: value}')
+        _count_variants(grid, variants, where)
         for i, v in enumerate(variants, 1):
             w = f'{where} variants[{i}]'
             if not isinstance(v, dict) or not isinstance(v.get('name'), str) or not v['name'].strip():
                 _fail(w, 'each variant needs a name: {name: NAME, option: value, ...}')
             name = v['name'].strip()
-            if '/' in name or '\n' in name or name.startswith('search-'): _fail(w, f'variant name {name!r} may not contain / or start with search-')
+            if '/' in name or '\n' in name or name.startswith('search-'): _fail(w, f'variant name {_r(name)} may not contain / or start with search-')
             out.append({'name': name, 'kind': 'variant',
                         'options': check_options({k: x for k, x in v.items() if k != 'name'}, f'{w} ({name})', types)})
-    names = [v['name'] for v in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup: _fail(f'{where} variants', f'two variants are named {dup[0]!r}; give every variant its own name')
+    seen = set()
+    for v in out:                                           # linear: a set, not names.count per name
+        if v['name'] in seen: _fail(f'{where} variants', f'two variants are named {_r(v["name"])}; give every variant its own name')
+        seen.add(v['name'])
     return out
 
 def search_space(space, types, where='spec search.space') -> dict:
@@ -138,20 +162,20 @@ def search_space(space, types, where='spec search.space') -> dict:
         check_options({k: None}, where, types)
         if not isinstance(d, dict) or len(d) != 1 or next(iter(d)) not in DISTRIBUTIONS:
             _fail(where, f'{k} must be one of {{log_uniform: [low, high]}}, {{uniform: [low, high]}}, {{int: [low, high]}}, '
-                         f'{{log_int: [low, high]}} or {{choice: [values]}}, got {d!r}')
+                         f'{{log_int: [low, high]}} or {{choice: [values]}}, got {_r(d)}')
         kind, args = next(iter(d.items()))
-        if not isinstance(args, list) or not args: _fail(where, f'{k}: {kind} takes a list, got {args!r}')
+        if not isinstance(args, list) or not args: _fail(where, f'{k}: {kind} takes a list, got {_r(args)}')
         if kind == 'choice':
             out[k] = ('choice', [check_options({k: a}, where, types)[k] for a in args])
             continue
-        if len(args) != 2: _fail(where, f'{k}: {kind} takes [low, high], got {args!r}')
+        if len(args) != 2: _fail(where, f'{k}: {kind} takes [low, high], got {_r(args)}')
         lo, hi = (option_value(k, a, float, where) for a in args)
         if kind in ('int', 'log_int'):
             if types[k] is not int or not (lo.is_integer() and hi.is_integer()):
                 _fail(where, f'{k}: {kind} needs a whole-number option and whole-number bounds')
             lo, hi = int(lo), int(hi)
         elif types[k] is not float: _fail(where, f'{k} is not a number option: use {{choice: [...]}}')
-        if not lo < hi: _fail(where, f'{k}: low must be below high, got {args!r}')
+        if not lo < hi: _fail(where, f'{k}: low must be below high, got {_r(args)}')
         if kind.startswith('log') and lo <= 0: _fail(where, f'{k}: {kind} needs low > 0, got {lo!r}')
         out[k] = (kind, [lo, hi])
     return out
@@ -160,50 +184,53 @@ def make_pruner(p, where='spec search.pruner'):
     "An Optuna pruner from the spec's `pruner` (a name, or {name: {arguments}})."
     kw = {}
     if isinstance(p, dict):
-        if len(p) != 1: _fail(where, f'expected one pruner, e.g. {{median: {{n_startup_trials: 2}}}}, got {p!r}')
+        if len(p) != 1: _fail(where, f'expected one pruner, e.g. {{median: {{n_startup_trials: 2}}}}, got {_r(p)}')
         p, kw = next(iter(p.items()))
         kw = kw or {}
-        if not isinstance(kw, dict): _fail(where, f'the arguments of {p} must be a mapping, got {kw!r}')
-    if p not in PRUNERS: _fail(where, f'unknown pruner {p!r}; use one of {", ".join(PRUNERS)}' + _closest(p, PRUNERS))
+        if not isinstance(kw, dict): _fail(where, f'the arguments of {p} must be a mapping, got {_r(kw)}')
+    if not isinstance(p, str) or p not in PRUNERS: _fail(where, f'unknown pruner {_r(p)}; use one of {", ".join(PRUNERS)}' + _closest(p, PRUNERS))
     try: return getattr(optuna.pruners, PRUNERS[p])(**kw)
-    except (TypeError, ValueError) as e: _fail(where, f'{p}: {" ".join(str(e).split())}')
+    except (TypeError, ValueError, OverflowError) as e: _fail(where, f'{p}: {" ".join(str(e).split())}')
 
 # %% ../nbs/19_exp_spec.ipynb #81269cca
-def check_spec(raw, where='spec') -> dict:
-    "The spec `raw` (parsed YAML) checked and normalised; InputError (one line) for anything wrong."
+def check_spec(raw, where='spec', files=True) -> dict:
+    """The spec `raw` (parsed YAML) checked and normalised; InputError (one line) for anything wrong. Without `files`
+    (a spec read back from the experiment's database), the files it names are not looked for on this machine."""
     if not isinstance(raw, dict): _fail(where, 'expected a mapping with at least name: and data:')
     for k in raw:
-        if k not in SPEC_KEYS: _fail(where, f'unknown key {k!r}; a spec has {", ".join(SPEC_KEYS)}' + _closest(k, SPEC_KEYS))
+        if k not in SPEC_KEYS: _fail(where, f'unknown key {_r(k)}; a spec has {", ".join(SPEC_KEYS)}' + _closest(k, SPEC_KEYS))
     types = trainer_options()
     name = raw.get('name')
     if not isinstance(name, str) or not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._-]*', name):
-        _fail(f'{where} name', f'give the experiment a name of letters, digits, . _ - (it names the folder), got {name!r}')
+        _fail(f'{where} name', f'give the experiment a name of letters, digits, . _ - (it names the folder), got {_r(name)}')
     data = check_options(raw.get('data'), f'{where} data', types, data=True)
     for k in ('image_dir', 'excel_path'):
         if not data.get(k): _fail(f'{where} data', f'{k} is required (data: {{image_dir: ..., excel_path: ...}})')
     s = {'name': name, 'description': raw.get('description'), 'data': data,
          'base': check_options(raw.get('base'), f'{where} base', types),
-         'folds': _int(raw.get('folds', 5), f'{where} folds', 2),
+         'folds': _int(raw.get('folds', 5), f'{where} folds', 2, LIMITS['folds']),
          'test_size': _share(raw.get('test_size', 0.2), f'{where} test_size'),
          'val_size': _share(raw.get('val_size', 0.1), f'{where} val_size'),
-         'split_seed': _int(raw.get('split_seed', 42), f'{where} split_seed', 0),
-         'bootstrap': _int(raw.get('bootstrap', 2000), f'{where} bootstrap', 100),
+         'split_seed': _int(raw.get('split_seed', 42), f'{where} split_seed', 0, MAX_SEED),
+         'bootstrap': _int(raw.get('bootstrap', 2000), f'{where} bootstrap', *LIMITS['bootstrap']),
          'baseline': raw.get('baseline')}
     seeds = raw.get('seeds', [1])
     seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
-    if not isinstance(seeds, list) or not seeds: _fail(f'{where} seeds', f'expected a list of training seeds, e.g. [1, 2, 3], got {seeds!r}')
-    s['seeds'] = [_int(x, f'{where} seeds', 0) for x in seeds]
-    if len(set(s['seeds'])) < len(s['seeds']): _fail(f'{where} seeds', f'a seed is listed twice: {seeds}')
+    if not isinstance(seeds, list) or not seeds or len(seeds) > LIMITS['seeds']:
+        _fail(f'{where} seeds', f'expected a list of 1 to {LIMITS["seeds"]} training seeds, e.g. [1, 2, 3], got {_r(seeds)}')
+    s['seeds'] = [_int(x, f'{where} seeds', 0, MAX_SEED) for x in seeds]
+    if len(set(s['seeds'])) < len(s['seeds']): _fail(f'{where} seeds', f'a seed is listed twice: {_r(seeds)}')
     jt = raw.get('job_timeout')
     if jt is not None and (isinstance(jt, bool) or not isinstance(jt, (int, float)) or not 0 < jt <= 10080):
-        _fail(f'{where} job_timeout', f'give the minutes one job may run before it is stopped as hung (0 < minutes <= 10080), got {jt!r}')
+        _fail(f'{where} job_timeout', f'give the minutes one job may run before it is stopped as hung (0 < minutes <= 10080), got {_r(jt)}')
     s['job_timeout'] = None if jt is None else float(jt)
     for k in ('stratify', 'report'):
         x = raw.get(k, k == 'report')
-        if not isinstance(x, bool): _fail(f'{where} {k}', f'must be true or false, got {x!r}')
+        if not isinstance(x, bool): _fail(f'{where} {k}', f'must be true or false, got {_r(x)}')
         s[k] = x
     bw = raw.get('bin_width', 10)
-    if isinstance(bw, bool) or not isinstance(bw, (int, float)) or not bw > 0: _fail(f'{where} bin_width', f'must be a positive number of years, got {bw!r}')
+    if isinstance(bw, bool) or not isinstance(bw, (int, float)) or not 0 < bw < math.inf:
+        _fail(f'{where} bin_width', f'must be a positive number of years, got {_r(bw)}')
     s['bin_width'] = float(bw)
     if s['description'] is not None and not isinstance(s['description'], str): _fail(f'{where} description', 'must be text')
     s['static'] = expand_variants(raw.get('grid'), raw.get('variants'), types, where)
@@ -212,40 +239,108 @@ def check_spec(raw, where='spec') -> dict:
         se = raw['search']
         if not isinstance(se, dict): _fail(f'{where} search', 'expected {trials: N, space: {...}, pruner: median}')
         for k in se:
-            if k not in SEARCH_KEYS: _fail(f'{where} search', f'unknown key {k!r}; search has {", ".join(SEARCH_KEYS)}' + _closest(k, SEARCH_KEYS))
+            if k not in SEARCH_KEYS: _fail(f'{where} search', f'unknown key {_r(k)}; search has {", ".join(SEARCH_KEYS)}' + _closest(k, SEARCH_KEYS))
         if 'trials' not in se or 'space' not in se: _fail(f'{where} search', 'needs trials: N and space: {option: {distribution: [args]}}')
         pruner = se.get('pruner', 'median')
         make_pruner(pruner, f'{where} search.pruner')
-        s['search'] = {'trials': _int(se['trials'], f'{where} search.trials', 1), 'space': search_space(se['space'], types),
-                       'pruner': pruner, 'seed': _int(se.get('seed', s['split_seed']), f'{where} search.seed', 0),
+        n = _int(se['trials'], f'{where} search.trials', 1, LIMITS['trials'])
+        s['search'] = {'trials': n, 'space': search_space(se['space'], types),   # trial i's sampler has seed + i
+                       'pruner': pruner, 'seed': _int(se.get('seed', s['split_seed']), f'{where} search.seed', 0, MAX_SEED - n + 1),
                        'startup_trials': _int(se.get('startup_trials', 10), f'{where} search.startup_trials', 0)}
     if not s['static'] and s['search'] is None: s['static'] = [{'name': 'base', 'kind': 'base', 'options': {}}]
     names = [v['name'] for v in s['static']]
     if s['baseline'] is not None and s['baseline'] not in names:
-        _fail(f'{where} baseline', f'{s["baseline"]!r} names no variant; variants: {", ".join(names) or "none (search only)"}'
+        _fail(f'{where} baseline', f'{_r(s["baseline"])} names no variant; variants: {", ".join(names) or "none (search only)"}'
               + _closest(s['baseline'], names))
-    _check_with_trainer(s, where)
+    _check_with_trainer(s, where, files)
     return s
 
-def load_spec(path) -> dict:
-    "Read and check a spec file; InputError (one line, naming the file) for anything wrong."
-    path = Path(path)
-    if not path.is_file(): raise InputError(f'spec file {path} does not exist; give a YAML spec (see examples/loss.yaml)')
-    try: raw = yaml.safe_load(path.read_text(encoding='utf-8'))
-    except UnicodeDecodeError: raise InputError(f'spec file {path} is not UTF-8 text') from None
-    except yaml.YAMLError as e:
-        m = getattr(e, 'problem_mark', None)
-        at = f' at line {m.line + 1}, column {m.column + 1} ({e.problem})' if m is not None else f' ({e})'
-        raise InputError(f'spec file {path} is not valid YAML{at}; fix it') from None
-    return check_spec(raw, str(path))
-
-def _check_with_trainer(s, where):
-    "Every variant (and every corner of the search space) through the trainer's option check."
+def _check_with_trainer(s, where, files=True):
+    "Every variant (and every corner of the search space) through the trainer's option check (without `files`: not weights:)."
     given = {**s['data'], **s['base']}
     trials = [(f'{where} variant {v["name"]}', {**given, **v['options']}) for v in s['static']]
     if s['search']:
         for k, (kind, args) in s['search']['space'].items():
             trials += [(f'{where} search.space {k}={value_text(a)}', {**given, k: a}) for a in args]
     for w, g in trials or [(f'{where} base', given)]:
-        try: resolve_trainer_options(g)
+        try: resolve_trainer_options(g if files else {**g, 'weights': None})
         except InputError as e: _fail(w, str(e))
+
+# %% ../nbs/19_exp_spec.ipynb #e930b438
+MAX_SPEC_BYTES, MAX_SPEC_VALUES = 1 << 20, 100_000
+
+class _SpecYAMLError(yaml.MarkedYAMLError): pass
+
+class SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses duplicate keys, and a document that aliases would expand to more than
+    `MAX_SPEC_VALUES` values (the nodes are counted, never copied)."""
+    def compose_document(self):
+        self._count, self._sizes = 0, {}
+        return super().compose_document()
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            node = super().compose_node(parent, index)         # the anchored node itself, not a copy
+            if id(node) not in self._sizes: raise _SpecYAMLError(problem='an alias inside its own anchor (a loop); write it out plainly', problem_mark=mark)
+            self._count += self._sizes[id(node)]
+        else:
+            start = self._count
+            node = super().compose_node(parent, index)
+            self._count += 1
+            self._sizes[id(node)] = self._count - start        # this node and everything under it, aliases expanded
+            mark = node.start_mark
+        if self._count > MAX_SPEC_VALUES:
+            raise _SpecYAMLError(problem=f'the spec expands to more than {MAX_SPEC_VALUES} values (through aliases, *name, '
+                                         'or a very long list); write it out plainly', problem_mark=mark)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for k, _ in node.value:
+            if not isinstance(k, yaml.ScalarNode): continue          # an unhashable key: the safe loader refuses it
+            key = self.construct_object(k)
+            if key in seen:
+                raise _SpecYAMLError(problem=f'the key {_r(key)} is given twice (also at line {seen[key] + 1}): give each key once',
+                                     problem_mark=k.start_mark)
+            seen[key] = k.start_mark.line
+        return super().construct_mapping(node, deep)
+
+# %% ../nbs/19_exp_spec.ipynb #00682f8e
+def read_spec_yaml(text, where='spec'):
+    "The YAML `text` of a spec, parsed by `SpecLoader`; an InputError naming `where` (and the line) when it cannot be."
+    if len(text) > MAX_SPEC_BYTES: raise InputError(f'{where} holds {len(text)} characters; a spec is at most {MAX_SPEC_BYTES} (1 MB)')
+    try: return yaml.load(text, Loader=SpecLoader)
+    except _SpecYAMLError as e:
+        raise InputError(f'{where}, line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}: {e.problem}') from None
+    except yaml.YAMLError as e:
+        m = getattr(e, 'problem_mark', None)
+        at = f' at line {m.line + 1}, column {m.column + 1} ({e.problem})' if m is not None else f' ({" ".join(str(e).split())[:200]})'
+        raise InputError(f'{where} is not valid YAML{at}; fix it') from None
+    except RecursionError: raise InputError(f'{where} is nested too deeply to be a spec; fix it') from None
+    except (ValueError, OverflowError) as e:                         # a date like 2020-13-45, a number of 5000 digits
+        raise InputError(f'{where} holds a value YAML cannot read ({" ".join(str(e).split())[:200]}); fix it') from None
+
+def spec_from_text(text, where='spec', files=False) -> dict:
+    "`check_spec` of a spec's YAML text (the copy an experiment keeps in its database: by default its files are not looked for)."
+    return check_spec(read_spec_yaml(text, where), where, files)
+
+def load_spec(path) -> dict:
+    "Read and check a spec file; InputError (one line, naming the file) for anything wrong."
+    path = Path(path)
+    if not path.is_file(): raise InputError(f'spec file {path} does not exist; give a YAML spec (see examples/loss.yaml)')
+    if path.stat().st_size > MAX_SPEC_BYTES: raise InputError(f'spec file {path} is larger than 1 MB; a spec is a page of YAML')
+    try: text = path.read_text(encoding='utf-8')
+    except UnicodeDecodeError: raise InputError(f'spec file {path} is not UTF-8 text') from None
+    return check_spec(read_spec_yaml(text, f'spec file {path}'), str(path))
+
+# %% ../nbs/19_exp_spec.ipynb #49434b87
+def spec_paths(spec) -> list:
+    "The values of the path options (`PATH_OPTIONS`) anywhere in the checked `spec`: base, variants, search choices."
+    out = [o.get(k) for o in [spec['base'], *(v['options'] for v in spec['static'])] for k in PATH_OPTIONS]
+    if spec['search']: out += [a for k, (_, args) in spec['search']['space'].items() if k in PATH_OPTIONS for a in args]
+    return [p for p in dict.fromkeys(out) if isinstance(p, str)]
+
+def resolve_paths(spec) -> dict:
+    "{path as written: absolute path} of every relative path option of `spec`, relative to the current folder."
+    return {p: str(Path(p).resolve()) for p in spec_paths(spec) if not Path(p).is_absolute()}

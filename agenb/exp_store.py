@@ -4,10 +4,10 @@
 
 # %% ../nbs/22_exp_store.ipynb #7203c5c5
 from __future__ import annotations
-import hashlib, json, sys, time, warnings
+import hashlib, json, shutil, sys, time, warnings
 from pathlib import Path
 
-import yaml
+import sqlalchemy as sa
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -16,23 +16,24 @@ import agenb
 from .core import InputError, file_sha256
 from .data import data_fingerprint, load_folders
 from .split import save_split
-from .exp_spec import check_spec, option_value, trainer_options
+from .exp_spec import _fail, option_value, resolve_paths, spec_from_text, trainer_options
 from .exp_protocol import _now, make_protocol, protocol_labels
-from .exp_db import ExpDB, bind, default_url, exp_db, make_engine, redact, write_local
+from .exp_db import EXPERIMENTS, ExpDB, _server_args, bind, default_url, exp_db, make_engine, reachable, redact, write_local
 
 # %% auto #0
 __all__ = ['METRIC', 'STUDY_LAYOUT', 'read_table', 'spec_key', 'experiment_id', 'resume_changes', 'check_changes',
            'machine_changes', 'local_data', 'study_names', 'open_storage', 'open_study', 'open_studies',
-           'setup_experiment', 'attach_experiment', 'fixed_distributions', 'search_distributions', 'report_folds',
-           'init_trials', 'add_fixed_trial', 'next_search_name', 'new_search_trial', 'reopen_search_trial',
-           'study_variants']
+           'check_covariates', 'setup_experiment', 'attach_experiment', 'fixed_distributions', 'search_distributions',
+           'report_folds', 'init_trials', 'add_fixed_trial', 'next_search_name', 'new_search_trial',
+           'reopen_search_trial', 'study_variants']
 
 # %% ../nbs/22_exp_store.ipynb #5397acac
-def read_table(data: dict, verify=True):
+def read_table(data: dict, verify=True, extra_columns=()):
     "The data table of the experiment's data options: agenb.data.load_dataset called as the trainer calls it."
     kw = {k: data[k] for k in ('cohort', 'pattern', 'id_col', 'age_col', 'file_col', 'max_table_mb', 'max_expanded_mb')
           if data.get(k) is not None}
-    table, _ = load_folders(data['image_dir'], data['excel_path'], strict=bool(data.get('strict')), verify=verify, **kw)
+    table, _ = load_folders(data['image_dir'], data['excel_path'], strict=bool(data.get('strict')), verify=verify,
+                            extra_columns=extra_columns, **kw)
     return table
 
 def spec_key(spec) -> str:
@@ -78,9 +79,11 @@ def _spec_difference(a, b) -> str:
     return '?'
 
 def local_data(spec) -> dict:
-    "The spec's data options with this machine's absolute paths (several muscles: a list)."
+    """The spec's data options with this machine's absolute paths (several muscles: a list), and under `paths` the
+    absolute path of every relative path option (`agenb.exp_spec.resolve_paths`: weights, cache_dir)."""
     res = lambda v: [str(Path(x).resolve()) for x in v] if isinstance(v, list) else str(Path(v).resolve())
-    return {k: (res(v) if k in ('image_dir', 'excel_path') else v) for k, v in spec['data'].items()}
+    out = {k: (res(v) if k in ('image_dir', 'excel_path') else v) for k, v in spec['data'].items()}
+    return {**out, 'paths': p} if (p := resolve_paths(spec)) else out
 
 # %% ../nbs/22_exp_store.ipynb #7c254842
 METRIC = 'oof_subject_mae'   # the one measure: per subject the mean absolute error of its images, mean over seeds, over subjects
@@ -93,8 +96,9 @@ def study_names(exp) -> tuple:
 def open_storage(url):
     "The Optuna storage at `url` (SQLite waits for its lock; a database server's connections are checked before use)."
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    kw = {'connect_args': {'timeout': 300}} if url.startswith('sqlite') else {'pool_pre_ping': True}
-    make_engine(url)                    # a missing driver: one line saying which to install
+    kw = ({'connect_args': {'timeout': 300}} if url.startswith('sqlite') else
+          {'pool_pre_ping': True, 'connect_args': _server_args(make_engine(url).url)})   # PostgreSQL: timeouts
+    reachable(make_engine(url))         # a missing driver, a server that is down or silent: one line, no retries
     for i in range(4):                  # machines starting together race to create Optuna's tables: the loser tries again
         try: return optuna.storages.RDBStorage(url, engine_kwargs=kw)
         except Exception as e:
@@ -155,29 +159,67 @@ def _find_or_make(spec, spec_text, table, data, fp, url, storage, allow, log) ->
         open_storage(url)                # Optuna's tables too are made under this lock, by one machine
         return ExpDB(url, eid)
 
+# %% ../nbs/22_exp_store.ipynb #6c7365ae
+def _asked_covariates(spec) -> dict:
+    "covariate -> the first variant (or search choice) that asks for it."
+    from agenb.model import parse_covariates      # agenb.model imports torch: only when a spec is set up
+    cands = [('base', spec['base'].get('covariates'))] + [(f'variant {v["name"]}', v['options'].get('covariates')) for v in spec['static']]
+    if spec['search'] and 'covariates' in spec['search']['space']:
+        cands += [(f'search.space covariates={a}', a) for a in spec['search']['space']['covariates'][1]]
+    out = {}
+    for where, text in cands:
+        for n in parse_covariates(text): out.setdefault(n, where)
+    return out
+
+def check_covariates(spec, data, table, where='spec'):
+    "Every covariate a variant asks for is in the data, checked as the trainer would (one line naming the variant)."
+    from agenb.model import COVARIATES, covariate_values
+    for n, v in _asked_covariates(spec).items():
+        if n in COVARIATES and COVARIATES[n] is None: continue               # echo statistics: from the images
+        try: covariate_values(table if n in COVARIATES else read_table(data, verify=False, extra_columns=(n,)), [n], str(data['excel_path']))
+        except InputError as e: _fail(f'{where} {v}', str(e))
+
+def _new_folder(exp_dir) -> Path | None:
+    "The topmost folder `exp_dir.mkdir(parents=True)` would make (None: it exists)."
+    p, top = Path(exp_dir).absolute(), None
+    while not p.exists(): top, p = p, p.parent
+    return top
+
+# %% ../nbs/22_exp_store.ipynb #d98946b0
 def setup_experiment(spec, spec_path, exp_dir, storage=None, log=print, allow_changed=False) -> dict:
     """Find or make the experiment of `spec` and its data in the database (`storage`, default EXP_DIR/study.db), and
     make this machine's folder `exp_dir` for it (or check it). Returns the record; `changes` in it: what
-    --allow-changed-data let through this time."""
+    --allow-changed-data let through this time. Nothing is made before everything is checked."""
     exp_dir = Path(exp_dir)
-    try: exp_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise InputError(f'cannot create the experiment folder {exp_dir}: {e.strerror}; choose another --out')
+    if exp_dir.exists() and not exp_dir.is_dir(): raise InputError(f'--out {exp_dir} exists and is not a folder; choose another --out')
     mine = (exp_dir / 'experiment.json').is_file()
-    if not mine and (other := [p.name for p in exp_dir.iterdir()]):
-        raise InputError(f'{exp_dir} is not empty and not an experiment folder ({other[0]}, ...); choose another --out')
+    if not mine and exp_dir.is_dir() and (other := next(iter(exp_dir.iterdir()), None)):
+        raise InputError(f'{exp_dir} is not empty and not an experiment folder ({other.name}, ...); choose another --out')
+    if storage:                                      # a URL that cannot be parsed, a driver that is missing, a server
+        engine = make_engine(storage)                # that is down or never answers (a SQLite file is opened below:
+        if engine.url.get_backend_name() != 'sqlite': reachable(engine)   # opening makes it)
     data, spec_text = local_data(spec), Path(spec_path).read_text(encoding='utf-8')
     log(f'reading the data: {data["image_dir"]}')
     table = read_table(data)
+    check_covariates(spec, data, table, str(spec_path))
     fp = data_fingerprint(table, data['excel_path'])
     if mine:
         db = exp_db(exp_dir, storage)
-        old = check_spec(yaml.safe_load(db.spec_text()), f'the spec of {exp_dir}')
+        old = spec_from_text(db.spec_text(), f'the spec of {exp_dir}')
         if spec_key(old) != spec_key(spec):
             raise InputError(f'{exp_dir} holds experiment {old["name"]!r} made from another spec (it differs in '
                              f'{_spec_difference(old, spec)!r}); run that spec to resume it, or choose another --out')
     else:
-        url = storage or default_url(exp_dir)
-        db = bind(exp_dir, _find_or_make(spec, spec_text, table, data, fp, url, storage, allow_changed, log))
+        make_protocol(table, spec)                   # too few subjects for the folds: said before anything is made
+        if storage: reachable(engine)                # SQLite: a folder that does not exist
+        made = _new_folder(exp_dir)
+        try:
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            db = bind(exp_dir, _find_or_make(spec, spec_text, table, data, fp, storage or default_url(exp_dir), storage, allow_changed, log))
+        except BaseException as e:
+            if made is not None: shutil.rmtree(made, ignore_errors=True)   # this call made it: a refusal leaves nothing
+            if isinstance(e, OSError): raise InputError(f'cannot create the experiment folder {exp_dir}: {e.strerror}; choose another --out') from None
+            raise
     exp = db.read()
     changes = check_changes(exp, fp, allow_changed)
     if changes: exp = db.update(lambda e: e.setdefault('allowed_changes', []).append({'at': _now(), 'changes': changes, 'data_fingerprint': fp}))
@@ -187,10 +229,12 @@ def setup_experiment(spec, spec_path, exp_dir, storage=None, log=print, allow_ch
     write_local(exp_dir, exp, data=data, storage='default' if storage is None and not mine else None if mine else redact(storage))
     return {**exp, 'data': data, 'changes': changes}
 
+# %% ../nbs/22_exp_store.ipynb #ae613e2f
 def attach_experiment(url, name, out=None, log=print) -> Path:
     """A folder for the experiment `name` (or id) of the database at `url`, on a machine that only reaches the database
     (a laptop): its record and spec, no data needed; `status` and `report` then work on it."""
-    found = ExpDB(url, '@find').find(name=name)
+    look = ExpDB(url, '@find', create=False)
+    found = look.find(name=name) if sa.inspect(look.engine).has_table(EXPERIMENTS.name) else []
     if not found: raise InputError(f'{redact(url)} holds no experiment named {name!r} (or with that id)')
     if len({f['id'] for f in found}) > 1:
         raise InputError(f'{redact(url)} holds {len(found)} experiments named {name!r} ({", ".join(f["id"] for f in found)}): give the id')
@@ -200,8 +244,9 @@ def attach_experiment(url, name, out=None, log=print) -> Path:
     if (exp_dir / 'experiment.json').is_file():
         if exp_db(exp_dir, url).id != exp['id']: raise InputError(f'{exp_dir} holds another experiment; choose another --out')
         return exp_dir
+    if exp_dir.exists() and (not exp_dir.is_dir() or any(exp_dir.iterdir())):
+        raise InputError(f'{exp_dir} is not empty and not an experiment folder; choose another --out')
     exp_dir.mkdir(parents=True, exist_ok=True)
-    if any(exp_dir.iterdir()): raise InputError(f'{exp_dir} is not empty and not an experiment folder; choose another --out')
     (exp_dir / 'spec.yaml').write_text(db.spec_text(), encoding='utf-8')
     write_local(exp_dir, exp, data=exp['data'], storage='default' if url == default_url(exp_dir) else redact(url))
     bind(exp_dir, db)

@@ -20,12 +20,12 @@ from .exp_store import attach_experiment, init_trials, setup_experiment, study_v
 from .exp_jobs import (_die_with_parent, experiment_status, is_complete, make_context, read_record, settle_trial,
                             train_notebook, variant_jobs, worker_loop)
 from .stats import board_notes, simulate_oof
-from .exp_report import _sd, compare_oof, write_results
+from .exp_report import _sd, check_not_lost, compare_oof, write_results
 from .exp_final import _stop_handler, ensemble_predict, final_lines, openings_text, openings_warning, run_final
 
 # %% auto #0
 __all__ = ['ENGINES', 'device_groups', 'count_jobs', 'run_experiment', 'worker_main', 'print_status', 'build_parser', 'main',
-           'predict_main']
+           'experiment_folder_of', 'predict_main']
 
 # %% ../nbs/26_experiment.ipynb #ce88d53c
 ENGINES = ('papermill', 'cli')
@@ -100,6 +100,7 @@ def run_experiment(spec_path, out=None, workers=1, devices=None, nproc=1, storag
     if engine == 'papermill': train_notebook()
     groups = device_groups(devices, workers, nproc)
     exp_dir = Path(out) if out else Path('runs') / f'exp_{spec["name"]}_{datetime.now():%Y%m%d_%H%M%S}'
+    refuse_run_dir(exp_dir, '--out', 'a new folder for the experiment')
     say = lambda m: print(m, file=sys.stderr, flush=True)
     exp = setup_experiment(spec, spec_path, exp_dir, storage, log=say, allow_changed=allow_changed)
     if exp['changes']: say(f'agenb: note: going on with changes since the experiment began (--allow-changed-data, recorded): {"; ".join(exp["changes"])}')
@@ -197,6 +198,7 @@ def print_status(exp_dir, storage=None, out=print):
     ctx = make_context(exp_dir, storage)
     e, p = ctx.exp, ctx.exp['protocol']
     variants = study_variants(ctx.studies, ctx.spec)
+    check_not_lost(ctx, variants)                    # a database that lost results: said, not shown as "not run yet"
     st = experiment_status(ctx.exp_dir, ctx.spec, variants)
     total, done = count_jobs(ctx.exp_dir, ctx.spec, variants)
     out(f'experiment {e["name"]} in {ctx.exp_dir}  (study {e["study_name"]}, storage {e["storage"]})')
@@ -308,10 +310,18 @@ def main(argv=None):
         return r
 
 # %% ../nbs/26_experiment.ipynb #e553d655
+def experiment_folder_of(path) -> Path | None:
+    "The experiment folder that `path` is, or lies in (a folder up the way holds experiment.json), else None."
+    p = Path(path).resolve()
+    return next((d for d in (p, *p.parents) if (d / 'experiment.json').is_file()), None)
+
 def predict_main(a):
     "The `predict` verb: CSVs of the fold ensemble's predictions for a folder of new images."
     out = Path(a.out)
     if out.suffix.lower() != '.csv': raise InputError(f'--out {a.out!r} must be a .csv file name (e.g. predictions.csv)')
+    if (e := experiment_folder_of(out.parent)) is not None:   # its files (oof_predictions.csv, leaderboard.csv, ...) are its own
+        raise InputError(f'--out {a.out} is in the experiment folder {e}: its files belong to the experiment and are not '
+                         'overwritten; write to a folder outside it')
     refuse_run_dir(ensure_output_dir(out.parent, '--out'), '--out')
     df = ensemble_predict(a.exp_dir, a.variant, a.image_dir, a.excel_path, a.device, storage=a.storage, open_test=a.open_test,
                           log=lambda m: print(m, file=sys.stderr, flush=True), artifacts=a.artifacts, allow_changed=a.allow_changed_data)

@@ -41,7 +41,10 @@ def decode_grey(path, data: bytes | None = None) -> np.ndarray:
             else: a = np.asarray(im.convert('L'))
     except InputError: raise
     except Exception as e:
-        raise InputError(f'could not read image {str(path)!r} ({type(e).__name__}: {e}); '
+        from agenb.data import denied, no_read_access   # imported here: only a refused file needs agenb.data (pandas)
+        if denied(e): raise no_read_access('image', path, ', or remove it from the folder') from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e   # the system's reason: the path is named once
+        raise InputError(f'could not read image {str(path)!r} ({type(e).__name__}: {why}); '
                          'replace or remove the file (agenb never substitutes a blank image)') from None
     if a.ndim != 2 or 0 in a.shape:
         raise InputError(f'image {str(path)!r} has shape {a.shape}, expected a non-empty 2-D greyscale image')
@@ -346,6 +349,8 @@ def read_mask(image_path, required=True) -> np.ndarray | None:
 def _read(path, what='image'):
     try: return Path(path).read_bytes()
     except OSError as e:
+        from agenb.data import denied, no_read_access
+        if denied(e): raise no_read_access(what, path, ', or remove it from the folder' if what == 'image' else '') from None
         raise InputError(f'could not read {what} {str(path)!r} ({type(e).__name__}: {e.strerror or e})') from None
 
 def _load_one(path, prep, cache_sub):

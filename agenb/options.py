@@ -14,8 +14,8 @@ from .model import ARCHS, check_arch, check_image_size, parse_age_bins, parse_co
 
 # %% auto #0
 __all__ = ['RECIPE', 'OPTIONS', 'OPTION_NAMES', 'OPTION_TYPES', 'MANY', 'PLAIN_DEFAULTS', 'RECIPES', 'RECIPE_KEYS',
-           'DEMO_OPTIONS', 'Options', 'CHOICES', 'Option', 'resolve_options', 'build_parser', 'given_from_config',
-           'cli_flags', 'options_from_params']
+           'DEMO_OPTIONS', 'SCRATCH', 'SCRATCH_RULE', 'Options', 'CHOICES', 'Option', 'rule_defaults', 'option_rules',
+           'resolve_options', 'build_parser', 'given_from_config', 'cli_flags', 'options_from_params']
 
 # %% ../nbs/06_options.ipynb #00770f9d
 RECIPE = 'from the recipe'  # the default of an option whose value comes from the loss's recipe
@@ -146,6 +146,23 @@ RECIPE_KEYS = [o.name for o in OPTIONS if o.default is RECIPE]
 DEMO_OPTIONS = dict(arch='resnet18', pretrained=False, image_size=96, epochs=25, batch_size=32, lr=1e-3, warmup_epochs=2,
                     description='agenb demo: mae recipe, ResNet18 at 96 px from scratch, on the synthetic demo dataset')
 
+# %% ../nbs/06_options.ipynb #e211972b
+SCRATCH = {}   # no rule on: bench/defaults/lr_scratch did not separate lr 1e-3 from the recipe's 1e-4 (see above)
+SCRATCH_RULE = 'training from scratch (no pretrained weights, no --weights): bench/defaults/lr_scratch'
+
+def rule_defaults(o: dict, given) -> dict:
+    """{option: (value, rule)} for the settings a rule decides for the options `o` (recipe applied) that are not
+    in `given` (the options the user gave)."""
+    if o.get('pretrained') or o.get('weights'): return {}
+    warms_up = o.get('scheduler') != 'onecycle' and RECIPES[o['loss']]['warmup_epochs'] > 0
+    out = {k: (v, SCRATCH_RULE) for k, v in SCRATCH.items() if k != 'warmup_epochs' or warms_up}
+    return {k: v for k, v in out.items() if k not in given or given[k] is None}
+
+def option_rules(o, explicit) -> dict:
+    "{option: rule} of the options `o` (an `Options`) whose value a rule chose: what config.json records."
+    d = o.to_dict()
+    return {k: why for k, (v, why) in rule_defaults(d, {k: d[k] for k in explicit}).items() if d[k] == v}
+
 # %% ../nbs/06_options.ipynb #bb4e7926
 def _to_dict(self) -> dict:
     "The options as a plain dict (the `args` of config.json)."
@@ -180,6 +197,7 @@ def resolve_options(given: dict) -> Options:
     if o.get('scheduler') == 'onecycle' and o.get('warmup_epochs') is None: o['warmup_epochs'] = 0  # it warms up itself
     for k in RECIPE_KEYS + ['description']:
         if o.get(k) is None: o[k] = recipe[k]
+    for k, (v, _) in rule_defaults(o, given).items(): o[k] = v
     if o['t_max'] is None and o['scheduler'] == 'cosine': o['t_max'] = o['epochs']
     _check_options(o)
     return Options(**o)
@@ -258,6 +276,9 @@ def given_from_config(cfg: dict, overrides: dict) -> dict:
                                  'it was written by another agenb version: remove them or re-create the run')
     if 'loss' in overrides and overrides['loss'] != args.get('loss'):
         for k in RECIPE_KEYS + ['description', 't_max']:
+            if k not in explicit: args.pop(k, None)
+    if any(k in overrides and overrides[k] != args.get(k) for k in ('pretrained', 'weights')):
+        for k in SCRATCH:   # the rules decide again for the new starting point
             if k not in explicit: args.pop(k, None)
     return {**args, **overrides}
 

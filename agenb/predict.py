@@ -14,8 +14,9 @@ import pandas as pd
 import torch
 
 import agenb
-from .core import InputError, Parser, ensure_output_dir, run_cli, atomic_write, atomic_write_json, file_sha256
-from .data import DEFAULT_PATTERN, IMAGE_EXTS, list_images, load_folders, norm_id, show_name, as_list, pair_folders
+from .core import InputError, Parser, ensure_output_dir, run_cli, atomic_write, atomic_write_json, file_sha256, load_json
+from .data import (DEFAULT_PATTERN, IMAGE_EXTS, list_images, load_folders, norm_id, show_name, as_list, pair_folders,
+                        distinct_folders)
 from .images import affine_warp, load_image
 from .runs import (RUN_OWN_FILES, RunModel, is_run_dir, load_run_model, predict_outputs, interval_tables, calibration, INTERVAL_COLS,
                         predict_subject_outputs, outputs_to_age)
@@ -208,12 +209,17 @@ def _size(p) -> int:
     try: return os.stat(p).st_size
     except OSError: return -1
 
+def _experiment_record(exp_dir) -> dict:
+    "The experiment record `exp_dir/experiment.json`, a JSON object, or one line naming the file."
+    return load_json(Path(exp_dir) / 'experiment.json', missing='not an experiment folder',
+                     damaged='restore it from the experiment\'s database (python -m agenb.experiment status)', kind=dict)
+
 def experiment_test_images(exp_dir, paths) -> dict:
     """{path: test subject} for the images among `paths` that belong to the test subjects of the experiment in `exp_dir`:
     an image in one of its data folders whose file name names a test subject, or a byte-identical copy of one of its
     test images (splits/final.csv) under any name in any folder."""
     exp_dir = Path(exp_dir)
-    exp = json.loads((exp_dir / 'experiment.json').read_text(encoding='utf-8'))
+    exp = _experiment_record(exp_dir)
     test = {str(s) for s in exp.get('test_subjects') or []}
     if not test: return {}
     data = exp.get('data') or {}
@@ -235,7 +241,7 @@ def experiment_test_images(exp_dir, paths) -> dict:
 
 def closed_test_error(exp_dir, hits, n_images, what) -> InputError:
     "The one-line refusal of images of an experiment's test subjects (`hits`: experiment_test_images), ending with `what` to do."
-    name = json.loads((Path(exp_dir) / 'experiment.json').read_text(encoding='utf-8')).get('name')
+    name = _experiment_record(exp_dir).get('name')
     k = len(set(hits.values()))
     return InputError(f'{len(hits)} of the {n_images} images belong to {k} of the test subjects of experiment {name!r} ({show_name(exp_dir)}), '
                       f'set aside for its test set (first: {Path(next(iter(hits))).name}); {what}')
@@ -313,7 +319,8 @@ def main(argv=None):
     rm = load_run_model(a.run_dir, a.checkpoint, a.device)
     if a.pattern: parse_subject('x', a.pattern); rm.pattern = a.pattern
     paths = output_paths(a.out, a.run_dir)
-    if a.excel_path: pair_folders(a.image_dir, a.excel_path)   # before any image is read
+    distinct_folders(a.image_dir)                               # before any image is read: no image predicted twice
+    if a.excel_path: pair_folders(a.image_dir, a.excel_path)
     files = [f for d in a.image_dir for f in find_images(d)]
     if (exp_dir := experiment_of(a.run_dir)) is not None and (hits := experiment_test_images(exp_dir, files)):
         raise closed_test_error(exp_dir, hits, len(files), f'{show_name(a.run_dir)} is one of its runs: open its test set on purpose with '

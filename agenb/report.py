@@ -31,7 +31,8 @@ __all__ = ['DASH', 'STYLE', 'METRIC_COLUMNS', 'PLOT_TITLES', 'load_run', 'Html',
            'training_section', 'curves_section', 'metrics_frame', 'calibration_html', 'metrics_section',
            'plots_section', 'age_groups_section', 'gradcam_section', 'thumbnail', 'gallery', 'predictions_section',
            'files_section', 'repo_root', 'report_notebook', 'self_contained', 'external_refs', 'notebook_html',
-           'summary_markdown', 'render_report', 'val_curves_figure', 'compare_html', 'render_compare', 'main']
+           'summary_markdown', 'QuietKernelManager', 'render_report', 'val_curves_figure', 'compare_html',
+           'render_compare', 'main']
 
 # %% ../nbs/13_report.ipynb #2b4f75e9
 def _read_json(path):
@@ -194,12 +195,15 @@ def header_section(r) -> Html:
 
 def option_sources(cfg: dict) -> dict:
     """{origin: {option: value}} for the options a run used: what the source recorded (`source.option_sources`,
-    e.g. 'notebook parameter', 'demo setting'), else 'given' for explicit options, the loss's recipe, or the default."""
+    e.g. 'notebook parameter', 'demo setting'), else 'given' for explicit options, the rule that chose it
+    (`args_rules`), the loss's recipe, or the default."""
     args, explicit = cfg.get('args') or {}, set(cfg.get('args_explicit') or [])
     recorded = (cfg.get('source') or {}).get('option_sources') or {}
+    rules = cfg.get('args_rules') or {}
     out = {}
     for k, v in args.items():
-        origin = recorded.get(k) or ('given' if k in explicit else f'recipe ({args.get("loss")})' if k in RECIPE_KEYS
+        origin = recorded.get(k) or ('given' if k in explicit else f'rule: {rules[k]}' if k in rules
+                                     else f'recipe ({args.get("loss")})' if k in RECIPE_KEYS
                                      or k == 'description' else 'default')
         out.setdefault(origin, {})[k] = v
     return out
@@ -550,6 +554,12 @@ def summary_markdown(r) -> str:
              if m else '- test MAE: not evaluated', '']
     return '\n'.join(lines)
 
+class QuietKernelManager(IPCKernelManager):
+    "`IPCKernelManager` that shuts a kernel down without interrupting it first (no stray KeyboardInterrupt line on stderr)."
+    async def _async_interrupt_kernel(self):
+        if getattr(self, 'shutting_down', False): return      # the notebook has finished: nothing to interrupt
+        return await super()._async_interrupt_kernel()
+
 def render_report(run_dir, out=None, timeout=600) -> Path:
     "Execute nbs/report.ipynb for `run_dir` and write `report.html` (and `report.md`) there, atomically; returns the HTML path."
     run_dir = Path(run_dir).resolve()
@@ -561,7 +571,7 @@ def render_report(run_dir, out=None, timeout=600) -> Path:
         try:
             pm.execute_notebook(str(nb_path), str(executed), parameters={'run_dir': str(run_dir)}, kernel_name='python3',
                                 cwd=tmp, progress_bar=False, log_output=False, request_save_on_cell_execute=False,
-                                execution_timeout=timeout, kernel_manager_class=IPCKernelManager)
+                                execution_timeout=timeout, kernel_manager_class=QuietKernelManager)
         except pm.PapermillExecutionError as e:
             raise RuntimeError(f'the report notebook failed in cell {e.exec_count}: {e.ename}: {e.evalue}') from None
         nb = nbformat.read(executed, as_version=4)

@@ -14,10 +14,11 @@ from PIL import Image, ImageDraw, ImageFont
 from .core import InputError, run_cli, atomic_write, atomic_write_json, file_sha256
 
 # %% auto #0
-__all__ = ['MODEL', 'MUSCLES', 'HEADERS', 'GENERATOR_VERSION', 'OUTPUT_SHA256', 'GUARD', 'PRESETS', 'DEFAULTS',
-           'MISSING_MUSCLE_FRAC', 'echo_mean', 'thickness_mean', 'bmi_mean', 'bmi_sd', 'sex_thickness_effect',
-           'render_image', 'oracle_predict', 'write_characteristics', 'resolve_params', 'files_sha256', 'generate',
-           'output_digest', 'data_fingerprint', 'stale_reason', 'ensure_synth', 'main']
+__all__ = ['MODEL', 'MUSCLES', 'RENDER', 'HEADERS', 'GENERATOR_VERSION', 'OUTPUT_SHA256', 'GUARD', 'PRESETS', 'DEFAULTS',
+           'MISSING_MUSCLE_FRAC', 'PUBLISHED', 'CALIBRATION_SAMPLE', 'echo_mean', 'thickness_mean', 'bmi_mean',
+           'bmi_sd', 'sex_thickness_effect', 'render_image', 'oracle_predict', 'write_characteristics',
+           'resolve_params', 'files_sha256', 'generate', 'output_digest', 'data_fingerprint', 'stale_reason',
+           'ensure_synth', 'ssim', 'texture_statistics', 'main']
 
 # %% ../nbs/01_synth.ipynb #799041b1
 MODEL = dict(
@@ -26,7 +27,7 @@ MODEL = dict(
     echo_subject_sd=0.10, echo_image_sd=0.06,           # subject random effect and per-image variation
     thick_subject_sd=0.07, thick_image_sd=0.04,         # the same on log(thickness)
     thick_child0=0.4, thick_old_loss=0.15,              # thickness at birth / lost from 50 to 90, relative
-    gain_sd=0.08,                                       # per-image gain (log scale), independent of age
+    gain_sd=0.02,                                       # per-image gain (log scale), independent of age
     bmi_echo=0.02,                                      # covariate: echo per kg/m2 of BMI above the age's typical BMI
     sex_log_thick=0.12,                                 # covariate: log thickness, men minus women (adults)
     fewer_images_frac=0.06,                             # share of subjects with fewer images than requested
@@ -114,7 +115,15 @@ def _smooth_field(rng, shape, cells):
     rows = g[ri] * (1 - rf)[:, None] + g[ri + 1] * rf[:, None]
     return rows[:, ci] * (1 - cf) + rows[:, ci + 1] * cf
 
-def render_image(rng, H, W, lat, label, label_z=None):
+RENDER = dict(   # grey levels (0-255) and texture, calibrated against the real TA images (see Calibration below)
+    other=75.0, other_sd=13.0, fat=72.0, skin=160.0, fascia=170.0, bone=210.0, shadow=60.0,
+    muscle=79.0, muscle_slope=62.0,         # muscle grey = muscle + muscle_slope * echo level
+    shape0=1.2, shape_slope=0.2,            # muscle speckle's gamma shape = shape0 + shape_slope * echo level
+    bright_sd=0.06,                         # per-view brightness of skin, fascia and bone (log scale)
+    blur=(0.95, 1.7),                       # speckle grain: Gaussian sigma (rows, cols) in px at 480 rows
+)
+
+def render_image(rng, H, W, lat, label, label_z=None, r=RENDER):
     """Draw one (image, mask) pair of uint8 arrays (H, W) from latent variables `lat` (dict with echo,
     thickness_cm, depth_cm, fat_cm, gain, x_shift, half_width). `label_z` in [0, 1] sets the label's position
     and brightness (drawn at random when None)."""
@@ -149,9 +158,11 @@ def render_image(rng, H, W, lat, label, label_z=None):
     reg[np.broadcast_to(bone_line, (Ha, W))] = 5
 
     e = lat['echo']
-    other = 72 + 15 * lat['other']
-    means = np.array([other, 60, 160, 170, 70 + 55 * e, 210, 45], np.float32)
-    shapes = np.array([2.0, 1.6, 3.0, 3.0, float(np.clip(1.2 + 3.0 * e, 0.6, 6.0)), 4.0, 1.2])
+    other = r['other'] + r['other_sd'] * lat['other']
+    means = np.array([other, r['fat'], r['skin'], r['fascia'], r['muscle'] + r['muscle_slope'] * e, r['bone'],
+                      r['shadow']], np.float32)
+    means[[2, 3, 5]] *= np.float32(np.exp(r['bright_sd'] * rng.standard_normal()))
+    shapes = np.array([2.0, 1.6, 3.0, 3.0, float(np.clip(r['shape0'] + r['shape_slope'] * e, 0.6, 6.0)), 4.0, 1.2])
     mean = means[reg]
     # texture: perimysium streaks inside the muscle (elongated sideways), softer heterogeneity elsewhere
     streak = _smooth_field(rng, (Ha, W), (max(2, Ha // 10), max(2, W // 40)))
@@ -161,11 +172,11 @@ def render_image(rng, H, W, lat, label, label_z=None):
     order = np.argsort(reg.ravel(), kind='stable')          # pixels grouped by region (radix sort: fast)
     ends = np.cumsum(np.bincount(reg.ravel(), minlength=len(shapes)))
     speck = np.empty(Ha * W, np.float32)
-    for r, (a, b) in enumerate(zip(np.r_[0, ends[:-1]], ends)):
-        if b > a: speck[order[a:b]] = rng.standard_gamma(shapes[r], b - a, dtype=np.float32) / np.float32(shapes[r])
+    for k, (a, b) in enumerate(zip(np.r_[0, ends[:-1]], ends)):
+        if b > a: speck[order[a:b]] = rng.standard_gamma(shapes[k], b - a, dtype=np.float32) / np.float32(shapes[k])
     img = mean * speck.reshape(Ha, W)
     s = H / 480
-    img = ndimage.gaussian_filter(img, sigma=(0.7 * s, 1.3 * s), truncate=2.5)
+    img = ndimage.gaussian_filter(img, sigma=(r['blur'][0] * s, r['blur'][1] * s), truncate=2.5)
     out = np.zeros((H, W), np.uint8)
     out[:Ha] = np.clip(img, 0, 255).astype(np.uint8)
     mask = np.zeros((H, W), np.uint8)
@@ -307,10 +318,11 @@ def write_characteristics(path, healthy_rows, patho_rows):
                 zout.writestr(zi, data)
 
 # %% ../nbs/01_synth.ipynb #70546641
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 OUTPUT_SHA256 = {   # output_digest() of generate(d, **GUARD) per generator version: bump the version, record the new one
     2: 'f98db9ae346d398618443e961de07c87db6fdb257a95a3bf9faec7fa291dca37',
     3: '03182e1e9814af1c683962111cd7aa7a43e0b1285d019e04a87187a9c4da956a',
+    4: '8e4204bcf9be101eec9df6e68992ab5fbba4d24ac3af1f086a3a421b13efd0a8',
 }
 GUARD = dict(subjects=10, pathological=4, images_per_subject=3, size=(48, 56), muscles=('TA', 'GM', 'BB'), seed=7,
              label_age_shortcut=0.5, width_jitter=4)
@@ -426,7 +438,7 @@ def generate(out_dir, subjects=None, pathological=None, images_per_subject=None,
     cov, shift = cfg['covariate_effect'], cfg['pathological_age_shift']
 
     meta = dict(generator='agenb.synth', version=GENERATOR_VERSION, seed=seed, preset=preset, params=cfg,
-                model=MODEL, muscle_params={m: MUSCLES[m] for m in cfg['muscles']},
+                model=MODEL, render=RENDER, muscle_params={m: MUSCLES[m] for m in cfg['muscles']},
                 pathological_age_shift=shift, covariate_effects=_covariate_doc(cov), counts={}, oracle={},
                 pathological={})
     lat_rows = []
@@ -581,6 +593,46 @@ def ensure_synth(out_dir, preset=None, seed=0, log=print, workers=None, **params
                              'choose another folder for the synthetic data set')
     if log: log(f'{"generating" if why == "no data there yet" else "regenerating"} {out}: {why}')
     return generate(out, preset=preset, seed=seed, workers=workers, overwrite=True, **params)
+
+# %% ../nbs/01_synth.ipynb #9ee27819
+PUBLISHED = {   # the real TA-Healthy images (users' texture analysis, DATA_CONTRACT.md): (value, tolerance)
+    'grey_age_r': (0.56, 0.04), 'skew_age_r': (-0.64, 0.04), 'grey_mean': (69.9, 2.0), 'grey_sd': (8.4, 2.0),
+    'view_ssim': (0.29, 0.05)}
+CALIBRATION_SAMPLE = dict(subjects=300, pathological=0, size=(480, 512), muscles=('TA',), seed=20)
+
+def ssim(a, b, sigma=1.5, data_range=255.0):
+    "Mean structural similarity (Wang et al. 2004) of two same-sized grey images, Gaussian window `sigma`."
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape: raise ValueError(f'ssim: images of shapes {a.shape} and {b.shape}')
+    f = lambda x: ndimage.gaussian_filter(x, sigma, truncate=3.5)
+    ma, mb = f(a), f(b)
+    va, vb, cab = f(a * a) - ma * ma, f(b * b) - mb * mb, f(a * b) - ma * mb
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return float(((2 * ma * mb + c1) * (2 * cab + c2) / ((ma * ma + mb * mb + c1) * (va + vb + c2))).mean())
+
+# %% ../nbs/01_synth.ipynb #d51aca63
+def _skew(x):
+    d = x - x.mean()
+    return float((d ** 3).mean() / (d ** 2).mean() ** 1.5)
+
+def texture_statistics(out_dir, muscle='TA', cohort='Healthy'):
+    """The published texture statistics of a generated folder, on the published definition (whole image, every
+    image of `muscle`/`cohort`, all ages): r of the mean grey and of the skewness with age, the mean grey's mean
+    and SD over images, and the mean SSIM between the first two views of each subject of the same width."""
+    out = Path(out_dir)
+    with open(out / 'synth_latents.csv', newline='') as f:
+        rows = [r for r in csv.DictReader(f) if r['muscle'] == muscle and r['cohort'] == cohort]
+    if len(rows) < 3: raise InputError(f'{out}: fewer than 3 {muscle}/{cohort} images to measure')
+    age, grey, sk, views = [], [], [], {}
+    for r in rows:
+        with Image.open(out / muscle / cohort / 'Images' / r['filename']) as im: x = np.asarray(im, np.float64)
+        age.append(float(r['age'])); grey.append(x.mean()); sk.append(_skew(x))
+        views.setdefault(r['subject'], []).append(x)
+    age, grey, sk = map(np.array, (age, grey, sk))
+    pairs = [ssim(v[0], v[1]) for v in views.values() if len(v) > 1 and v[0].shape == v[1].shape]
+    return dict(grey_age_r=float(np.corrcoef(grey, age)[0, 1]), skew_age_r=float(np.corrcoef(sk, age)[0, 1]),
+                grey_mean=float(grey.mean()), grey_sd=float(grey.std(ddof=1)),
+                view_ssim=float(np.mean(pairs)) if pairs else float('nan'), images=len(rows), subjects=len(views))
 
 # %% ../nbs/01_synth.ipynb #fb9ea4cd
 def main(argv=None):

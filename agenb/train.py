@@ -17,7 +17,7 @@ from .core import InputError, run_cli, environment_info, file_sha256, atomic_wri
 from .data import as_list, data_fingerprint, folder_matching
 from .split import save_split
 from .model import build_model, describe_model, set_trainable
-from .options import Options, build_parser, resolve_options, given_from_config
+from .options import Options, build_parser, resolve_options, given_from_config, option_rules
 from .runs import new_run_dir, read_run_config, check_resumable, load_checkpoint, model_kwargs, distribution_head, interval_tables, calibration
 from .trainer import Dist, Trainer, RunWriter, PreparedData, NonFiniteLoss, prepare_data, gpu_names
 from .evaluate import write_evaluation
@@ -25,8 +25,8 @@ from .explain import explain_run
 from .report import render_report
 
 # %% auto #0
-__all__ = ['parse_command_line', 'build_config', 'Interrupted', 'seed_everything', 'start_bias', 'train', 'finish_run',
-           'write_intervals', 'render_report_safely', 'main']
+__all__ = ['parse_command_line', 'build_config', 'check_subject_views', 'Interrupted', 'seed_everything', 'start_bias', 'train',
+           'finish_run', 'write_intervals', 'render_report_safely', 'main']
 
 # %% ../nbs/16_train.ipynb #bdca8d07
 def parse_command_line(argv=None) -> tuple:
@@ -100,13 +100,23 @@ def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: 
         'preprocessing': data.prep.to_dict(), 'augmentation': data.aug.to_dict(), 'image_cache': data.cache_info,
         'data_fingerprint': data_fingerprint(data.table, o.excel_path),
         'environment': environment_info(), 'source': source,
-        'args': o.to_dict(), 'args_explicit': sorted(explicit), 'resumes': [],
+        'args': o.to_dict(), 'args_explicit': sorted(explicit), 'args_rules': option_rules(o, explicit), 'resumes': [],
         'output_dir': str(Path(o.output_dir).resolve()), 'run_dir': str(run_dir.resolve()),
     }
 
 def _resolved(paths):
     "A path resolved, or each of a list of them (several muscle folders)."
     return [str(Path(p).resolve()) for p in paths] if isinstance(paths, (list, tuple)) else str(Path(paths).resolve())
+
+# %% ../nbs/16_train.ipynb #a29a2e37
+def check_subject_views(k, subjects):
+    "Refuse `--subject-views k` above the most images any subject has (`subjects`: the subject of each image)."
+    counts = np.unique(np.asarray(subjects, dtype=str), return_counts=True)[1]
+    if not k or not len(counts): return
+    most = int(counts.max())
+    if k > most:
+        raise InputError(f'--subject-views {k} is more than the most images any subject has ({most}): a sample would only '
+                         f'repeat its images, at {k} images of memory each; give --subject-views {most} or less')
 
 # %% ../nbs/16_train.ipynb #3f7dc2ca
 class Interrupted(Exception): pass
@@ -142,6 +152,7 @@ def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, 
             raise InputError(f'{resume_dir} already trained {state["epoch"]} of {o.epochs} epochs; nothing to resume')
         seed_everything(o.seed)                          # model initialisation identical on every rank
         data = prepare_data(o)
+        check_subject_views(o.subject_views, data.table.subject)   # before the run folder exists
         init_bias = start_bias(o, data.ages[data.idx['train']])
         model = build_model(o.arch, pretrained=o.pretrained, weights=o.weights, init_bias=init_bias, **model_kwargs(o))
         set_trainable(model, o.arch, o.freeze_backbone, o.unfreeze_last)

@@ -188,7 +188,36 @@ def summary(res) -> str:
         f"| `make bench` ({m.get('usable_cores') or m.get('cores')}-core CPU; `bench/results.json`) | result |", '|---|---|',
         *[f'| {a} | {b} |' for a, b in rows], '',
         f"Measured at commit `{(ag.get('commit') or '?')[:10]}` on data of agenb.synth version {fp.get('version')} "
-        f"(preset {fp.get('preset')}); the figures above are rendered from `bench/results.json` by `bench/render.py`."])
+        f"(preset {fp.get('preset')}); the figures above are rendered from `bench/results.json` by `bench/render.py`."
+        + stale_note(fp)])
+
+def stale_note(fp) -> str:
+    "A sentence saying that the figures predate the current generator, when they do (empty otherwise)."
+    from agenb.synth import GENERATOR_VERSION
+    if fp.get('version') == GENERATOR_VERSION: return ''
+    return (f" **These figures predate the current generator (version {GENERATOR_VERSION}, calibrated to the real images' "
+            "published statistics): they were measured on other data, and `make bench` has not been re-run since.**")
+
+def demo_block(rec) -> str:
+    "The README's demo paragraph and the lines `make demo` ends with, from bench/demo_record.json (bench/demo.py)."
+    s, m, d = rec['settings'], rec['machine'], rec['data']
+    la = m.get('loadavg_at_start')
+    seen = ', '.join(f"{o['mae']:.2f} on {o['cpu']} (generator version {o['synth_version']})" for o in rec['cpu_spread'])
+    spread = max(o['mae'] for o in rec['cpu_spread']) - min(o['mae'] for o in rec['cpu_spread'])
+    return '\n'.join([
+        f"`make demo` then takes about {rec['seconds'] / 60:.1f} minutes on a {m.get('usable_cores') or m['cores']}-core CPU "
+        f"({'generating the data included' if rec['generated_data'] else 'the data already generated'}; "
+        f"{s['arch']} from scratch at {s['image_size']} px, {s['epochs']} epochs, on {d['subjects']} synthetic subjects) "
+        'and ends with', '', '```',
+        'Demo run:      runs/run_YYYYMMDD_HHMMSS',
+        f"Test metrics:  MAE {rec['mae']:.2f} years (always predicting the training mean: {rec['baseline_mae']:.2f})",
+        'Report:        runs/run_YYYYMMDD_HHMMSS/report.html  (open it in a browser)', '```', '',
+        f"Recorded by `python bench/demo.py` (`bench/demo_record.json`) at commit `{(rec['agenb'].get('commit') or '?')[:10]}` "
+        f"on {m['cpu_model']} ({m['cores']} cores{f', load average {la[0]} at the start' if la else ''}), data of "
+        f"agenb.synth version {d['synth_version']}. Your figures will differ: the duration scales with your cores, and "
+        'the MAE depends on the CPU model, because float32 training on CPU threads sums in a different order on '
+        f'another CPU and 25 epochs amplify the last bits. Earlier demos of one commit gave {seen}: expect your MAE '
+        f"within about {spread:.1f} years of the figure above."])
 
 def fill(text, name, body):
     "Replace what lies between `<!-- name:begin -->` and `<!-- name:end -->` in `text` by `body`."

@@ -38,6 +38,27 @@ MUTATE = {
                 'load_run_model', 'predict_batches', 'predict_split'},
     'predict.py': {'tta_views', 'apply_view', 'parse_subject', 'read_images', 'predict_tensor', 'predict_images',
                    'subject_table', 'metrics_for'},
+    # Where experiments decide (issue 29): the statistics chapter (bootstrap intervals, paired comparisons, Holm, the
+    # OOF table's checks, the two-level bootstrap, the family-wise max-t rule and the leaderboard; not the sentences of
+    # `board_notes` nor the simulation `simulate_oof`/`flag_rates` the tests use), the experiment protocol (test
+    # subjects set aside, age filter, folds, the final split, the split files rebuilt from the record, the test-set
+    # openings), the age-gap statistics (not its CLI, figures, HTML or the run-data guard), and the model's view
+    # pooling, heads and their decoding (not the backbones, weights loading, freezing or covariate plumbing).
+    'stats.py': {'resample_counts', 'percentile_interval', 'mean_ci', 'paired_difference', 'ratio_ci',
+                 'two_sample_resamples', 'holm', 'check_oof', 'subject_errors', 'error_cubes', 'boot_means', 'max_t',
+                 'compare_with', 'leaderboard'},
+    'exp_protocol.py': {'_subjects', '_quiet_split', 'make_protocol', 'protocol_labels', 'opening_counts'},
+    'agegap.py': {'correction_applied', 'subject_gaps', 'cohens_d', '_d_rows', '_auc_rows', '_ci', '_mean_ci',
+                  'compare_gaps', 'age_bands', 'band_table', 'age_adjusted', '_group_summary', 'agegap_stats'},
+    'model.py': {'AgeNet', 'RegressionHead.loss', 'RegressionHead.age', 'DistributionHead.__init__',
+                 'DistributionHead.soft_labels', 'DistributionHead.loss', 'DistributionHead.probs', 'DistributionHead.age',
+                 'DistributionHead.summary', 'AgeOutput', 'parse_age_bins', 'coverage', 'subject_groups', 'draw_views',
+                 'view_batches'},
+    # The fold jobs of a variant and their keys, the check of a finished fold run against the protocol (its test
+    # subjects, its train/val/test subjects, its predictions) and the OOF coverage check of `report` (each fold job's
+    # rows exactly its held-out subjects, every development subject exactly once per variant and seed).
+    'exp_jobs.py': {'slug', 'variant_jobs', 'final_jobs', 'development_subjects', 'verify_run', 'fold_frame', 'subject_mae',
+                    '_job_oof', 'collect_oof'},
 }
 
 

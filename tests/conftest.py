@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny synthetic dataset and one tiny finished run, made once per test session."""
-import contextlib, importlib, io, json, os, subprocess, sys
+import contextlib, importlib, io, json, os, signal, subprocess, sys, threading, time
 from pathlib import Path
 
 import pytest
@@ -34,24 +34,54 @@ def _process_state(env, cwd):
         os.chdir(old_cwd); os.environ.clear(); os.environ.update(old_env)
 
 
-def in_process(module, *args, env=None, cwd=None):
+class CommandTimeout(BaseException):
+    "Raised into an in-process command when its `timeout` expires; a BaseException, so `run_cli` does not catch it."
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Raise `CommandTimeout` into the code of this block after `seconds` (SIGALRM; the main thread only, where pytest
+    and its xdist workers run tests; elsewhere, or with no `seconds`, no limit). The test's own pytest-timeout alarm,
+    if set, is restored afterwards with the time it has left, and keeps priority when it comes first."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield; return
+    outer_left, outer_every = signal.getitimer(signal.ITIMER_REAL)
+    if outer_left and outer_left <= seconds:   # the test's own limit comes first: it stops the command
+        yield; return
+    def expire(signum, frame): raise CommandTimeout(seconds)
+    start, outer_handler = time.monotonic(), signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try: yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, outer_handler)
+        if outer_left: signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-3), outer_every)
+
+
+def in_process(module, *args, env=None, cwd=None, timeout=None):
     """`python -m agenb.<module> ARGS` in this process: `run_cli(main, ARGS)`, the code path of the command line
-    without a new interpreter's ~8 s of imports. Returns a CompletedProcess (exit code, stdout, stderr)."""
+    without a new interpreter's ~8 s of imports. Returns a CompletedProcess (exit code, stdout, stderr). A command still
+    running after `timeout` seconds is stopped and fails the test, naming the command and showing its stderr so far
+    (like `run_cmd`, whose subprocess.run raises TimeoutExpired)."""
     mod = importlib.import_module(f'agenb.{module}')
     argv, out, err = [str(a) for a in args], io.StringIO(), io.StringIO()
     code = 0
-    with _process_state(env, cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try: run_cli(mod.main, argv)
-        except SystemExit as e: code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    try:
+        with time_limit(timeout), _process_state(env, cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try: run_cli(mod.main, argv)
+            except SystemExit as e: code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except CommandTimeout:
+        pytest.fail(f'in-process command `agenb.{module} {" ".join(argv)}` did not finish within {timeout} s and was '
+                    f'stopped (hang guard); its stderr so far:\n{err.getvalue()[-3000:]}')
     return subprocess.CompletedProcess(['agenb.' + module, *argv], code, out.getvalue(), err.getvalue())
 
 
 def agenb(module, *args, proc=False, **kw):
     """An agenb command: in this process (`in_process`), or in a new one when `proc` is true or the test injects a
-    fault that kills the process (AGENB_FAULT=kill:...). The run fixtures below use real processes."""
+    fault that kills the process (AGENB_FAULT=kill:...). The run fixtures below use real processes. A `timeout` (s)
+    holds either way; without one, an in-process command is bounded only by the test's own timeout (pytest.ini)."""
     if proc or 'kill' in (kw.get('env') or {}).get('AGENB_FAULT', ''):
         return run_cmd([sys.executable, '-m', f'agenb.{module}', *map(str, args)], **kw)
-    kw.pop('timeout', None)
     return in_process(module, *args, **kw)
 
 
@@ -116,3 +146,14 @@ def roi_run(tmp_path_factory, data_args):
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: a long end-to-end test (minutes each): `make test-all` runs it, `make test` '
                             'leaves it out to stay well under 15 minutes on 2 cores')
+
+
+# The hang guard: pytest.ini gives every test a timeout (pytest-timeout); a test marked slow gets SLOW_TIMEOUT unless it
+# sets its own with @pytest.mark.timeout(N).
+SLOW_TIMEOUT = 2400
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker('slow') and not item.get_closest_marker('timeout'):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))

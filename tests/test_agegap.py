@@ -184,3 +184,33 @@ def test_outputs_and_the_runs_files(run, gap):
     report = (run / 'report.html').read_text()
     assert 'href="agegap/agegap.html"' in report and external_refs(report) == ['agegap/agegap.html']
     assert 'linked from' in r.stdout
+
+
+def test_a_copy_of_the_runs_own_images_is_refused(tiny_run, synth_root, tmp_path):
+    """Issue 29: the run's healthy images copied byte for byte into another folder, with the same spreadsheet, are no
+    clinical cohort (their bytes and their spreadsheet rows are the run's); nor is a cohort with one such image."""
+    before = {p.name: file_sha256(p) for p in tiny_run.iterdir() if p.is_file()}
+    copy = tmp_path / 'copy' / 'TA'
+    shutil.copytree(synth_root / 'TA' / 'Healthy' / 'Images', copy / 'Healthy' / 'Images')
+    shutil.copy(synth_root / 'TA' / 'characteristics.xlsx', copy / 'characteristics.xlsx')
+    r = agenb('agegap', tiny_run, '--image-dir', copy / 'Healthy' / 'Images', '--out', tmp_path / 'out')
+    split = pd.read_csv(tiny_run / 'split.csv')
+    n, subjects = len(split), split.subject.nunique()
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and len(lines) == 1, r.stderr[-3000:]
+    for needle in ('agenb: error: cohort folder', f'{n} of its images are byte-identical to images the run used',
+                   f"{subjects} of its subjects are the run's (the same rows: spreadsheet sha256", 'block Healthy',
+                   'an age gap needs a cohort the run never saw'):
+        assert needle in lines[0], (needle, lines[0])
+    # partial: a Pathological cohort with one of its images replaced by the bytes of a training image
+    shutil.copytree(synth_root / 'TA' / 'Pathological' / 'Images', copy / 'Pathological' / 'Images')
+    train = pd.read_csv(tiny_run / 'split.csv').query('split == "train"').iloc[0]
+    victim = sorted((copy / 'Pathological' / 'Images').glob('*.png'))[0]
+    shutil.copy(train.path, victim)
+    r = agenb('agegap', tiny_run, '--image-dir', copy / 'Pathological' / 'Images', '--out', tmp_path / 'out')
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and len(lines) == 1, r.stderr[-3000:]
+    assert f'1 of its images are byte-identical to images the run used ({victim.name} = {train.filename} (train))' in lines[0]
+    assert "of its subjects are the run's" not in lines[0]             # another block: its IDs are other persons
+    assert not (tmp_path / 'out').exists()
+    assert {p.name: file_sha256(p) for p in tiny_run.iterdir() if p.is_file()} == before

@@ -305,3 +305,34 @@ def test_any_png_headers_give_a_table_or_an_input_error(images):
         for i, b in enumerate(images): (d / f'anon_2_{i + 2}.png').write_bytes(b)
         t = _assert_table_or_input_error(lambda: load_dataset(d, x), d)
         assert t is None or len(t) == 3 + len(images)
+
+
+# Issue 29: several folders and subject views. Each refusal: exit 2, one line naming the option, nothing created.
+def _refused(r, *needles):
+    assert 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert_error(r, *needles)
+
+
+def test_image_dir_linked_to_another_muscle_folder_is_refused(synth_root, tiny_run, tmp_path):
+    "A GM folder that is a link to TA's would be read twice as two muscles: refused by train, data check and predict."
+    from conftest import TINY, agenb
+    ta = synth_root / 'TA' / 'Healthy' / 'Images'
+    (tmp_path / 'GM').mkdir(); (tmp_path / 'GM' / 'Healthy').symlink_to(ta.parent)
+    gm = tmp_path / 'GM' / 'Healthy' / 'Images'
+    both = ['--image-dir', ta, '--image-dir', gm]
+    x = ['--excel-path', synth_root / 'TA' / 'characteristics.xlsx']
+    same = f'--image-dir {ta} and --image-dir {gm} are the same folder'
+    r = agenb('train', *both, *x, *TINY, '--output-dir', tmp_path / 'out')
+    _refused(r, same)
+    assert not (tmp_path / 'out').exists()
+    _refused(agenb('data', 'check', *both, *x), same)
+    _refused(agenb('predict', tiny_run, *both, '--out', tmp_path / 'p.csv'), same)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['GM']
+
+
+def test_subject_views_above_the_most_images_of_a_subject_is_refused(data_args, tmp_path):
+    "A K of a million asked for 16 GB in the first batch, after the run folder existed; now it is refused before."
+    from conftest import TINY, agenb
+    r = agenb('train', *data_args, *TINY, '--subject-views', '1000000', '--output-dir', tmp_path / 'out')
+    _refused(r, '--subject-views 1000000 is more than the most images any subject has (3)', 'give --subject-views 3 or less')
+    assert not (tmp_path / 'out').exists()

@@ -110,3 +110,23 @@ def test_split_file_is_reused_exactly(tiny_run, data_args, tmp_path):
     assert cfg['dataset']['split_file_sha256'] == file_sha256(tiny_run / 'split.csv')
     a, b = read_split(tiny_run), read_split(run)
     assert list(a.filename) == list(b.filename) and list(a.split) == list(b.split)
+
+
+def test_a_rule_sets_the_scratch_learning_rate_and_the_run_records_why(data_args, tmp_path, monkeypatch):
+    """With the from-scratch rule on (agenb.options.SCRATCH; off by default, see 06_options) and no --lr/--warmup-epochs,
+    the run trains with the rule's values, and config.json and the report say which rule chose them."""
+    from agenb import options
+    monkeypatch.setattr(options, 'SCRATCH', {'lr': 2e-3, 'warmup_epochs': 2})
+    args = ['--arch', 'resnet18', '--image-size', '64', '--batch-size', '16', '--no-pretrained', '--num-workers', '2',
+            '--gradcam-n', '0', '--checkpoint-every', '0']   # TINY without --lr and --warmup-epochs
+    r = agenb('train', *data_args, *args, '--output-dir', tmp_path, '--epochs', '1')
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = run_dir_of(r)
+    cfg = json.loads((run / 'config.json').read_text())
+    assert (cfg['args']['lr'], cfg['args']['warmup_epochs'], cfg['args']['pretrained']) == (2e-3, 2, False)
+    assert set(cfg['args_rules']) == {'lr', 'warmup_epochs'} and 'from scratch' in cfg['args_rules']['lr']
+    assert cfg['training']['learning_rate'] == 2e-3                         # read from the live optimizer
+    assert 'rule: training from scratch' in (run / 'report.html').read_text()
+    from agenb.options import given_from_config, resolve_options
+    assert resolve_options(given_from_config(cfg, {})).lr == 2e-3                  # reproduced from config.json alone
+    assert resolve_options(given_from_config(cfg, {'pretrained': True})).lr == 1e-4   # fine-tuning: the recipe
