@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 import agenb
 from .core import InputError, file_sha256
+from .model import COVARIATES, covariate_values, parse_covariates
 from .data import data_fingerprint, load_folders
 from .split import save_split
 from .exp_spec import _fail, option_value, resolve_paths, spec_from_text, trainer_options
@@ -162,7 +163,6 @@ def _find_or_make(spec, spec_text, table, data, fp, url, storage, allow, log) ->
 # %% ../nbs/22_exp_store.ipynb #6c7365ae
 def _asked_covariates(spec) -> dict:
     "covariate -> the first variant (or search choice) that asks for it."
-    from agenb.model import parse_covariates      # agenb.model imports torch: only when a spec is set up
     cands = [('base', spec['base'].get('covariates'))] + [(f'variant {v["name"]}', v['options'].get('covariates')) for v in spec['static']]
     if spec['search'] and 'covariates' in spec['search']['space']:
         cands += [(f'search.space covariates={a}', a) for a in spec['search']['space']['covariates'][1]]
@@ -173,7 +173,6 @@ def _asked_covariates(spec) -> dict:
 
 def check_covariates(spec, data, table, where='spec'):
     "Every covariate a variant asks for is in the data, checked as the trainer would (one line naming the variant)."
-    from agenb.model import COVARIATES, covariate_values
     for n, v in _asked_covariates(spec).items():
         if n in COVARIATES and COVARIATES[n] is None: continue               # echo statistics: from the images
         try: covariate_values(table if n in COVARIATES else read_table(data, verify=False, extra_columns=(n,)), [n], str(data['excel_path']))

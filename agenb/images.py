@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .core import InputError, atomic_write, atomic_write_json
+from .data import denied, no_read_access
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CACHE_FORMAT_VERSION', 'ROIS', 'ANNOTATION_REGIONS', 'ROI_ORDER', 'MASK_RULE',
@@ -41,7 +42,6 @@ def decode_grey(path, data: bytes | None = None) -> np.ndarray:
             else: a = np.asarray(im.convert('L'))
     except InputError: raise
     except Exception as e:
-        from agenb.data import denied, no_read_access   # imported here: only a refused file needs agenb.data (pandas)
         if denied(e): raise no_read_access('image', path, ', or remove it from the folder') from None
         why = e.strerror if isinstance(e, OSError) and e.strerror else e   # the system's reason: the path is named once
         raise InputError(f'could not read image {str(path)!r} ({type(e).__name__}: {why}); '
@@ -349,7 +349,6 @@ def read_mask(image_path, required=True) -> np.ndarray | None:
 def _read(path, what='image'):
     try: return Path(path).read_bytes()
     except OSError as e:
-        from agenb.data import denied, no_read_access
         if denied(e): raise no_read_access(what, path, ', or remove it from the folder' if what == 'image' else '') from None
         raise InputError(f'could not read {what} {str(path)!r} ({type(e).__name__}: {e.strerror or e})') from None
 
