@@ -35,9 +35,14 @@ MUTATE = {
                    'LRSchedule.load_state_dict', 'predict', 'validate', 'fit', 'state', 'load_state', '_rng_state',
                    '_set_rng_state', 'RunWriter.end_of_epoch'},
     'runs.py': {'run_options', 'read_split', 'run_bias_correction', 'make_checkpoint', 'load_checkpoint',
-                'load_run_model', 'predict_batches', 'predict_split'},
+                'load_run_model', 'predict_batches', 'predict_split',
+                # a --subject-views run's pooled inference and the distribution head's intervals (issue 29)
+                'distribution_head', 'model_kwargs', 'predict_outputs', 'predict_subject_outputs', 'outputs_to_age',
+                'per_subject_rows', 'interval_tables', 'calibration'},
     'predict.py': {'tta_views', 'apply_view', 'parse_subject', 'read_images', 'predict_tensor', 'predict_images',
-                   'subject_table', 'metrics_for'},
+                   'subject_table', 'metrics_for',
+                   # an experiment's test subjects stay closed to predict (issue 29)
+                   'experiment_of', 'experiment_test_images'},
     # Where experiments decide (issue 29): the statistics chapter (bootstrap intervals, paired comparisons, Holm, the
     # OOF table's checks, the two-level bootstrap, the family-wise max-t rule and the leaderboard; not the sentences of
     # `board_notes` nor the simulation `simulate_oof`/`flag_rates` the tests use), the experiment protocol (test

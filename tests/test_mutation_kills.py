@@ -1419,3 +1419,332 @@ def test_job_keys_and_the_jobs_of_a_variant():
     for j in finals:
         assert (j.variant, j.kind, j.options, j.trial) == ('lr=0.1', 'grid', {'lr': 0.1}, 4)
         assert j.dir == Path('E') / 'final' / f'{s}_s{j.seed}' and j.split_file == Path('E') / 'splits' / 'final.csv'
+
+
+# ---- agenb.runs: a --subject-views run's inference, the distribution head's intervals (view pooling through predict) ------
+
+from agenb.images import Preprocessing, load_images
+from agenb.model import build_model
+from agenb.options import resolve_options
+from agenb import runs as RN
+
+
+@pytest.fixture(scope='module')
+def views_run(tmp_path_factory, synth_root):
+    "A --subject-views run folder written by hand: attention pooling, 9 images of 4 subjects (3, 3, 2, 1), test split."
+    run = tmp_path_factory.mktemp('views') / 'run_20260101_000000'
+    run.mkdir()
+    images = sorted((synth_root / 'TA' / 'Healthy' / 'Images').glob('*.png'))
+    by = {}
+    for p in images: by.setdefault(p.name.split('_')[1], []).append(p)
+    subjects = [s for s in by if len(by[s]) >= 3][:4]
+    chosen = [p for s, n in zip(subjects, (3, 3, 2, 1)) for p in by[s][:n]]                     # 9 images
+    o = resolve_options({'image_dir': str(images[0].parent), 'excel_path': 'x.xlsx', 'arch': 'resnet18', 'image_size': 32,
+                         'dropout': 0.2, 'subject_views': 2, 'view_pool': 'attention'})
+    prep = Preprocessing(image_size=32)
+    torch.manual_seed(0)
+    model = build_model('resnet18', pretrained=False, dropout=0.2, init_bias=40.0, view_pool='attention')
+    (run / 'config.json').write_text(json.dumps({'args': o.to_dict(), 'preprocessing': prep.to_dict(), 'augmentation': {}}))
+    torch.save(RN.make_checkpoint(model.state_dict(), 3, 7.5, o, prep.to_dict()), run / 'best_model.pth')
+    order = [chosen[i] for i in (0, 3, 1, 6, 4, 2, 8, 5, 7)]                                    # subjects' images interleaved
+    pd.DataFrame({'path': [str(p) for p in order], 'filename': [p.name for p in order],
+                  'subject': [p.name.split('_')[1] for p in order], 'age': 40.0, 'split': 'test'}).to_csv(run / 'split.csv', index=False)
+    return run
+
+
+def test_predict_split_of_a_subject_views_run_pools_each_subjects_images(views_run):
+    table = RN.read_split(views_run, 'test')
+    ck = torch.load(views_run / 'best_model.pth', weights_only=True)
+    m = build_model('resnet18', pretrained=False, dropout=0.2, view_pool='attention')
+    m.load_state_dict(ck['model']); m.eval()
+    prep = Preprocessing(image_size=32)
+    x = prep.normalize(load_images(table.path.tolist(), prep).float() / 255)
+    first = list(dict.fromkeys(table.subject))
+    rows = {s: np.flatnonzero(table.subject.to_numpy() == s) for s in first}
+    with torch.no_grad(): want = [float(m(x[rows[s]][None])[0, 0]) for s in first]
+    for bs in (1, 64):
+        p = RN.predict_split(views_run, 'test', batch_size=bs)
+        assert p.subject.tolist() == first and p.filename.tolist() == [table.filename[rows[s][0]] for s in first]
+        assert p.n_images.tolist() == [len(rows[s]) for s in first] and p.index.tolist() == list(range(len(first)))
+        np.testing.assert_allclose(p.pred.to_numpy(), want, atol=1e-4, rtol=0)
+    assert sorted(p.n_images) != [len(rows[first[0]])] * len(first)                     # subjects of different sizes
+
+
+def views_model(pool='mean', n_cov=0, head=None):
+    "An in-memory RunModel of a --subject-views run over a tiny AgeNet (images 8 x 8)."
+    torch.manual_seed(1)
+    body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.Tanh())
+    net = AgeNet(body, 6, head.outputs if head else 1, 0.0, n_cov, pool).eval()
+    opts = SimpleNamespace(subject_views=2, view_pool=pool, arch='tiny', num_workers=0, excel_path=None)
+    return RN.RunModel(run_dir=Path('tiny'), cfg={'args': {}}, options=opts, model=net, prep=Preprocessing(image_size=8),
+                       device=torch.device('cpu'), pattern='', augmentation={}, checkpoint=Path('best_model.pth'),
+                       checkpoint_sha256='', epoch=1, val_mae=None, bias_correction=None, head=head,
+                       covariate_stats={'n_inputs': n_cov} if n_cov else None)
+
+
+def test_predict_subject_outputs_pools_each_group_with_its_mean_covariates():
+    rm = views_model('attention', n_cov=2)
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (7, 1, 8, 8), generator=g, dtype=torch.uint8)
+    cov = torch.randn(7, 2, generator=g)
+    groups = [np.array([0, 4]), np.array([1]), np.array([2, 5, 6]), np.array([3])]
+    x = rm.prep.normalize(images.float() / 255)
+    with torch.no_grad(): want = torch.cat([rm.model(x[gr][None], cov[gr].mean(0, keepdim=True)) for gr in groups])
+    for bs in (1, 2, 64):
+        out = RN.predict_subject_outputs(rm, images, groups, bs, cov)
+        assert out.shape == (4, 1) and out.dtype == torch.float32 and torch.allclose(out, want, atol=1e-5), bs
+    for bad in (None,):
+        with pytest.raises(ValueError, match='covariates must be given exactly for a covariate run'):
+            RN.predict_subject_outputs(rm, images, groups, 2, bad)
+    plain = views_model('mean')
+    with pytest.raises(ValueError, match='covariates must be given exactly'): RN.predict_subject_outputs(plain, images, groups, 2, cov)
+    with torch.no_grad(): want = torch.cat([plain.model(x[gr][None]) for gr in groups])
+    assert torch.allclose(RN.predict_subject_outputs(plain, images, groups), want, atol=1e-5)
+    head = DistributionHead(parse_age_bins('0:60:10'), 2)
+    dist = views_model('mean', head=head)
+    out = RN.predict_subject_outputs(dist, images, groups, 3)
+    assert out.shape == (4, 6)
+    np.testing.assert_allclose(RN.outputs_to_age(dist, out), head.age(out).double().numpy())
+    assert RN.outputs_to_age(plain, torch.tensor([[3.0, 9.0], [4.0, 9.0]])).tolist() == [3.0, 4.0]
+    assert RN.outputs_to_age(plain, torch.tensor([[3.0], [4.0]])).dtype == np.float64
+
+
+def test_predict_outputs_in_batches_with_covariates():
+    rm = views_model('mean', n_cov=2)
+    rm.options.subject_views = None
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (5, 1, 8, 8), generator=g, dtype=torch.uint8)
+    cov = torch.randn(5, 2, generator=g)
+    x = rm.prep.normalize(images.float() / 255)
+    with torch.no_grad(): want = rm.model(x, cov)
+    for bs in (1, 2, 64): assert torch.allclose(RN.predict_outputs(rm, images, bs, cov), want, atol=1e-5)
+    with pytest.raises(ValueError, match='covariates must be given exactly'): RN.predict_outputs(rm, images, 2)
+    assert RN.predict_outputs(rm, images[:0], 2, cov[:0]).shape == (0, 1)
+    head = DistributionHead(parse_age_bins('0:60:10'), 2)
+    assert RN.predict_outputs(views_model('mean', head=head), images[:0]).shape == (0, 6)
+    np.testing.assert_allclose(RN.predict_batches(rm, images, 2, cov), want[:, 0].double().numpy(), atol=1e-5)
+
+
+def test_model_kwargs_and_the_distribution_head_of_options():
+    o = SimpleNamespace(dropout=0.3, head='distribution', age_bins='0:90:10', label_sigma=2.0, covariates='sex,bmi',
+                        subject_views=3, view_pool=None)
+    h = RN.distribution_head(o)
+    assert h.edges.tolist() == list(range(0, 91, 10)) and h.sigma == 2.0
+    assert RN.model_kwargs(o) == {'dropout': 0.3, 'outputs': 9, 'n_covariates': 4, 'view_pool': 'mean'}
+    plain = SimpleNamespace(dropout=0.5, head='regression', covariates=None, subject_views=None, view_pool='attention')
+    assert RN.distribution_head(plain) is None and RN.distribution_head(SimpleNamespace()) is None
+    assert RN.model_kwargs(plain) == {'dropout': 0.5, 'outputs': 1, 'n_covariates': 0, 'view_pool': None}
+    assert RN.model_kwargs(SimpleNamespace(dropout=0.1, subject_views=2, view_pool='attention'))['view_pool'] == 'attention'
+
+
+def test_interval_tables_and_calibration():
+    head = DistributionHead(parse_age_bins('20:60:10'), 2)
+    probs = np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.0, 0.0, 1.0, 0.0], [0.25] * 4])
+    frame = pd.DataFrame({'subject': ['7', '3', '7', '3'], 'age': [30.0, 50.0, 40.0, 44.0]}, index=[5, 6, 7, 8])
+    img, subj = RN.interval_tables(head, frame, probs.tolist())
+    assert img.index.tolist() == [0, 1, 2, 3] and img.subject.tolist() == ['7', '3', '7', '3']
+    for k, v in head.summary(probs).items(): np.testing.assert_allclose(img[k], v)
+    assert subj.subject.tolist() == ['7', '3'] and subj.n_images.tolist() == [2, 2] and subj.age.tolist() == [35.0, 47.0]
+    for k, v in head.summary(np.stack([probs[[0, 2]].mean(0), probs[[1, 3]].mean(0)])).items(): np.testing.assert_allclose(subj[k], v)
+    _, no_age = RN.interval_tables(head, frame[['subject']], probs)
+    assert 'age' not in no_age
+    _, none = RN.interval_tables(head, frame.iloc[:0], probs[:0])
+    assert none.empty and none.shape[0] == 0
+    img = pd.DataFrame({'age': [30.0, 40.0, np.nan, 50.0], 'lo80': [25, 41, 0, 45], 'hi80': [30, 45, 99, 55],
+                        'lo95': [20, 35, 0, 40], 'hi95': [35, 45, 99, 60], 'pred_sd': [1.0, 2.0, 3.0, 4.0]})
+    c = RN.calibration(img, img.iloc[[0]])
+    assert c['nominal'] == {'80': 0.8, '95': 0.95}
+    assert c['images'] == {'n': 3, 'coverage_80': 2 / 3, 'coverage_95': 1.0, 'mean_pred_sd': pytest.approx(7 / 3)}
+    assert c['subjects'] == {'n': 1, 'coverage_80': 1.0, 'coverage_95': 1.0, 'mean_pred_sd': 1.0}
+    e = RN.calibration(img.iloc[:0], img.drop(columns='age'))
+    assert e['images'] == e['subjects'] == {'n': 0, 'coverage_80': None, 'coverage_95': None, 'mean_pred_sd': None}
+
+
+# ---- agenb.predict: a --subject-views run through predict_images and its subject table --------------------------------------
+
+from agenb.data import DEFAULT_PATTERN
+from agenb.model import fit_covariates
+from agenb.predict import predict_images, subject_table
+
+
+def views_images(seed=4):
+    "uint8 images (8, 1, 8, 8): subject 2 three images, subject 10 two, subject 1 one, and two files without a subject."
+    names = [Path(n) for n in ('anon_2_1.png', 'anon_10_1.png', 'x.png', 'anon_2_2.png', 'anon_1_1.png', 'anon_10_2.png',
+                               'y.png', 'anon_2_3.png')]
+    return torch.randint(0, 256, (len(names), 1, 8, 8), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8), names
+
+
+GROUPS = [[0, 3, 7], [1, 5], [2], [4], [6]]            # subjects 2, 10, x.png, 1, y.png: in order of first appearance
+
+
+def pooled(rm, imgs, groups=GROUPS, cov=None):
+    x = rm.prep.normalize(imgs.float() / 255)
+    with torch.no_grad():
+        return torch.cat([rm.model(x[g][None], *(() if cov is None else (cov[g].mean(0, keepdim=True),))) for g in groups])
+
+
+def test_predict_images_of_a_subject_views_run_one_row_per_subject():
+    rm = views_model('attention')
+    rm.pattern = DEFAULT_PATTERN
+    imgs, names = views_images()
+    with pytest.raises(InputError, match=r"^--tta is not available for a --subject-views run \(it predicts from all of a subject's "
+                                         r"images pooled\); drop --tta$"):
+        predict_images(rm, names, 3, tta=True, decoded=(imgs, names))
+    df, skipped, _ = predict_images(rm, names, 3, decoded=(imgs, names))
+    assert df.columns.tolist() == ['path', 'filename', 'subject', 'image_index', 'n_images', 'pred'] and skipped == []
+    assert df.filename.tolist() == ['anon_2_1.png', 'anon_10_1.png', 'x.png', 'anon_1_1.png', 'y.png']
+    assert df.n_images.tolist() == [3, 2, 1, 1, 1] and df.index.tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(df.pred, pooled(rm, imgs)[:, 0].double().numpy(), atol=1e-5)   # files without a subject: alone
+    per, _, _ = predict_images(rm, names, 3, decoded=(imgs, names), per_image=True)
+    at = [0, 1, 2, 0, 3, 1, 4, 0]
+    assert per.filename.tolist() == [n.name for n in names] and per.n_images.tolist() == [[3, 2, 1, 1, 1][k] for k in at]
+    np.testing.assert_allclose(per.pred, df.pred.to_numpy()[at], atol=1e-9)
+    s = subject_table(df)
+    assert s.subject.tolist() == ['1', '2', '10'] and s.n_images.tolist() == [1, 3, 2]          # the images behind each row
+
+
+def test_predict_images_of_a_subject_views_covariate_run():
+    rm = views_model('mean', n_cov=2)
+    rm.pattern = DEFAULT_PATTERN
+    rm.covariate_stats = fit_covariates(np.array([[20.0], [30.0], [26.0]]), ('bmi',))
+    imgs, names = views_images(5)
+    bmi = [18.0, 24.0, 31.0, np.nan, 40.0, 22.0, 27.0, 35.0]
+    table = pd.DataFrame({'path': [str(n.resolve()) for n in names], 'bmi': bmi})
+    df, _, _ = predict_images(rm, names, 2, decoded=(imgs, names), table=table)
+    cov = rm.covariates_for(table, 'x')
+    np.testing.assert_allclose(df.pred, pooled(rm, imgs, cov=cov)[:, 0].double().numpy(), atol=1e-5)
+    assert df.attrs['covariates_imputed'] == 1
+
+
+def test_predict_images_of_a_subject_views_distribution_run_intervals_of_the_pooled_distribution():
+    head = DistributionHead(parse_age_bins('0:60:10'), 2)
+    rm = views_model('attention', head=head)
+    rm.pattern = DEFAULT_PATTERN
+    imgs, names = views_images(6)
+    df, _, _ = predict_images(rm, names, 3, decoded=(imgs, names))
+    probs = torch.softmax(pooled(rm, imgs), 1).numpy()
+    assert df.attrs['probs'].shape == (5, 6) and np.allclose(df.attrs['probs'], probs, atol=1e-5)
+    for k, v in head.summary(probs).items(): np.testing.assert_allclose(df[k], v, atol=1e-4, err_msg=k)
+    sub = subject_table(df, rm)
+    assert sub.subject.tolist() == ['1', '2', '10'] and np.allclose(sub.dist_sd, head.summary(probs[[3, 0, 1]])['pred_sd'], atol=1e-4)
+
+
+# ---- agenb.predict: an experiment's test subjects stay closed to predict ---------------------------------------------------
+
+from agenb.predict import experiment_of, experiment_test_images
+
+
+@pytest.fixture()
+def closed_exp(tmp_path):
+    "An experiment folder (test subjects 3 and 12) over a data folder of five images, and its final split."
+    data = tmp_path / 'data'
+    data.mkdir()
+    for s, k in ((3, 1), (3, 2), (12, 1), (4, 1), (5, 1)):
+        (data / f'anon_{s}_{k}.png').write_bytes(bytes([s, k]) * (10 + s + k))
+    exp = tmp_path / 'exp'
+    (exp / 'splits').mkdir(parents=True)
+    (exp / 'experiment.json').write_text(json.dumps({'name': 'e', 'test_subjects': ['3', '12'], 'data': {'image_dir': str(data)}}))
+    rows = [(data / f'anon_{s}_{k}.png', str(s), 'test' if s in (3, 12) else 'train') for s, k in ((3, 1), (3, 2), (12, 1), (4, 1), (5, 1))]
+    pd.DataFrame({'path': [str(p) for p, _, _ in rows], 'subject': [s for _, s, _ in rows], 'split': [x for _, _, x in rows]}
+                 ).to_csv(exp / 'splits' / 'final.csv', index=False)
+    return exp, data
+
+
+def test_experiment_test_images_by_name_in_its_folders_and_by_bytes_anywhere(closed_exp, tmp_path):
+    exp, data = closed_exp
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'anon_3_1.png').write_bytes(b'not the same bytes, other size')               # a test name outside its folders
+    (other / 'renamed.png').write_bytes((data / 'anon_12_1.png').read_bytes())          # a test image's copy, renamed
+    (other / 'same_size.png').write_bytes(b'\0' * (data / 'anon_3_2.png').stat().st_size)   # its size, other bytes
+    (other / 'anon_4_1.png').write_bytes((data / 'anon_4_1.png').read_bytes())          # a copy of a training image
+    paths = [other / 'renamed.png', data / 'anon_4_1.png', data / 'anon_3_2.png', other / 'anon_3_1.png', data / 'anon_12_1.png',
+             other / 'same_size.png', other / 'anon_4_1.png', data / 'anon_5_1.png', data / 'anon_3_1.png']
+    hits = experiment_test_images(exp, paths)
+    assert list(hits.items()) == [(str(other / 'renamed.png'), '12'), (str(data / 'anon_3_2.png'), '3'),
+                                  (str(data / 'anon_12_1.png'), '12'), (str(data / 'anon_3_1.png'), '3')]
+    assert experiment_test_images(exp, [other / 'same_size.png', data / 'anon_5_1.png']) == {}
+
+
+def test_experiment_test_images_with_the_experiments_pattern_and_no_test_subjects(closed_exp):
+    exp, data = closed_exp
+    rec = json.loads((exp / 'experiment.json').read_text())
+    (data / 'img-3-9.png').write_bytes(b'x' * 7)
+    (exp / 'experiment.json').write_text(json.dumps({**rec, 'data': {**rec['data'], 'pattern': r'^img-(\d+)-(\d+)\.png$'}}))
+    assert experiment_test_images(exp, [data / 'img-3-9.png', data / 'anon_5_1.png']) == {str(data / 'img-3-9.png'): '3'}
+    (exp / 'experiment.json').write_text(json.dumps({**rec, 'data': {'image_dir': [str(data / 'x'), str(data)]}}))   # a list of folders
+    assert experiment_test_images(exp, [data / 'anon_3_1.png']) == {str(data / 'anon_3_1.png'): '3'}
+    (exp / 'experiment.json').write_text(json.dumps({**rec, 'test_subjects': []}))
+    assert experiment_test_images(exp, [data / 'anon_3_1.png']) == {}
+
+
+def test_experiment_of_a_run_folder(tmp_path):
+    exp = tmp_path / 'exp'
+    for d in ('runs/job/run_1', 'final/job/run_1', 'runs/job/run_1/deeper'): (exp / d).mkdir(parents=True)
+    (exp / 'experiment.json').write_text('{}')
+    assert experiment_of(exp / 'runs' / 'job' / 'run_1') == exp.resolve() and experiment_of(exp / 'final' / 'job' / 'run_1') == exp.resolve()
+    assert experiment_of(exp / 'runs' / 'job' / 'run_1' / 'deeper') is None and experiment_of(tmp_path) is None
+
+
+def test_predict_split_of_a_subject_views_covariate_run(synth_root, tmp_path):
+    "predict_split of a --subject-views --covariates bmi run: each subject's mean covariate inputs join its pooled images."
+    from agenb.data import load_dataset
+    from agenb.model import covariate_inputs
+    img_dir, xlsx = synth_root / 'TA' / 'Healthy' / 'Images', synth_root / 'TA' / 'characteristics.xlsx'
+    t = load_dataset(img_dir, xlsx)[0]
+    t = t[t.subject.isin(list(dict.fromkeys(t.subject))[:3])].reset_index(drop=True)
+    prep = Preprocessing(image_size=32)
+    o = resolve_options({'image_dir': str(img_dir), 'excel_path': str(xlsx), 'arch': 'resnet18', 'image_size': 32, 'dropout': 0.2,
+                         'covariates': 'bmi', 'subject_views': 2})
+    run = tmp_path / 'run_20260101_000002'; run.mkdir()
+    (run / 'config.json').write_text(json.dumps({'args': o.to_dict(), 'preprocessing': prep.to_dict(), 'augmentation': {}}))
+    raw = t[['bmi']].to_numpy(dtype=float)
+    stats = fit_covariates(raw, ('bmi',))
+    torch.manual_seed(3)
+    model = build_model('resnet18', pretrained=False, dropout=0.2, n_covariates=2, view_pool='mean')
+    torch.save(RN.make_checkpoint(model.state_dict(), 1, 5.0, o, prep.to_dict(), covariates=stats), run / 'best_model.pth')
+    t.assign(split='test')[['path', 'filename', 'subject', 'age', 'split']].to_csv(run / 'split.csv', index=False)
+    p = RN.predict_split(run)
+    assert p.columns.tolist() == ['path', 'filename', 'subject', 'age', 'split', 'n_images', 'pred']
+    model.eval()
+    x = prep.normalize(load_images(list(t.path), prep).float() / 255)
+    cov = covariate_inputs(raw, stats)
+    rows = [np.flatnonzero(t.subject.to_numpy() == s) for s in dict.fromkeys(t.subject)]
+    with torch.no_grad(): want = [float(model(x[r][None], cov[r].mean(0, keepdim=True))[0, 0]) for r in rows]
+    np.testing.assert_allclose(p.pred, want, atol=1e-4, rtol=0)
+
+
+def test_per_subject_and_interval_tables_columns():
+    table = pd.DataFrame({'path': list('abcd'), 'subject': ['1', '2', '1', '1']}, index=[7, 8, 9, 10])
+    rows = RN.per_subject_rows(table, [np.array([0, 2, 3]), np.array([1])])
+    assert rows.columns.tolist() == ['path', 'subject', 'n_images'] and rows.index.tolist() == [0, 1]
+    assert rows.path.tolist() == ['a', 'b'] and rows.n_images.tolist() == [3, 1]
+    head = DistributionHead(parse_age_bins('20:60:10'), 2)
+    probs = np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.0, 0.0, 1.0, 0.0]], dtype=np.float32)
+    frame = pd.DataFrame({'subject': ['7', '3', '7']}, index=[4, 5, 6])
+    img, subj = RN.interval_tables(head, frame, probs)
+    assert img.columns.tolist() == ['subject', 'pred', 'pred_sd', 'lo80', 'hi80', 'lo95', 'hi95'] and img.index.tolist() == [0, 1, 2]
+    assert subj.n_images.tolist() == [2, 1] and subj.columns.tolist()[:2] == ['subject', 'n_images']
+    mix = np.stack([probs.astype(float)[[0, 2]].mean(0), probs.astype(float)[1]])                # mixed in float64
+    for k, v in head.summary(mix).items(): np.testing.assert_allclose(subj[k], v, rtol=0, atol=1e-12, err_msg=k)
+
+
+def test_model_kwargs_of_options_without_the_newer_fields():
+    "Options objects of older runs may lack subject_views or view_pool: no views, or mean pooling."
+    assert RN.model_kwargs(SimpleNamespace(dropout=0.1)) == {'dropout': 0.1, 'outputs': 1, 'n_covariates': 0, 'view_pool': None}
+    assert RN.model_kwargs(SimpleNamespace(dropout=0.1, subject_views=2))['view_pool'] == 'mean'
+
+
+def test_experiment_test_images_ids_like_missing_values_and_empty_files(tmp_path):
+    data, exp = tmp_path / 'data', tmp_path / 'exp'
+    data.mkdir(); (exp / 'splits').mkdir(parents=True)
+    (data / 'anon_NA_1.png').write_bytes(b'abc')
+    (data / 'anon_7_1.png').write_bytes(b'')                                             # an empty test image
+    (exp / 'experiment.json').write_text(json.dumps({'name': 'e', 'test_subjects': ['NA', '7'],
+                                                     'data': {'image_dir': str(data), 'pattern': r'^anon_(\w+)_(\d+)\.png$'}}))
+    pd.DataFrame({'path': [str(data / 'anon_NA_1.png'), str(data / 'anon_7_1.png')], 'subject': ['NA', '7'], 'split': 'test'}
+                 ).to_csv(exp / 'splits' / 'final.csv', index=False)
+    (tmp_path / 'copy.png').write_bytes(b'abc')
+    (tmp_path / 'empty.png').write_bytes(b'')
+    assert experiment_test_images(exp, [tmp_path / 'copy.png', tmp_path / 'empty.png']) == {
+        str(tmp_path / 'copy.png'): 'NA', str(tmp_path / 'empty.png'): '7'}
