@@ -8,7 +8,7 @@ import argparse, csv, datetime as _dt, hashlib, io, json, math, os, re, shutil, 
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 from PIL import Image, ImageDraw, ImageFont
 
 from .core import InputError, run_cli, atomic_write, atomic_write_json, file_sha256
@@ -611,10 +611,6 @@ def ssim(a, b, sigma=1.5, data_range=255.0):
     return float(((2 * ma * mb + c1) * (2 * cab + c2) / ((ma * ma + mb * mb + c1) * (va + vb + c2))).mean())
 
 # %% ../nbs/01_synth.ipynb #d51aca63
-def _skew(x):
-    d = x - x.mean()
-    return float((d ** 3).mean() / (d ** 2).mean() ** 1.5)
-
 def texture_statistics(out_dir, muscle='TA', cohort='Healthy'):
     """The published texture statistics of a generated folder, on the published definition (whole image, every
     image of `muscle`/`cohort`, all ages): r of the mean grey and of the skewness with age, the mean grey's mean
@@ -626,7 +622,7 @@ def texture_statistics(out_dir, muscle='TA', cohort='Healthy'):
     age, grey, sk, views = [], [], [], {}
     for r in rows:
         with Image.open(out / muscle / cohort / 'Images' / r['filename']) as im: x = np.asarray(im, np.float64)
-        age.append(float(r['age'])); grey.append(x.mean()); sk.append(_skew(x))
+        age.append(float(r['age'])); grey.append(x.mean()); sk.append(float(stats.skew(x, axis=None)))
         views.setdefault(r['subject'], []).append(x)
     age, grey, sk = map(np.array, (age, grey, sk))
     pairs = [ssim(v[0], v[1]) for v in views.values() if len(v) > 1 and v[0].shape == v[1].shape]
