@@ -14,6 +14,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS, README = HERE / 'results.json', HERE / 'README.md'
+# the accuracy section alone, run again when the data or the defaults change without a whole `make bench`:
+# python bench/run.py --only accuracy --no-combined --out bench/accuracy_results.json (then bench/render.py)
+ACCURACY = HERE / 'accuracy_results.json'
 
 def _g(d, *keys):
     for k in keys:
@@ -191,12 +194,48 @@ def summary(res) -> str:
         f"(preset {fp.get('preset')}); the figures above are rendered from `bench/results.json` by `bench/render.py`."
         + stale_note(fp)])
 
+def accuracy_block(acc) -> str:
+    """The accuracy section run alone (bench/accuracy_results.json): agenb, the plain loop and the oracle on one split,
+    with the two ratios' intervals and the targets of issue 27, and where the figures come from."""
+    A, P = acc['accuracy'], acc['accuracy'].get('plain_loop') or {}
+    s, ag, fp, m = A['settings'], acc.get('agenb') or {}, _g(acc, 'data', 'fingerprint') or {}, acc.get('machine') or {}
+    ci = lambda k: _g(A, 'ratio_ci95', k) or [None, None]
+    dirty = ag.get('dirty_files') or []
+    tree = ('a clean tree' if not ag.get('dirty') else
+            f"a tree with uncommitted changes in {', '.join(f'`{f}`' for f in dirty)}" if dirty else 'a tree with uncommitted changes')
+    opts = ', '.join(f'{k} {s[k]:g}' for k in ('lr', 'warmup_epochs', 'rotation', 'brightness', 'contrast', 'dropout'))
+    rows = [
+        ('test MAE: agenb / a plain PyTorch loop / the oracle (image level, one muscle)',
+         f"{_n(A['test_mae'])} / {_n(P.get('test_mae'))} / {_n(A['oracle_mae_test_images'])} years"),
+        ('`mae_over_plain_loop` [95% interval over test subjects]; target: upper end below 1.0',
+         f"{_ci(A, 'mae_over_plain_loop')}: {'met' if ci('mae_over_plain_loop')[1] is not None and ci('mae_over_plain_loop')[1] < 1.0 else '**not met**'}"),
+        ('`mae_over_oracle` [95% interval]; target: at most 1.20', f"{_ci(A, 'mae_over_oracle')}: {_met(A['mae_over_oracle'], 1.20, higher=False)}"),
+        ('epoch kept (validation MAE): agenb / plain loop',
+         f"{A['best_epoch']} ({_n(A['best_val_mae'])}) / {P.get('best_epoch')} ({_n(P.get('best_val_mae'))})"),
+    ]
+    return '\n'.join([
+        f"| accuracy section alone (`bench/accuracy_results.json`) | result |", '|---|---|',
+        *[f'| {a} | {b} |' for a, b in rows], '',
+        f"{s['arch']} from scratch, {s['image_size']} px, {s['epochs']} epochs, batch {s['batch_size']}, agenb's mae recipe "
+        f"with {opts} (the plain loop: the same model, size, batch, epochs, rate and weight decay, nothing else); "
+        f"{A['n_test_subjects']} test subjects ({A['n_test_images']} images) of the bench data, agenb.synth version "
+        f"{fp.get('version')}. Commit `{(ag.get('commit') or '?')[:10]}` with {tree}, {m.get('cpu_model')} "
+        f"({m.get('cores')} cores), {_minutes(_g(acc, 'section_seconds', 'accuracy'))}. One training seed each: the "
+        'intervals cover the test set\'s sampling, not the training\'s seed (`bench/defaults/` has the seed-aware comparisons).'])
+
 def stale_note(fp) -> str:
     "A sentence saying that the figures predate the current generator, when they do (empty otherwise)."
     from agenb.synth import GENERATOR_VERSION
     if fp.get('version') == GENERATOR_VERSION: return ''
     return (f" **These figures predate the current generator (version {GENERATOR_VERSION}, calibrated to the real images' "
-            "published statistics): they were measured on other data, and `make bench` has not been re-run since.**")
+            "published statistics): they were measured on other data, and `make bench` has not been re-run since.**"
+            + (' The accuracy section alone was, on the current data: see below.' if _current(ACCURACY) else ''))
+
+def _current(path) -> bool:
+    "Whether a results file exists and was measured on data of the current generator."
+    from agenb.synth import GENERATOR_VERSION
+    if not Path(path).is_file(): return False
+    return _g(json.loads(Path(path).read_text()), 'data', 'fingerprint', 'version') == GENERATOR_VERSION
 
 def demo_block(rec) -> str:
     "The README's demo paragraph and the lines `make demo` ends with, from bench/demo_record.json (bench/demo.py)."
@@ -255,6 +294,10 @@ def main(argv=None):
         print(summary(res)); return 0
     update_readme(README, res)
     if a.readme: update_readme(a.readme, res, 'bench', summary(res))
+    if ACCURACY.is_file():
+        acc = json.loads(ACCURACY.read_text())
+        update_readme(README, acc, 'accuracy', accuracy_block(acc))
+        if a.readme: update_readme(a.readme, acc, 'accuracy', accuracy_block(acc))
     return 0
 
 if __name__ == '__main__':

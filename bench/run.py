@@ -649,11 +649,13 @@ def main(argv=None):
                                  'with --quick or --only bench/out/results_quick.json or results_partial.json)')
     p.add_argument('--accuracy-epochs', type=int, help='override the accuracy run\'s epochs')
     p.add_argument('--no-plain-loop', action='store_true', help='skip the plain PyTorch loop of the accuracy section')
+    p.add_argument('--no-combined', action='store_true', help='skip the accuracy section\'s best combination of the models table')
     a = p.parse_args(argv)
     cfg = QUICK if a.quick else FULL
     if a.accuracy_epochs: cfg['accuracy']['epochs'] = a.accuracy_epochs
     if a.no_plain_loop: cfg['accuracy']['plain_loop'] = False
-    official = not (a.quick or a.only or a.data_dir or a.accuracy_epochs or a.no_plain_loop)
+    if a.no_combined: cfg['accuracy']['combined'] = False
+    official = not (a.quick or a.only or a.data_dir or a.accuracy_epochs or a.no_plain_loop or a.no_combined)
     default_out = (ROOT / 'bench' / 'results.json' if official else
                    OUT / ('results_quick.json' if a.quick else 'results_partial.json'))
     out = Path(a.out) if a.out else default_out
@@ -662,7 +664,7 @@ def main(argv=None):
     from agenb.core import atomic_write_json, git_info
     t_start = time.perf_counter()
     res = {'machine': machine_info(), 'quick': a.quick,
-           'agenb': {'version': __version__, **git_info(ROOT)},   # read before anything is written
+           'agenb': {'version': __version__, **git_info(ROOT), 'dirty_files': dirty_files()},   # read before anything is written
            'command': ' '.join(['bench/run.py', *argv])}
     root = ensure_data(cfg['data_preset'], a.data_dir)
     res['data'] = data_record(root)
@@ -693,12 +695,23 @@ def main(argv=None):
     atomic_write_json(out, res)
     print_table(res)
     print(f'\nwrote {out} in {res["total_seconds"]:.0f} s')
+    if out.resolve() == (ROOT / 'bench' / 'accuracy_results.json').resolve():
+        sys.path.insert(0, str(ROOT / 'bench'))
+        import render
+        render.update_readme(ROOT / 'bench' / 'README.md', res, 'accuracy', render.accuracy_block(res))
+        print(f'rendered the accuracy block of {ROOT / "bench" / "README.md"} from it')
     if out.resolve() == (ROOT / 'bench' / 'results.json').resolve():
         sys.path.insert(0, str(ROOT / 'bench'))
         import render                                              # bench/render.py, beside this script
         render.update_readme(ROOT / 'bench' / 'README.md', res)
         print(f'rendered the figures of {ROOT / "bench" / "README.md"} from it')
     return 0
+
+def dirty_files():
+    "The files `git status` lists as changed (a record made on a dirty tree says which files were not committed)."
+    try: out = subprocess.run(['git', 'status', '--porcelain'], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError): return None
+    return sorted(line[3:].strip() for line in out.splitlines() if line.strip())
 
 def _dig(d, keys):
     for k in keys:

@@ -1,6 +1,6 @@
 """The committed benchmark results: provenance recorded, no machine paths, and bench/README.md's figures rendered
 from them (bench/render.py), so that the two cannot disagree."""
-import json, sys
+import json, shutil, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +90,115 @@ def test_defaults_leaderboards_are_rendered_into_their_readme():
     spec = importlib.util.spec_from_file_location('defaults_render', ROOT / 'bench' / 'defaults' / 'render.py')
     d = importlib.util.module_from_spec(spec); spec.loader.exec_module(d)
     text = (ROOT / 'bench' / 'defaults' / 'README.md').read_text()
+    assert {'lr_scratch', 'augment', 'selection'} <= set(d.EXPERIMENTS)
     for name in d.EXPERIMENTS:
-        assert (ROOT / 'bench' / 'defaults' / f'{name}.yaml').is_file()
+        assert (ROOT / 'bench' / 'defaults' / d.SOURCES[name]).is_file()
+        assert f'<!-- {name}:begin -->' in text, f'bench/defaults/README.md has no table for {name}'
         assert render.fill(text, name, d.table(name)) == text, 'run python bench/defaults/render.py'
+
+
+def test_selection_scores_each_rule_on_the_same_fold_runs(tmp_path, synth_root):
+    """bench/defaults/selection.py on a tiny experiment (one variant, 2 folds, 3 epochs, a checkpoint every epoch):
+    `best` reproduces the experiment's own OOF predictions, `last` is the last epoch's checkpoint, each rule covers the
+    same images, and the leaderboard ranks the four rules against `best`."""
+    import importlib.util, yaml
+    import numpy as np, pandas as pd
+    from conftest import agenb
+    from agenb.predict import predict_images
+    from agenb.runs import load_run_model
+    spec = {'name': 'sel', 'data': {'image_dir': str(synth_root / 'TA' / 'Healthy' / 'Images'),
+                                    'excel_path': str(synth_root / 'TA' / 'characteristics.xlsx')},
+            'base': {'arch': 'resnet18', 'pretrained': False, 'image_size': 32, 'epochs': 3, 'batch_size': 16,
+                     'num_workers': 1, 'warmup_epochs': 0, 'lr': 1.0e-3, 'report': False, 'gradcam_n': 0,
+                     'checkpoint_every': 1, 'keep_checkpoints': 3},
+            'variants': [{'name': 'v'}], 'folds': 2, 'seeds': [1], 'test_size': 0.2, 'split_seed': 42, 'bootstrap': 200}
+    (tmp_path / 'sel.yaml').write_text(yaml.safe_dump(spec, sort_keys=False))
+    r = agenb('experiment', 'run', tmp_path / 'sel.yaml', '--out', tmp_path / 'exp', '--workers', '1', '--engine', 'cli', timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = importlib.util.spec_from_file_location('selection', ROOT / 'bench' / 'defaults' / 'selection.py')
+    sel = importlib.util.module_from_spec(s); s.loader.exec_module(sel)
+    oof = sel.selection_oof(tmp_path / 'exp', 'v')
+    exp_oof = pd.read_csv(tmp_path / 'exp' / 'oof_predictions.csv', dtype={'subject': str})
+    assert sorted(set(oof.variant)) == sorted(sel.RULES) and len(oof) == 4 * len(exp_oof)
+    for rule, g in oof.groupby('variant'):
+        assert list(g.file) == list(exp_oof.file) and np.isfinite(g.prediction).all()
+    np.testing.assert_allclose(oof[oof.variant == 'best'].prediction.to_numpy(), exp_oof.prediction.to_numpy(), atol=1e-3)
+    run = sel.run_dir_of(tmp_path / 'exp', 'v', 1, 1)
+    assert sel.last_checkpoint(run) == 'checkpoint_epoch_0003.pth'
+    f1 = exp_oof[exp_oof.fold == 1]
+    paths = pd.read_csv(run / 'predictions.csv').set_index('filename').loc[f1.file, 'path'].tolist()
+    last = predict_images(load_run_model(run, 'checkpoint_epoch_0003.pth'), paths, intervals=False)[0].pred.to_numpy()
+    np.testing.assert_allclose(oof[(oof.variant == 'last') & (oof.fold == 1)].prediction.to_numpy(), last, atol=1e-6)
+    oof.to_csv(tmp_path / 'sel_oof.csv', index=False)
+    board = sel.compare_oof(tmp_path / 'sel_oof.csv', 'best')[0]
+    assert set(board.variant) == set(sel.RULES) and (board.baseline == 'best').all()
+    # a run that did not train every epoch has no "last epoch" to score
+    cfg = json.loads((run / 'config.json').read_text()); cfg['epochs_completed'] = 2
+    (run / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit, match='stopped after 2 of 3 epochs'): sel.last_checkpoint(run)
+
+
+def test_accuracy_alone_is_rendered_and_recorded():
+    """bench/accuracy_results.json (the accuracy section run alone on the current data) is what bench/README.md and the
+    README show, it was measured on the current generator's data, and a dirty tree names its files, none of them code."""
+    from agenb.synth import GENERATOR_VERSION
+    acc = json.loads(render.ACCURACY.read_text())
+    assert acc['data']['fingerprint']['version'] == GENERATOR_VERSION and acc['data']['fingerprint']['files_match']
+    assert len(acc['agenb']['commit']) == 40 and acc['accuracy']['plain_loop']['n_test_images'] == acc['accuracy']['n_test_images']
+    if acc['agenb']['dirty']:
+        files = acc['agenb']['dirty_files']
+        assert files and not [f for f in files if f.startswith(('agenb/', 'nbs/', 'settings.ini', 'requirements'))], files
+    block = render.accuracy_block(acc)
+    for path in (ROOT / 'bench' / 'README.md', ROOT / 'README.md'):
+        assert render.fill(path.read_text(), 'accuracy', block) == path.read_text(), f'run python bench/render.py --readme nbs/index.ipynb, then make readme ({path})'
+    assert ('not met' in block) == (acc['accuracy']['ratio_ci95']['mae_over_plain_loop'][1] >= 1.0 or acc['accuracy']['mae_over_oracle'] > 1.20)
+
+
+def _fake_experiment(d, variant, shift, fold_of=None, base=None, protocol=None):
+    "An experiment folder as combine.py reads it: OOF rows of one variant (errors `shift` years), its leaderboard row, record and spec."
+    import numpy as np, pandas as pd, yaml
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in (1, 2):
+        for s in range(40):
+            age = 20 + s
+            for k in (1, 2):
+                rows.append(dict(variant=variant, seed=seed, fold=(fold_of or (lambda s: s % 4 + 1))(s), subject=str(s),
+                                 file=f'anon_{s}_{k}.png', age=age, prediction=age + shift + rng.normal(0, 0.1)))
+    d.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(d / 'oof_predictions.csv', index=False)
+    pd.DataFrame([{'variant': variant, 'options': json.dumps({'x': shift})}]).to_csv(d / 'leaderboard.csv', index=False)
+    (d / 'experiment.json').write_text(json.dumps({'protocol': protocol or {'split_seed': 42, 'folds': 4}, 'test_subjects': ['99'],
+                                                   'folds': [], 'data_fingerprint': {'images_sha256': 'a'}}))
+    (d / 'spec.yaml').write_text(yaml.safe_dump({'base': base or {'arch': 'resnet18', 'image_size': 64}}))
+    return d
+
+
+def test_combine_pools_only_experiments_of_one_protocol(tmp_path):
+    """bench/defaults/combine.py pools variants of experiments that share data, base and protocol into agenb's
+    leaderboard, and refuses (exit 2, one line) any that differ in folds, base or protocol."""
+    import subprocess
+    cmd = lambda *a: subprocess.run([sys.executable, str(ROOT / 'bench' / 'defaults' / 'combine.py'), *map(str, a)],
+                                    capture_output=True, text=True, cwd=tmp_path)
+    a = _fake_experiment(tmp_path / 'a', 'base', 0.5)
+    b = _fake_experiment(tmp_path / 'b', 'better', 0.1)
+    r = cmd('test_combine_tmp', f'{a}:base', f'{b}:better', '--baseline', 'base')
+    out = ROOT / 'bench' / 'defaults' / 'test_combine_tmp_leaderboard.csv'
+    try:
+        assert r.returncode == 0, r.stderr
+        import pandas as pd
+        board = pd.read_csv(out)
+        assert list(board.variant) == ['better', 'base'] and bool(board.distinguishable_from_baseline.iloc[0])
+        assert json.loads(board.options.iloc[0]) == {'x': 0.1}
+    finally:
+        out.unlink(missing_ok=True)
+        for p in (ROOT / 'bench' / 'out').glob('test_combine_tmp_oof*'):
+            if p.is_dir(): shutil.rmtree(p)
+            else: p.unlink()
+    for name, kw, says in (('folds', dict(fold_of=lambda s: (s + 1) % 4 + 1), 'do not share a protocol'),
+                           ('base', dict(base={'arch': 'resnet50'}), 'differ in base'),
+                           ('protocol', dict(protocol={'split_seed': 7, 'folds': 4}), 'differ in protocol')):
+        c = _fake_experiment(tmp_path / name, 'other', 0.1, **kw)
+        r = cmd('test_combine_tmp', f'{a}:base', f'{c}:other', '--baseline', 'base')
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
+        assert not out.exists()

@@ -11,7 +11,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import render  # noqa: E402  (bench/render.py: fill)
 
-EXPERIMENTS = ['lr_scratch']
+# each table's name and the file that made it (an experiment spec, or a script that scores runs already trained)
+SOURCES = {'lr_scratch': 'lr_scratch.yaml', 'augment': 'augment.yaml', 'selection': 'selection.py', 'ema_size': 'ema_size.yaml'}
+EXPERIMENTS = [n for n in SOURCES if (HERE / f'{n}_leaderboard.csv').is_file()]
+RULES = {'best': 'lowest validation MAE (best_model.pth)', 'last': 'last epoch', 'best+tta': 'best, test-time views',
+         'last+tta': 'last epoch, test-time views'}
 
 
 def table(name) -> str:
@@ -20,7 +24,8 @@ def table(name) -> str:
     rows = ['| rank | variant | options | subject MAE [95% CI] | folds mean +/- SD | vs baseline [95% CI] | separated? |',
             '|---|---|---|---|---|---|---|']
     for _, x in b.iterrows():
-        rows.append(f"| {x['rank']} | {x['variant']} | `{x['options']}` | {x['subject_mae']:.2f} [{x['subject_mae_ci_low']:.2f}, "
+        what = f"`{x['options']}`" if 'options' in b and pd.notna(x['options']) else RULES.get(x['variant'], '')
+        rows.append(f"| {x['rank']} | {x['variant']} | {what} | {x['subject_mae']:.2f} [{x['subject_mae_ci_low']:.2f}, "
                     f"{x['subject_mae_ci_high']:.2f}] | {x['fold_mae_mean']:.2f} +/- {x['fold_mae_sd']:.2f} | "
                     f"{ci(x, 'diff_to_baseline')} | {'yes' if x['distinguishable_from_baseline'] else 'no'} |")
     return '\n'.join(rows + ['', f"{int(b['n_subjects'].iloc[0])} development subjects, {int(b['n_seeds'].iloc[0])} seeds, "

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""One leaderboard from variants of several experiments that share a protocol, so that a new candidate needs only its
+own fold runs: the baseline's runs of an earlier experiment are reused, not trained again.
+
+    python bench/defaults/combine.py NAME EXP_DIR:VARIANT [EXP_DIR:VARIANT ...] --baseline VARIANT
+    -> bench/defaults/NAME_leaderboard.csv (committed) and bench/out/NAME_oof.csv (+ comparison.html)
+
+The pooling is refused (one line, exit 2) unless every source has the same subjects in the same folds, the same
+images, the same seeds and the same experiment-level settings apart from the variants' own options (the
+protocol, test subjects, folds and data fingerprint of each experiment.json, and the spec's `base`): then the variants differ
+only in their options, exactly as within one experiment. The leaderboard is agenb's own
+(agenb.exp_report.compare_oof), and each row's `options` are the variant's options from its experiment.
+"""
+import argparse, json, sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
+
+from agenb.exp_report import compare_oof  # noqa: E402
+
+SAME = ('protocol', 'test_subjects', 'folds', 'data_fingerprint')   # experiment.json keys that must agree
+
+
+def fail(msg):
+    print(f'combine: {msg}', file=sys.stderr)
+    sys.exit(2)
+
+
+def source(arg):
+    "(exp_dir, variant, its OOF rows, its options as JSON text, the spec) of one EXP_DIR:VARIANT argument."
+    exp, _, variant = arg.rpartition(':')
+    exp = Path(exp)
+    if not variant or not (exp / 'oof_predictions.csv').is_file():
+        fail(f'{arg}: give EXP_DIR:VARIANT with an experiment folder that holds oof_predictions.csv')
+    oof = pd.read_csv(exp / 'oof_predictions.csv', dtype={'subject': str, 'variant': str})
+    oof = oof[oof['variant'] == variant]
+    if oof.empty: fail(f'{exp}/oof_predictions.csv has no rows of variant {variant}')
+    board = pd.read_csv(exp / 'leaderboard.csv', dtype={'variant': str})
+    opts = board.loc[board['variant'] == variant, 'options']
+    record = json.loads((exp / 'experiment.json').read_text())
+    return exp, variant, oof, (opts.iloc[0] if len(opts) else None), record
+
+
+def spec_of(exp, record) -> dict:
+    "What every pooled experiment must share: its protocol, test subjects, folds and data (experiment.json) and its spec's base."
+    base = (yaml.safe_load((Path(exp) / 'spec.yaml').read_text()) or {}).get('base')
+    return {**{k: record.get(k) for k in SAME}, 'base': base}
+
+
+def pooled(sources) -> pd.DataFrame:
+    "The OOF rows of every source, after checking that they share one protocol."
+    ref_exp, _, ref, _, ref_rec = sources[0]
+    key = lambda d: d[['seed', 'fold', 'subject', 'file', 'age']].sort_values(['seed', 'fold', 'subject', 'file']).reset_index(drop=True)
+    for exp, variant, oof, _, rec in sources[1:]:
+        if not key(oof).equals(key(ref)):
+            fail(f'{exp}:{variant} and {ref_exp} differ in their out-of-fold subjects, folds, images or seeds: they do not share a protocol')
+        a, b = spec_of(exp, rec), spec_of(ref_exp, ref_rec)
+        diff = [k for k in a if a[k] != b[k]]
+        if diff: fail(f'{exp} and {ref_exp} differ in {", ".join(diff)}: pool only experiments with the same base and protocol')
+    names = [v for _, v, *_ in sources]
+    if len(set(names)) != len(names): fail(f'a variant name is given twice ({", ".join(names)})')
+    return pd.concat([o for _, _, o, _, _ in sources], ignore_index=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('name'); p.add_argument('sources', nargs='+'); p.add_argument('--baseline', required=True)
+    a = p.parse_args(argv)
+    sources = [source(s) for s in a.sources]
+    oof = pooled(sources)
+    path = ROOT / 'bench' / 'out' / f'{a.name}_oof.csv'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    oof.to_csv(path, index=False)
+    board, out = compare_oof(path, baseline=a.baseline)
+    board['options'] = board['variant'].map({v: o for _, v, _, o, _ in sources})
+    board.to_csv(HERE / f'{a.name}_leaderboard.csv', index=False)
+    print(board[['variant', 'rank', 'subject_mae', 'subject_mae_ci_low', 'subject_mae_ci_high', 'diff_to_baseline',
+                 'diff_to_baseline_ci_low', 'diff_to_baseline_ci_high', 'distinguishable_from_baseline']].to_string(index=False))
+    print(f'wrote {HERE / (a.name + "_leaderboard.csv")} and {out}')
+
+
+if __name__ == '__main__':
+    main()
