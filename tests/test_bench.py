@@ -95,6 +95,11 @@ def test_defaults_leaderboards_are_rendered_into_their_readme():
         assert (ROOT / 'bench' / 'defaults' / d.SOURCES[name]).is_file()
         assert f'<!-- {name}:begin -->' in text, f'bench/defaults/README.md has no table for {name}'
         assert render.fill(text, name, d.table(name)) == text, 'run python bench/defaults/render.py'
+    assert 'augment' in d.FINALS
+    for name in d.FINALS:
+        assert render.fill(text, f'{name}_final', d.final_table(name)) == text, 'run python bench/defaults/render.py'
+        f = json.loads((ROOT / 'bench' / 'defaults' / f'{name}_final.json').read_text())
+        assert f['opening'] == 1 and len(f['single']) >= 2 and f['ensemble']['n_test_subjects'] == f['ensemble_vs_single']['n']
 
 
 def test_selection_scores_each_rule_on_the_same_fold_runs(tmp_path, synth_root):

@@ -2,7 +2,7 @@
 """Render bench/defaults/README.md's leaderboard tables from the committed leaderboards (`<name>_leaderboard.csv`,
 copied from `EXP_DIR/leaderboard.csv` of `python -m agenb.experiment run bench/defaults/<name>.yaml`), so that no
 figure is typed: `python bench/defaults/render.py`. tests/test_bench.py fails when the two disagree."""
-import sys
+import json, sys
 from pathlib import Path
 
 import pandas as pd
@@ -33,10 +33,28 @@ def table(name) -> str:
                              'subjects were not used); intervals resample subjects and seeds.'])
 
 
+FINALS = [n for n in SOURCES if (HERE / f'{n}_final.json').is_file()]   # `experiment final` of a defaults experiment
+
+
+def final_table(name) -> str:
+    "The test set opened once (`<name>_final.json`): single models and the fold ensemble, with their intervals."
+    f = json.loads((HERE / f'{name}_final.json').read_text())
+    ci = lambda x: f"{x['test_subject_mae']:.2f} [{x['test_subject_mae_ci'][0]:.2f}, {x['test_subject_mae_ci'][1]:.2f}]"
+    d, e = f['ensemble_vs_single'], f['ensemble']
+    rows = ['| model | test subject MAE [95% CI] |', '|---|---|']
+    rows += [f"| single model, seed {x['seed']} (trained on all development subjects) | {ci(x)} |" for x in f['single']]
+    rows += [f"| fold ensemble ({e['n_models']} fold models) | {ci(e)} |", '',
+             f"Ensemble minus single model, per test subject: {d['diff']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] "
+             f"({d['n']} test subjects, {d['n_boot']} bootstrap resamples); the variant's OOF subject MAE {f['oof_subject_mae']:.2f} "
+             f"(rank {f['oof_rank']} of {f['n_variants_compared']}); test set opening {f['opening']}."]
+    return '\n'.join(rows)
+
+
 def main():
     p = HERE / 'README.md'
     text = p.read_text()
     for name in EXPERIMENTS: text = render.fill(text, name, table(name))
+    for name in FINALS: text = render.fill(text, f'{name}_final', final_table(name))
     p.write_text(text)
 
 
