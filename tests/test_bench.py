@@ -135,7 +135,8 @@ def test_selection_scores_each_rule_on_the_same_fold_runs(tmp_path, synth_root):
     last = predict_images(load_run_model(run, 'checkpoint_epoch_0003.pth'), paths, intervals=False)[0].pred.to_numpy()
     np.testing.assert_allclose(oof[(oof.variant == 'last') & (oof.fold == 1)].prediction.to_numpy(), last, atol=1e-6)
     oof.to_csv(tmp_path / 'sel_oof.csv', index=False)
-    board = sel.compare_oof(tmp_path / 'sel_oof.csv', 'best')[0]
+    from agenb.exp_report import compare_oof
+    board = compare_oof(tmp_path / 'sel_oof.csv', 'best')[0]
     assert set(board.variant) == set(sel.RULES) and (board.baseline == 'best').all()
     # a run that did not train every epoch has no "last epoch" to score
     cfg = json.loads((run / 'config.json').read_text()); cfg['epochs_completed'] = 2

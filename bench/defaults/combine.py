@@ -21,7 +21,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
 
-from agenb.exp_report import compare_oof  # noqa: E402
+sys.path.insert(0, str(HERE))
+from board import write_leaderboard  # noqa: E402  (bench/defaults/board.py)
 
 SAME = ('protocol', 'test_subjects', 'folds', 'data_fingerprint')   # experiment.json keys that must agree
 
@@ -40,8 +41,8 @@ def source(arg):
     oof = pd.read_csv(exp / 'oof_predictions.csv', dtype={'subject': str, 'variant': str})
     oof = oof[oof['variant'] == variant]
     if oof.empty: fail(f'{exp}/oof_predictions.csv has no rows of variant {variant}')
-    board = pd.read_csv(exp / 'leaderboard.csv', dtype={'variant': str})
-    opts = board.loc[board['variant'] == variant, 'options']
+    board = pd.read_csv(exp / 'leaderboard.csv', dtype={'variant': str}) if (exp / 'leaderboard.csv').is_file() else None
+    opts = board.loc[board['variant'] == variant, 'options'] if board is not None and 'options' in board else []
     record = json.loads((exp / 'experiment.json').read_text())
     return exp, variant, oof, (opts.iloc[0] if len(opts) else None), record
 
@@ -73,16 +74,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     sources = [source(s) for s in a.sources]
     oof = pooled(sources)
-    path = ROOT / 'bench' / 'out' / f'{a.name}_oof.csv'
-    path.parent.mkdir(parents=True, exist_ok=True)
-    oof.to_csv(path, index=False)
-    board, out = compare_oof(path, baseline=a.baseline)
-    board['options'] = board['variant'].map({v: o for _, v, _, o, _ in sources})
-    board.to_csv(HERE / f'{a.name}_leaderboard.csv', index=False)
-    print(board[['variant', 'rank', 'subject_mae', 'subject_mae_ci_low', 'subject_mae_ci_high', 'diff_to_baseline',
-                 'diff_to_baseline_ci_low', 'diff_to_baseline_ci_high', 'distinguishable_from_baseline']].to_string(index=False))
-    print(f'wrote {HERE / (a.name + "_leaderboard.csv")} and {out}')
-
+    write_leaderboard(a.name, oof, a.baseline, {v: o for _, v, _, o, _ in sources})
 
 if __name__ == '__main__':
     main()

@@ -26,8 +26,9 @@ ROOT = HERE.parent.parent
 if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
 
 from agenb.core import InputError  # noqa: E402
-from agenb.exp_report import compare_oof  # noqa: E402
-from agenb.predict import predict_images, read_images, tta_views  # noqa: E402
+sys.path.insert(0, str(HERE))
+from board import write_leaderboard  # noqa: E402  (bench/defaults/board.py)
+from agenb.predict import predict_images, read_images  # noqa: E402
 from agenb.runs import load_run_model  # noqa: E402
 
 RULES = ('best', 'last', 'best+tta', 'last+tta')
@@ -88,15 +89,7 @@ def main(argv=None):
     p.add_argument('exp_dir'); p.add_argument('variant'); p.add_argument('name')
     a = p.parse_args(argv)
     oof = selection_oof(a.exp_dir, a.variant)
-    path = ROOT / 'bench' / 'out' / f'{a.name}_oof.csv'
-    path.parent.mkdir(parents=True, exist_ok=True)
-    oof.to_csv(path, index=False)
-    board, out = compare_oof(path, baseline='best')
-    board.to_csv(HERE / f'{a.name}_leaderboard.csv', index=False)
-    print(board[['variant', 'rank', 'subject_mae', 'subject_mae_ci_low', 'subject_mae_ci_high', 'diff_to_baseline',
-                 'diff_to_baseline_ci_low', 'diff_to_baseline_ci_high', 'distinguishable_from_baseline']].to_string(index=False))
-    print(f'wrote {HERE / (a.name + "_leaderboard.csv")} and {out}')
-
+    write_leaderboard(a.name, oof, 'best')
 
 if __name__ == '__main__':
     main()
