@@ -59,6 +59,9 @@ OPTIONS = [
     ('backbone_lr_mult', float, 1.0, 'backbone learning rate = this x the head\'s'),
     ('ema_decay', float, None, 'keep an exponential moving average of the weights with this decay (e.g. 0.999); '
                                'validation, the best model and the test use it'),
+    ('swa_epochs', int, None, 'stochastic weight averaging: average the weights after each of the last N epochs (equal '
+                              'weights; BatchNorm statistics recomputed on the training batches); validation, the best '
+                              'model and the test use the average from its first epoch on'),
     ('head', str, 'regression', 'regression (one output) or distribution (age bins, soft labels, KL divergence; '
                                 'gives a predictive SD and intervals)'),
     ('age_bins', str, '0:100:2', 'distribution head: bins START:STOP:WIDTH in years'),
@@ -231,6 +234,10 @@ def _check_model_options(o, need, flag):
         need(isinstance(o['unfreeze_last'], int) and o['unfreeze_last'] >= 1, f'--unfreeze-last must be a whole number >= 1, got {o["unfreeze_last"]!r}')
     need(o['backbone_lr_mult'] > 0, f'--backbone-lr-mult must be > 0 (freeze with --freeze-backbone), got {o["backbone_lr_mult"]}')
     if o['ema_decay'] is not None: need(0 < o['ema_decay'] < 1, f'--ema-decay must be in (0, 1), e.g. 0.999, got {o["ema_decay"]}')
+    if o['swa_epochs'] is not None:
+        need(isinstance(o['swa_epochs'], int) and 1 <= o['swa_epochs'] <= o['epochs'],
+             f'--swa-epochs must be a whole number from 1 to --epochs ({o["epochs"]}), got {o["swa_epochs"]!r}')
+        need(o['ema_decay'] is None, 'give --ema-decay or --swa-epochs, not both: each replaces the weights that are validated')
     need(0 <= o['momentum'] < 1, f'--momentum must be in [0, 1), got {o["momentum"]}')
     if o['optimizer'] == 'sgd' and o['nesterov']:
         need(o['momentum'] > 0, '--nesterov needs --momentum > 0 (or give --no-nesterov)')

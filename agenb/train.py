@@ -74,6 +74,12 @@ def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: 
                          'decay': o.ema_decay, 'implementation': 'torch.optim.swa_utils.AveragedModel(get_ema_multi_avg_fn, '
                          f'use_buffers={trainer.ema.use_buffers}), updated after every optimizer step',
                          'used_for': 'validation, best-model choice, best_model.pth and the test'},
+                     'swa': None if trainer.swa is None else {
+                         'epochs': o.swa_epochs, 'first_averaged_epoch': o.epochs - o.swa_epochs + 1,
+                         'implementation': 'torch.optim.swa_utils.AveragedModel (equal weights), updated after each '
+                                           'averaged epoch; BatchNorm statistics recomputed by update_bn on that '
+                                           "epoch's training batches",
+                         'used_for': 'validation, best-model choice, best_model.pth and the test, from the first averaged epoch on'},
                      'lr_scheduler': sched_name, 'scheduler_params': sched_params,
                      'warmup_epochs': o.warmup_epochs, 'max_grad_norm': o.max_grad_norm, 'epochs': o.epochs,
                      'patience': o.patience, 'min_delta': o.min_delta, 'batch_size': o.batch_size,

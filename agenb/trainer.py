@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from torch.utils.data.distributed import DistributedSampler
 from fastcore.basics import patch
 
@@ -27,7 +28,7 @@ from .runs import make_checkpoint, curves_figure, per_subject_rows
 # %% auto #0
 __all__ = ['LOSSES', 'Dist', 'gpu_names', 'read_table', 'PreparedData', 'preprocessing', 'augmentation', 'prepare_data',
            'output_head', 'build_optimizer', 'LRSchedule', 'train_batches', 'eval_shard', 'NonFiniteLoss', 'fault',
-           'Trainer', 'make_ema', 'RunWriter']
+           'Trainer', 'make_ema', 'make_swa', 'RunWriter']
 
 # %% ../nbs/08_trainer.ipynb #63171103
 class Dist:
@@ -248,22 +249,32 @@ class Trainer:
         self.loss_name = LOSSES[o.loss][0] if self.head.kind == 'regression' else 'KL divergence to Gaussian soft labels (KLDivLoss)'
         self.opt = build_optimizer(o, model)
         self.frozen = any(not p.requires_grad for p in model.parameters())
-        self.ema = make_ema(model, o.ema_decay)
+        self.ema, self.swa = make_ema(model, o.ema_decay), make_swa(model, o.swa_epochs)
         self.sched = LRSchedule(o, self.opt)
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)
         self.gen = torch.Generator().manual_seed(o.seed * 1000 + dist_ctx.rank)  # augmentation draws, per rank
         self.epoch, self.best_mae, self.best_epoch, self.bad_epochs, self.history, self.skipped = 0, math.inf, None, 0, [], 0
 
     @property
+    def averaged(self) -> AveragedModel | None:
+        "The average whose weights are validated: the EMA from the start, the SWA once it holds an epoch; else None."
+        if self.ema is not None: return self.ema
+        return self.swa if self.swa is not None and int(self.swa.n_averaged) > 0 else None
+
+    @property
     def eval_model(self) -> nn.Module:
-        "The weights that are validated, kept as the best model and tested: the EMA's when there is one."
-        return self.ema.module if self.ema is not None else self.model
+        "The weights that are validated, kept as the best model and tested: the average's when there is one."
+        return self.averaged.module if self.averaged is not None else self.model
 
 def make_ema(model, decay):
     "An exponential moving average of `model`'s weights and buffers (torch's `AveragedModel`), or None without `decay`."
     if decay is None: return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+def make_swa(model, epochs):
+    """An equal-weight average of `model`'s weights after each of the last `epochs` epochs (torch's `AveragedModel`:
+    stochastic weight averaging), or None. BatchNorm statistics are not averaged but recomputed (`average_epoch`)."""
+    return AveragedModel(model) if epochs else None
 
 # %% ../nbs/08_trainer.ipynb #7ed5c2fd
 @patch
@@ -326,6 +337,24 @@ def train_epoch(self: Trainer, progress=None):
                             'last good epoch (--nan-policy skip skips such batches)')
     return total / max(count, 1)
 
+# %% ../nbs/08_trainer.ipynb #85c57244
+class _Unpacked(nn.Module):
+    "Calls `module(*inputs)`: `update_bn` hands each batch's inputs over as one argument."
+    def __init__(self, module): super().__init__(); self.module = module
+    def forward(self, inputs): return self.module(*inputs)
+
+@patch
+def average_epoch(self: Trainer):
+    "Add the current weights to the SWA average and recompute its BatchNorm statistics on this epoch's training batches."
+    self.swa.update_parameters(self.model)
+    batches = train_batches(self.data.n_samples('train'), self.o.batch_size, self.epoch, self.o.seed, self.d.rank, self.d.world)
+    with self.autocast():
+        update_bn(([self.batch(b, 'train', train=True)[0]] for b in batches), _Unpacked(self.swa.module))
+    if self.frozen:  # frozen stages run in eval mode while training: their statistics are the ones to keep
+        for raw, avg in zip(self.model.modules(), self.swa.module.modules()):
+            if isinstance(raw, nn.modules.batchnorm._BatchNorm) and raw.weight is not None and not raw.weight.requires_grad:
+                avg.load_state_dict(raw.state_dict())
+
 # %% ../nbs/08_trainer.ipynb #8e792efb
 @patch
 @torch.no_grad()
@@ -372,6 +401,7 @@ def fit(self: Trainer, end_of_epoch=None, progress_factory=None):
         lr = self.opt.param_groups[0]['lr']
         with progress_factory(self.epoch) if progress_factory else contextlib.nullcontext() as bar:
             train_loss = self.train_epoch(bar)
+        if self.swa is not None and self.epoch >= o.epochs - o.swa_epochs: self.average_epoch()
         val = self.validate()
         if not math.isfinite(train_loss) or not math.isfinite(val['val_mae']):
             raise NonFiniteLoss(f'non-finite {"training loss" if not math.isfinite(train_loss) else "validation MAE"} '
@@ -382,7 +412,7 @@ def fit(self: Trainer, end_of_epoch=None, progress_factory=None):
         else: self.bad_epochs += 1
         self.epoch += 1
         self.history.append(dict(epoch=self.epoch, train_loss=train_loss, **val, lr=lr, epoch_seconds=time.time() - t0,
-                                 skipped_batches=self.skipped))
+                                 skipped_batches=self.skipped, **self.averaging_record()))
         stop = bool(o.patience) and self.bad_epochs >= o.patience
         if end_of_epoch: end_of_epoch(self, improved, final=stop or self.epoch == o.epochs)
         if stop: return 'early_stopping'
@@ -396,8 +426,8 @@ def state(self: Trainer) -> dict:
     train_state = dict(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(),
                        best_mae=self.best_mae, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs, skipped=self.skipped,
                        history=self.history, rng=rng, world_size=self.d.world)
-    if self.ema is not None:  # 'model' holds the weights predictions use (the EMA); the raw weights continue training
-        train_state.update(raw_model=self.model.state_dict(), ema_n_averaged=int(self.ema.n_averaged))
+    if self.averaged is not None:  # 'model' holds the weights predictions use (the average); the raw weights train on
+        train_state.update(raw_model=self.model.state_dict(), **self.averaging_record(checkpoint=True))
     val_mae = self.history[-1]['val_mae'] if self.history else None
     return make_checkpoint(self.eval_model.state_dict(), self.epoch, val_mae, self.o, self.data.prep.to_dict(), train_state,
                            self.data.covariate_stats)
@@ -410,12 +440,25 @@ def load_state(self: Trainer, ck: dict):
         if 'raw_model' not in s: raise InputError('the checkpoint was written without --ema-decay; resume without it')
         self.model.load_state_dict(s['raw_model']); self.ema.module.load_state_dict(ck['model'])
         self.ema.n_averaged.fill_(s['ema_n_averaged'])
-    else: self.model.load_state_dict(s.get('raw_model', ck['model']))
+    elif self.swa is not None and 'swa_n_averaged' in s:
+        self.model.load_state_dict(s['raw_model']); self.swa.module.load_state_dict(ck['model'])
+        self.swa.n_averaged.fill_(s['swa_n_averaged'])
+    else:
+        if self.swa is not None and ck['epoch'] > self.o.epochs - self.o.swa_epochs:
+            raise InputError(f'the checkpoint (epoch {ck["epoch"]}) has no SWA average although --swa-epochs {self.o.swa_epochs} '
+                             'starts averaging before it; resume with the options it was written with')
+        self.model.load_state_dict(s.get('raw_model', ck['model']))
     self.opt.load_state_dict(s['optimizer'])
     self.sched.load_state_dict(s['scheduler']); self.scaler.load_state_dict(s['scaler'])
     self.epoch = ck['epoch']
     for k in ('best_mae', 'best_epoch', 'bad_epochs', 'skipped', 'history'): setattr(self, k, s[k])
     if s['world_size'] == self.d.world: _set_rng_state(s['rng'][self.d.rank], self.gen)
+
+@patch
+def averaging_record(self: Trainer, checkpoint=False) -> dict:
+    "How many updates the EMA, or how many epochs the SWA, holds (empty without either): for history and checkpoints."
+    if self.ema is not None: return {'ema_n_averaged': int(self.ema.n_averaged)} if checkpoint else {}
+    return {} if self.swa is None else {'swa_n_averaged': int(self.swa.n_averaged)}
 
 def _rng_state(gen):
     return dict(python=random.getstate(), numpy=np.random.get_state()[1].tolist(), numpy_pos=int(np.random.get_state()[2]),
@@ -452,4 +495,4 @@ class RunWriter:
             for old in sorted(self.dir.glob('checkpoint_epoch_*.pth'))[:-self.o.keep_checkpoints or None]: old.unlink()
         if final or t.epoch % self.o.plot_interval == 0 or t.epoch == 1:
             atomic_savefig(curves_figure(t.history), self.dir / 'training_curves.png', dpi=100)
-        self.write_config(epochs_completed=t.epoch, best_epoch=t.best_epoch, best_val_mae=t.best_mae)
+        self.write_config(epochs_completed=t.epoch, best_epoch=t.best_epoch, best_val_mae=t.best_mae, **t.averaging_record())
