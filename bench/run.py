@@ -19,6 +19,9 @@ import argparse, json, os, platform, shutil, statistics, subprocess, sys, time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / 'bench' / 'out'          # git-ignored: data sets, caches, run folders
 if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
@@ -40,7 +43,8 @@ def rel(p):
     except ValueError: return str(p)
 SECTIONS = ('loader', 'efficiency', 'ddp', 'accuracy')
 
-# Sizes: the full benchmark takes about an hour on a 2-core CPU machine, 28 min the two accuracy trainings, 31 the best combination.
+# Sizes: the full benchmark takes about two hours on a 2-core CPU machine: about 70 min the accuracy trainings (agenb and the
+# plain loop, 3 training seeds each, about 23 min a seed), 31 the best combination.
 FULL = dict(
     data_preset='bench',
     loader=dict(n_images=300, workers=2, batch_size=32, image_size=224, repeats=7),
@@ -49,7 +53,8 @@ FULL = dict(
     # epochs: as many as fit in budget_s, from the 1-process DDP run's epoch time (same model, size and batch)
     # 96 px, 40 epochs: with generator version 1, 64 px for 60 epochs ended further from the oracle in about the same time
     accuracy=dict(arch='resnet18', image_size=96, batch_size=32, epochs=40, budget_s=420, min_epochs=8,
-                  max_epochs=60, fallback_epochs=30, lr=1e-3, warmup_epochs=2, extra=[], timeout=4 * 3600, plain_loop=True),
+                  max_epochs=60, fallback_epochs=30, lr=1e-3, warmup_epochs=2, extra=[], timeout=4 * 3600, plain_loop=True,
+                  seeds=[42, 43, 44]),   # agenb and the plain loop each trained with every seed, on the first seed's split
 )
 QUICK = dict(
     data_preset='quick',
@@ -58,7 +63,7 @@ QUICK = dict(
     ddp=dict(image_size=48, arch='resnet18', epochs=4, batch_size=16, subjects=None, timeout=300),
     accuracy=dict(arch='resnet18', image_size=48, batch_size=16, epochs='auto', budget_s=30, min_epochs=2,
                   max_epochs=3, fallback_epochs=2, lr=1e-3, warmup_epochs=0, extra=[], timeout=300, plain_loop=True,
-                  combined=False),
+                  combined=False, seeds=[42, 43]),
 )
 # the data sets: (folder under bench/out, agenb.synth parameters)
 DATA = {'bench': ('data', dict(preset='bench')),
@@ -410,12 +415,9 @@ def bench_accuracy(root, cfg, res=None):
     out_dir = OUT / 'accuracy_runs'
     shutil.rmtree(out_dir, ignore_errors=True)
     epochs, why = accuracy_epochs(root, cfg, res or {})
-    print(f'bench: accuracy run with {epochs} epochs ({why})', flush=True)
-    opts = dict(arch=cfg['arch'], image_size=cfg['image_size'], batch_size=cfg['batch_size'], epochs=epochs,
-                lr=cfg['lr'], warmup_epochs=cfg['warmup_epochs'], num_workers=2, loss='mae', deterministic=True)
-    opts.update(cfg.get('options', {}))
-    cmd = [sys.executable] + train_cmd(root, out_dir, 'acc', **opts) + list(cfg.get('extra', []))
-    run_dir, wall = run_cli(cmd, ACCURACY_ENV, OUT / 'accuracy.log', cfg['timeout'])
+    seeds = list(cfg.get('seeds') or [42])
+    print(f'bench: accuracy run with {epochs} epochs ({why}), seed {seeds[0]}', flush=True)
+    run_dir, wall = accuracy_run(root, cfg, out_dir, epochs, seeds[0])
     m = json.loads((run_dir / 'metrics.json').read_text())
     conf = json.loads((run_dir / 'config.json').read_text())
     hist = json.loads((run_dir / 'history.json').read_text())
@@ -457,8 +459,8 @@ def bench_accuracy(root, cfg, res=None):
     }
     j = j.assign(oracle=j.oracle_pred)
     if cfg.get('plain_loop'):
-        print(f'bench: plain PyTorch loop on the same split, {epochs} epochs ...', flush=True)
-        p = plain_loop_subprocess(run_dir, out['settings'], cfg['timeout'])
+        print(f'bench: plain PyTorch loop on the same split, {epochs} epochs, seed {seeds[0]} ...', flush=True)
+        p = plain_loop_subprocess(run_dir, out['settings'], cfg['timeout'], seeds[0])
         plain = p.pop('predictions')
         assert p['n_test_images'] == m['n_images'], (p['n_test_images'], m['n_images'])
         j['plain'] = j.filename.map(plain)
@@ -467,7 +469,69 @@ def bench_accuracy(root, cfg, res=None):
         out['mae_over_plain_loop'] = round(mae / p['test_mae'], 3)
         out['plain_loop_over_oracle'] = round(p['test_mae'] / oracle_test, 3)
     out['ratio_ci95'] = ratio_ci(j, [c for c in ('oracle', 'plain') if c in j])
+    if len(seeds) > 1: out['seeds'] = more_seeds(root, cfg, out_dir, epochs, seeds, run_dir, out, j)
     if cfg.get('combined', True): out['combined'] = combined_row(cfg, epochs, run_dir)
+    return out
+
+def accuracy_run(root, cfg, out_dir, epochs, seed, split_file=None):
+    "One agenb training of the accuracy section: (run folder, wall seconds)."
+    opts = dict(arch=cfg['arch'], image_size=cfg['image_size'], batch_size=cfg['batch_size'], epochs=epochs,
+                lr=cfg['lr'], warmup_epochs=cfg['warmup_epochs'], num_workers=2, loss='mae', deterministic=True, seed=seed)
+    if split_file: opts['split_file'] = split_file
+    opts.update(cfg.get('options', {}))
+    name, log = ('acc', 'accuracy.log') if split_file is None else (f'acc_s{seed}', f'accuracy_s{seed}.log')
+    cmd = [sys.executable] + train_cmd(root, out_dir, name, **opts) + list(cfg.get('extra', []))
+    return run_cli(cmd, ACCURACY_ENV, OUT / log, cfg['timeout'])
+
+def more_seeds(root, cfg, out_dir, epochs, seeds, first_run, first, j):
+    """agenb and the plain loop trained again with each further seed, on the first run's split (its split.csv), and
+    the two ratios over all seeds: the mean test MAE over seeds / the other's, with intervals that resample each side's
+    seeds and the test subjects (agenb.stats.boot_means): the training's noise as well as the test set's."""
+    per_seed = [{'seed': seeds[0], 'test_mae': first['test_mae'], 'best_epoch': first['best_epoch'],
+                 'best_val_mae': first['best_val_mae'], 'wall_seconds': first['wall_seconds'], 'run_dir': first['run_dir'],
+                 **({'plain_test_mae': first['plain_loop']['test_mae'], 'plain_best_epoch': first['plain_loop']['best_epoch'],
+                     'plain_best_val_mae': first['plain_loop']['best_val_mae']} if 'plain_loop' in first else {})}]
+    errs = {'agenb': [j.pred], 'plain': [j.plain] if 'plain' in j else []}
+    for seed in seeds[1:]:
+        print(f'bench: accuracy, seed {seed}: agenb, then the plain loop, on the split of seed {seeds[0]} ...', flush=True)
+        run_dir, wall = accuracy_run(root, cfg, out_dir, epochs, seed, split_file=Path(first_run) / 'split.csv')
+        conf = json.loads((run_dir / 'config.json').read_text())
+        pred = pd.read_csv(run_dir / 'predictions.csv').set_index('filename').pred
+        assert set(pred.index) == set(j.filename), 'another seed predicted other test images'
+        errs['agenb'].append(j.filename.map(pred))
+        row = {'seed': seed, 'test_mae': round(float((errs['agenb'][-1] - j.age).abs().mean()), 3),
+               'best_epoch': conf.get('best_epoch'), 'best_val_mae': round(conf['best_val_mae'], 3), 'wall_seconds': round(wall, 1),
+               'run_dir': rel(run_dir)}
+        if cfg.get('plain_loop'):
+            p = plain_loop_subprocess(run_dir, first['settings'], cfg['timeout'], seed)
+            errs['plain'].append(j.filename.map(p.pop('predictions')))
+            row.update(plain_test_mae=p['test_mae'], plain_best_epoch=p['best_epoch'], plain_best_val_mae=p['best_val_mae'])
+        per_seed.append(row)
+    cubes = {k: np.stack([subject_error_sums(j, e) for e in v]) for k, v in errs.items() if v}
+    cubes['oracle'] = subject_error_sums(j, j.oracle)[None]
+    out = {'seeds': seeds, 'per_seed': per_seed, **seeds_ratios(cubes),
+           'test_mae_mean': round(float(np.mean([r['test_mae'] for r in per_seed])), 3)}
+    if errs['plain']: out['plain_test_mae_mean'] = round(float(np.mean([r['plain_test_mae'] for r in per_seed])), 3)
+    return out
+
+def subject_error_sums(j, pred):
+    "Per test subject (sorted by id), the sum of the absolute errors of `pred` over its images."
+    ids, inv = np.unique(j.subject.astype(str).to_numpy(), return_inverse=True)
+    return np.bincount(inv, np.abs(np.asarray(pred, dtype=float) - j.age.to_numpy()), minlength=len(ids))
+
+def seeds_ratios(cubes, n_boot=2000, seed=0):
+    """agenb's image-level MAE over the plain loop's and over the oracle's, each averaged over its training seeds, with
+    95% intervals from agenb.stats.boot_means (each side's seeds resampled on their own, the test subjects resampled
+    together: paired). `cubes`: {'agenb'|'plain'|'oracle': (seeds, subjects) per-subject error sums}."""
+    from agenb.stats import boot_means, percentile_interval
+    names = list(cubes)
+    M = dict(zip(names, boot_means(cubes, n_boot, seed)))
+    out = {'method': f'{n_boot} bootstrap resamples: each predictor\'s training seeds drawn with replacement on their own, '
+                     f'the {cubes["agenb"].shape[1]} test subjects drawn once for all (seed {seed}); percentile interval'}
+    for o, key in (('plain', 'mae_over_plain_loop'), ('oracle', 'mae_over_oracle')):
+        if o not in cubes: continue
+        out[key] = round(float(cubes['agenb'].mean(0).sum() / cubes[o].mean(0).sum()), 3)
+        out[key + '_ci95'] = [round(x, 3) for x in percentile_interval(M['agenb'] / M[o])]
     return out
 
 def combined_row(cfg, epochs, plain_run):
@@ -508,14 +572,14 @@ def ratio_ci(j, others, n_boot=2000, seed=0):
 # busy machine slows the run down in proportion instead of stalling it (spinning threads oversubscribe the cores).
 ACCURACY_ENV = {'OMP_NUM_THREADS': str(os.cpu_count() or 1), 'OMP_WAIT_POLICY': 'PASSIVE'}
 
-def plain_loop_subprocess(run_dir, settings, timeout):
+def plain_loop_subprocess(run_dir, settings, timeout, seed=0):
     "`plain_loop` in a fresh process with ACCURACY_ENV (OpenMP reads it only at start)."
     res = OUT / 'plain_loop.json'
     res.unlink(missing_ok=True)
     env = {**os.environ, **ACCURACY_ENV, 'PYTHONUNBUFFERED': '1'}
     with open(OUT / 'plain_loop.log', 'w') as log:
         p = subprocess.run([sys.executable, str(Path(__file__).resolve()), '--plain-loop-child', str(run_dir),
-                            json.dumps(settings), str(res)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            json.dumps(settings), str(res), str(seed)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                            timeout=timeout)
     if p.returncode: raise RuntimeError(f'the plain loop exited {p.returncode}; see {OUT / "plain_loop.log"}')
     return json.loads(res.read_text())
@@ -637,9 +701,9 @@ def print_table(res):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ['--plain-loop-child']:                     # plain_loop_subprocess's child: RUN_DIR SETTINGS OUT
+    if argv[:1] == ['--plain-loop-child']:                     # plain_loop_subprocess's child: RUN_DIR SETTINGS OUT SEED
         from agenb.core import atomic_write_json
-        atomic_write_json(Path(argv[3]), plain_loop(Path(argv[1]), json.loads(argv[2])))
+        atomic_write_json(Path(argv[3]), plain_loop(Path(argv[1]), json.loads(argv[2]), int(argv[4])))
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--quick', action='store_true', help='tiny settings: checks the benchmark runs, figures are meaningless')
@@ -685,8 +749,9 @@ def main(argv=None):
             'pipeline_efficiency': g('efficiency', 'pipeline_efficiency', 'median'),
             'trainer_overhead': g('efficiency', 'trainer_overhead', 'median'),
             'ddp_speedup': g('ddp', 'ddp_speedup', 'median'),
-            'mae_over_oracle': g('accuracy', 'mae_over_oracle'),
-            'mae_over_plain_loop': g('accuracy', 'mae_over_plain_loop'),
+            # over all training seeds when the section ran several (accuracy.seeds), else its one run's
+            'mae_over_oracle': g('accuracy', 'seeds', 'mae_over_oracle') or g('accuracy', 'mae_over_oracle'),
+            'mae_over_plain_loop': g('accuracy', 'seeds', 'mae_over_plain_loop') or g('accuracy', 'mae_over_plain_loop'),
             'mae_over_baseline': g('accuracy', 'mae_over_baseline')}
     res['machine']['loadavg_at_end'] = loadavg()
     res['total_seconds'] = round(time.perf_counter() - t_start, 1)
