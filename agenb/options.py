@@ -80,7 +80,7 @@ OPTIONS = [
     ('translate', float, 0.0, 'random translation, fraction of the image size'),
     ('brightness', float, 0.1, 'random brightness jitter (additive, fraction of full scale)'),
     ('contrast', float, 0.1, 'random contrast jitter (multiplicative around the image mean)'),
-    ('hflip', float, 0.0, 'probability of a horizontal flip (off by default: the users\' scripts never applied one, and no experiment has measured flips yet)'),
+    ('hflip', float, 0.0, 'probability of a horizontal flip (off by default, as in the users\' scripts: p 0.5 did not beat no flips in bench/defaults/flips)'),
     ('vflip', float, 0.0, 'probability of a vertical flip')),
     *_rows('training',
     ('loss', str, 'mae', 'mae (train_mae.py recipe), mse (train.py recipe), huber, smoothl1'),

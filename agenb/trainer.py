@@ -337,7 +337,7 @@ def train_epoch(self: Trainer, progress=None):
                             'last good epoch (--nan-policy skip skips such batches)')
     return total / max(count, 1)
 
-# %% ../nbs/08_trainer.ipynb #85c57244
+# %% ../nbs/08_trainer.ipynb #2c065a17
 class _Unpacked(nn.Module):
     "Calls `module(*inputs)`: `update_bn` hands each batch's inputs over as one argument."
     def __init__(self, module): super().__init__(); self.module = module
