@@ -34,6 +34,7 @@ def scripted(maes, train_losses=None, state=None, **kw):
     t = Trainer.__new__(Trainer)
     t.o = opts(**kw)
     t.epoch, t.best_mae, t.best_epoch, t.bad_epochs, t.history, t.skipped = 0, math.inf, None, 0, [], 0
+    t.ema = t.swa = None                                    # no weight averaging
     for k, v in (state or {}).items(): setattr(t, k, v)
     t.opt = types.SimpleNamespace(param_groups=[{'lr': 0.5}])
     t.sched = Sched(t.opt)
@@ -359,7 +360,8 @@ class Run:
     def __init__(self, d, **kw):
         self.o = opts(**{'epochs': 5, 'checkpoint_every': 1, 'keep_checkpoints': 2, 'plot_interval': 3, **kw})
         self.w = RunWriter(d, {'status': 'running'}, self.o)
-        self.t = types.SimpleNamespace(history=[], epoch=0, best_epoch=None, best_mae=math.inf)
+        self.t = types.SimpleNamespace(history=[], epoch=0, best_epoch=None, best_mae=math.inf,
+                                       averaging_record=lambda checkpoint=False: {})   # no weight averaging
     def epoch(self, val, improved, final=False):
         t = self.t
         t.epoch += 1
