@@ -557,13 +557,11 @@ def combined_row(cfg, epochs, plain_run):
 def ratio_ci(j, others, n_boot=2000, seed=0):
     """95% intervals of agenb's test MAE / another predictor's MAE on the same test images, by a bootstrap over test
     subjects (agenb.stats.ratio_ci: both predictors resampled together: the test set's own noise, not the training's)."""
-    import numpy as np
     from agenb.stats import ratio_ci as paired_ratio
-    ids, inv = np.unique(j.subject.astype(str).to_numpy(), return_inverse=True)
-    e_a = np.bincount(inv, np.abs(j.pred - j.age).to_numpy())      # per-subject sums: the image counts cancel in the ratio
-    out = {'method': f'{n_boot} bootstrap resamples of the {len(ids)} test subjects (seed {seed}), percentile interval'}
+    e_a = subject_error_sums(j, j.pred)                             # per-subject sums: the image counts cancel in the ratio
+    out = {'method': f'{n_boot} bootstrap resamples of the {len(e_a)} test subjects (seed {seed}), percentile interval'}
     for o in others:
-        _, lo, hi = paired_ratio(e_a, np.bincount(inv, np.abs(j[o] - j.age).to_numpy()), n_boot, seed)
+        _, lo, hi = paired_ratio(e_a, subject_error_sums(j, j[o]), n_boot, seed)
         out[{'oracle': 'mae_over_oracle', 'plain': 'mae_over_plain_loop'}[o]] = [round(lo, 3), round(hi, 3)]
     return out
 
