@@ -165,6 +165,9 @@ def model_card(rm: RunModel, metrics: dict, out_dir, files: dict, verification: 
                              'covariates': 'one row per subject; echo_mean/echo_skew: the mean over its images'}
                             if rm.per_subject else None), 'dtype': 'float32', 'range': [0.0, 1.0],
                   'channels': 1, 'height': h, 'width': w,
+                  'crops': ({'window': prep.crop_size, 'grid': prep.crop_grid, 'offsets_top_left': prep.crop_offsets(),
+                             'where': 'inside the model: the network sees each window; the output is their mean'}
+                            if prep.crop_size else None),
                   'grey_to_rgb': 'done inside the model: the single grey channel is replicated to R, G and B',
                   'normalisation': {'mean': list(prep.mean), 'std': list(prep.std),
                                     'where': 'inside the model: (x - mean) / std per channel; do not normalise beforehand'},

@@ -30,6 +30,7 @@ def test_a_crop_run_records_predicts_exports_and_explains_with_its_grid(data_arg
     assert e.returncode == 0, e.stderr[-3000:]
     card = json.loads((tmp_path / 'bundle' / 'model_card.json').read_text())
     assert card['verification']['torchscript']['ok'], card['verification']       # the file's grid gives predictions.csv
+    assert card['input']['crops']['window'] == 32 and len(card['input']['crops']['offsets_top_left']) == 4
     x = agenb('explain', run, preds.path[0], '--out', tmp_path / 'cam')
     assert x.returncode == 0, x.stderr[-3000:]
     assert any((tmp_path / 'cam').glob('*_gradcam.png'))
