@@ -243,6 +243,8 @@ def _check_crops(o, need):
     need(g is None or (isinstance(g, int) and g >= 1), f'--crop-grid must be a whole number >= 1, got {g!r}')
     need(o['subject_views'] is None, '--crop-size cannot be combined with --subject-views (a subject\'s images are pooled '
          'whole); drop one of them')
+    need(o['head'] != 'distribution', '--crop-size cannot be combined with --head distribution (the windows\' age '
+         'distributions would have to be mixed, not averaged as outputs); use the regression head or drop --crop-size')
     try: check_image_size(o['arch'], c)
     except InputError as e: raise InputError(str(e).replace('--image-size', '--crop-size')) from None
 

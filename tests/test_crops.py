@@ -41,6 +41,7 @@ def test_a_crop_run_records_predicts_exports_and_explains_with_its_grid(data_arg
     (['--crop-grid', '2'], '--crop-grid is only used with --crop-size'),
     (['--image-size', '64', '--crop-size', '16'], '--crop-size 16 is too small'),
     (['--crop-size', '32', '--subject-views', '2'], 'cannot be combined with --subject-views'),
+    (['--crop-size', '32', '--head', 'distribution'], 'cannot be combined with --head distribution'),
 ])
 def test_impossible_crops_are_refused_before_anything_is_written(data_args, tmp_path, extra, says):
     r = agenb('train', *data_args, *TINY, *extra, '--output-dir', tmp_path)
