@@ -19,8 +19,8 @@ from .runs import load_run_model, read_split, refuse_run_dir
 from matplotlib.figure import Figure  # never pyplot: drawing must not switch the caller's backend
 
 # %% auto #0
-__all__ = ['FIGURE', 'TABLE', 'gradcam', 'shortcut_score', 'explain_images', 'overlay_figure', 'explain_run', 'explain_files',
-           'main']
+__all__ = ['FIGURE', 'TABLE', 'gradcam', 'shortcut_score', 'crop_gradcam', 'explain_images', 'overlay_figure', 'explain_run',
+           'explain_files', 'main']
 
 # %% ../nbs/12_explain.ipynb #dc3cf8b9
 def gradcam(model, x: torch.Tensor, arch: str, relu: bool = True) -> torch.Tensor:
@@ -69,6 +69,14 @@ def _image_shape(path):
     except Exception as e:
         raise InputError(f'could not read image {str(path)!r} ({type(e).__name__}: {e})') from None
 
+def crop_gradcam(model, x: torch.Tensor, arch: str, prep: Preprocessing) -> torch.Tensor:
+    "Grad-CAM over the whole input of a `--crop-size` run: each prediction window's map where it lies, averaged where windows overlap."
+    if not prep.crop_size: return gradcam(model, x, arch)
+    c, total, n = prep.crop_size, x.new_zeros(x.shape[0], *x.shape[-2:]), x.new_zeros(x.shape[-2:])
+    for (t, l), v in zip(prep.crop_offsets(), prep.crops(x)):
+        total[:, t:t + c, l:l + c] += gradcam(model, v, arch); n[t:t + c, l:l + c] += 1
+    return total / n.clamp_min(1)   # a grid always covers every pixel; clamp only guards the division
+
 def explain_images(model, arch: str, prep: Preprocessing, paths, device='cpu', batch_size: int = 16,
                    images: torch.Tensor | None = None) -> dict:
     """Prediction, Grad-CAM map and regions for each of `paths`: dict with `images` uint8 (N, H, W), `cams` float32
@@ -81,8 +89,8 @@ def explain_images(model, arch: str, prep: Preprocessing, paths, device='cpu', b
     cams, preds = [], []
     for i in range(0, len(paths), batch_size):
         x = prep.normalize(images[i:i + batch_size].to(dev).float().div_(255))
-        with torch.no_grad(): preds.append(model.eval()(x)[:, 0].float().cpu())
-        cams.append(gradcam(model, x, arch).cpu())
+        with torch.no_grad(): preds.append(prep.over_crops(model.eval(), x)[:, 0].float().cpu())
+        cams.append(crop_gradcam(model, x, arch, prep).cpu())
     h, w = prep.size
     cam = torch.cat(cams).numpy() if cams else np.zeros((0, h, w), np.float32)
     ann, mus = np.zeros((len(paths), h, w), bool), []

@@ -32,9 +32,10 @@ class AgeRegressor(nn.Module):
     With `covariates` (a run's training statistics) a second input (B, C) takes the covariates as raw values (NaN:
     missing), echo_mean/echo_skew measured inside the muscle mask by the caller (`agenb.images.echo_statistics`);
     imputation and standardisation happen inside."""
-    def __init__(self, model: nn.Module, mean, std, head=None, covariates=None, views=False):
+    def __init__(self, model: nn.Module, mean, std, head=None, covariates=None, views=False, crops=None):
         super().__init__()
         self.model, self.views = model, bool(views)   # views: input (B, K, 1, H, W), K images of one subject pooled
+        self.crops = crops                            # a crop run's Preprocessing: outputs averaged over its crop grid
         self.cov_names = list(covariates['names']) if covariates else []
         for k in ('median', 'mean', 'sd'):
             self.register_buffer(f'cov_{k}', torch.tensor(covariates[k], dtype=torch.float32) if covariates else None)
@@ -45,6 +46,12 @@ class AgeRegressor(nn.Module):
         self.register_buffer('bin_var', None if head is None else torch.tensor(np.diff(head.edges) ** 2 / 12, dtype=torch.float32))
         self.output_names = ['age'] if head is None else ['age', 'age_sd']
 
+    @classmethod
+    def of_run(cls, rm) -> 'AgeRegressor':
+        "The wrapper of a loaded run (`agenb.runs.load_run_model`): its normalisation, head, covariates, views and crops."
+        return cls(rm.model, rm.prep.mean, rm.prep.std, rm.head, rm.covariate_stats, rm.per_subject,
+                   rm.prep if rm.prep.crop_size else None).eval()
+
     def covariate_inputs(self, raw):
         "The model's covariate inputs from the raw values (B, C), as in training."
         miss = torch.isnan(raw)
@@ -53,7 +60,8 @@ class AgeRegressor(nn.Module):
 
     def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None):
         extra = (self.covariate_inputs(covariates),) if self.cov_names else ()
-        out = self.model((x - self.mean) / self.std, *extra)  # broadcasting replicates grey to 3 channels
+        z = (x - self.mean) / self.std                        # broadcasting replicates grey to 3 channels
+        out = self.model(z, *extra) if self.crops is None else self.crops.over_crops(lambda v: self.model(v, *extra), z)
         if self.centers is None: return out.squeeze(1)
         p = torch.softmax(out.float(), 1)
         age = p @ self.centers
@@ -157,6 +165,9 @@ def model_card(rm: RunModel, metrics: dict, out_dir, files: dict, verification: 
                              'covariates': 'one row per subject; echo_mean/echo_skew: the mean over its images'}
                             if rm.per_subject else None), 'dtype': 'float32', 'range': [0.0, 1.0],
                   'channels': 1, 'height': h, 'width': w,
+                  'crops': ({'window': prep.crop_size, 'grid': prep.crop_grid, 'offsets_top_left': prep.crop_offsets(),
+                             'where': 'inside the model: the network sees each window; the output is their mean'}
+                            if prep.crop_size else None),
                   'grey_to_rgb': 'done inside the model: the single grey channel is replicated to R, G and B',
                   'normalisation': {'mean': list(prep.mean), 'std': list(prep.std),
                                     'where': 'inside the model: (x - mean) / std per channel; do not normalise beforehand'},
@@ -249,7 +260,7 @@ def verify_bundle(rm: RunModel, out_dir, files: dict, tol=1e-4) -> dict:
     "Run the exported files on the run's test images; max |difference| to predictions.csv (and to the PyTorch model)."
     out_dir = Path(out_dir)
     pc = rm.run_dir / 'predictions.csv'
-    wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std, rm.head, rm.covariate_stats, rm.per_subject).eval()
+    wrapped = AgeRegressor.of_run(rm)
     if rm.per_subject: return _verify_views(rm, wrapped, out_dir, files, tol)
     res = {'tolerance_years': tol}
     ref, cov = None, None
@@ -387,7 +398,7 @@ def export_run(run_dir, out_dir=None, formats=None, checkpoint='best_model.pth',
     refuse_run_dir(out, instead='a new folder (the default is RUN_DIR/export/)')
     out = ensure_output_dir(out)
     h, w = rm.prep.size
-    wrapped = AgeRegressor(rm.model, rm.prep.mean, rm.prep.std, rm.head, rm.covariate_stats, rm.per_subject).eval()
+    wrapped = AgeRegressor.of_run(rm)
     example = torch.rand(2, *((3,) if rm.per_subject else ()), 1, h, w, generator=torch.Generator().manual_seed(0))
     if wrapped.cov_names: example = (example, torch.tensor([[float(v) for v in rm.covariate_stats['median']],
                                                             [float('nan')] * len(wrapped.cov_names)]))

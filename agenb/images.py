@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from PIL import Image
 
 from .core import InputError, atomic_write, atomic_write_json
@@ -19,7 +20,7 @@ from .data import denied, no_read_access
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CACHE_FORMAT_VERSION', 'ROIS', 'ANNOTATION_REGIONS', 'ROI_ORDER', 'MASK_RULE',
-           'last_cache_info', 'ECHO_REGION', 'decode_grey', 'Preprocessing', 'affine_warp', 'Augmentation',
+           'CROP_RULE', 'last_cache_info', 'ECHO_REGION', 'decode_grey', 'Preprocessing', 'affine_warp', 'Augmentation',
            'mask_path_for', 'find_mask', 'read_mask', 'load_images', 'load_image', 'echo_statistics']
 
 # %% ../nbs/04_images.ipynb #00b91f6d
@@ -64,6 +65,9 @@ _CHOICES = {'resize': ('stretch',), 'interpolation': tuple(_RESAMPLE), 'grey_to_
 ROI_ORDER = ('decode -> blank annotation_regions to 0 (mask_annotations) -> zero outside the muscle mask (roi=mask) '
              'or crop (roi=mask-bbox: the mask\'s bounding box; roi=crop: roi_box) -> resize')
 MASK_RULE = 'sibling Masks/ (or masks/) folder, same file name as the image; muscle = pixel value > 0'
+CROP_RULE = ('training: one crop_size x crop_size window per image, its position uniform over the stored image, drawn '
+             'before the augmentation from the same generator; prediction: the mean of the model outputs over a '
+             'crop_grid x crop_grid grid of windows spaced evenly from corner to corner')
 
 def _parse_box(v, what):
     "A (top, left, height, width) box of fractions from a 4-sequence or the string 'top,left,height,width'."
@@ -99,6 +103,8 @@ class Preprocessing:
     roi_box: tuple | None = None           # (top, left, height, width) fractions, for roi='crop' only
     mask_annotations: bool = False         # blank (zero) the annotation_regions before anything else
     annotation_regions: dict = field(default_factory=lambda: dict(ANNOTATION_REGIONS))
+    crop_size: int | None = None           # the network sees crop_size x crop_size pixels of the stored image (see Crops)
+    crop_grid: int | None = None           # prediction: the mean over a crop_grid x crop_grid grid of crops (3 by default)
 
     def __post_init__(self):
         s = self.image_size
@@ -126,6 +132,7 @@ class Preprocessing:
                              '[top, left, height, width]')
         self.annotation_regions = {str(k): _parse_box(v, f'annotation_regions[{k!r}]')
                                    for k, v in self.annotation_regions.items()}
+        self._check_crops()
         self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
         if len(self.mean) != self.channels or len(self.std) != self.channels or min(self.std) <= 0:
             raise InputError(f'preprocessing mean/std need {self.channels} values each, std > 0 (got {self.mean}, {self.std})')
@@ -134,6 +141,24 @@ class Preprocessing:
     def size(self) -> tuple:
         "Target (H, W)."
         return self.image_size if isinstance(self.image_size, tuple) else (self.image_size, self.image_size)
+
+    @property
+    def input_size(self) -> tuple:
+        "The network's input (H, W): the crop window (crop_size), or the whole stored image."
+        return (self.crop_size, self.crop_size) if self.crop_size else self.size
+
+    def _check_crops(self):
+        c, g = self.crop_size, self.crop_grid
+        if c is None:
+            if g is not None: raise InputError(f'crop_grid={g!r} is only used with crop_size (--crop-size); add it or drop --crop-grid')
+            return
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 1 <= c <= min(self.size):
+            raise InputError(f'crop_size={c!r} must be a whole number from 1 to the stored image\'s shorter side '
+                             f'({min(self.size)} px, --image-size); give a larger --image-size or a smaller --crop-size')
+        g = 3 if g is None else g
+        if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1:
+            raise InputError(f'crop_grid={g!r} must be a whole number >= 1 (crops per side of the prediction grid)')
+        self.crop_size, self.crop_grid = int(c), int(g)
 
     @property
     def channels(self) -> int: return 3
@@ -151,7 +176,8 @@ class Preprocessing:
         d.update(height=self.size[0], width=self.size[1], antialias=self.antialias, channels=self.channels,
                  resize_backend='PIL.Image.resize', decode='PIL; colour -> L; 16-bit scaled to 8-bit',
                  input_range='uint8 / 255 -> [0, 1], then (x - mean) / std per channel',
-                 roi_order=ROI_ORDER, mask_file=MASK_RULE)
+                 roi_order=ROI_ORDER, mask_file=MASK_RULE, input_height=self.input_size[0],
+                 input_width=self.input_size[1], crop_rule=CROP_RULE if self.crop_size else None)
         return d
 
     @classmethod
@@ -241,7 +267,8 @@ class Preprocessing:
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std  # broadcasting over the channel axis replicates grey to 3 channels
 
-_DERIVED = {'height', 'width', 'antialias', 'channels', 'resize_backend', 'decode', 'input_range', 'roi_order', 'mask_file'}
+_DERIVED = {'height', 'width', 'antialias', 'channels', 'resize_backend', 'decode', 'input_range', 'roi_order', 'mask_file',
+            'input_height', 'input_width', 'crop_rule'}
 
 # %% ../nbs/04_images.ipynb #d2c676ac
 def affine_warp(x: torch.Tensor, angle=0.0, flip_x=1.0, flip_y=1.0, shift_x=0.0, shift_y=0.0) -> torch.Tensor:
@@ -315,6 +342,36 @@ class Augmentation:
             m = x.mean(dim=(1, 2, 3), keepdim=True)
             x = m + (x - m) * (1 + self.contrast * u[:, 6]).view(b, 1, 1, 1)
         return x.clamp(0, 1)
+
+# %% ../nbs/04_images.ipynb #577ee39a
+@patch
+def crop_offsets(self: Preprocessing) -> list:
+    "(top, left) of the prediction windows, row by row; [(0, 0)] without crops."
+    if not self.crop_size: return [(0, 0)]
+    (H, W), c, g = self.size, self.crop_size, self.crop_grid
+    rows, cols = (np.linspace(0, n - c, g).round().astype(int).tolist() for n in (H, W))
+    return list(dict.fromkeys((r, q) for r in rows for q in cols))   # a side as long as the crop has one position
+
+@patch
+def crops(self: Preprocessing, x: torch.Tensor) -> list:
+    "The prediction inputs of a batch (..., H, W): [x] itself, or one batch per window of `crop_offsets`."
+    c = self.crop_size
+    return [x] if not c else [x[..., t:t + c, l:l + c] for t, l in self.crop_offsets()]
+
+@patch
+def over_crops(self: Preprocessing, fn, x: torch.Tensor) -> torch.Tensor:
+    "`fn` (e.g. a model) applied to each of `crops(x)`, its outputs averaged."
+    outs = [fn(v) for v in self.crops(x)]
+    return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
+
+@patch
+def random_crop(self: Preprocessing, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    "One random window per sample of the batch `x` (B, C, H, W), positions drawn from `generator`; `x` without crops."
+    if not self.crop_size: return x
+    (b, _, H, W), c = x.shape, self.crop_size
+    top = torch.randint(0, H - c + 1, (b,), generator=generator).tolist()
+    left = torch.randint(0, W - c + 1, (b,), generator=generator).tolist()
+    return torch.stack([x[i, :, t:t + c, l:l + c] for i, (t, l) in enumerate(zip(top, left))])
 
 # %% ../nbs/04_images.ipynb #18159104
 last_cache_info: dict = {}

@@ -250,7 +250,7 @@ def predict_outputs(rm: RunModel, images: torch.Tensor, batch_size=64, covariate
     for i in range(0, len(images), batch_size):
         x = rm.prep.normalize(images[i:i + batch_size].to(rm.device).float().div_(255))
         extra = () if covariates is None else (covariates[i:i + batch_size].to(rm.device),)
-        outs.append(rm.model(x, *extra).float().cpu())
+        outs.append(rm.prep.over_crops(lambda v: rm.model(v, *extra), x).float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0, rm.head.outputs if rm.head else 1)
 
 @torch.no_grad()

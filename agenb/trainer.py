@@ -106,7 +106,8 @@ class PreparedData:
 
 def preprocessing(o: Options) -> Preprocessing:
     "The input preprocessing options `o` ask for."
-    return Preprocessing(image_size=o.image_size, roi=o.roi, roi_box=o.roi_box, mask_annotations=o.mask_annotations)
+    return Preprocessing(image_size=o.image_size, roi=o.roi, roi_box=o.roi_box, mask_annotations=o.mask_annotations,
+                         crop_size=o.crop_size, crop_grid=o.crop_grid)
 
 def augmentation(o: Options) -> Augmentation:
     "The training augmentation options `o` ask for."
@@ -288,7 +289,7 @@ def batch(self: Trainer, positions, split, train):
         idx = torch.as_tensor(np.stack([r[draw_views(len(r), self.o.subject_views, self.gen)] if train else r for r in g]))
     flat = idx.flatten()
     x = self.images[flat.to(self.images.device)].to(self.d.device, non_blocking=True).float().div_(255)
-    if train: x = self.data.aug.apply(x, self.gen)
+    if train: x = self.data.aug.apply(self.data.prep.random_crop(x, self.gen), self.gen)
     x = self.data.prep.normalize(x)
     if self.channels_last: x = x.contiguous(memory_format=torch.channels_last)
     cov = None if self.data.covariates is None else self.data.covariates[idx]
@@ -371,7 +372,7 @@ def outputs(self: Trainer, split, precise=False) -> np.ndarray:
     for b in chunks:
         x, _ = self.batch(b, split, train=False)
         with torch.autocast(self.d.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None and not precise):
-            preds.append(model(*x).float().cpu())
+            preds.append(self.data.prep.over_crops(lambda v: model(v, *x[1:]), x[0]).float().cpu())
     mine, mine_pred = [p for b in chunks for p in b], torch.cat(preds).numpy() if preds else np.zeros((0, self.head.outputs), np.float32)
     out = np.full((n, self.head.outputs), np.nan, dtype=np.float32)
     for pos, pr in self.d.gather((mine, mine_pred)): out[pos] = pr
