@@ -207,6 +207,7 @@ def _fit_and_finish(o, d, data, trainer, files, run_dir, quiet):
             files.log(f'stopped: {reason} after {trainer.epoch} epochs; best val MAE {trainer.best_mae:.3f} at epoch {trainer.best_epoch}')
         finish_run(o, d, data, trainer, files, run_dir)
         if files: files.write_config(status='completed', stop_reason=reason, finished_at=datetime.now().isoformat(timespec='seconds'))
+        d.barrier()   # every rank leaves together: a rank that tears gloo down while a peer is still in a collective aborts
     except BaseException as e:
         status = 'interrupted' if isinstance(e, (Interrupted, KeyboardInterrupt)) else 'failed'
         if files:
