@@ -75,7 +75,7 @@ def crop_gradcam(model, x: torch.Tensor, arch: str, prep: Preprocessing) -> torc
     c, total, n = prep.crop_size, x.new_zeros(x.shape[0], *x.shape[-2:]), x.new_zeros(x.shape[-2:])
     for (t, l), v in zip(prep.crop_offsets(), prep.crops(x)):
         total[:, t:t + c, l:l + c] += gradcam(model, v, arch); n[t:t + c, l:l + c] += 1
-    return total / n.clamp_min(1)   # a grid always covers every pixel; clamp only guards the division
+    return total / n.clamp_min(1)   # the grid covers every pixel (Preprocessing refuses one that does not)
 
 def explain_images(model, arch: str, prep: Preprocessing, paths, device='cpu', batch_size: int = 16,
                    images: torch.Tensor | None = None) -> dict:

@@ -20,8 +20,9 @@ from .data import denied, no_read_access
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CACHE_FORMAT_VERSION', 'ROIS', 'ANNOTATION_REGIONS', 'ROI_ORDER', 'MASK_RULE',
-           'CROP_RULE', 'last_cache_info', 'ECHO_REGION', 'decode_grey', 'Preprocessing', 'affine_warp', 'Augmentation',
-           'mask_path_for', 'find_mask', 'read_mask', 'load_images', 'load_image', 'echo_statistics']
+           'CROP_RULE', 'last_cache_info', 'ECHO_REGION', 'decode_grey', 'covering_grid', 'Preprocessing',
+           'affine_warp', 'Augmentation', 'mask_path_for', 'find_mask', 'read_mask', 'load_images', 'load_image',
+           'echo_statistics']
 
 # %% ../nbs/04_images.ipynb #00b91f6d
 _SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
@@ -84,6 +85,10 @@ def _parse_box(v, what):
         raise InputError(f'{what}={v!r}: need top, left >= 0, height, width > 0, top + height <= 1 and left + width <= 1')
     return t
 
+def covering_grid(size, crop) -> int:
+    "The fewest windows per side of a corner-to-corner grid of `crop` px windows that leaves no pixel of `size` (H, W) out."
+    return max(math.ceil((n - crop) / crop) + 1 for n in size)
+
 def _box_pixels(box, shape) -> tuple:
     "Fractions (top, left, height, width) -> pixel window (r0, r1, c0, c1) of an image of `shape`, at least 1 x 1."
     (top, left, h, w), (H, W) = box, shape
@@ -104,7 +109,7 @@ class Preprocessing:
     mask_annotations: bool = False         # blank (zero) the annotation_regions before anything else
     annotation_regions: dict = field(default_factory=lambda: dict(ANNOTATION_REGIONS))
     crop_size: int | None = None           # the network sees crop_size x crop_size pixels of the stored image (see Crops)
-    crop_grid: int | None = None           # prediction: the mean over a crop_grid x crop_grid grid of crops (3 by default)
+    crop_grid: int | None = None           # prediction: the mean over a crop_grid x crop_grid grid (default: 3, or more to cover the image)
 
     def __post_init__(self):
         s = self.image_size
@@ -155,9 +160,11 @@ class Preprocessing:
         if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 1 <= c <= min(self.size):
             raise InputError(f'crop_size={c!r} must be a whole number from 1 to the stored image\'s shorter side '
                              f'({min(self.size)} px, --image-size); give a larger --image-size or a smaller --crop-size')
-        g = 3 if g is None else g
-        if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1:
-            raise InputError(f'crop_grid={g!r} must be a whole number >= 1 (crops per side of the prediction grid)')
+        least = covering_grid(self.size, int(c))
+        g = max(3, least) if g is None else g
+        if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < least:
+            raise InputError(f'crop_grid={g!r} would leave parts of the {self.size[1]} x {self.size[0]} image out of every '
+                             f'{c} px prediction window: give --crop-grid {least} or more (or drop it: the default covers the image)')
         self.crop_size, self.crop_grid = int(c), int(g)
 
     @property

@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 
 from .core import InputError, Parser
 from .data import as_list, pair_folders
+from .images import covering_grid
 from .model import ARCHS, check_arch, check_image_size, parse_age_bins, parse_covariates
 
 # %% auto #0
@@ -226,7 +227,8 @@ def _check_options(o):
     need(o['lr'] > 0, f'--lr must be > 0, got {o["lr"]}')
     need(0 <= o['dropout'] < 1, f'--dropout must be in [0, 1), got {o["dropout"]}')
     need(o['val_size'] > 0, '--val-size must be > 0: the best model and early stopping are chosen on the validation set')
-    check_arch(o['arch']); check_image_size(o['arch'], o['image_size'])
+    check_arch(o['arch'])
+    if o['crop_size'] is None: check_image_size(o['arch'], o['image_size'])   # with crops the network sees the window
     _check_crops(o, need)
     _check_model_options(o, need, flag)
     if o['run_name'] is not None:
@@ -241,7 +243,9 @@ def _check_crops(o, need):
         need(g is None, '--crop-grid is only used with --crop-size; add --crop-size or drop --crop-grid'); return
     need(isinstance(c, int) and 1 <= c <= o['image_size'],
          f'--crop-size must be a whole number from 1 to --image-size ({o["image_size"]}), got {c!r}')
-    need(g is None or (isinstance(g, int) and g >= 1), f'--crop-grid must be a whole number >= 1, got {g!r}')
+    least = covering_grid((o['image_size'], o['image_size']), c)
+    need(g is None or (isinstance(g, int) and g >= least), f'--crop-grid {g!r} would leave parts of the image out of every '
+         f'prediction window: give --crop-grid {least} or more (or drop it: the default covers the image)')
     need(o['subject_views'] is None, '--crop-size cannot be combined with --subject-views (a subject\'s images are pooled '
          'whole); drop one of them')
     need(o['head'] != 'distribution', '--crop-size cannot be combined with --head distribution (the windows\' age '

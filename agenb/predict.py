@@ -93,8 +93,8 @@ def predict_tensor(rm: RunModel, images, batch_size=64, views=None, covariates=N
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(rm.device).float().div_(255)
         c = () if covariates is None else (covariates[i:i + batch_size].to(rm.device),)
-        per_view = [rm.prep.over_crops(lambda z: rm.age_model(z, *c), rm.prep.normalize(apply_view(x, v)))[:, 0].float().cpu()
-                    for v in views]
+        per_view = [rm.prep.over_crops(lambda z: rm.age_model(rm.prep.normalize(apply_view(z, v)), *c), x)[:, 0].float().cpu()
+                    for v in views]   # with --crop-size each window gets the view, as training augments each window
         out.append(torch.stack(per_view, 1))
     p = torch.cat(out).double().numpy() if out else np.zeros((0, len(views)))
     return p.mean(1), (p.std(1, ddof=0) if len(views) > 1 else None)

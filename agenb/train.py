@@ -207,7 +207,6 @@ def _fit_and_finish(o, d, data, trainer, files, run_dir, quiet):
             files.log(f'stopped: {reason} after {trainer.epoch} epochs; best val MAE {trainer.best_mae:.3f} at epoch {trainer.best_epoch}')
         finish_run(o, d, data, trainer, files, run_dir)
         if files: files.write_config(status='completed', stop_reason=reason, finished_at=datetime.now().isoformat(timespec='seconds'))
-        d.barrier()   # every rank leaves together: a rank that tears gloo down while a peer is still in a collective aborts
     except BaseException as e:
         status = 'interrupted' if isinstance(e, (Interrupted, KeyboardInterrupt)) else 'failed'
         if files:
@@ -229,6 +228,7 @@ def finish_run(o: Options, d: Dist, data: PreparedData, trainer: Trainer, files:
     best = d.broadcast(best)
     trainer.eval_model.load_state_dict(best['model'])
     outs = {s: torch.from_numpy(trainer.outputs(s, precise=True)) for s in ('val', 'test')}  # float32: what predict/export reproduce
+    d.barrier()   # the last collective: every rank leaves it together (a rank tearing gloo down early can abort), none waits on rank 0's writing
     if not files: return
     frames = {s: data.frame(s).assign(pred=trainer.head.age(outs[s]).double().numpy()) for s in outs}
     metrics = write_evaluation(run_dir, frames['test'], frames['val'], data.ages[data.idx['train']].numpy())

@@ -26,6 +26,10 @@ def test_a_crop_run_records_predicts_exports_and_explains_with_its_grid(data_arg
     assert p.returncode == 0, p.stderr
     got = pd.read_csv(tmp_path / 'p.csv').set_index('path').loc[preds.path]
     np.testing.assert_allclose(got.pred.to_numpy(), preds.pred.to_numpy(), atol=1e-4)   # the same grid as the test
+    t = agenb('predict', run, '--image-dir', Path(preds.path[0]).parent, '--tta', '--out', tmp_path / 't.csv')
+    assert t.returncode == 0, t.stderr                                                  # each window gets each view
+    tta = pd.read_csv(tmp_path / 't.csv')
+    assert np.isfinite(tta.pred).all() and (tta.tta_sd > 0).all()
     e = agenb('export', run, '--format', 'torchscript', '--out', tmp_path / 'bundle')
     assert e.returncode == 0, e.stderr[-3000:]
     card = json.loads((tmp_path / 'bundle' / 'model_card.json').read_text())
