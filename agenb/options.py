@@ -80,7 +80,7 @@ OPTIONS = [
                              'when predicting (off by default: 64 px windows of a 128 px image were 3.1 years worse than '
                              'the whole 64 px image in bench/defaults/crops)'),
     ('crop_grid', int, None, 'with --crop-size: a prediction is the mean over a GxG grid of windows from corner to corner '
-                             '(default 3)'),
+                             '(default 3, or more where 3 would leave gaps between windows)'),
     ('cache_dir', str, None, 'persist decoded images here (keyed by content hash) so the next run starts warm')),
     *_rows('augmentation',
     ('rotation', float, 10.0, 'random rotation, degrees (+/-)'),
