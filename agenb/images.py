@@ -155,16 +155,16 @@ class Preprocessing:
     def _check_crops(self):
         c, g = self.crop_size, self.crop_grid
         if c is None:
-            if g is not None: raise InputError(f'crop_grid={g!r} is only used with crop_size (--crop-size); add it or drop --crop-grid')
+            if g is not None: raise InputError('--crop-grid is only used with --crop-size; add --crop-size or drop --crop-grid')
             return
         if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 1 <= c <= min(self.size):
-            raise InputError(f'crop_size={c!r} must be a whole number from 1 to the stored image\'s shorter side '
-                             f'({min(self.size)} px, --image-size); give a larger --image-size or a smaller --crop-size')
+            raise InputError(f'--crop-size must be a whole number from 1 to --image-size ({min(self.size)}), got {c!r}')
         least = covering_grid(self.size, int(c))
         g = max(3, least) if g is None else g
         if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < least:
-            raise InputError(f'crop_grid={g!r} would leave parts of the {self.size[1]} x {self.size[0]} image out of every '
-                             f'{c} px prediction window: give --crop-grid {least} or more (or drop it: the default covers the image)')
+            raise InputError(f'crop_grid={g!r} (--crop-grid) would leave parts of the {self.size[1]} x {self.size[0]} image '
+                             f'out of every {c} px prediction window: give --crop-grid {least} or more (or drop it: the '
+                             'default covers the image)')
         self.crop_size, self.crop_grid = int(c), int(g)
 
     @property

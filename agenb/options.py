@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 from .core import InputError, Parser
 from .data import as_list, pair_folders
-from .images import covering_grid
+from .images import Preprocessing
 from .model import ARCHS, check_arch, check_image_size, parse_age_bins, parse_covariates
 
 # %% auto #0
@@ -237,15 +237,10 @@ def _check_options(o):
     if o['weights']: need(Path(o['weights']).is_file(), f'--weights {o["weights"]}: file not found')
 
 def _check_crops(o, need):
-    "--crop-size and --crop-grid: a window inside the image that the architecture takes, not with --subject-views."
-    c, g = o['crop_size'], o['crop_grid']
-    if c is None:
-        need(g is None, '--crop-grid is only used with --crop-size; add --crop-size or drop --crop-grid'); return
-    need(isinstance(c, int) and 1 <= c <= o['image_size'],
-         f'--crop-size must be a whole number from 1 to --image-size ({o["image_size"]}), got {c!r}')
-    least = covering_grid((o['image_size'], o['image_size']), c)
-    need(g is None or (isinstance(g, int) and g >= least), f'--crop-grid {g!r} would leave parts of the image out of every '
-         f'prediction window: give --crop-grid {least} or more (or drop it: the default covers the image)')
+    "--crop-size and --crop-grid: the window and grid rules are `Preprocessing`'s; here, what the rest of the run allows."
+    Preprocessing(image_size=o['image_size'], crop_size=o['crop_size'], crop_grid=o['crop_grid'])  # fits, and the grid covers
+    c = o['crop_size']
+    if c is None: return
     need(o['subject_views'] is None, '--crop-size cannot be combined with --subject-views (a subject\'s images are pooled '
          'whole); drop one of them')
     need(o['head'] != 'distribution', '--crop-size cannot be combined with --head distribution (the windows\' age '
