@@ -64,6 +64,30 @@ def test_models_table_is_rendered_from_its_results():
     assert C.get('of') == res['combined_of'] or C.get('skipped'), 'make bench\'s combined row is not the models table\'s combination'
 
 
+def test_models_row_over_seeds_is_the_mean_with_seed_and_subject_intervals():
+    "A models-table row over two seeds: each figure the mean, intervals resampling seeds and subjects; other subjects refused."
+    import models_bench as M
+    import pandas as pd
+    subj = [f's{i}' for i in range(30)]
+    rng = np.random.default_rng(0)
+    oracle = pd.Series(rng.uniform(2, 6, 30), index=subj)
+    def run(seed, shift):
+        err = pd.Series(rng.uniform(3, 9, 30) + shift, index=subj)
+        r = {k: float(err.mean()) for k in M.MEANS}
+        r.update({k: 1 for k in M.SAME}, oracle_subject_mae=float(oracle.mean()), best_epoch=seed, wall_seconds=10.0, run_dir=f'r{seed}')
+        return r, pd.DataFrame({'err': err, 'oracle_err': oracle})
+    a, b = run(1, 0.0), run(2, 4.0)
+    row = M.seeds_row([a, b], (1, 2), n_boot=500)
+    assert row['subject_mae'] == round((a[0]['subject_mae'] + b[0]['subject_mae']) / 2, 3)
+    lo, hi = row['subject_mae_ci95']
+    assert lo < row['subject_mae'] < hi
+    one = M.seeds_row([a], (1,), n_boot=500)['subject_mae_ci95']          # the seeds' spread widens the interval
+    assert hi - lo > one[1] - one[0]
+    assert row['wall_seconds'] == 20.0 and [p['seed'] for p in row['per_seed']] == [1, 2] and row['run_dir'] == 'r1'
+    c = (b[0], b[1].rename(index=lambda s: s + 'x'))
+    with pytest.raises(SystemExit, match='other test subjects'): M.seeds_row([a, c], (1, 2))
+
+
 @pytest.fixture(scope='module')
 def DEMO():
     return json.loads((ROOT / 'bench' / 'demo_record.json').read_text())
