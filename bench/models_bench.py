@@ -218,7 +218,8 @@ def models_block(res) -> str:
         f"Budget of every row: {b['arch']} from scratch, {b['image_size']} px, {b['epochs']} epochs, batch {b['batch_size']} "
         f"images (a subject-view run: {b['batch_size'] // 3} subjects of 3 images), lr {b['lr']}, "
         f"{'training seeds ' + ', '.join(map(str, seeds)) + ' (each figure: the mean over the seeds)' if len(seeds) > 1 else 'seed ' + str(seeds[0])}, "
-        f"one split by subject; {res['data']['fingerprint'].get('params', {}).get('subjects')} healthy subjects of the bench preset, "
+        f"one split by subject; {res['data']['fingerprint'].get('params', {}).get('subjects')} healthy subjects of the bench preset"
+        f"{' (agenb.synth version ' + str(res['data']['fingerprint']['version']) + ')' if res['data']['fingerprint'].get('version', 3) > 3 else ''}, "
         f"muscles {', '.join(MUSCLES)}. Trained at commit {trained}, table written at `{(ag.get('commit') or '?')[:10]}`"
         f"{' (uncommitted changes)' if ag.get('dirty') else ''} on {m.get('cpu_model')}, {m.get('cores')} cores; "
         f"the trainings took {round(res['seconds_all_rows'] / 60)} min in all.",
