@@ -61,7 +61,9 @@ def test_models_table_is_rendered_from_its_results():
     assert res['combined_of'] == [k for k in models_bench.ROWS if k != 'plain' and rows[k]['val_subject_mae'] < rows['plain']['val_subject_mae']]
     assert res['agenb']['dirty'] is False and len(res['agenb']['commit']) == 40
     C = RES['accuracy'].get('combined') or {}
-    assert C.get('of') == res['combined_of'] or C.get('skipped'), 'make bench\'s combined row is not the models table\'s combination'
+    from agenb.synth import GENERATOR_VERSION   # a results.json of older data says so (test_results_record_code_and_data),
+    stale = RES['data']['fingerprint']['version'] != GENERATOR_VERSION   # and a table re-run on today's data may differ
+    assert C.get('of') == res['combined_of'] or C.get('skipped') or stale, 'make bench\'s combined row is not the models table\'s combination'
 
 
 def test_models_row_over_seeds_is_the_mean_with_seed_and_subject_intervals():
