@@ -55,6 +55,8 @@ OPTIONS = [
     ('pretrained', bool, True, 'start from ImageNet weights (torchvision weights API, or timm\'s download)'),
     ('weights', str, None, 'local weights file (ImageNet backbone or an agenb checkpoint)'),
     ('dropout', float, 0.5, 'dropout before the head'),
+    ('head_bias', str, 'mean', 'the head\'s starting bias: mean (the training ages\' mean, or their soft-label distribution '
+                               'with --head distribution) or default (the layer\'s own random initialisation, as a plain loop has it)'),
     ('freeze_backbone', bool, False, 'train the head only'),
     ('unfreeze_last', int, None, 'train only the last N stages of the backbone (and the head)'),
     ('backbone_lr_mult', float, 1.0, 'backbone learning rate = this x the head\'s'),
@@ -193,7 +195,7 @@ _PLAIN_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
 CHOICES = dict(loss=tuple(RECIPES), optimizer=('adam', 'adamw', 'sgd'), scheduler=('cosine', 'plateau', 'step', 'onecycle', 'none'),
                nan_policy=('stop', 'skip'), device=('auto', 'cpu', 'cuda'), amp=('auto', 'off'),
                channels_last=('auto', 'on', 'off'), split_method=('by_subject_id', 'by_image'), head=('regression', 'distribution'),
-               roi=('none', 'mask', 'mask-bbox', 'crop'), view_pool=('mean', 'attention'))
+               roi=('none', 'mask', 'mask-bbox', 'crop'), view_pool=('mean', 'attention'), head_bias=('mean', 'default'))
 
 def resolve_options(given: dict) -> Options:
     "Defaults, then the loss's recipe, then what was `given`; check values. Returns the complete `Options`."

@@ -133,7 +133,9 @@ def seed_everything(seed, rank=0):
     random.seed(seed + rank); np.random.seed(seed + rank); torch.manual_seed(seed + rank)
 
 def start_bias(o: Options, train_ages: torch.Tensor):
-    "The head's starting bias: the mean training age, or the log of the training ages' soft-label distribution."
+    """The head's starting bias: the mean training age, or the log of the training ages' soft-label distribution; None
+    (the layer keeps its own initialisation) with `--head-bias default`."""
+    if o.head_bias == 'default': return None
     h = distribution_head(o)
     if h is None: return float(train_ages.mean())
     lo, hi = h.edges[0], h.edges[-1]
