@@ -135,13 +135,12 @@ def seed_everything(seed, rank=0):
 def start_bias(o: Options, train_ages: torch.Tensor):
     """The head's starting bias: the mean training age, or the log of the training ages' soft-label distribution; None
     (the layer keeps its own initialisation) with `--head-bias default`."""
-    if o.head_bias == 'default': return None
     h = distribution_head(o)
+    if h is not None and (train_ages.min() < h.edges[0] or train_ages.max() > h.edges[-1]):
+        raise InputError(f'--age-bins {o.age_bins} covers {h.edges[0]:g} to {h.edges[-1]:g} years but the training ages '
+                         f'run from {float(train_ages.min()):g} to {float(train_ages.max()):g}; widen --age-bins')
+    if o.head_bias == 'default': return None
     if h is None: return float(train_ages.mean())
-    lo, hi = h.edges[0], h.edges[-1]
-    if train_ages.min() < lo or train_ages.max() > hi:
-        raise InputError(f'--age-bins {o.age_bins} covers {lo:g} to {hi:g} years but the training ages run from '
-                         f'{float(train_ages.min()):g} to {float(train_ages.max()):g}; widen --age-bins')
     return h.soft_labels(train_ages).mean(0).clamp_min(1e-6).log().tolist()
 
 def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, quiet=False) -> Path:
