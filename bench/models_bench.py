@@ -102,7 +102,7 @@ def row_result(run_dir, root, wall, errors=False):
     smae = m['subject_level']['mae']
     both = subj.set_index('subject')[['age', 'pred']].join(osub['oracle'], how='inner')
     assert len(both) == len(subj)
-    mae_ci, ratio_ci = _boot_ci((both.pred - both.age).abs(), (both.oracle - both.age).abs())
+    err = pd.DataFrame({'err': (both.pred - both.age).abs(), 'oracle_err': (both.oracle - both.age).abs()})
     res = {
         'test_mae': round(m['overall']['mae'], 3), 'prediction_unit': m.get('prediction_unit', 'image'),
         'subject_mae': round(smae, 3), 'mae_45_64': round(_mae(mid.age, mid.pred), 3), 'n_45_64': len(mid),
@@ -110,13 +110,13 @@ def row_result(run_dir, root, wall, errors=False):
         'oracle_image_mae': round(_mae(j.age, j.oracle_pred), 3), 'oracle_subject_mae': round(_mae(osub.age, osub.oracle), 3),
         'oracle_45_64': round(_mae(omid.age, omid.oracle), 3),
         'subject_mae_over_oracle': round(smae / _mae(osub.age, osub.oracle), 3),
-        'subject_mae_ci95': mae_ci, 'subject_mae_over_oracle_ci95': ratio_ci,   # bootstrap over test subjects
         'val_subject_mae': round(_mae(vsub.age, vsub.pred), 3),
         'n_test_subjects': int(m['subject_level']['n']), 'n_test_images': len(test),
         'best_epoch': cfg.get('best_epoch'), 'wall_seconds': round(wall, 1), 'run_dir': B.rel(run_dir),
     }
-    if not errors: return res
-    return res, pd.DataFrame({'err': (both.pred - both.age).abs(), 'oracle_err': (both.oracle - both.age).abs()})
+    if errors: return res, err           # a table row: seeds_row draws the intervals over seeds and subjects
+    mae_ci, ratio_ci = _boot_ci(err.err, err.oracle_err)
+    return dict(res, subject_mae_ci95=mae_ci, subject_mae_over_oracle_ci95=ratio_ci)   # bootstrap over test subjects
 
 
 MEANS = ('test_mae', 'subject_mae', 'mae_45_64', 'slope', 'val_subject_mae')   # a row's figures: the mean over seeds
