@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from conftest import agenb
-from agenb.report import external_refs, render_report, load_run
+from agenb.report import external_refs, render_report
+from agenb.report_sections import load_run
 
 
 def copy_run(src, dst):

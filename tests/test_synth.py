@@ -212,7 +212,7 @@ def test_pathological_muscles_look_shift_years_older(pair):
 
 
 def test_covariates_act_only_when_on(pair):
-    from agenb.synth import bmi_mean, MODEL
+    from agenb.phantom import bmi_mean, MODEL
     on, off = pair['on', 'Healthy'], pair['off', 'Healthy']
     assert on.filename.tolist() == off.filename.tolist()         # the same subjects and views
     dev = on.bmi - bmi_mean(on.age)

@@ -113,7 +113,7 @@ def test_split_file_is_reused_exactly(tiny_run, data_args, tmp_path):
 
 
 def test_a_rule_sets_the_scratch_learning_rate_and_the_run_records_why(data_args, tmp_path, monkeypatch):
-    """With the from-scratch rule on (agenb.options.SCRATCH; off by default, see 06_options) and no --lr/--warmup-epochs,
+    """With the from-scratch rule on (agenb.options.SCRATCH; off by default, see 08_options) and no --lr/--warmup-epochs,
     the run trains with the rule's values, and config.json and the report say which rule chose them."""
     from agenb import options
     monkeypatch.setattr(options, 'SCRATCH', {'lr': 2e-3, 'warmup_epochs': 2})

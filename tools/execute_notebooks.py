@@ -1,5 +1,5 @@
 """Execute chapters in place so they keep their small, deterministic outputs (figures, tables) for a reader:
-`make outputs [NBS="nbs/04_images.ipynb ..."]`. Cells flagged with settings.ini's tst_flags (slow, gpu) and
+`make outputs [NBS="nbs/06_images.ipynb ..."]`. Cells flagged with settings.ini's tst_flags (slow, gpu) and
 `#| eval: false` cells are skipped, as nbdev_test skips them; nbdev_clean then strips execution metadata."""
 import sys
 from pathlib import Path
