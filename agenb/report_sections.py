@@ -20,10 +20,10 @@ from .runs import curves_figure
 # %% auto #0
 __all__ = ['DASH', 'STYLE', 'METRIC_COLUMNS', 'PLOT_TITLES', 'load_run', 'Html', 'fmt', 'cell', 'kv_table', 'table', 'note',
            'png_tag', 'img_file', 'fig_tag', 'header_section', 'option_sources', 'option_sources_html',
-           'identity_section', 'environment_section', 'dataset_section', 'covariates_text', 'model_section',
-           'training_section', 'curves_section', 'metrics_frame', 'calibration_html', 'metrics_section',
-           'plots_section', 'age_groups_section', 'gradcam_section', 'thumbnail', 'gallery', 'predictions_section',
-           'files_section']
+           'identity_section', 'environment_section', 'dataset_section', 'covariates_text', 'bias_text',
+           'model_section', 'training_section', 'curves_section', 'metrics_frame', 'calibration_html',
+           'metrics_section', 'plots_section', 'age_groups_section', 'gradcam_section', 'thumbnail', 'gallery',
+           'predictions_section', 'files_section']
 
 # %% ../nbs/15_report_sections.ipynb #2b4f75e9
 def _read_json(path):
@@ -281,6 +281,13 @@ def covariates_text(cov: dict) -> str:
     return (f'{", ".join(cov.get("names", []))}: standardised with {cov.get("fitted_on", "?")} statistics, a missing value imputed '
             f'with the training median plus a missing-indicator; echo values over {cov.get("echo_region", "?")}')
 
+def bias_text(m, args) -> str | None:
+    "The head's starting bias as config.json records it: the training mean age, the log of the age-bin distribution, or none."
+    b = m.get('init_bias')
+    if b is None: return "the layer's own initialisation (--head-bias default)" if args.get('head_bias') == 'default' else None
+    if isinstance(b, list): return f'log of the training ages\' distribution over {len(b)} age bins'
+    return f'{fmt(b)} years (the training mean age)'
+
 def model_section(r) -> Html:
     "Architecture, weights, head, preprocessing and augmentation."
     c = r.config; m = c.get('model') or {}
@@ -288,7 +295,7 @@ def model_section(r) -> Html:
     out = [kv_table([('architecture', m.get('architecture')), ('pretrained (ImageNet)', m.get('pretrained')),
                      ('weights', m.get('weights_source')), ('head', m.get('head', ...)),
                      *([('covariates', covariates_text(m['covariates']))] if isinstance(m.get('covariates'), dict) else []),
-                     ('dropout', m.get('dropout')), ('initial bias (train mean age)', m.get('init_bias')),
+                     ('dropout', m.get('dropout')), ('initial bias of the head', bias_text(m, c.get('args') or {})),
                      ('parameters', f'{m["n_parameters"]:,}' if isinstance(m.get('n_parameters'), int) else m.get('n_parameters'))])]
     for title, key in (('Preprocessing', 'preprocessing'), ('Augmentation (applied on the fly, training only)', 'augmentation')):
         if c.get(key): out += [f'<h3>{title}</h3>', kv_table(list(c[key].items()))]
