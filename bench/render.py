@@ -17,6 +17,8 @@ RESULTS, README = HERE / 'results.json', HERE / 'README.md'
 # the accuracy section alone, run again when the data or the defaults change without a whole `make bench`:
 # python bench/run.py --only accuracy --no-combined --out bench/accuracy_results.json (then bench/render.py)
 ACCURACY = HERE / 'accuracy_results.json'
+# the fold ensemble beside single models alone: python bench/run.py --only ensemble --out bench/ensemble_results.json
+ENSEMBLE = HERE / 'ensemble_results.json'
 
 def _g(d, *keys):
     for k in keys:
@@ -133,6 +135,12 @@ def table(res) -> str:
             ]
         elif C.get('skipped'):
             rows.append(('best combination of the models table', 'not run', C['skipped']))
+    En = res.get('ensemble') or {}
+    if En.get('fold_ensemble'):
+        r = lambda x: f"{_n(x['mae_over_oracle'])} [{_n(x['mae_over_oracle_ci95'][0])}, {_n(x['mae_over_oracle_ci95'][1])}]"
+        rows.append((f"test MAE over the oracle: fold ensemble ({En['fold_ensemble']['n_models']} models) / single models "
+                     f"(`{En['spec']}` `{En['variant']}`, {En['options'].get('image_size')} px, {En['options'].get('epochs')} "
+                     'epochs) [95% intervals]', f"**{r(En['fold_ensemble'])}** / {r(En['single'])}", ''))
     out = ['| figure | median (min .. max) | target |', '|---|---|---|']
     out += [f'| {a} | {b} | {c} |' for a, b, c in rows]
     return '\n'.join(out)
@@ -244,6 +252,31 @@ def accuracy_block(acc) -> str:
         f"{fp.get('version')}. Commit `{(ag.get('commit') or '?')[:10]}` with {tree}, {m.get('cpu_model')} "
         f"({m.get('cores')} cores), {_minutes(_g(acc, 'section_seconds', 'accuracy'))}. " + noise])
 
+def ensemble_block(res) -> str:
+    """The fold ensemble beside the single models (section `ensemble` of bench/run.py): image-level test MAE of each over
+    the oracle's on the same test images, with intervals, and the ensemble minus the single models per test subject."""
+    E, ag, fp, m = res['ensemble'], res.get('agenb') or {}, _g(res, 'data', 'fingerprint') or {}, res.get('machine') or {}
+    S, F, d, o = E['single'], E['fold_ensemble'], E['ensemble_minus_single_subject_mae'], E['options']
+    ratio = lambda x: f"{_n(x['mae_over_oracle'])} [{_n(x['mae_over_oracle_ci95'][0])}, {_n(x['mae_over_oracle_ci95'][1])}]"
+    rows = [(f"single model trained on all development subjects, mean of {S['n_models']} training seeds "
+             f"({', '.join(map(str, S['seeds']))}): test MAE (per seed) / over the oracle [95% interval]",
+             f"{_n(S['test_mae'])} ({', '.join(map(_n, S['test_mae_per_seed']))}) / {ratio(S)}"),
+            (f"fold ensemble ({F['n_models']} fold models, what `experiment predict` uses): test MAE / over the oracle "
+             '[95% interval]', f"{_n(F['test_mae'])} / {ratio(F)}"),
+            ('the oracle on the same test images', f"{_n(E['oracle_test_mae'])} years"),
+            ('ensemble minus single models, subject-level test MAE [95% interval], as `experiment final` reports it',
+             f"{d['diff']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] years")]
+    return '\n'.join([
+        f"| fold ensemble beside single models (`{ENSEMBLE.name}`) | result |", '|---|---|',
+        *[f'| {a} | {b} |' for a, b in rows], '',
+        f"The `{E['variant']}` variant of `{E['spec']}` ({o.get('arch')} from scratch, {o.get('image_size')} px, "
+        f"{o.get('epochs')} epochs, lr {o.get('lr'):g}) cross-validated by `python -m "
+        f"agenb.experiment run` ({E['folds']} folds x {len(E['seeds'])} seeds), then its test set opened once by `experiment "
+        f"final` (opening {E['opening']}): {E['n_test_images']} test images of {E['n_test_subjects']} subjects, image level, "
+        f"one muscle; intervals: {E['method']}. Data agenb.synth version {fp.get('version')}; commit "
+        f"`{(ag.get('commit') or '?')[:10]}`{' with uncommitted changes' if ag.get('dirty') else ''}, {m.get('cpu_model')} "
+        f"({m.get('cores')} cores), {_minutes(_g(res, 'section_seconds', 'ensemble'))}."])
+
 def stale_note(fp) -> str:
     "A sentence saying that the figures predate the current generator, when they do (empty otherwise)."
     from agenb.synth import GENERATOR_VERSION
@@ -319,6 +352,10 @@ def main(argv=None):
         acc = json.loads(ACCURACY.read_text())
         update_readme(README, acc, 'accuracy', accuracy_block(acc))
         if a.readme: update_readme(a.readme, acc, 'accuracy', accuracy_block(acc))
+    if ENSEMBLE.is_file():
+        ens = json.loads(ENSEMBLE.read_text())
+        update_readme(README, ens, 'ensemble', ensemble_block(ens))
+        if a.readme: update_readme(a.readme, ens, 'ensemble', ensemble_block(ens))
     return 0
 
 if __name__ == '__main__':

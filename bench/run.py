@@ -15,7 +15,7 @@ whether the tree was dirty; bench/README.md's figures are rendered from it (benc
 `--quick` runs every section with tiny settings (a smoke test of the benchmark itself, figures meaningless).
 """
 from __future__ import annotations
-import argparse, json, os, platform, shutil, statistics, subprocess, sys, time
+import argparse, hashlib, json, os, platform, shutil, statistics, subprocess, sys, time
 from datetime import datetime
 from pathlib import Path
 
@@ -41,7 +41,7 @@ def rel(p):
     p = Path(p).resolve()
     try: return p.relative_to(ROOT).as_posix()
     except ValueError: return str(p)
-SECTIONS = ('loader', 'efficiency', 'ddp', 'accuracy')
+SECTIONS = ('loader', 'efficiency', 'ddp', 'accuracy', 'ensemble')
 
 # Sizes: the full benchmark takes about two hours on a 2-core CPU machine: about 70 min the accuracy trainings (agenb and the
 # plain loop, 3 training seeds each, about 23 min a seed), 31 the best combination.
@@ -55,6 +55,9 @@ FULL = dict(
     accuracy=dict(arch='resnet18', image_size=96, batch_size=32, epochs=40, budget_s=420, min_epochs=8,
                   max_epochs=60, fallback_epochs=30, lr=1e-3, warmup_epochs=2, extra=[], timeout=4 * 3600, plain_loop=True,
                   seeds=[42, 43, 44]),   # agenb and the plain loop each trained with every seed, on the first seed's split
+    # the fold ensemble beside single models, as an experiment makes them: bench/defaults/augment.yaml's recipe alone
+    # (64 px, 20 epochs, 5 folds x 2 seeds: the defaults' leaderboard budget), then `experiment final`; about 25 min
+    ensemble=dict(spec='bench/defaults/augment.yaml', variant='recipe', workers=2, timeout=4 * 3600),
 )
 QUICK = dict(
     data_preset='quick',
@@ -64,6 +67,8 @@ QUICK = dict(
     accuracy=dict(arch='resnet18', image_size=48, batch_size=16, epochs='auto', budget_s=30, min_epochs=2,
                   max_epochs=3, fallback_epochs=2, lr=1e-3, warmup_epochs=0, extra=[], timeout=300, plain_loop=True,
                   combined=False, seeds=[42, 43]),
+    ensemble=dict(spec='bench/defaults/augment.yaml', variant='recipe', workers=2, timeout=900, folds=2, seeds=[1],
+                  base=dict(image_size=32, epochs=1)),
 )
 # the data sets: (folder under bench/out, agenb.synth parameters)
 DATA = {'bench': ('data', dict(preset='bench')),
@@ -565,6 +570,69 @@ def ratio_ci(j, others, n_boot=2000, seed=0):
         out[{'oracle': 'mae_over_oracle', 'plain': 'mae_over_plain_loop'}[o]] = [round(lo, 3), round(hi, 3)]
     return out
 
+def bench_ensemble(root, cfg):
+    """The fold ensemble beside single models, made as a user makes them: an agenb experiment of one variant of a
+    defaults spec (`cfg['spec']`, its data replaced by this bench's), cross-validated, then its test set opened once by
+    `python -m agenb.experiment final`: single models trained on all development subjects (one per training seed) and
+    the ensemble of the fold models, each scored on the test images against the oracle (`ensemble_figures`)."""
+    import yaml
+    from agenb.exp_db import read_experiment
+    exp_dir = OUT / 'exp_ensemble'
+    shutil.rmtree(exp_dir, ignore_errors=True)
+    spec = yaml.safe_load((ROOT / cfg['spec']).read_text())
+    image_dir, excel = data_paths(root)
+    variants = [v for v in spec['variants'] if v['name'] == cfg['variant']]
+    assert len(variants) == 1, f'{cfg["spec"]} has no variant {cfg["variant"]}'
+    spec.update(name='bench_ensemble', variants=variants, data={'image_dir': str(image_dir), 'excel_path': str(excel)},
+                base={**spec['base'], **cfg.get('base', {})}, **{k: cfg[k] for k in ('folds', 'seeds') if k in cfg})
+    spec['baseline'] = cfg['variant']
+    spec_path = OUT / 'ensemble_spec.yaml'
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    py = [sys.executable, '-m', 'agenb.experiment']
+    print(f'bench: ensemble: {len(spec["seeds"])} seed(s) x {spec["folds"]} folds of {cfg["variant"]} ({cfg["spec"]}) ...', flush=True)
+    run_cli(py + ['run', str(spec_path), '--out', str(exp_dir), '--workers', str(cfg['workers'])], ACCURACY_ENV,
+            OUT / 'ensemble_run.log', cfg['timeout'])
+    print('bench: ensemble: experiment final (the test set opened once) ...', flush=True)
+    run_cli(py + ['final', str(exp_dir), '--variant', cfg['variant']], ACCURACY_ENV, OUT / 'ensemble_final.log', cfg['timeout'])
+    final = read_experiment(exp_dir)['finals'][cfg['variant']]
+    return {'spec': cfg['spec'], 'variant': cfg['variant'],
+            'options': {**spec['base'], **{k: v for k, v in variants[0].items() if k != 'name'}},
+            'folds': spec['folds'], 'seeds': spec['seeds'], 'exp_dir': rel(exp_dir),
+            **ensemble_figures(exp_dir, final, root)}
+
+def ensemble_figures(exp_dir, final, root, n_boot=2000, seed=0):
+    """From `experiment final`'s record `final`: the image-level test MAE of the single models (mean over their seeds)
+    and of the fold ensemble, each over the oracle's on the same test images, with 95% intervals (seeds_ratios: the
+    single models' seeds and the test subjects resampled); and the ensemble minus the single models, per test subject,
+    as `final` computed it (agenb.stats.paired_difference)."""
+    lat = pd.read_csv(Path(root) / 'synth_latents.csv', dtype={'subject': str})
+    lat = lat[(lat.muscle == 'TA') & (lat.cohort == 'Healthy')].set_index('filename').oracle_pred
+    read = lambda d: pd.read_csv(Path(exp_dir) / d / 'predictions.csv', dtype={'subject': str}).sort_values('filename')
+    ens = read(final['ensemble']['dir']).reset_index(drop=True)
+    singles = [read(s['run_dir']).set_index('filename').pred for s in final['single']]
+    assert all(set(s.index) == set(ens.filename) for s in singles), 'the single models predicted other test images'
+    j = ens[['filename', 'subject', 'age']].assign(oracle=ens.filename.map(lat))
+    assert j.oracle.notna().all(), 'a test image is missing from synth_latents.csv'
+    mae = lambda pred: round(float((np.asarray(pred, dtype=float) - j.age).abs().mean()), 3)
+    sums = lambda pred: subject_error_sums(j, pred)
+    oracle = sums(j.oracle)[None]
+    single = seeds_ratios({'agenb': np.stack([sums(j.filename.map(s)) for s in singles]), 'oracle': oracle}, n_boot, seed)
+    fold = seeds_ratios({'agenb': sums(ens.pred)[None], 'oracle': oracle}, n_boot, seed)
+    d = final['ensemble_vs_single']
+    return {'n_test_images': len(j), 'n_test_subjects': int(j.subject.nunique()), 'test_filenames_sha256':
+            hashlib.sha256('\n'.join(sorted(j.filename)).encode()).hexdigest(),
+            'oracle_test_mae': mae(j.oracle),
+            'single': {'n_models': len(singles), 'seeds': [s['seed'] for s in final['single']],
+                       'test_mae_per_seed': [mae(j.filename.map(s)) for s in singles],
+                       'test_mae': round(float(np.mean([mae(j.filename.map(s)) for s in singles])), 3),
+                       'mae_over_oracle': single['mae_over_oracle'], 'mae_over_oracle_ci95': single['mae_over_oracle_ci95'],
+                       'test_subject_mae': round(final['single_mean'], 3)},
+            'fold_ensemble': {'n_models': final['ensemble']['n_models'], 'test_mae': mae(ens.pred),
+                              'mae_over_oracle': fold['mae_over_oracle'], 'mae_over_oracle_ci95': fold['mae_over_oracle_ci95'],
+                              'test_subject_mae': round(final['ensemble']['test_subject_mae'], 3)},
+            'ensemble_minus_single_subject_mae': {k: round(d[k], 3) for k in ('diff', 'ci_low', 'ci_high')},
+            'method': single['method'].replace("each predictor's", "the single models'"), 'opening': final['opening']}
+
 # The accuracy runs' threads: as many as cores (the figures depend on the thread count, so it is fixed and recorded),
 # and OpenMP threads that sleep rather than spin while they wait: the same arithmetic, so the same figures, but a
 # busy machine slows the run down in proportion instead of stalling it (spinning threads oversubscribe the cores).
@@ -690,6 +758,11 @@ def print_table(res):
         C = A.get('combined') or {}
         if C.get('subject_mae') is not None:
             rows.append((f"best combination ({'+'.join(C['of'])}): test / subject MAE, oracle", f"{C['test_mae']:.3f} / {C['subject_mae']:.3f}, {C['oracle_subject_mae']:.3f}", '', '1'))
+    En = res.get('ensemble')
+    if En:
+        S, F = En['single'], En['fold_ensemble']
+        rows.append(('test MAE: single models (mean over seeds) / fold ensemble', f"{S['test_mae']:.3f} / {F['test_mae']:.3f}", '', '1'))
+        rows.append(('over the oracle: single / fold ensemble', f"{S['mae_over_oracle']:.3f} / {F['mae_over_oracle']:.3f}", '', ''))
     w = max(len(r[0]) for r in rows) if rows else 10
     print(f"\n{'figure':<{w}}  {'median':>12}  {'min .. max':>20}  n")
     for r in rows: print(f'{r[0]:<{w}}  {r[1]:>12}  {r[2]:>20}  {r[3]}')
@@ -730,7 +803,8 @@ def main(argv=None):
            'command': ' '.join(['bench/run.py', *argv])}
     root = ensure_data(cfg['data_preset'], a.data_dir)
     res['data'] = data_record(root)
-    fns = {'loader': bench_loader, 'efficiency': bench_efficiency, 'ddp': bench_ddp, 'accuracy': bench_accuracy}
+    fns = {'loader': bench_loader, 'efficiency': bench_efficiency, 'ddp': bench_ddp, 'accuracy': bench_accuracy,
+           'ensemble': bench_ensemble}
     res['section_seconds'], res['section_loadavg'] = {}, {}
     for name in (a.only or SECTIONS):
         print(f'bench: {name} ...', flush=True)
@@ -750,7 +824,9 @@ def main(argv=None):
             # over all training seeds when the section ran several (accuracy.seeds), else its one run's
             'mae_over_oracle': g('accuracy', 'seeds', 'mae_over_oracle') or g('accuracy', 'mae_over_oracle'),
             'mae_over_plain_loop': g('accuracy', 'seeds', 'mae_over_plain_loop') or g('accuracy', 'mae_over_plain_loop'),
-            'mae_over_baseline': g('accuracy', 'mae_over_baseline')}
+            'mae_over_baseline': g('accuracy', 'mae_over_baseline'),
+            # the fold ensemble of an experiment (section `ensemble`), image level, over the oracle on its test images
+            'fold_ensemble_mae_over_oracle': g('ensemble', 'fold_ensemble', 'mae_over_oracle')}
     res['machine']['loadavg_at_end'] = loadavg()
     res['total_seconds'] = round(time.perf_counter() - t_start, 1)
     res = {**head, 'machine': res.pop('machine'), **res}
@@ -763,6 +839,11 @@ def main(argv=None):
         import render
         render.update_readme(ROOT / 'bench' / 'README.md', res, 'accuracy', render.accuracy_block(res))
         print(f'rendered the accuracy block of {ROOT / "bench" / "README.md"} from it')
+    if out.resolve() == (ROOT / 'bench' / 'ensemble_results.json').resolve():
+        sys.path.insert(0, str(ROOT / 'bench'))
+        import render
+        render.update_readme(ROOT / 'bench' / 'README.md', res, 'ensemble', render.ensemble_block(res))
+        print(f'rendered the ensemble block of {ROOT / "bench" / "README.md"} from it')
     if out.resolve() == (ROOT / 'bench' / 'results.json').resolve():
         sys.path.insert(0, str(ROOT / 'bench'))
         import render                                              # bench/render.py, beside this script

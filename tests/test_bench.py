@@ -269,3 +269,57 @@ def test_combine_pools_only_experiments_of_one_protocol(tmp_path):
         r = cmd('test_combine_tmp', f'{a}:base', f'{c}:other', '--baseline', 'base')
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
         assert not out.exists()
+
+
+def _fake_final(tmp_path):
+    "A data folder's synth_latents.csv and an experiment's final/ folder (two single models, the fold ensemble) with its record."
+    import pandas as pd
+    files = [f'anon_{s}_{k}.png' for s in (1, 2, 3) for k in (1, 2)]
+    subj = [f.split('_')[1] for f in files]
+    age = [10.0 * int(s) for s in subj]
+    root = tmp_path / 'data'; root.mkdir()
+    pd.DataFrame({'muscle': 'TA', 'cohort': 'Healthy', 'filename': files, 'subject': subj, 'age': age,
+                  'oracle_pred': [a + 2 for a in age]}).to_csv(root / 'synth_latents.csv', index=False)
+    pd.DataFrame({'muscle': 'GM', 'cohort': 'Healthy', 'filename': files[:1], 'subject': '1', 'age': 10.0,
+                  'oracle_pred': 99.0}).to_csv(root / 'synth_latents.csv', mode='a', header=False, index=False)   # another muscle
+    exp = tmp_path / 'exp'
+    for d, err in (('final/recipe_s1/run_1', 4.0), ('final/recipe_s2/run_2', -6.0), ('final/recipe_ensemble', 3.0)):
+        (exp / d).mkdir(parents=True)
+        pd.DataFrame({'path': files, 'filename': files, 'subject': subj, 'age': age,
+                      'pred': [a + err for a in age]})[::-1].to_csv(exp / d / 'predictions.csv', index=False)
+    final = {'single': [{'seed': 1, 'run_dir': 'final/recipe_s1/run_1'}, {'seed': 2, 'run_dir': 'final/recipe_s2/run_2'}],
+             'single_mean': 5.0, 'ensemble': {'dir': 'final/recipe_ensemble', 'n_models': 10, 'test_subject_mae': 3.0},
+             'ensemble_vs_single': {'diff': -2.0, 'ci_low': -2.5, 'ci_high': -1.5}, 'opening': 1}
+    return root, exp, final
+
+
+def test_ensemble_figures_score_each_model_against_the_oracle(tmp_path):
+    """bench/run.py's `ensemble` section: the single models' image MAE is the mean over their seeds, each model's MAE is
+    over the oracle's on the same test images (the TA healthy rows of synth_latents.csv, matched by file name whatever
+    the order), and `final`'s paired difference is passed on as it is; other test images are refused."""
+    import pandas as pd
+    B = _bench_run()
+    root, exp, final = _fake_final(tmp_path)
+    r = B.ensemble_figures(exp, final, root, n_boot=200)
+    assert (r['n_test_images'], r['n_test_subjects'], r['oracle_test_mae']) == (6, 3, 2.0)
+    assert r['single']['test_mae_per_seed'] == [4.0, 6.0] and r['single']['test_mae'] == 5.0
+    assert (r['single']['mae_over_oracle'], r['fold_ensemble']['mae_over_oracle']) == (2.5, 1.5)
+    lo, hi = r['single']['mae_over_oracle_ci95']
+    assert lo < 2.5 < hi and r['fold_ensemble']['mae_over_oracle_ci95'] == [1.5, 1.5]   # errors constant: no spread
+    assert r['ensemble_minus_single_subject_mae'] == {'diff': -2.0, 'ci_low': -2.5, 'ci_high': -1.5}
+    p = exp / 'final/recipe_s2/run_2/predictions.csv'
+    pd.read_csv(p).iloc[1:].to_csv(p, index=False)
+    with pytest.raises(AssertionError, match='other test images'): B.ensemble_figures(exp, final, root, n_boot=50)
+
+
+def test_ensemble_block_is_rendered_from_its_results():
+    """bench/ensemble_results.json (section `ensemble` alone) is what bench/README.md and the README show, measured on the
+    current generator's data by a clean tree, on the accuracy section's test images."""
+    from agenb.synth import GENERATOR_VERSION
+    if not render.ENSEMBLE.is_file(): pytest.skip('bench/ensemble_results.json not written yet')
+    ens = json.loads(render.ENSEMBLE.read_text())
+    assert ens['data']['fingerprint']['version'] == GENERATOR_VERSION and not ens['quick']
+    assert ens['ensemble']['n_test_images'] == json.loads(render.ACCURACY.read_text())['accuracy']['n_test_images']
+    block = render.ensemble_block(ens)
+    for path in (ROOT / 'bench' / 'README.md', ROOT / 'README.md'):
+        assert render.fill(path.read_text(), 'ensemble', block) == path.read_text(), f'run python bench/render.py --readme nbs/index.ipynb, then make readme ({path})'
