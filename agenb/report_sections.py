@@ -20,7 +20,7 @@ from .runs import curves_figure
 # %% auto #0
 __all__ = ['DASH', 'STYLE', 'METRIC_COLUMNS', 'PLOT_TITLES', 'load_run', 'Html', 'fmt', 'cell', 'kv_table', 'table', 'note',
            'png_tag', 'img_file', 'fig_tag', 'header_section', 'option_sources', 'option_sources_html',
-           'identity_section', 'environment_section', 'dataset_section', 'covariates_text', 'bias_text',
+           'identity_section', 'threads_text', 'environment_section', 'dataset_section', 'covariates_text', 'bias_text',
            'model_section', 'training_section', 'curves_section', 'metrics_frame', 'calibration_html',
            'metrics_section', 'plots_section', 'age_groups_section', 'gradcam_section', 'thumbnail', 'gallery',
            'predictions_section', 'files_section']
@@ -220,6 +220,12 @@ def identity_section(r) -> Html:
             ('resumed', c['resumes'] if c.get('resumes') else ...)]
     return kv_table(rows)
 
+def threads_text(t) -> str | None:
+    "torch's intra-op threads and the variables that set them, as config.json's environment records them (None: not recorded)."
+    if not isinstance(t, dict): return None
+    env = ', '.join(f'{k}={v}' for k, v in t.items() if k != 'torch_threads' and v is not None)
+    return f"{fmt(t.get('torch_threads'))} (torch)" + (f'; {env}' if env else '')
+
 def environment_section(r) -> Html:
     "Device, GPUs, CUDA, PyTorch and library versions the run recorded."
     c = r.config; env = c.get('environment') or {}; opt = c.get('optimizations') or {}
@@ -230,7 +236,7 @@ def environment_section(r) -> Html:
             ('PyTorch', c.get('pytorch_version')), ('mixed precision', opt.get('mixed_precision') or 'off'),
             ('channels_last', opt.get('channels_last', ...)), ('torch.compile', opt.get('torch_compile', ...)),
             ('deterministic', opt.get('deterministic', ...)), ('Python', env.get('python_version')),
-            ('platform', env.get('platform')), ('host', env.get('hostname')),
+            ('platform', env.get('platform')), ('host', env.get('hostname')), ('CPU threads', threads_text(env.get('threads'))),
             ('libraries', ', '.join(f'{k} {v}' for k, v in (env.get('packages') or {}).items()) or ...)]
     return kv_table(rows)
 

@@ -271,7 +271,8 @@ def ensemble_block(res) -> str:
         *[f'| {a} | {b} |' for a, b in rows], '',
         f"The `{E['variant']}` variant of `{E['spec']}` ({o.get('arch')} from scratch, {o.get('image_size')} px, "
         f"{o.get('epochs')} epochs, lr {o.get('lr'):g}) cross-validated by `python -m "
-        f"agenb.experiment run` ({E['folds']} folds x {len(E['seeds'])} seeds), then its test set opened once by `experiment "
+        f"agenb.experiment run` ({E['folds']} folds x {len(E['seeds'])} seeds; out-of-fold subject MAE "
+        f"{_n(E.get('oof_subject_mae'))}), then its test set opened once by `experiment "
         f"final` (opening {E['opening']}): {E['n_test_images']} test images of {E['n_test_subjects']} subjects, image level, "
         f"one muscle; intervals: {E['method']}. Data agenb.synth version {fp.get('version')}; commit "
         f"`{(ag.get('commit') or '?')[:10]}`{' with uncommitted changes' if ag.get('dirty') else ''}, {m.get('cpu_model')} "

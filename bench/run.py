@@ -43,8 +43,8 @@ def rel(p):
     except ValueError: return str(p)
 SECTIONS = ('loader', 'efficiency', 'ddp', 'accuracy', 'ensemble')
 
-# Sizes: the full benchmark takes about two hours on a 2-core CPU machine: about 70 min the accuracy trainings (agenb and the
-# plain loop, 3 training seeds each, about 23 min a seed), 31 the best combination.
+# Sizes: the full benchmark takes about two and a quarter hours on a 2-core CPU machine: about 70 min the accuracy trainings
+# (agenb and the plain loop, 3 training seeds each, about 23 min a seed), 31 the best combination, 15 the fold ensemble.
 FULL = dict(
     data_preset='bench',
     loader=dict(n_images=300, workers=2, batch_size=32, image_size=224, repeats=7),
@@ -56,7 +56,7 @@ FULL = dict(
                   max_epochs=60, fallback_epochs=30, lr=1e-3, warmup_epochs=2, extra=[], timeout=4 * 3600, plain_loop=True,
                   seeds=[42, 43, 44]),   # agenb and the plain loop each trained with every seed, on the first seed's split
     # the fold ensemble beside single models, as an experiment makes them: bench/defaults/augment.yaml's recipe alone
-    # (64 px, 20 epochs, 5 folds x 2 seeds: the defaults' leaderboard budget), then `experiment final`; about 25 min
+    # (64 px, 20 epochs, 5 folds x 2 seeds: the defaults' leaderboard budget), then `experiment final`; about 15 min
     ensemble=dict(spec='bench/defaults/augment.yaml', variant='recipe', workers=2, timeout=4 * 3600),
 )
 QUICK = dict(
@@ -590,12 +590,17 @@ def bench_ensemble(root, cfg):
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     py = [sys.executable, '-m', 'agenb.experiment']
     print(f'bench: ensemble: {len(spec["seeds"])} seed(s) x {spec["folds"]} folds of {cfg["variant"]} ({cfg["spec"]}) ...', flush=True)
-    run_cli(py + ['run', str(spec_path), '--out', str(exp_dir), '--workers', str(cfg['workers'])], ACCURACY_ENV,
+    # the experiment's own thread rule (cores / workers per job, agenb.experiment), as a user's run and the defaults'
+    # leaderboards have it: the same seed on other thread counts trains other models (config.json: environment.threads)
+    run_cli(py + ['run', str(spec_path), '--out', str(exp_dir), '--workers', str(cfg['workers'])], {},
             OUT / 'ensemble_run.log', cfg['timeout'])
     print('bench: ensemble: experiment final (the test set opened once) ...', flush=True)
-    run_cli(py + ['final', str(exp_dir), '--variant', cfg['variant']], ACCURACY_ENV, OUT / 'ensemble_final.log', cfg['timeout'])
+    run_cli(py + ['final', str(exp_dir), '--variant', cfg['variant']], {}, OUT / 'ensemble_final.log', cfg['timeout'])
     final = read_experiment(exp_dir)['finals'][cfg['variant']]
-    return {'spec': cfg['spec'], 'variant': cfg['variant'],
+    threads = {json.dumps(json.loads((p / 'config.json').read_text())['environment'].get('threads'), sort_keys=True)
+               for p in exp_dir.glob('runs/*/run_*')}
+    return {'spec': cfg['spec'], 'variant': cfg['variant'], 'fold_run_threads': sorted(map(json.loads, threads), key=str),
+            'oof_subject_mae': round(float(pd.read_csv(exp_dir / 'leaderboard.csv').subject_mae.iloc[0]), 3),
             'options': {**spec['base'], **{k: v for k, v in variants[0].items() if k != 'name'}},
             'folds': spec['folds'], 'seeds': spec['seeds'], 'exp_dir': rel(exp_dir),
             **ensemble_figures(exp_dir, final, root)}

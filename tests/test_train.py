@@ -67,6 +67,9 @@ def test_config_has_every_seed_key_and_tells_the_truth(tiny_run):
     assert cfg['augmentation']['hflip_p'] == 0.0  # flips off by default, and recorded as off
     assert cfg['args']['epochs'] == 2 and 'epochs' in cfg['args_explicit']
     assert cfg['environment']['packages']['torch'] and cfg['data_fingerprint']['excel_sha256']
+    # the CPU threads it computed with (the commands run with OMP_NUM_THREADS=1 here): the live count, not a flag
+    th = cfg['environment']['threads']
+    assert (th['torch_threads'], th['OMP_NUM_THREADS']) == (1, '1') and 'MKL_NUM_THREADS' in th
 
 
 def test_history_and_predictions(tiny_run):
