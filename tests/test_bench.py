@@ -316,9 +316,10 @@ def test_ensemble_block_is_rendered_from_its_results():
     """bench/ensemble_results.json (section `ensemble` alone) is what bench/README.md and the README show, measured on the
     current generator's data by a clean tree, on the accuracy section's test images."""
     from agenb.synth import GENERATOR_VERSION
-    if not render.ENSEMBLE.is_file(): pytest.skip('bench/ensemble_results.json not written yet')
     ens = json.loads(render.ENSEMBLE.read_text())
     assert ens['data']['fingerprint']['version'] == GENERATOR_VERSION and not ens['quick']
+    assert not ens['agenb']['dirty'] and len(ens['agenb']['commit']) == 40
+    assert ens['ensemble']['fold_run_threads'] and all(t['torch_threads'] == 1 for t in ens['ensemble']['fold_run_threads'])
     assert ens['ensemble']['n_test_images'] == json.loads(render.ACCURACY.read_text())['accuracy']['n_test_images']
     block = render.ensemble_block(ens)
     for path in (ROOT / 'bench' / 'README.md', ROOT / 'README.md'):
