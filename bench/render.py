@@ -49,6 +49,11 @@ def _met(value, target, higher=True):
     ok = value >= target if higher else value <= target
     return 'met' if ok else '**not met**'
 
+def _over_oracle(x) -> str:
+    "A model's `mae_over_oracle` with its 95% interval (bench/run.py's `ensemble` section)."
+    lo, hi = x['mae_over_oracle_ci95']
+    return f"{_n(x['mae_over_oracle'])} [{_n(lo)}, {_n(hi)}]"
+
 def _loadavg_range(res):
     vals = [v[0] for v in (_g(res, 'machine', 'loadavg_at_start'), _g(res, 'machine', 'loadavg_at_end')) if v]
     for s in (res.get('section_loadavg') or {}).values():
@@ -137,10 +142,9 @@ def table(res) -> str:
             rows.append(('best combination of the models table', 'not run', C['skipped']))
     En = res.get('ensemble') or {}
     if En.get('fold_ensemble'):
-        r = lambda x: f"{_n(x['mae_over_oracle'])} [{_n(x['mae_over_oracle_ci95'][0])}, {_n(x['mae_over_oracle_ci95'][1])}]"
         rows.append((f"test MAE over the oracle: fold ensemble ({En['fold_ensemble']['n_models']} models) / single models "
                      f"(`{En['spec']}` `{En['variant']}`, {En['options'].get('image_size')} px, {En['options'].get('epochs')} "
-                     'epochs) [95% intervals]', f"**{r(En['fold_ensemble'])}** / {r(En['single'])}", ''))
+                     'epochs) [95% intervals]', f"**{_over_oracle(En['fold_ensemble'])}** / {_over_oracle(En['single'])}", ''))
     out = ['| figure | median (min .. max) | target |', '|---|---|---|']
     out += [f'| {a} | {b} | {c} |' for a, b, c in rows]
     return '\n'.join(out)
@@ -257,12 +261,11 @@ def ensemble_block(res) -> str:
     the oracle's on the same test images, with intervals, and the ensemble minus the single models per test subject."""
     E, ag, fp, m = res['ensemble'], res.get('agenb') or {}, _g(res, 'data', 'fingerprint') or {}, res.get('machine') or {}
     S, F, d, o = E['single'], E['fold_ensemble'], E['ensemble_minus_single_subject_mae'], E['options']
-    ratio = lambda x: f"{_n(x['mae_over_oracle'])} [{_n(x['mae_over_oracle_ci95'][0])}, {_n(x['mae_over_oracle_ci95'][1])}]"
     rows = [(f"single model trained on all development subjects, mean of {S['n_models']} training seeds "
              f"({', '.join(map(str, S['seeds']))}): test MAE (per seed) / over the oracle [95% interval]",
-             f"{_n(S['test_mae'])} ({', '.join(map(_n, S['test_mae_per_seed']))}) / {ratio(S)}"),
+             f"{_n(S['test_mae'])} ({', '.join(map(_n, S['test_mae_per_seed']))}) / {_over_oracle(S)}"),
             (f"fold ensemble ({F['n_models']} fold models, what `experiment predict` uses): test MAE / over the oracle "
-             '[95% interval]', f"{_n(F['test_mae'])} / {ratio(F)}"),
+             '[95% interval]', f"{_n(F['test_mae'])} / {_over_oracle(F)}"),
             ('the oracle on the same test images', f"{_n(E['oracle_test_mae'])} years"),
             ('ensemble minus single models, subject-level test MAE [95% interval], as `experiment final` reports it',
              f"{d['diff']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] years")]
