@@ -53,7 +53,7 @@ MUTATE = {
                  'two_sample_resamples', 'holm', 'check_oof', 'subject_errors', 'error_cubes', 'boot_means', 'max_t',
                  'compare_with', 'leaderboard'},
     'exp_protocol.py': {'_subjects', '_quiet_split', 'make_protocol', 'protocol_labels', 'opening_counts'},
-    'agegap.py': {'correction_applied', 'subject_gaps', 'cohens_d', '_d_rows', '_auc_rows', '_ci', '_mean_ci',
+    'gap_stats.py': {'correction_applied', 'subject_gaps', 'cohens_d', '_d_rows', '_auc_rows', '_ci', '_mean_ci',
                   'compare_gaps', 'age_bands', 'band_table', 'age_adjusted', '_group_summary', 'agegap_stats'},
     'model.py': {'AgeNet', 'RegressionHead.loss', 'RegressionHead.age', 'DistributionHead.__init__',
                  'DistributionHead.soft_labels', 'DistributionHead.loss', 'DistributionHead.probs', 'DistributionHead.age',
@@ -62,8 +62,8 @@ MUTATE = {
     # The fold jobs of a variant and their keys, the check of a finished fold run against the protocol (its test
     # subjects, its train/val/test subjects, its predictions) and the OOF coverage check of `report` (each fold job's
     # rows exactly its held-out subjects, every development subject exactly once per variant and seed).
-    'exp_jobs.py': {'slug', 'variant_jobs', 'final_jobs', 'development_subjects', 'verify_run', 'fold_frame', 'subject_mae',
-                    '_job_oof', 'collect_oof'},
+    'exp_jobs.py': {'slug', 'variant_jobs', 'final_jobs', 'development_subjects', 'verify_run', 'fold_frame', 'subject_mae'},
+    'exp_worker.py': {'_job_oof', 'collect_oof'},
 }
 
 

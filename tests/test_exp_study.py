@@ -13,10 +13,11 @@ from agenb.exp_db import ExpDB, default_url, write_local
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-import agenb.exp_jobs as jobs
+import agenb.exp_worker as worker
 from agenb.core import atomic_write_json
-from agenb.exp_jobs import (collect_oof, finish_job, make_context, read_record, release_trials, start_search_trial,
-                            study_variants, variant_jobs, worker_loop)
+from agenb.exp_jobs import is_complete, read_record, variant_jobs
+from agenb.exp_store import study_variants
+from agenb.exp_worker import collect_oof, finish_job, make_context, release_trials, start_search_trial, worker_loop
 
 SPEC = {'name': 'tiny', 'data': {'image_dir': 'i', 'excel_path': 'e'}, 'base': {'arch': 'resnet18', 'epochs': 1},
         'grid': {'loss': ['mae', 'mse']}, 'baseline': 'loss=mae', 'folds': 3, 'seeds': [1, 2],
@@ -83,7 +84,7 @@ def done_exp(tmp_path_factory):
     ctx = make_context(exp)
     events = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(jobs, 'run_job', fake_run_job)
+        mp.setattr(worker, 'run_job', fake_run_job)
         worker_loop(ctx, events.append)
     return exp, ctx, events
 
@@ -141,7 +142,7 @@ def test_trial_value_is_the_subject_level_oof_mae(done_exp):
 
 def test_a_dead_workers_search_trial_is_taken_over(tmp_path, monkeypatch):
     "A worker dies after one fold run of its search trial: the next takes the trial over, nothing is retrained."
-    monkeypatch.setattr(jobs, 'run_job', fake_run_job)
+    monkeypatch.setattr(worker, 'run_job', fake_run_job)
     spec = {**SPEC, 'grid': None, 'baseline': None, 'search': {**SPEC['search'], 'trials': 2}}
     exp = make_experiment(tmp_path, {k: v for k, v in spec.items() if v is not None})
     first = make_context(exp)
@@ -161,7 +162,7 @@ def test_a_dead_workers_search_trial_is_taken_over(tmp_path, monkeypatch):
 
 
 def test_a_pruned_search_stops_after_the_first_fold(tmp_path, monkeypatch):
-    monkeypatch.setattr(jobs, 'run_job', fake_run_job)
+    monkeypatch.setattr(worker, 'run_job', fake_run_job)
     spec = {**SPEC, 'grid': None, 'baseline': None, 'search': {**SPEC['search'], 'pruner': {'threshold': {'upper': 0.001}}}}
     exp = make_experiment(tmp_path, {k: v for k, v in spec.items() if v is not None})
     ctx = make_context(exp)
@@ -171,4 +172,4 @@ def test_a_pruned_search_stops_after_the_first_fold(tmp_path, monkeypatch):
     for t in studies['tiny-abc-search'].trials:
         assert t.state == TrialState.PRUNED and list(t.intermediate_values) == [0]
     variants = study_variants(ctx.studies, ctx.spec)
-    assert [v['state'] for v in variants] == ['PRUNED'] * 3 and jobs.is_complete(ctx.spec, variants)
+    assert [v['state'] for v in variants] == ['PRUNED'] * 3 and is_complete(ctx.spec, variants)

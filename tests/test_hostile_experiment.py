@@ -112,7 +112,7 @@ def test_missing_weights_are_refused(tmp_path, synth_root):
 def test_relative_weights_reach_every_job_as_an_absolute_path(tmp_path, synth_root):
     """A relative weights: path is resolved where `run` starts (like data:), recorded in the folder's experiment.json,
     and every job (which runs in a folder of its own) gets the absolute path, whatever folder the worker is in."""
-    from agenb.exp_jobs import job_options
+    from agenb.exp_worker import job_options
     from agenb.exp_store import local_data
     (tmp_path / 'w').mkdir(); (tmp_path / 'w' / 'r18.pth').write_bytes(b'weights')
     spec_path = write_spec(tmp_path / 'spec.yaml', synth_root, base={**TINY, 'weights': 'w/r18.pth'})

@@ -21,7 +21,8 @@ from torch import nn
 
 import agenb.exp_final as exp_final
 import agenb.exp_jobs as exp_jobs
-from agenb.agegap import subject_gaps
+import agenb.exp_worker as exp_worker
+from agenb.gap_stats import subject_gaps
 from agenb.core import InputError
 from agenb.data import DEFAULT_PATTERN
 from agenb.evaluate import apply_bias_correction, fit_bias_correction
@@ -215,14 +216,14 @@ def fold_frames(folds, seed=0, variant=VARIANT):
 
 
 def collect(monkeypatch, folds, frames, variant=VARIANT):
-    "`exp_jobs.collect_oof` for one variant and seed 0 whose fold runs returned `frames` (database and records stubbed)."
+    "`exp_worker.collect_oof` for one variant and seed 0 whose fold runs returned `frames` (database and records stubbed)."
     exp = {'folds': [{'test_subjects': list(s)} for s in folds]}
     spec = {'folds': len(folds), 'seeds': [0]}
     v = {'name': variant, 'kind': 'grid', 'options': {}, 'trial': 0}
     keys = {j.key: j.fold for j in exp_jobs.variant_jobs('exp', spec, v)}
-    monkeypatch.setattr(exp_jobs, 'read_record', lambda exp_dir, key: {'status': 'completed'})
-    monkeypatch.setattr(exp_jobs, 'exp_db', lambda exp_dir: SimpleNamespace(job_oof=lambda key: frames[keys[key]]))
-    return exp_jobs.collect_oof('exp', exp, spec, [v])
+    monkeypatch.setattr(exp_worker, 'read_record', lambda exp_dir, key: {'status': 'completed'})
+    monkeypatch.setattr(exp_worker, 'exp_db', lambda exp_dir: SimpleNamespace(job_oof=lambda key: frames[keys[key]]))
+    return exp_worker.collect_oof('exp', exp, spec, [v])
 
 
 @st.composite

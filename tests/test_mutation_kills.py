@@ -1,6 +1,6 @@
 """Exact, fast checks of the code where experiments decide (issue 29, `make mutate`): the statistics chapter
-(agenb.stats), the experiment protocol (agenb.exp_protocol), the out-of-fold coverage check (agenb.exp_jobs), the
-age-gap statistics (agenb.agegap) and the model's view pooling and heads (agenb.model).
+(agenb.stats), the experiment protocol (agenb.exp_protocol), the out-of-fold coverage check (agenb.exp_worker), the
+age-gap statistics (agenb.gap_stats) and the model's view pooling and heads (agenb.model).
 
 The simulation tests (tests/test_stats.py) show the decision rule holds its error rates, but take minutes; these pin
 what each function computes on small inputs: against an independent computation from its definition (a loop, a
@@ -26,13 +26,14 @@ from agenb.stats import (OOF_COLUMNS, boot_means, check_oof, compare_with, error
                          two_sample_resamples)
 from agenb.exp_protocol import make_protocol, opening_counts, protocol_labels
 from agenb.split import EXCLUDED, make_split
-from agenb import agegap as G
-from agenb.agegap import (HEALTHY, COLUMNS, age_adjusted, age_bands, agegap_stats, band_table, cohens_d, compare_gaps,
-                          correction_applied, subject_gaps)
+from agenb import gap_stats as G
+from agenb.gap_stats import (HEALTHY, COLUMNS, age_adjusted, age_bands, agegap_stats, band_table, cohens_d, compare_gaps,
+                             correction_applied, subject_gaps)
 from agenb.evaluate import apply_bias_correction
 from agenb.model import (AgeNet, AgeOutput, DistributionHead, RegressionHead, coverage, draw_views, parse_age_bins,
                          subject_groups, view_batches)
 import agenb.exp_jobs as J
+import agenb.exp_worker as W
 
 
 # ---- agenb.stats: bootstrap building blocks ------------------------------------------------------------------------------
@@ -516,7 +517,7 @@ def test_opening_counts():
                           {'status': 'failed', 'kind': 'final'}]
 
 
-# ---- agenb.agegap: the statistics of the age gap -------------------------------------------------------------------------
+# ---- agenb.gap_stats: the statistics of the age gap ----------------------------------------------------------------------
 
 FIT = {'applied': True, 'a': 0.8, 'b': 9.0}
 
@@ -1073,7 +1074,7 @@ def test_leaderboard_ties_keep_the_order_of_the_variants():
     assert b['variant'].tolist() == names[1::2] + names[0::2] and b['best'].iloc[0] == 'v01'
 
 
-# ---- agenb.exp_jobs: a fold run checked against the protocol, and the out-of-fold coverage ---------------------------------
+# ---- agenb.exp_jobs and exp_worker: a fold run checked against the protocol, and the out-of-fold coverage -------------
 
 EXP = {'test_subjects': ['90', '91'],
        'folds': [{'fold': 1, 'train_subjects': ['3', '4', '5'], 'val_subjects': ['6'], 'test_subjects': ['1', '2']},
@@ -1183,15 +1184,15 @@ def test_fold_frame_and_subject_mae():
 
 
 def jobs_db(monkeypatch, frames, records=None, exp_dir='E'):
-    "exp_jobs with the database of `exp_dir` replaced: `frames` {job key: OOF frame or None}, `records` {job key: record}."
+    "exp_worker with the database of `exp_dir` replaced: `frames` {job key: OOF frame or None}, `records` {job key: record}."
     def db(d):
         assert d == exp_dir, d                                                        # the experiment's own database
         return SimpleNamespace(job_oof=lambda key: frames.get(key))
     def record(d, key):
         assert d == exp_dir, d
         return (records or {}).get(key, {'status': 'completed'})
-    monkeypatch.setattr(J, 'exp_db', db)
-    monkeypatch.setattr(J, 'read_record', record)
+    monkeypatch.setattr(W, 'exp_db', db)
+    monkeypatch.setattr(W, 'read_record', record)
 
 
 def oof_of(fold, subjects, variant='v', seed=0, images=2):
@@ -1210,10 +1211,10 @@ def all_frames(variant='v', seeds=(0, 1)):
 def test_collect_oof_pools_every_fold_job(monkeypatch):
     frames = {**all_frames(), **all_frames('w x')}
     jobs_db(monkeypatch, frames)
-    oof = J.collect_oof('E', EXP, SPEC, [V, {**V, 'name': 'w x'}])
+    oof = W.collect_oof('E', EXP, SPEC, [V, {**V, 'name': 'w x'}])
     assert len(oof) == 2 * 2 * 6 * 2 and oof.index.is_unique and oof.columns.tolist() == [*OOF_COLUMNS, 'path']
     assert oof.groupby(['variant', 'seed'])['subject'].nunique().tolist() == [6] * 4
-    empty = J.collect_oof('E', EXP, SPEC, [])
+    empty = W.collect_oof('E', EXP, SPEC, [])
     assert empty.empty and empty.columns.tolist() == OOF_COLUMNS
 
 
@@ -1228,7 +1229,7 @@ def test_job_oof_refusals_name_the_job(monkeypatch):
                      (pd.concat([good[key], oof_of(2, ['5', '90'], seed=1)]), r'\(0 of the 2 subjects of fold 2 missing, 2 others, 0 images twice\)'),
                      (pd.concat([good[key], good[key].iloc[:1]]), r'\(0 of the 2 subjects of fold 2 missing, 0 others, 1 images twice\)')):
         jobs_db(monkeypatch, {**good, key: bad})
-        with pytest.raises(J.OOFError, match=msg) as e: J.collect_oof('E', EXP, SPEC, [V])
+        with pytest.raises(W.OOFError, match=msg) as e: W.collect_oof('E', EXP, SPEC, [V])
         assert isinstance(e.value, InputError)                                         # one line, exit 2
 
 
@@ -1236,22 +1237,22 @@ def test_collect_oof_refuses_jobs_not_done_and_overlaps(monkeypatch):
     good = all_frames()
     for rec in (None, {'status': 'failed'}, {}):
         jobs_db(monkeypatch, good, {'v_s0_f3': rec})
-        with pytest.raises(J.OOFError, match=r'^job v_s0_f3 of variant v is not recorded done in the database of E; restore'):
-            J.collect_oof('E', EXP, SPEC, [V])
+        with pytest.raises(W.OOFError, match=r'^job v_s0_f3 of variant v is not recorded done in the database of E; restore'):
+            W.collect_oof('E', EXP, SPEC, [V])
     # a damaged record of the folds: subject 2 held out by folds 1 and 2, each job consistent with it
     exp = json.loads(json.dumps(EXP))
     exp['folds'][1]['test_subjects'] = ['2', '3', '4']
     jobs_db(monkeypatch, {**good, 'v_s0_f2': oof_of(2, ['2', '3', '4']), 'v_s1_f2': oof_of(2, ['2', '3', '4'], seed=1)})
-    with pytest.raises(J.OOFError, match=r'^the OOF predictions of v \(seed 0\) do not cover every development subject exactly once'):
-        J.collect_oof('E', exp, SPEC, [V])
+    with pytest.raises(W.OOFError, match=r'^the OOF predictions of v \(seed 0\) do not cover every development subject exactly once'):
+        W.collect_oof('E', exp, SPEC, [V])
     # a spec with fewer folds than the record: the last fold's subjects are never predicted
     jobs_db(monkeypatch, good)
-    with pytest.raises(J.OOFError, match=r'^the OOF predictions of v \(seed 0\) do not cover every development subject exactly once'):
-        J.collect_oof('E', EXP, {**SPEC, 'folds': 2}, [V])
+    with pytest.raises(W.OOFError, match=r'^the OOF predictions of v \(seed 0\) do not cover every development subject exactly once'):
+        W.collect_oof('E', EXP, {**SPEC, 'folds': 2}, [V])
     # one image path in two fold jobs (two muscles' files under one name)
     jobs_db(monkeypatch, {**good, 'v_s1_f3': good['v_s1_f3'].assign(path=['/d/anon_1_0.png'] + list(good['v_s1_f3'].path[1:]))})
-    with pytest.raises(J.OOFError, match=r'of v \(seed 1\) do not cover every development subject exactly once'):
-        J.collect_oof('E', EXP, SPEC, [V])
+    with pytest.raises(W.OOFError, match=r'of v \(seed 1\) do not cover every development subject exactly once'):
+        W.collect_oof('E', EXP, SPEC, [V])
 
 
 # ---- agenb.exp_protocol, agenb.model, agenb.agegap: ends, defaults and messages (found by `make mutate`) --------------------
