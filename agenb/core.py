@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #d2bea071
 from __future__ import annotations
-import argparse, contextlib, errno, hashlib, io, json, math, os, platform, shutil, socket, subprocess, sys, tempfile, traceback, uuid
+import argparse, contextlib, errno, hashlib, json, math, os, platform, shutil, socket, subprocess, sys, tempfile, traceback, uuid
 from datetime import datetime
 from contextlib import contextmanager
 from importlib.metadata import version, PackageNotFoundError

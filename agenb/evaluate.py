@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_evaluate.ipynb #d39da454
 from __future__ import annotations
-import argparse, json, math, os, re
+import json, math, os, re
 from pathlib import Path
 
 import numpy as np

@@ -4,7 +4,7 @@
 
 # %% ../nbs/25_exp_db.ipynb #a1c61262
 from __future__ import annotations
-import contextlib, hashlib, io, json, os, re, socket, threading, time, uuid
+import contextlib, io, json, os, re, socket, threading, time, uuid
 from pathlib import Path
 
 import pandas as pd

@@ -18,7 +18,7 @@ from .evaluate import write_evaluation
 from .predict import closed_test_error, experiment_test_images, find_images, parse_subject, predict_images, read_images
 from .stats import mean_ci, paired_difference
 from .exp_spec import _closest
-from .exp_protocol import _now, opening_counts, read_json
+from .exp_protocol import _now, opening_counts
 from .exp_db import update_experiment
 from .exp_store import machine_changes, study_variants
 from .exp_jobs import final_jobs, job_claim, read_record, run_config, slug, variant_jobs

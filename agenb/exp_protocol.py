@@ -4,14 +4,14 @@
 
 # %% ../nbs/24_exp_protocol.ipynb #21f7cf55
 from __future__ import annotations
-import contextlib, io, json
+import contextlib, io
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .core import InputError, atomic_write_json, load_json
+from .core import InputError, load_json
 from .split import EXCLUDED, make_split, subject_sort_key
 
 # %% auto #0

@@ -13,7 +13,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 import agenb
-from .core import InputError, file_sha256
+from .core import InputError
 from .model import COVARIATES, covariate_values, parse_covariates
 from .data import data_fingerprint, load_folders
 from .split import save_split

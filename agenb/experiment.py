@@ -15,11 +15,11 @@ from .core import InputError, Parser, run_cli, atomic_write_text, ensure_output_
 from .runs import refuse_run_dir
 from .exp_spec import load_spec
 from .exp_protocol import _now, opening_counts
-from .exp_db import LEASE_SECONDS, exp_db, exp_lock, read_experiment, redact, update_experiment
+from .exp_db import LEASE_SECONDS, exp_lock, read_experiment, update_experiment
 from .exp_store import attach_experiment, init_trials, setup_experiment, study_variants
 from .exp_jobs import experiment_status, is_complete, read_record, variant_jobs
 from .exp_worker import _die_with_parent, make_context, settle_trial, train_notebook, worker_loop
-from .stats import board_notes, simulate_oof
+from .stats import board_notes
 from .exp_report import _sd, check_not_lost, compare_oof, write_results
 from .exp_final import _stop_handler, ensemble_predict, final_lines, openings_text, openings_warning, run_final
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_explain.ipynb #373905f5
 from __future__ import annotations
-import argparse, json, math
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from .core import InputError, Parser, run_cli, atomic_write_json, atomic_savefig, atomic_write_text, ensure_output_dir, timestamped
-from .images import Preprocessing, load_images, read_mask, mask_path_for
-from .model import ARCHS, build_model, gradcam_target_layer
+from .images import Preprocessing, load_images, read_mask
+from .model import gradcam_target_layer
 from .runs import load_run_model, read_split, refuse_run_dir
 from matplotlib.figure import Figure  # never pyplot: drawing must not switch the caller's backend
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_export.ipynb #78472b54
 from __future__ import annotations
-import argparse, importlib.util, json, platform, sys, warnings
+import importlib.util, json, platform, sys, warnings
 from datetime import datetime
 from pathlib import Path
 

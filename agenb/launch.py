@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .core import InputError
 from .synth import ensure_synth
-from .options import Options, DEMO_OPTIONS, OPTIONS, OPTION_NAMES, PLAIN_DEFAULTS, cli_flags, options_from_params, resolve_options
+from .options import Options, DEMO_OPTIONS, OPTIONS, PLAIN_DEFAULTS, cli_flags, options_from_params, resolve_options
 from .trainer import read_table
 from .report_sections import Html, fmt, kv_table
 from .report import repo_root

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_model.ipynb #b3b75d43
 from __future__ import annotations
-import functools, math, os, re
+import functools, os, re
 from pathlib import Path
 
 import numpy as np

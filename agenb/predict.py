@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_predict.ipynb #9b18a857
 from __future__ import annotations
-import argparse, json, math, os, re, subprocess, sys
+import math, os, re, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path

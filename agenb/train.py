@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_train.ipynb #af44043d
 from __future__ import annotations
-import hashlib, json, os, random, signal, socket, sys
+import json, os, random, signal, socket, sys
 from datetime import datetime
 from pathlib import Path
 
@@ -13,8 +13,8 @@ import torch
 from tqdm import tqdm
 
 import agenb
-from .core import InputError, run_cli, environment_info, file_sha256, atomic_write, atomic_write_json
-from .data import as_list, data_fingerprint, folder_matching
+from .core import InputError, run_cli, environment_info, atomic_write, atomic_write_json
+from .data import data_fingerprint, folder_matching
 from .split import save_split
 from .model import build_model, describe_model, set_trainable
 from .options import Options, build_parser, resolve_options, given_from_config, option_rules

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_trainer.ipynb #cd0e4c80
 from __future__ import annotations
-import contextlib, dataclasses, math, os, random, signal, sys, time
+import contextlib, dataclasses, math, os, random, signal, time
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,9 @@ from fastcore.basics import patch
 
 from .core import InputError, atomic_write_json, atomic_torch_save, atomic_savefig
 from .data import load_folders
-from .split import make_split, split_stats, save_split
+from .split import make_split, split_stats
 from .images import Preprocessing, Augmentation, load_images
-from .options import Options, resolve_options
+from .options import Options
 from .model import (RegressionHead, DistributionHead, parse_age_bins, param_groups, freeze_batchnorm, parse_covariates,
                          covariate_values, fit_covariates, covariate_inputs, sheet_covariates, subject_groups, draw_views, view_batches)
 from .runs import make_checkpoint, curves_figure, per_subject_rows
