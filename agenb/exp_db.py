@@ -163,17 +163,21 @@ class ExpDB:
         return lost
 
     def _start_heartbeat(self):
-        if self._hb is not None and self._hb.is_alive(): return
-        def beat():
-            while True:
-                with self._guard: period = min(self.held.values(), default=self.lease) / 4
-                time.sleep(max(0.5, period))
-                try: lost = self.renew()
-                except sa.exc.SQLAlchemyError: continue          # the database is away for a moment: try again
-                for name in lost:
-                    if self.on_lost: self.on_lost(name)
-        self._hb = threading.Thread(target=beat, daemon=True, name='agenb-heartbeat')
-        self._hb.start()
+        with self._guard:                                    # the beat decides to stop under the same lock: no claim is missed
+            if self._hb is not None: return                  # running: it renews the new claim on its next beat
+            def beat():
+                while True:
+                    with self._guard:
+                        if not self.held:                    # nothing to keep alive: stop; the next claim starts a new one
+                            self._hb = None; return
+                        period = min(self.held.values()) / 4
+                    time.sleep(max(0.5, period))
+                    try: lost = self.renew()
+                    except sa.exc.SQLAlchemyError: continue      # the database is away for a moment: try again
+                    for name in lost:
+                        if self.on_lost: self.on_lost(name)
+            self._hb = threading.Thread(target=beat, daemon=True, name='agenb-heartbeat')
+            self._hb.start()
 
     @contextlib.contextmanager
     def mutex(self, name='@experiment', lease=120):
