@@ -13,6 +13,7 @@ the same parameters (agenb.synth.ensure_synth). results.json records the data's 
 whether the tree was dirty; bench/README.md's figures are rendered from it (bench/render.py).
 
 `--quick` runs every section with tiny settings (a smoke test of the benchmark itself, figures meaningless).
+Each finished section is also written to bench/out/results_in_progress.json, so a failure later keeps it.
 """
 from __future__ import annotations
 import argparse, hashlib, json, os, platform, shutil, statistics, subprocess, sys, time
@@ -818,6 +819,8 @@ def main(argv=None):
         res['section_seconds'][name] = round(time.perf_counter() - t0, 1)
         res['section_loadavg'][name] = {'start': la0, 'end': loadavg()}
         print(f'bench: {name} done in {res["section_seconds"][name]:.0f} s', flush=True)
+        # what is finished so far, kept if a later section fails (a full disk, a kill): never the results file itself
+        atomic_write_json(OUT / 'results_in_progress.json', {'unfinished': True, 'sections_done': list(res['section_seconds']), **res})
     g = lambda sec, *keys: _dig(res.get(sec), keys)
     head = {'loader_speedup': g('loader', 'speedup_later_epochs_no_augmentation', 'median'),
             'loader_speedup_definition': ('per-epoch images/s once the images are decoded (warm cache, in memory), '
