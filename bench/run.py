@@ -7,13 +7,15 @@ Sections (see bench/README.md for what each figure means):
   ddp         torchrun 2 CPU processes (gloo) vs 1 process, via the trainer CLI
   accuracy    the trainer CLI on the bench synthetic data set: test MAE vs the generator's oracle, the baseline and
               a plain hand-written PyTorch loop on the same split
+  ensemble    an experiment's fold ensemble beside single models trained on all development subjects, over the oracle
 
 The data sets are generated under bench/out/ and reused only while they are what the current generator writes for
 the same parameters (agenb.synth.ensure_synth). results.json records the data's fingerprint, the agenb commit and
 whether the tree was dirty; bench/README.md's figures are rendered from it (bench/render.py).
 
 `--quick` runs every section with tiny settings (a smoke test of the benchmark itself, figures meaningless).
-Each finished section is also written to bench/out/results_in_progress.json, so a failure later keeps it.
+Each finished section is also written to bench/out/results_in_progress.json (removed once the results file is
+written), so a failure later keeps it.
 """
 from __future__ import annotations
 import argparse, hashlib, json, os, platform, shutil, statistics, subprocess, sys, time
@@ -840,6 +842,7 @@ def main(argv=None):
     res = {**head, 'machine': res.pop('machine'), **res}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, res)
+    (OUT / 'results_in_progress.json').unlink(missing_ok=True)   # finished: the results file holds every section
     print_table(res)
     print(f'\nwrote {out} in {res["total_seconds"]:.0f} s')
     if out.resolve() == (ROOT / 'bench' / 'accuracy_results.json').resolve():
