@@ -177,10 +177,16 @@ def bench_block(res) -> str:
         '## Last run (rendered from `results.json` by `bench/render.py`: edit neither by hand)',
         provenance(res), table(res), '**Figures behind the notes below**, from the same run:', limits(res)])
 
+def _plain_target(upper) -> str:
+    return 'met' if upper is not None and upper < 1.0 else '**not met**'
+
 def summary(res) -> str:
-    "A few lines for the project README."
+    """A few lines for the project README. With several training seeds (`accuracy.seeds`) the test MAEs are their means
+    and the ratios' intervals resample seeds and test subjects; with an `ensemble` section, its fold ensemble's ratio
+    to the oracle stands beside the single model's. Each ratio says whether issue 27's target is met."""
     A = res.get('accuracy') or {}
     P = A.get('plain_loop') or {}
+    S = A.get('seeds') or {}
     s = A.get('settings') or {}
     ag = res.get('agenb') or {}
     fp = _g(res, 'data', 'fingerprint') or {}
@@ -189,11 +195,31 @@ def summary(res) -> str:
         ('loader: images/s once decoded, agenb vs a plain PIL `DataLoader`', f"{_n(res.get('loader_speedup'))}x"),
         ('training pass: agenb epoch vs the bare model step / vs a hand-written loop',
          f"{_n(res.get('pipeline_efficiency'))} / {_n(res.get('trainer_overhead'))}"),
-        (f"test MAE on the bench data ({s.get('arch')} from scratch, {s.get('image_size')} px, {s.get('epochs')} epochs): "
-         'agenb / a plain PyTorch loop / the oracle', f"{_n(A.get('test_mae'))} / {_n(P.get('test_mae'))} / {_n(A.get('oracle_mae_test_images'))} years"),
-        ('`mae_over_plain_loop` / `mae_over_oracle` [95% intervals over test subjects]',
-         f"{_ci(A, 'mae_over_plain_loop')} / {_ci(A, 'mae_over_oracle')}"),
     ]
+    what = f"({s.get('arch')} from scratch, {s.get('image_size')} px, {s.get('epochs')} epochs"
+    if S:
+        ci = lambda k: S.get(k + '_ci95') or [None, None]
+        fmt = lambda k: f"{_n(S.get(k))} [{_n(ci(k)[0])}, {_n(ci(k)[1])}]"
+        rows += [(f"test MAE on the bench data {what}, mean of {len(S['per_seed'])} training seeds): agenb / a plain "
+                  'PyTorch loop / the oracle', f"{_n(S['test_mae_mean'])} / {_n(S.get('plain_test_mae_mean'))} / "
+                  f"{_n(A.get('oracle_mae_test_images'))} years"),
+                 ('`mae_over_plain_loop` [95% interval over seeds and test subjects]; target: upper end below 1.0',
+                  f"{fmt('mae_over_plain_loop')}: {_plain_target(ci('mae_over_plain_loop')[1])}"),
+                 ('`mae_over_oracle`, one model [95% interval over seeds and test subjects]; target: at most 1.20',
+                  f"{fmt('mae_over_oracle')}: {_met(S.get('mae_over_oracle'), 1.20, higher=False)}")]
+    else:
+        rows += [(f"test MAE on the bench data {what}): agenb / a plain PyTorch loop / the oracle",
+                  f"{_n(A.get('test_mae'))} / {_n(P.get('test_mae'))} / {_n(A.get('oracle_mae_test_images'))} years"),
+                 ('`mae_over_plain_loop` / `mae_over_oracle` [95% intervals over test subjects]',
+                  f"{_ci(A, 'mae_over_plain_loop')} / {_ci(A, 'mae_over_oracle')}")]
+    E = res.get('ensemble') or {}
+    if E.get('fold_ensemble'):
+        F, one = E['fold_ensemble'], E['single']
+        rows.append((f"over the oracle at {_g(E, 'options', 'image_size')} px, {_g(E, 'options', 'epochs')} epochs: "
+                     f"one model trained on all development subjects / the fold ensemble ({F['n_models']} models, what "
+                     '`experiment predict` uses) [95% intervals]; target: at most 1.20',
+                     f"{_over_oracle(one)}: {_met(one['mae_over_oracle'], 1.20, higher=False)} / {_over_oracle(F)}: "
+                     f"{_met(F['mae_over_oracle'], 1.20, higher=False)}"))
     C = A.get('combined') or {}
     if C.get('subject_mae') is not None:
         rows.append((f"best combination of the models table ({' + '.join(C.get('of') or [])}, same settings and split): "
@@ -206,7 +232,7 @@ def summary(res) -> str:
         f"(preset {fp.get('preset')}); the figures above are rendered from `bench/results.json` by `bench/render.py`."
         + stale_note(fp)])
 
-def accuracy_block(acc) -> str:
+def accuracy_block(acc, source=ACCURACY.name) -> str:
     """The accuracy section run alone (bench/accuracy_results.json): agenb, the plain loop and the oracle on one split,
     with the two ratios' intervals and the targets of issue 27, and where the figures come from. With several training
     seeds (`seeds`) the figures are means over the seeds and the intervals resample seeds and test subjects."""
@@ -248,7 +274,8 @@ def accuracy_block(acc) -> str:
         noise = ('One training seed each: the intervals cover the test set\'s sampling, not the training\'s seed '
                  '(`bench/defaults/` has the seed-aware comparisons).')
     return '\n'.join([
-        f"| accuracy section alone (`bench/accuracy_results.json`) | result |", '|---|---|',
+        (f"| accuracy section alone (`bench/{source}`) | result |" if source != RESULTS.name else
+         f"| accuracy section of `make bench` (`bench/{source}`) | result |"), '|---|---|',
         *[f'| {a} | {b} |' for a, b in rows], '',
         f"{s['arch']} from scratch, {s['image_size']} px, {s['epochs']} epochs, batch {s['batch_size']}, agenb's mae recipe "
         f"with {opts} (the plain loop: the same model, size, batch, epochs, rate and weight decay, nothing else); "
@@ -256,7 +283,7 @@ def accuracy_block(acc) -> str:
         f"{fp.get('version')}. Commit `{(ag.get('commit') or '?')[:10]}` with {tree}, {m.get('cpu_model')} "
         f"({m.get('cores')} cores), {_minutes(_g(acc, 'section_seconds', 'accuracy'))}. " + noise])
 
-def ensemble_block(res) -> str:
+def ensemble_block(res, source=ENSEMBLE.name) -> str:
     """The fold ensemble beside the single models (section `ensemble` of bench/run.py): image-level test MAE of each over
     the oracle's on the same test images, with intervals, and the ensemble minus the single models per test subject."""
     E, ag, fp, m = res['ensemble'], res.get('agenb') or {}, _g(res, 'data', 'fingerprint') or {}, res.get('machine') or {}
@@ -270,7 +297,7 @@ def ensemble_block(res) -> str:
             ('ensemble minus single models, subject-level test MAE [95% interval], as `experiment final` reports it',
              f"{d['diff']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] years")]
     return '\n'.join([
-        f"| fold ensemble beside single models (`{ENSEMBLE.name}`) | result |", '|---|---|',
+        f"| fold ensemble beside single models (`{source}`) | result |", '|---|---|',
         *[f'| {a} | {b} |' for a, b in rows], '',
         f"The `{E['variant']}` variant of `{E['spec']}` ({o.get('arch')} from scratch, {o.get('image_size')} px, "
         f"{o.get('epochs')} epochs, lr {o.get('lr'):g}) cross-validated by `python -m "
@@ -288,6 +315,16 @@ def stale_note(fp) -> str:
     return (f" **These figures predate the current generator (version {GENERATOR_VERSION}, calibrated to the real images' "
             "published statistics): they were measured on other data, and `make bench` has not been re-run since.**"
             + (' The accuracy section alone was, on the current data: see below.' if _current(ACCURACY) else ''))
+
+def detail_source(name, res):
+    """(path, results) of the `accuracy` or `ensemble` detail block: `make bench`'s own results when they were measured
+    on the current generator's data and hold that section (the accuracy section with its training seeds), else the
+    section's results run alone (bench/accuracy_results.json, bench/ensemble_results.json) if there is one, else None."""
+    from agenb.synth import GENERATOR_VERSION
+    held = _g(res, 'accuracy', 'seeds') if name == 'accuracy' else _g(res, 'ensemble', 'fold_ensemble')
+    if held and _g(res, 'data', 'fingerprint', 'version') == GENERATOR_VERSION: return RESULTS, res
+    alone = ACCURACY if name == 'accuracy' else ENSEMBLE
+    return (alone, json.loads(alone.read_text())) if alone.is_file() else None
 
 def _current(path) -> bool:
     "Whether a results file exists and was measured on data of the current generator."
@@ -341,6 +378,18 @@ def update_readme(path=README, res=None, name='results', body=None):
     if new != text: path.write_text(new)
     return new
 
+def render_all(res, readme=None):
+    """Every generated block of bench/README.md (and of `readme`, the project README's source, if given) from `make
+    bench`'s results `res`, the accuracy and ensemble details from `detail_source`."""
+    update_readme(README, res)
+    if readme: update_readme(readme, res, 'bench', summary(res))
+    for name, block in (('accuracy', accuracy_block), ('ensemble', ensemble_block)):
+        src = detail_source(name, res)
+        if src is None: continue
+        body = block(src[1], src[0].name)
+        update_readme(README, src[1], name, body)
+        if readme: update_readme(readme, src[1], name, body)
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--results', default=str(RESULTS), help='results file (default bench/results.json)')
@@ -350,16 +399,7 @@ def main(argv=None):
     res = json.loads(Path(a.results).read_text())
     if a.summary:
         print(summary(res)); return 0
-    update_readme(README, res)
-    if a.readme: update_readme(a.readme, res, 'bench', summary(res))
-    if ACCURACY.is_file():
-        acc = json.loads(ACCURACY.read_text())
-        update_readme(README, acc, 'accuracy', accuracy_block(acc))
-        if a.readme: update_readme(a.readme, acc, 'accuracy', accuracy_block(acc))
-    if ENSEMBLE.is_file():
-        ens = json.loads(ENSEMBLE.read_text())
-        update_readme(README, ens, 'ensemble', ensemble_block(ens))
-        if a.readme: update_readme(a.readme, ens, 'ensemble', ensemble_block(ens))
+    render_all(res, a.readme)
     return 0
 
 if __name__ == '__main__':

@@ -858,8 +858,9 @@ def main(argv=None):
     if out.resolve() == (ROOT / 'bench' / 'results.json').resolve():
         sys.path.insert(0, str(ROOT / 'bench'))
         import render                                              # bench/render.py, beside this script
-        render.update_readme(ROOT / 'bench' / 'README.md', res)
-        print(f'rendered the figures of {ROOT / "bench" / "README.md"} from it')
+        render.render_all(res)
+        print(f'rendered the figures of {ROOT / "bench" / "README.md"} from it (the README\'s: python bench/render.py '
+              '--readme nbs/index.ipynb, then make readme)')
     return 0
 
 def dirty_files():

@@ -171,23 +171,43 @@ def test_selection_scores_each_rule_on_the_same_fold_runs(tmp_path, synth_root):
     with pytest.raises(SystemExit, match='stopped after 2 of 3 epochs'): sel.last_checkpoint(run)
 
 
-def test_accuracy_alone_is_rendered_and_recorded():
-    """bench/accuracy_results.json (the accuracy section run alone on the current data) is what bench/README.md and the
-    README show, it was measured on the current generator's data, and a dirty tree names its files, none of them code."""
+def test_accuracy_block_is_rendered_and_recorded():
+    """The accuracy details (make bench's own results when current, else bench/accuracy_results.json, the section run
+    alone) are what bench/README.md and the README show, measured on the current generator's data, and a dirty tree
+    names its files, none of them code."""
     from agenb.synth import GENERATOR_VERSION
-    acc = json.loads(render.ACCURACY.read_text())
+    src = render.detail_source('accuracy', RES)
+    assert src is not None, 'neither bench/results.json nor bench/accuracy_results.json holds the current accuracy section'
+    acc = src[1]
     assert acc['data']['fingerprint']['version'] == GENERATOR_VERSION and acc['data']['fingerprint']['files_match']
     assert len(acc['agenb']['commit']) == 40 and acc['accuracy']['plain_loop']['n_test_images'] == acc['accuracy']['n_test_images']
     if acc['agenb']['dirty']:
         files = acc['agenb']['dirty_files']
         assert files and not [f for f in files if f.startswith(('agenb/', 'nbs/', 'settings.ini', 'requirements'))], files
-    block = render.accuracy_block(acc)
+    block = render.accuracy_block(acc, src[0].name)
     for path in (ROOT / 'bench' / 'README.md', ROOT / 'README.md'):
         assert render.fill(path.read_text(), 'accuracy', block) == path.read_text(), f'run python bench/render.py --readme nbs/index.ipynb, then make readme ({path})'
     S = acc['accuracy'].get('seeds')
     upper, oracle = ((S['mae_over_plain_loop_ci95'][1], S['mae_over_oracle']) if S else
                      (acc['accuracy']['ratio_ci95']['mae_over_plain_loop'][1], acc['accuracy']['mae_over_oracle']))
     assert ('not met' in block) == (upper >= 1.0 or oracle > 1.20)
+
+
+def test_summary_marks_each_target():
+    """The README summary says 'met' or 'not met' beside each ratio issue 27 sets a target for, from the figures: a
+    plain-loop ratio whose interval ends below 1.0, and ratios to the oracle of at most 1.20 (one model and the fold
+    ensemble)."""
+    S = dict(per_seed=[{}, {}], test_mae_mean=7.0, plain_test_mae_mean=7.5, mae_over_plain_loop=0.93,
+             mae_over_plain_loop_ci95=[0.88, 0.99], mae_over_oracle=1.15, mae_over_oracle_ci95=[1.05, 1.25])
+    one = dict(mae_over_oracle=1.19, mae_over_oracle_ci95=[1.1, 1.3])
+    res = dict(accuracy=dict(settings={}, seeds=S), data={'fingerprint': {}},
+               ensemble=dict(options={}, single=one, fold_ensemble=dict(n_models=10, mae_over_oracle=1.21, mae_over_oracle_ci95=[1.1, 1.3])))
+    lines = {l.split('|')[1].strip()[:20]: l for l in render.summary(res).splitlines() if l.startswith('| ')}
+    assert lines['`mae_over_plain_loop'].endswith(': met |') and lines['`mae_over_oracle`, o'].endswith(': met |')
+    assert '1.19 [1.10, 1.30]: met / 1.21 [1.10, 1.30]: **not met**' in lines['over the oracle at N']
+    S['mae_over_plain_loop_ci95'][1], S['mae_over_oracle'] = 1.0, 1.21
+    lines = {l.split('|')[1].strip()[:20]: l for l in render.summary(res).splitlines() if l.startswith('| ')}
+    assert lines['`mae_over_plain_loop'].endswith('**not met** |') and lines['`mae_over_oracle`, o'].endswith('**not met** |')
 
 
 def _bench_run():
@@ -313,14 +333,19 @@ def test_ensemble_figures_score_each_model_against_the_oracle(tmp_path):
 
 
 def test_ensemble_block_is_rendered_from_its_results():
-    """bench/ensemble_results.json (section `ensemble` alone) is what bench/README.md and the README show, measured on the
+    """The fold ensemble beside single models (section `ensemble` of make bench's own results when current, else of
+    bench/ensemble_results.json, the section run alone) is what bench/README.md and the README show, measured on the
     current generator's data by a clean tree, on the accuracy section's test images."""
     from agenb.synth import GENERATOR_VERSION
-    ens = json.loads(render.ENSEMBLE.read_text())
+    src = render.detail_source('ensemble', RES)
+    assert src is not None, 'neither bench/results.json nor bench/ensemble_results.json holds the current ensemble section'
+    ens = src[1]
     assert ens['data']['fingerprint']['version'] == GENERATOR_VERSION and not ens['quick']
     assert not ens['agenb']['dirty'] and len(ens['agenb']['commit']) == 40
     assert ens['ensemble']['fold_run_threads'] and all(t['torch_threads'] == 1 for t in ens['ensemble']['fold_run_threads'])
-    assert ens['ensemble']['n_test_images'] == json.loads(render.ACCURACY.read_text())['accuracy']['n_test_images']
-    block = render.ensemble_block(ens)
+    assert ens['ensemble']['n_test_images'] == render.detail_source('accuracy', RES)[1]['accuracy']['n_test_images']
+    block = render.ensemble_block(ens, src[0].name)
     for path in (ROOT / 'bench' / 'README.md', ROOT / 'README.md'):
         assert render.fill(path.read_text(), 'ensemble', block) == path.read_text(), f'run python bench/render.py --readme nbs/index.ipynb, then make readme ({path})'
+
+
