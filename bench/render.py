@@ -116,15 +116,32 @@ def table(res) -> str:
     if A:
         s = A.get('settings') or {}
         P = A.get('plain_loop') or {}
+        S = A.get('seeds') or {}
+        if S:   # several training seeds: their means, the intervals resampling seeds and test subjects (issue 27's targets)
+            ci = lambda k: S.get(k + '_ci95') or [None, None]
+            fmt = lambda k: f"**{_n(S.get(k))} [{_n(ci(k)[0])}, {_n(ci(k)[1])}]**"
+            rows += [
+                (f"test MAE, years, mean of {len(S['per_seed'])} training seeds: agenb ({s.get('arch')}, {s.get('image_size')} "
+                 f"px, {s.get('epochs')} epochs) / plain PyTorch loop / oracle on the test images / baseline",
+                 f"{_n(S.get('test_mae_mean'))} / {_n(S.get('plain_test_mae_mean'))} / {_n(A.get('oracle_mae_test_images'))} / "
+                 f"{_n(A.get('baseline_mae'))}", ''),
+                ('`mae_over_oracle` [95% interval over seeds and test subjects]', fmt('mae_over_oracle'),
+                 f"<= 1.20: {_met(S.get('mae_over_oracle'), 1.20, False)}"),
+                ('`mae_over_plain_loop` [95% interval over seeds and test subjects]', fmt('mae_over_plain_loop'),
+                 f"upper end below 1: {_plain_target(ci('mae_over_plain_loop')[1])}"),
+            ]
+        else:
+            rows += [
+                (f"test MAE, years: agenb ({s.get('arch')}, {s.get('image_size')} px, {s.get('epochs')} epochs) / "
+                 "plain PyTorch loop / oracle on the test images / baseline",
+                 f"{_n(A.get('test_mae'))} / {_n(P.get('test_mae'))} / {_n(A.get('oracle_mae_test_images'))} / {_n(A.get('baseline_mae'))}", ''),
+                ('`mae_over_oracle` [95% interval over test subjects]', f"**{_ci(A, 'mae_over_oracle')}**",
+                 f"<= 1.3: {_met(A.get('mae_over_oracle'), 1.3, False)}"),
+                ('`mae_over_plain_loop` [95% interval over test subjects]', f"**{_ci(A, 'mae_over_plain_loop')}**",
+                 'below 1: agenb better'),
+            ]
         rows += [
-            (f"test MAE, years: agenb ({s.get('arch')}, {s.get('image_size')} px, {s.get('epochs')} epochs) / "
-             "plain PyTorch loop / oracle on the test images / baseline",
-             f"{_n(A.get('test_mae'))} / {_n(P.get('test_mae'))} / {_n(A.get('oracle_mae_test_images'))} / {_n(A.get('baseline_mae'))}", ''),
-            ('`mae_over_oracle` [95% interval over test subjects]', f"**{_ci(A, 'mae_over_oracle')}**",
-             f"<= 1.3: {_met(A.get('mae_over_oracle'), 1.3, False)}"),
-            ('`mae_over_plain_loop` [95% interval over test subjects]', f"**{_ci(A, 'mae_over_plain_loop')}**",
-             'below 1: agenb better'),
-            ('`mae_over_baseline`', _n(A.get('mae_over_baseline')), 'well below 1'),
+            ('`mae_over_baseline`' + (' (first seed)' if A.get('seeds') else ''), _n(A.get('mae_over_baseline')), 'well below 1'),
             ('oracle knowing sex and BMI, test images (the floor for fusion with covariates)',
              _n(A.get('oracle_mae_with_covariates_test_images')), ''),
         ]
@@ -163,7 +180,8 @@ def limits(res) -> str:
                    f"step's speed at {_g(E, 'settings', 'image_size')} px, with the data work included.")
     if A:
         P = A.get('plain_loop') or {}
-        out.append(f"* Accuracy: agenb's best validation epoch was {A.get('best_epoch')} of {A.get('epochs_completed')} "
+        first = f"the first training seed's ({A['seeds']['per_seed'][0]['seed']}) " if A.get('seeds') else ''
+        out.append(f"* Accuracy, {first}run{': ' if first else ''}agenb's best validation epoch was {A.get('best_epoch')} of {A.get('epochs_completed')} "
                    f"(validation MAE {_n(A.get('best_val_mae'))}); the plain loop's was {P.get('best_epoch')} "
                    f"(validation MAE {_n(P.get('best_val_mae'))}). Subject-level test MAE {_n(A.get('subject_level_mae'))}, "
                    f"RMSE {_n(A.get('test_rmse'))}, r {_n(A.get('test_pearson_r'))}; "

@@ -46,8 +46,9 @@ def rel(p):
     except ValueError: return str(p)
 SECTIONS = ('loader', 'efficiency', 'ddp', 'accuracy', 'ensemble')
 
-# Sizes: the full benchmark takes about two and a quarter hours on a 2-core CPU machine: about 70 min the accuracy trainings
-# (agenb and the plain loop, 3 training seeds each, about 23 min a seed), 31 the best combination, 15 the fold ensemble.
+# Sizes: the full benchmark took 56 min on an idle 2-core CPU machine (results.json of 46bec10): about 39 min the accuracy
+# trainings (agenb and the plain loop, 3 training seeds each, about 5.5 min a training, then 7 the best combination), 16 the
+# fold ensemble; on a shared machine, twice that or more.
 FULL = dict(
     data_preset='bench',
     loader=dict(n_images=300, workers=2, batch_size=32, image_size=224, repeats=7),
