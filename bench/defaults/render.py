@@ -16,7 +16,8 @@ SOURCES = {'lr_scratch': 'lr_scratch.yaml', 'augment': 'augment.yaml', 'selectio
            'flips': 'flips.yaml', 'swa': 'swa.yaml', 'crops': 'crops.yaml',
            'rotation': 'rotation.yaml', 'optim': 'optim.yaml', 'geometry': 'geometry.yaml',
            'plain': 'plain.yaml', 'head_bias': 'head_bias.yaml', 'budget': 'budget.yaml',
-           'batch': 'batch.yaml', 'echo': 'echo.yaml'}
+           'batch': 'batch.yaml', 'echo': 'echo.yaml',
+           'loss_arch': 'loss_arch.yaml'}
 EXPERIMENTS = [n for n in SOURCES if (HERE / f'{n}_leaderboard.csv').is_file()]
 RULES = {'best': 'lowest validation MAE (best_model.pth)', 'last': 'last epoch', 'best+tta': 'best, test-time views',
          'last+tta': 'last epoch, test-time views'}
