@@ -255,7 +255,8 @@ def summary(res) -> str:
         + stale_note(fp)])
 
 def accuracy_block(acc, source=ACCURACY.name) -> str:
-    """The accuracy section run alone (bench/accuracy_results.json): agenb, the plain loop and the oracle on one split,
+    """The accuracy section (of `make bench`'s results, or run alone: `source` names the file): agenb, the plain loop and
+    the oracle on one split,
     with the two ratios' intervals and the targets of issue 27, and where the figures come from. With several training
     seeds (`seeds`) the figures are means over the seeds and the intervals resample seeds and test subjects."""
     A, P = acc['accuracy'], acc['accuracy'].get('plain_loop') or {}
@@ -336,14 +337,16 @@ def stale_note(fp) -> str:
             + (' The accuracy section alone was, on the current data: see below.' if _current(ACCURACY) else ''))
 
 def detail_source(name, res):
-    """(path, results) of the `accuracy` or `ensemble` detail block: `make bench`'s own results when they were measured
-    on the current generator's data and hold that section (the accuracy section with its training seeds), else the
-    section's results run alone (bench/accuracy_results.json, bench/ensemble_results.json) if there is one, else None."""
+    """(path, results) of the `accuracy` or `ensemble` detail block: of `make bench`'s own results (when they hold that
+    section: the accuracy section with its training seeds) and the section run alone (bench/accuracy_results.json,
+    bench/ensemble_results.json, if there is one), the newer of those measured on the current generator's data, else
+    the newer of the two; None when neither holds the section."""
     from agenb.synth import GENERATOR_VERSION
     held = _g(res, 'accuracy', 'seeds') if name == 'accuracy' else _g(res, 'ensemble', 'fold_ensemble')
-    if held and _g(res, 'data', 'fingerprint', 'version') == GENERATOR_VERSION: return RESULTS, res
     alone = ACCURACY if name == 'accuracy' else ENSEMBLE
-    return (alone, json.loads(alone.read_text())) if alone.is_file() else None
+    found = ([(RESULTS, res)] if held else []) + ([(alone, json.loads(alone.read_text()))] if alone.is_file() else [])
+    current = [f for f in found if _g(f[1], 'data', 'fingerprint', 'version') == GENERATOR_VERSION]
+    return max(current or found, key=lambda f: _g(f[1], 'machine', 'date') or '', default=None)
 
 def _current(path) -> bool:
     "Whether a results file exists and was measured on data of the current generator."

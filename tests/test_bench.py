@@ -193,6 +193,27 @@ def test_accuracy_block_is_rendered_and_recorded():
     assert ('not met' in block) == (upper >= 1.0 or oracle > 1.20)
 
 
+def test_detail_source_is_the_newer_current_record(tmp_path, monkeypatch):
+    """The accuracy details come from make bench's own results or from the section run alone, whichever is newer among
+    those measured on the current generator's data; a record on older data is used only when nothing current is."""
+    from agenb.synth import GENERATOR_VERSION
+    rec = lambda version, date: {'data': {'fingerprint': {'version': version}}, 'machine': {'date': date},
+                                 'accuracy': {'seeds': {'per_seed': []}}}
+    alone = tmp_path / 'accuracy_results.json'
+    monkeypatch.setattr(render, 'ACCURACY', alone)
+    res = rec(GENERATOR_VERSION, '2026-12-06T10:00:00')
+    assert render.detail_source('accuracy', res)[0] == render.RESULTS             # nothing run alone
+    alone.write_text(json.dumps(rec(GENERATOR_VERSION, '2026-12-07T10:00:00')))
+    assert render.detail_source('accuracy', res)[0] == alone                      # run alone later: the newer
+    alone.write_text(json.dumps(rec(GENERATOR_VERSION - 1, '2026-12-07T10:00:00')))
+    assert render.detail_source('accuracy', res)[0] == render.RESULTS             # newer, but on older data
+    stale = rec(GENERATOR_VERSION - 1, '2026-12-05T10:00:00')
+    alone.write_text(json.dumps(rec(GENERATOR_VERSION, '2026-12-01T10:00:00')))
+    assert render.detail_source('accuracy', stale)[0] == alone                    # older, but on the current data
+    alone.unlink()
+    assert render.detail_source('accuracy', {'data': {}}) is None
+
+
 def test_summary_marks_each_target():
     """The README summary says 'met' or 'not met' beside each ratio issue 27 sets a target for, from the figures: a
     plain-loop ratio whose interval ends below 1.0, and ratios to the oracle of at most 1.20 (one model and the fold
