@@ -172,8 +172,8 @@ def test_selection_scores_each_rule_on_the_same_fold_runs(tmp_path, synth_root):
 
 
 def test_accuracy_block_is_rendered_and_recorded():
-    """The accuracy details (make bench's own results when current, else bench/accuracy_results.json, the section run
-    alone) are what bench/README.md and the README show, measured on the current generator's data, and a dirty tree
+    """The accuracy details (the newer of make bench's own results and bench/accuracy_results.json, the section run
+    alone, among those on the current data: `render.detail_source`) are what bench/README.md and the README show, measured on the current generator's data, and a dirty tree
     names its files, none of them code."""
     from agenb.synth import GENERATOR_VERSION
     src = render.detail_source('accuracy', RES)
@@ -222,13 +222,13 @@ def test_summary_marks_each_target():
              mae_over_plain_loop_ci95=[0.88, 0.99], mae_over_oracle=1.15, mae_over_oracle_ci95=[1.05, 1.25])
     one = dict(mae_over_oracle=1.19, mae_over_oracle_ci95=[1.1, 1.3])
     res = dict(accuracy=dict(settings={}, seeds=S), data={'fingerprint': {}},
-               ensemble=dict(options={}, single=one, fold_ensemble=dict(n_models=10, mae_over_oracle=1.21, mae_over_oracle_ci95=[1.1, 1.3])))
-    lines = {l.split('|')[1].strip()[:20]: l for l in render.summary(res).splitlines() if l.startswith('| ')}
-    assert lines['`mae_over_plain_loop'].endswith(': met |') and lines['`mae_over_oracle`, o'].endswith(': met |')
-    assert '1.19 [1.10, 1.30]: met / 1.21 [1.10, 1.30]: **not met**' in lines['over the oracle at N']
+               ensemble=dict(options=dict(image_size=64, epochs=20), single=one,
+                             fold_ensemble=dict(n_models=10, mae_over_oracle=1.21, mae_over_oracle_ci95=[1.1, 1.3])))
+    row = lambda start: next(l for l in render.summary(res).splitlines() if l.startswith('| ' + start))
+    assert row('`mae_over_plain_loop`').endswith(': met |') and row('`mae_over_oracle`').endswith(': met |')
+    assert row('over the oracle at 64 px').endswith('1.19 [1.10, 1.30]: met / 1.21 [1.10, 1.30]: **not met** |')
     S['mae_over_plain_loop_ci95'][1], S['mae_over_oracle'] = 1.0, 1.21
-    lines = {l.split('|')[1].strip()[:20]: l for l in render.summary(res).splitlines() if l.startswith('| ')}
-    assert lines['`mae_over_plain_loop'].endswith('**not met** |') and lines['`mae_over_oracle`, o'].endswith('**not met** |')
+    assert row('`mae_over_plain_loop`').endswith('**not met** |') and row('`mae_over_oracle`').endswith('**not met** |')
 
 
 def _bench_run():
@@ -354,8 +354,8 @@ def test_ensemble_figures_score_each_model_against_the_oracle(tmp_path):
 
 
 def test_ensemble_block_is_rendered_from_its_results():
-    """The fold ensemble beside single models (section `ensemble` of make bench's own results when current, else of
-    bench/ensemble_results.json, the section run alone) is what bench/README.md and the README show, measured on the
+    """The fold ensemble beside single models (section `ensemble` of make bench's own results or of
+    bench/ensemble_results.json, the section run alone, as `render.detail_source` picks) is what bench/README.md and the README show, measured on the
     current generator's data by a clean tree, on the accuracy section's test images."""
     from agenb.synth import GENERATOR_VERSION
     src = render.detail_source('ensemble', RES)
@@ -368,5 +368,3 @@ def test_ensemble_block_is_rendered_from_its_results():
     block = render.ensemble_block(ens, src[0].name)
     for path in (ROOT / 'bench' / 'README.md', ROOT / 'README.md'):
         assert render.fill(path.read_text(), 'ensemble', block) == path.read_text(), f'run python bench/render.py --readme nbs/index.ipynb, then make readme ({path})'
-
-
