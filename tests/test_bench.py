@@ -310,6 +310,22 @@ def test_combine_pools_only_experiments_of_one_protocol(tmp_path):
         r = cmd('test_combine_tmp', f'{a}:base', f'{c}:other', '--baseline', 'base')
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
         assert not out.exists()
+    # --base-may-differ: a base that differs only in the named key pools, and each row says its value of the key
+    ft = _fake_experiment(tmp_path / 'ft', 'tuned', 0.1, base={'arch': 'resnet18', 'image_size': 64, 'weights': 'w.pth'})
+    r = cmd('test_combine_tmp', f'{ft}:tuned', f'{a}:base', '--baseline', 'base', '--base-may-differ', 'weights')
+    try:
+        assert r.returncode == 0, r.stderr
+        board = pd.read_csv(out).set_index('variant')
+        assert json.loads(board.loc['tuned', 'options']) == {'weights': 'w.pth', 'x': 0.1}
+        assert json.loads(board.loc['base', 'options']) == {'weights': None, 'x': 0.5}
+    finally:
+        out.unlink(missing_ok=True)
+        for p in (ROOT / 'bench' / 'out').glob('test_combine_tmp_oof*'):
+            if p.is_dir(): shutil.rmtree(p)
+            else: p.unlink()
+    c = _fake_experiment(tmp_path / 'arch', 'other', 0.1, base={'arch': 'resnet50', 'image_size': 64, 'weights': 'w.pth'})
+    r = cmd('test_combine_tmp', f'{a}:base', f'{c}:other', '--baseline', 'base', '--base-may-differ', 'weights')
+    assert r.returncode == 2 and 'differ in base' in r.stderr and not out.exists(), r.stderr   # only the named key may differ
 
 
 def _fake_final(tmp_path):

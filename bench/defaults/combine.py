@@ -2,7 +2,7 @@
 """One leaderboard from variants of several experiments that share a protocol, so that a new candidate needs only its
 own fold runs: the baseline's runs of an earlier experiment are reused, not trained again.
 
-    python bench/defaults/combine.py NAME EXP_DIR:VARIANT [EXP_DIR:VARIANT ...] --baseline VARIANT
+    python bench/defaults/combine.py NAME EXP_DIR:VARIANT [EXP_DIR:VARIANT ...] --baseline VARIANT [--base-may-differ KEY ...]
     -> bench/defaults/NAME_leaderboard.csv (committed) and bench/out/NAME_oof.csv (+ comparison.html)
 
 The pooling is refused (one line, exit 2) unless every source has the same subjects in the same folds, the same
@@ -10,6 +10,8 @@ images, the same seeds and the same experiment-level settings apart from the var
 protocol, test subjects, folds and data fingerprint of each experiment.json, and the spec's `base`): then the variants differ
 only in their options, exactly as within one experiment. The leaderboard is agenb's own
 (agenb.exp_report.compare_oof), and each row's `options` are the variant's options from its experiment.
+`--base-may-differ KEY` lets the spec's base differ in KEY (e.g. `weights`: fine-tuned against trained from scratch);
+each row's options then carry its experiment's value of KEY, so the board says what differs.
 """
 import argparse, json, sys
 from pathlib import Path
@@ -47,20 +49,25 @@ def source(arg):
     return exp, variant, oof, (opts.iloc[0] if len(opts) else None), record
 
 
-def spec_of(exp, record) -> dict:
-    "What every pooled experiment must share: its protocol, test subjects, folds and data (experiment.json) and its spec's base."
-    base = (yaml.safe_load((Path(exp) / 'spec.yaml').read_text()) or {}).get('base')
-    return {**{k: record.get(k) for k in SAME}, 'base': base}
+def base_of(exp) -> dict:
+    "The spec's `base` of experiment folder `exp`."
+    return (yaml.safe_load((Path(exp) / 'spec.yaml').read_text()) or {}).get('base') or {}
 
 
-def pooled(sources) -> pd.DataFrame:
-    "The OOF rows of every source, after checking that they share one protocol."
+def spec_of(exp, record, free=()) -> dict:
+    """What every pooled experiment must share: its protocol, test subjects, folds and data (experiment.json) and its
+    spec's base, apart from the base's keys in `free`."""
+    return {**{k: record.get(k) for k in SAME}, 'base': {k: v for k, v in base_of(exp).items() if k not in free}}
+
+
+def pooled(sources, free=()) -> pd.DataFrame:
+    "The OOF rows of every source, after checking that they share one protocol (the base's keys in `free` may differ)."
     ref_exp, _, ref, _, ref_rec = sources[0]
     key = lambda d: d[['seed', 'fold', 'subject', 'file', 'age']].sort_values(['seed', 'fold', 'subject', 'file']).reset_index(drop=True)
     for exp, variant, oof, _, rec in sources[1:]:
         if not key(oof).equals(key(ref)):
             fail(f'{exp}:{variant} and {ref_exp} differ in their out-of-fold subjects, folds, images or seeds: they do not share a protocol')
-        a, b = spec_of(exp, rec), spec_of(ref_exp, ref_rec)
+        a, b = spec_of(exp, rec, free), spec_of(ref_exp, ref_rec, free)
         diff = [k for k in a if a[k] != b[k]]
         if diff: fail(f'{exp} and {ref_exp} differ in {", ".join(diff)}: pool only experiments with the same base and protocol')
     names = [v for _, v, *_ in sources]
@@ -71,10 +78,18 @@ def pooled(sources) -> pd.DataFrame:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('name'); p.add_argument('sources', nargs='+'); p.add_argument('--baseline', required=True)
+    p.add_argument('--base-may-differ', nargs='+', default=[], metavar='KEY', help="keys of the specs' base that may differ")
     a = p.parse_args(argv)
     sources = [source(s) for s in a.sources]
-    oof = pooled(sources)
-    write_leaderboard(a.name, oof, a.baseline, {v: o for _, v, _, o, _ in sources})
+    oof = pooled(sources, a.base_may_differ)
+    write_leaderboard(a.name, oof, a.baseline, {v: with_base(o, exp, a.base_may_differ) for exp, v, _, o, _ in sources})
+
+
+def with_base(options, exp, keys):
+    "A variant's `options` (JSON text or None) with its experiment's base values of `keys` added (JSON text)."
+    if not keys: return options
+    base = base_of(exp)
+    return json.dumps(dict(sorted({**json.loads(options or '{}'), **{k: base.get(k) for k in keys}}.items())))
 
 if __name__ == '__main__':
     main()
