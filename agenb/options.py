@@ -159,7 +159,7 @@ DEMO_OPTIONS = dict(arch='resnet18', pretrained=False, image_size=96, epochs=25,
                     description='agenb demo: mae recipe, ResNet18 at 96 px from scratch, on the synthetic demo dataset')
 
 # %% ../nbs/08_options.ipynb #e211972b
-SCRATCH = {}   # no rule on: bench/defaults/lr_scratch did not separate lr 1e-3 from the recipe's 1e-4 (see above)
+SCRATCH = {}   # no rule on: neither bench/defaults/lr_scratch nor lr_confirm separated lr 1e-3 from the recipe's 1e-4
 SCRATCH_RULE = 'training from scratch (no pretrained weights, no --weights): bench/defaults/lr_scratch'
 
 def rule_defaults(o: dict, given) -> dict:

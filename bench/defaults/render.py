@@ -12,7 +12,8 @@ sys.path.insert(0, str(HERE.parent))
 import render  # noqa: E402  (bench/render.py: fill)
 
 # each table's name and the file that made it (an experiment spec, or a script that scores runs already trained)
-SOURCES = {'lr_scratch': 'lr_scratch.yaml', 'lr_confirm': 'lr_confirm.yaml', 'augment': 'augment.yaml', 'selection': 'selection.py', 'ema_size': 'ema_size.yaml',
+SOURCES = {'lr_scratch': 'lr_scratch.yaml', 'lr_confirm': 'lr_confirm.yaml', 'finetune': 'finetune.yaml',
+           'finetune_scratch': 'finetune.yaml', 'augment': 'augment.yaml', 'selection': 'selection.py', 'ema_size': 'ema_size.yaml',
            'flips': 'flips.yaml', 'swa': 'swa.yaml', 'crops': 'crops.yaml',
            'rotation': 'rotation.yaml', 'optim': 'optim.yaml', 'geometry': 'geometry.yaml',
            'plain': 'plain.yaml', 'head_bias': 'head_bias.yaml', 'budget': 'budget.yaml',
