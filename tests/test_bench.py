@@ -282,10 +282,19 @@ def _fake_experiment(d, variant, shift, fold_of=None, base=None, protocol=None):
     return d
 
 
+def _remove_combined(out):
+    "What a combine.py run in a test wrote: its leaderboard `out` and its OOF files under bench/out."
+    out.unlink(missing_ok=True)
+    for p in (ROOT / 'bench' / 'out').glob('test_combine_tmp_oof*'):
+        if p.is_dir(): shutil.rmtree(p)
+        else: p.unlink()
+
+
 def test_combine_pools_only_experiments_of_one_protocol(tmp_path):
     """bench/defaults/combine.py pools variants of experiments that share data, base and protocol into agenb's
     leaderboard, and refuses (exit 2, one line) any that differ in folds, base or protocol."""
     import subprocess
+    import pandas as pd
     cmd = lambda *a: subprocess.run([sys.executable, str(ROOT / 'bench' / 'defaults' / 'combine.py'), *map(str, a)],
                                     capture_output=True, text=True, cwd=tmp_path)
     a = _fake_experiment(tmp_path / 'a', 'base', 0.5)
@@ -294,15 +303,10 @@ def test_combine_pools_only_experiments_of_one_protocol(tmp_path):
     out = ROOT / 'bench' / 'defaults' / 'test_combine_tmp_leaderboard.csv'
     try:
         assert r.returncode == 0, r.stderr
-        import pandas as pd
         board = pd.read_csv(out)
         assert list(board.variant) == ['better', 'base'] and bool(board.distinguishable_from_baseline.iloc[0])
         assert json.loads(board.options.iloc[0]) == {'x': 0.1}
-    finally:
-        out.unlink(missing_ok=True)
-        for p in (ROOT / 'bench' / 'out').glob('test_combine_tmp_oof*'):
-            if p.is_dir(): shutil.rmtree(p)
-            else: p.unlink()
+    finally: _remove_combined(out)
     for name, kw, says in (('folds', dict(fold_of=lambda s: (s + 1) % 4 + 1), 'do not share a protocol'),
                            ('base', dict(base={'arch': 'resnet50'}), 'differ in base'),
                            ('protocol', dict(protocol={'split_seed': 7, 'folds': 4}), 'differ in protocol')):
@@ -318,11 +322,7 @@ def test_combine_pools_only_experiments_of_one_protocol(tmp_path):
         board = pd.read_csv(out).set_index('variant')
         assert json.loads(board.loc['tuned', 'options']) == {'weights': 'w.pth', 'x': 0.1}
         assert json.loads(board.loc['base', 'options']) == {'weights': None, 'x': 0.5}
-    finally:
-        out.unlink(missing_ok=True)
-        for p in (ROOT / 'bench' / 'out').glob('test_combine_tmp_oof*'):
-            if p.is_dir(): shutil.rmtree(p)
-            else: p.unlink()
+    finally: _remove_combined(out)
     c = _fake_experiment(tmp_path / 'arch', 'other', 0.1, base={'arch': 'resnet50', 'image_size': 64, 'weights': 'w.pth'})
     r = cmd('test_combine_tmp', f'{a}:base', f'{c}:other', '--baseline', 'base', '--base-may-differ', 'weights')
     assert r.returncode == 2 and 'differ in base' in r.stderr and not out.exists(), r.stderr   # only the named key may differ

@@ -89,7 +89,8 @@ def with_base(options, exp, keys):
     "A variant's `options` (JSON text or None) with its experiment's base values of `keys` added (JSON text)."
     if not keys: return options
     base = base_of(exp)
-    return json.dumps(dict(sorted({**json.loads(options or '{}'), **{k: base.get(k) for k in keys}}.items())))
+    own = json.loads(options) if isinstance(options, str) else {}   # None or NaN: the variant names no options
+    return json.dumps(dict(sorted({**own, **{k: base.get(k) for k in keys}}.items())))
 
 if __name__ == '__main__':
     main()
