@@ -16,7 +16,7 @@ SOURCES = {'lr_scratch': 'lr_scratch.yaml', 'lr_confirm': 'lr_confirm.yaml', 'fi
            'finetune_scratch': 'finetune.yaml', 'augment': 'augment.yaml', 'selection': 'selection.py', 'ema_size': 'ema_size.yaml',
            'flips': 'flips.yaml', 'swa': 'swa.yaml', 'crops': 'crops.yaml',
            'rotation': 'rotation.yaml', 'optim': 'optim.yaml', 'geometry': 'geometry.yaml',
-           'plain': 'plain.yaml', 'head_bias': 'head_bias.yaml', 'budget': 'budget.yaml',
+           'plain': 'plain.yaml', 'head_bias': 'head_bias.yaml', 'budget': 'budget.yaml', 'budget_half': 'budget_half.yaml',
            'batch': 'batch.yaml', 'echo': 'echo.yaml',
            'loss_arch': 'loss_arch.yaml'}
 EXPERIMENTS = [n for n in SOURCES if (HERE / f'{n}_leaderboard.csv').is_file()]
