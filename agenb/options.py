@@ -160,7 +160,7 @@ DEMO_OPTIONS = dict(arch='resnet18', pretrained=False, image_size=96, epochs=25,
 
 # %% ../nbs/08_options.ipynb #e211972b
 SCRATCH = {}   # no rule on: neither bench/defaults/lr_scratch nor lr_confirm separated lr 1e-3 from the recipe's 1e-4
-SCRATCH_RULE = 'training from scratch (no pretrained weights, no --weights): bench/defaults/lr_scratch'
+SCRATCH_RULE = 'training from scratch (no pretrained weights, no --weights): bench/defaults/lr_scratch, lr_confirm'
 
 def rule_defaults(o: dict, given) -> dict:
     """{option: (value, rule)} for the settings a rule decides for the options `o` (recipe applied) that are not

@@ -323,9 +323,26 @@ def test_combine_pools_only_experiments_of_one_protocol(tmp_path):
         assert json.loads(board.loc['tuned', 'options']) == {'weights': 'w.pth', 'x': 0.1}
         assert json.loads(board.loc['base', 'options']) == {'weights': None, 'x': 0.5}
     finally: _remove_combined(out)
+    one_line = lambda r, says: r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cmd('test_combine_tmp', f'{ft}:tuned', f'{a}:base', '--baseline', 'base')        # without the flag: refused
+    assert one_line(r, 'differ in base') and not out.exists(), r.stderr
     c = _fake_experiment(tmp_path / 'arch', 'other', 0.1, base={'arch': 'resnet50', 'image_size': 64, 'weights': 'w.pth'})
     r = cmd('test_combine_tmp', f'{a}:base', f'{c}:other', '--baseline', 'base', '--base-may-differ', 'weights')
-    assert r.returncode == 2 and 'differ in base' in r.stderr and not out.exists(), r.stderr   # only the named key may differ
+    assert one_line(r, 'differ in base') and not out.exists(), r.stderr   # only the named key may differ
+    r = cmd('test_combine_tmp', f'{ft}:tuned', f'{a}:base', '--baseline', 'base', '--base-may-differ', 'weight')
+    assert one_line(r, 'misspelt') and not out.exists(), r.stderr          # a key no base has
+
+
+def test_combine_with_base_adds_the_base_key_and_keeps_the_variants_own(tmp_path):
+    "combine.with_base: a variant's own value of a key wins over its base's; a variant without options gets the key alone."
+    import yaml
+    spec = importlib.util.spec_from_file_location('combine', ROOT / 'bench' / 'defaults' / 'combine.py')
+    c = importlib.util.module_from_spec(spec); spec.loader.exec_module(c)
+    (tmp_path / 'spec.yaml').write_text(yaml.safe_dump({'base': {'weights': 'w.pth', 'lr': 0.1}}))
+    assert json.loads(c.with_base('{"weights": "own.pth", "lr": 1}', tmp_path, ['weights'])) == {'lr': 1, 'weights': 'own.pth'}
+    assert json.loads(c.with_base('{"lr": 1}', tmp_path, ['weights'])) == {'lr': 1, 'weights': 'w.pth'}
+    for none in (None, float('nan')): assert json.loads(c.with_base(none, tmp_path, ['weights'])) == {'weights': 'w.pth'}
+    assert c.with_base('{"lr": 1}', tmp_path, []) == '{"lr": 1}'
 
 
 def _fake_final(tmp_path):

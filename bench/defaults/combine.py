@@ -78,19 +78,23 @@ def pooled(sources, free=()) -> pd.DataFrame:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('name'); p.add_argument('sources', nargs='+'); p.add_argument('--baseline', required=True)
-    p.add_argument('--base-may-differ', nargs='+', default=[], metavar='KEY', help="keys of the specs' base that may differ")
+    p.add_argument('--base-may-differ', action='append', default=[], metavar='KEY',
+                   help="a key of the specs' base that may differ (give the flag once per key)")
     a = p.parse_args(argv)
     sources = [source(s) for s in a.sources]
+    unknown = [k for k in a.base_may_differ if not any(k in base_of(exp) for exp, *_ in sources)]
+    if unknown: fail(f'--base-may-differ {", ".join(unknown)}: no source\'s spec base has that key (misspelt?)')
     oof = pooled(sources, a.base_may_differ)
     write_leaderboard(a.name, oof, a.baseline, {v: with_base(o, exp, a.base_may_differ) for exp, v, _, o, _ in sources})
 
 
 def with_base(options, exp, keys):
-    "A variant's `options` (JSON text or None) with its experiment's base values of `keys` added (JSON text)."
+    """A variant's `options` (JSON text or None) with its experiment's base values of `keys` added (JSON text); a
+    variant's own value of a key wins, as it did in its run."""
     if not keys: return options
     base = base_of(exp)
     own = json.loads(options) if isinstance(options, str) else {}   # None or NaN: the variant names no options
-    return json.dumps(dict(sorted({**own, **{k: base.get(k) for k in keys}}.items())))
+    return json.dumps(dict(sorted({**{k: base.get(k) for k in keys}, **own}.items())))
 
 if __name__ == '__main__':
     main()
