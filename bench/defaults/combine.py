@@ -2,7 +2,7 @@
 """One leaderboard from variants of several experiments that share a protocol, so that a new candidate needs only its
 own fold runs: the baseline's runs of an earlier experiment are reused, not trained again.
 
-    python bench/defaults/combine.py NAME EXP_DIR:VARIANT [EXP_DIR:VARIANT ...] --baseline VARIANT [--base-may-differ KEY ...]
+    python bench/defaults/combine.py NAME EXP_DIR:VARIANT [EXP_DIR:VARIANT ...] --baseline VARIANT [--base-may-differ KEY]...
     -> bench/defaults/NAME_leaderboard.csv (committed) and bench/out/NAME_oof.csv (+ comparison.html)
 
 The pooling is refused (one line, exit 2) unless every source has the same subjects in the same folds, the same
