@@ -401,3 +401,51 @@ def test_ensemble_block_is_rendered_from_its_results():
     block = render.ensemble_block(ens, src[0].name)
     for path in (ROOT / 'bench' / 'README.md', ROOT / 'README.md'):
         assert render.fill(path.read_text(), 'ensemble', block) == path.read_text(), f'run python bench/render.py --readme nbs/index.ipynb, then make readme ({path})'
+
+
+def _ceiling():
+    spec = importlib.util.spec_from_file_location('ceiling', ROOT / 'bench' / 'ceiling.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ceiling_splits_are_nested_with_one_held_out_set(tmp_path, monkeypatch):
+    """bench/ceiling.py's data curve: every size's split holds the same held-out test subjects, its development
+    subjects hold the smaller sizes' (nested), a tenth of them validate, the rest of the cohort is excluded; a size
+    larger than the cohort is refused."""
+    import pandas as pd
+    C = _ceiling()
+    monkeypatch.setattr(C, 'HELD_OUT', 10)
+    pd.DataFrame({'subject': [str(i) for i in range(1, 71) for _ in range(2)], 'muscle': 'TA'}).to_csv(tmp_path / 'synth_latents.csv', index=False)
+    files = C.split_files(tmp_path, tmp_path, [20, 40])
+    s20, s40 = (pd.read_csv(files[n], dtype={'subject': str}).set_index('subject').split for n in (20, 40))
+    assert len(s20) == len(s40) == 70
+    assert set(s20[s20 == 'test'].index) == set(s40[s40 == 'test'].index) and (s20 == 'test').sum() == 10
+    dev20, dev40 = set(s20[s20.isin(['train', 'val'])].index), set(s40[s40.isin(['train', 'val'])].index)
+    assert (len(dev20), len(dev40)) == (20, 40) and dev20 < dev40
+    assert ((s20 == 'val').sum(), (s40 == 'val').sum(), (s40 == 'excluded').sum()) == (2, 4, 20)
+    with pytest.raises(SystemExit, match='fewer than 80'): C.split_files(tmp_path, tmp_path, [80])
+
+
+def test_ceiling_curve_scores_each_size_against_the_oracle_and_the_smallest():
+    """Each size's image MAE is the mean over its seeds, over the oracle's and over the smallest size's on the same
+    test images (intervals around the point); the rendered block has a row per size."""
+    import pandas as pd
+    C = _ceiling()
+    j = pd.DataFrame({'filename': list('abcdef'), 'subject': ['1', '1', '2', '2', '3', '3'], 'age': 50.0,
+                      'oracle': [51.5, 48.5] * 3})                    # oracle MAE 1.5
+    rng = np.random.default_rng(0)
+    err = lambda e: 50 + e * np.sign(rng.standard_normal(6))
+    preds = {320: [err(4.0), err(2.0)], 640: [err(1.5), err(1.5)]}
+    c = C.curve(j, preds, n_boot=200)
+    r3, r6 = c['sizes']['320'], c['sizes']['640']
+    assert (c['oracle_test_mae'], r3['test_mae'], r3['test_mae_per_seed'], r6['test_mae']) == (1.5, 3.0, [4.0, 2.0], 1.5)
+    assert (r3['mae_over_oracle'], r6['mae_over_oracle'], r3['mae_over_320'], r6['mae_over_320']) == (2.0, 1.0, 1.0, 0.5)
+    assert r3['mae_over_oracle_ci95'][0] < 2.0 < r3['mae_over_oracle_ci95'][1]
+    res = {'sizes': [320, 640], 'seeds': [1, 2], 'val_share': 0.1, 'bench_test': c, 'held_out_test': c,
+           'spec': 'bench/defaults/augment.yaml', 'variant': 'recipe', 'method': c['method'],
+           'recipe_options': {'arch': 'resnet18', 'image_size': 64, 'epochs': 20, 'lr': 0.001},
+           'cohort': {'fingerprint': {'version': 4, 'seed': 5}}, 'agenb': {'commit': 'f' * 40, 'dirty': False},
+           'machine': {'cpu_model': 'AMD EPYC', 'cores': 2}, 'wall_seconds': 61}
+    block = C.ceiling_block(res)
+    assert '| 320 | 3.00 (4.00, 2.00) |' in block and '| 640 | 1.50 (1.50, 1.50) |' in block and 'clean tree' in block

@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""How much would more people buy? `python bench/ceiling.py` -> bench/ceiling_results.json and a block of bench/README.md.
+
+Issue 27 asks the recipe to beat a plain PyTorch loop at equal data and budget by enough that the upper end of the
+95% interval of `mae_over_plain_loop` falls below 1 (a ratio near 0.91 with 80 test subjects), and to come within 1.20
+of the oracle. Twenty leaderboards found no setting that beats the recipe, and the recipe is level with the plain loop.
+This script asks what more *data* buys the same recipe, as a yardstick for what a better *method* at equal data could be
+expected to buy: the recipe (`bench/defaults/augment.yaml`'s `recipe` variant: the budget of the bench's fold ensemble)
+is trained on 320, 640, 1280 and 2560 development subjects of another synthetic cohort (generator seed 5, the bench
+preset's images; nested: each set holds the smaller ones), 10% of them the validation slice, with 2 training seeds,
+and every model predicts the bench's own 80 test subjects (the accuracy and ensemble sections' test images). The
+cohort's own 200 held-out subjects are each run's test set, a second, larger test set for the same curve.
+
+Reported per size: the image-level test MAE on the bench's test images (mean over seeds, and per seed), over the
+oracle on the same images, and over the 320-subject models (the gain from the data alone), with 95% intervals that
+resample the seeds and the test subjects (agenb.stats.boot_means); the same on the cohort's held-out subjects. About 70
+minutes on a 2-core CPU (two trainings at a time, one thread each, as the defaults' leaderboards ran).
+`--sizes 320 640` runs some sizes only (then the results go to bench/out/ instead).
+"""
+from __future__ import annotations
+import argparse, json, os, subprocess, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from agenb.core import file_sha256, git_info
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import run as B   # bench/run.py: paths, data records, CLI runner, machine record
+import render     # bench/render.py: fills the marked blocks of bench/README.md
+
+SIZES = (320, 640, 1280, 2560)   # development subjects (train + validation) per model
+HELD_OUT = 200                   # the cohort's own test subjects, the same for every size
+VAL_SHARE = 0.1                  # of the development subjects, as `experiment final` holds out for its single models
+SEEDS = (1, 2)                   # the training seeds of the bench's single models (section `ensemble`)
+COHORT = dict(preset='bench', subjects=max(SIZES) + HELD_OUT, pathological=0, seed=5)
+SPEC, VARIANT = 'bench/defaults/augment.yaml', 'recipe'
+RESULTS = HERE / 'ceiling_results.json'
+ENV = {'OMP_NUM_THREADS': '1', 'OMP_WAIT_POLICY': 'PASSIVE'}
+
+
+def recipe_options() -> dict:
+    "The trainer options of the spec's recipe variant (its base with the variant's own settings)."
+    spec = yaml.safe_load((B.ROOT / SPEC).read_text())
+    (v,) = [v for v in spec['variants'] if v['name'] == VARIANT]
+    return {**spec['base'], **{k: x for k, x in v.items() if k != 'name'}}
+
+
+def split_files(cohort_root, out_dir, sizes) -> dict:
+    """One subject-level split.csv per size over the whole cohort: the same HELD_OUT test subjects for every size, the
+    first `n` of one shuffled order of the others as development subjects (so each set holds the smaller ones), their
+    first VAL_SHARE the validation slice, everyone else excluded."""
+    subjects = pd.read_csv(Path(cohort_root) / 'synth_latents.csv', dtype={'subject': str}).query("muscle == 'TA'").subject
+    order = np.random.default_rng(0).permutation(sorted(subjects.unique(), key=int))
+    test, rest = order[:HELD_OUT], order[HELD_OUT:]
+    files = {}
+    for n in sizes:
+        if n > len(rest): sys.exit(f'ceiling: the cohort has {len(rest)} development subjects, fewer than {n}')
+        n_val = round(VAL_SHARE * n)
+        lab = {**{s: 'excluded' for s in rest[n:]}, **{s: 'val' for s in rest[:n_val]},
+               **{s: 'train' for s in rest[n_val:n]}, **{s: 'test' for s in test}}
+        files[n] = Path(out_dir) / f'split_{n}.csv'
+        pd.DataFrame({'subject': list(lab), 'split': list(lab.values())}).to_csv(files[n], index=False)
+    return files
+
+
+def train_and_predict(cohort_root, bench_root, out_dir, n, seed, split_file, timeout=4 * 3600):
+    """One model: trained on `n` development subjects of the cohort, then predicting the bench's TA healthy images.
+    A job whose record (`n<N>_s<SEED>.json`) says it finished from the same split and code is not trained again."""
+    record = Path(out_dir) / f'n{n}_s{seed}.json'
+    if record.is_file():
+        r = json.loads(record.read_text())
+        if r['split_sha256'] == file_sha256(split_file) and r['commit'] == git_info(B.ROOT)['commit']:
+            print(f'ceiling: n={n} seed={seed}: kept from {B.rel(record)}', flush=True)
+            return {**r, 'run_dir': Path(r['run_dir']), 'bench_predictions': Path(r['bench_predictions'])}
+    opts = {**recipe_options(), 'seed': seed, 'split_file': split_file, 'deterministic': True, 'num_workers': 1}
+    for k in ('pretrained', 'image_dir', 'excel_path'): opts.pop(k, None)
+    cmd = [sys.executable] + B.train_cmd(cohort_root, out_dir, f'n{n}_s{seed}', **opts)
+    run_dir, wall = B.run_cli(cmd, ENV, Path(out_dir) / f'n{n}_s{seed}.log', timeout)
+    pred_csv = Path(out_dir) / f'n{n}_s{seed}_bench.csv'
+    p = subprocess.run([sys.executable, '-m', 'agenb.predict', str(run_dir), '--image-dir', str(B.data_paths(bench_root)[0]),
+                        '--out', str(pred_csv), '--device', 'cpu'], cwd=B.ROOT, env={**os.environ, **ENV},
+                       capture_output=True, text=True, timeout=timeout)
+    if p.returncode: raise RuntimeError(f'agenb.predict exited {p.returncode}: {p.stderr.strip()[-500:]}')
+    out = {'n': n, 'seed': seed, 'run_dir': run_dir, 'bench_predictions': pred_csv, 'wall_seconds': round(wall, 1)}
+    record.write_text(json.dumps({**out, 'run_dir': str(run_dir), 'bench_predictions': str(pred_csv),
+                                  'split_sha256': file_sha256(split_file), 'commit': git_info(B.ROOT)['commit']}))
+    print(f'ceiling: n={n} seed={seed} done in {render._minutes(wall)}', flush=True)
+    return out
+
+
+def test_table(root, subjects) -> pd.DataFrame:
+    "filename, subject, age and the generator's oracle of `root`'s healthy TA images of `subjects`, sorted by filename."
+    lat = pd.read_csv(Path(root) / 'synth_latents.csv', dtype={'subject': str})
+    lat = lat[(lat.muscle == 'TA') & (lat.cohort == 'Healthy') & lat.subject.isin(set(map(str, subjects)))]
+    return lat[['filename', 'subject', 'age', 'oracle_pred']].rename(columns={'oracle_pred': 'oracle'}).sort_values('filename').reset_index(drop=True)
+
+
+def bench_test_subjects(bench_root) -> list:
+    "The bench's 80 test subjects: the accuracy section's split of seed 42 (test_size 0.2), drawn as the trainer draws it."
+    from agenb.data import load_dataset
+    from agenb.split import make_split
+    image_dir, excel = B.data_paths(bench_root)
+    table, _ = load_dataset(image_dir, excel)
+    split, _ = make_split(table, test_size=0.2, val_size=0.1, seed=42)
+    return sorted(table.subject[split == 'test'].astype(str).unique(), key=int)
+
+
+def curve(j, preds, n_boot=2000, boot_seed=0) -> dict:
+    """Per size: image MAE (mean over seeds, per seed), over the oracle and over the smallest size's models, each with
+    a 95% interval (agenb.stats.boot_means: seeds resampled per size, test subjects resampled once for all: paired)."""
+    from agenb.stats import boot_means, percentile_interval
+    sums = lambda pred: B.subject_error_sums(j, pred)
+    cubes = {n: np.stack([sums(p) for p in ps]) for n, ps in preds.items()}
+    cubes['oracle'] = sums(j.oracle)[None]
+    M = dict(zip(cubes, boot_means(cubes, n_boot, boot_seed)))
+    point = {k: c.mean(0).sum() for k, c in cubes.items()}
+    first = min(preds)
+    mae = lambda p: round(float(np.mean(np.abs(np.asarray(p, float) - j.age))), 3)
+    rows = {}
+    for n, ps in preds.items():
+        rows[str(n)] = {'test_mae': round(float(np.mean([mae(p) for p in ps])), 3), 'test_mae_per_seed': [mae(p) for p in ps],
+                        'mae_over_oracle': round(float(point[n] / point['oracle']), 3),
+                        'mae_over_oracle_ci95': [round(x, 3) for x in percentile_interval(M[n] / M['oracle'])],
+                        f'mae_over_{first}': round(float(point[n] / point[first]), 3),
+                        f'mae_over_{first}_ci95': [round(x, 3) for x in percentile_interval(M[n] / M[first])]}
+    return {'n_images': len(j), 'n_subjects': int(j.subject.nunique()), 'oracle_test_mae': mae(j.oracle), 'sizes': rows,
+            'method': f'{n_boot} bootstrap resamples: each size\'s training seeds drawn with replacement on their own, '
+                      f'the {j.subject.nunique()} test subjects drawn once for all (seed {boot_seed}); percentile interval'}
+
+
+def ceiling_block(res) -> str:
+    "bench/README.md's block of the data curve, rendered from ceiling_results.json."
+    b, h = res['bench_test'], res['held_out_test']
+    first = min(res['sizes'])
+    lines = [f'| development subjects | test MAE, bench test images (per seed) | over the oracle [95% CI] | over {first} subjects [95% CI] '
+             f'| test MAE, {h["n_subjects"]} held-out subjects of the cohort | over the oracle [95% CI] | over {first} subjects [95% CI] |',
+             '|---:|---|---|---|---|---|---|']
+    ci = lambda r, k: f'{r[k]:.3f} [{r[k + "_ci95"][0]:.3f}, {r[k + "_ci95"][1]:.3f}]'
+    for n in res['sizes']:
+        rb, rh = b['sizes'][str(n)], h['sizes'][str(n)]
+        lines.append(f'| {n} | {rb["test_mae"]:.2f} ({", ".join(f"{x:.2f}" for x in rb["test_mae_per_seed"])}) | '
+                     f'{ci(rb, "mae_over_oracle")} | {ci(rb, f"mae_over_{first}")} | {rh["test_mae"]:.2f} | '
+                     f'{ci(rh, "mae_over_oracle")} | {ci(rh, f"mae_over_{first}")} |')
+    o, a = res['recipe_options'], res['agenb']
+    lines += ['', f'The oracle on the same images: {b["oracle_test_mae"]:.2f} years (bench test: {b["n_images"]} images of '
+              f'{b["n_subjects"]} subjects) and {h["oracle_test_mae"]:.2f} (held out: {h["n_images"]} images). '
+              f'`{res["spec"]}` `{res["variant"]}` ({o["arch"]} from scratch, {o["image_size"]} px, {o["epochs"]} epochs, '
+              f'lr {o["lr"]}), training seeds {", ".join(map(str, res["seeds"]))}, {round(100 * res["val_share"])}% of each '
+              f'size\'s subjects for validation; cohort: agenb.synth version {res["cohort"]["fingerprint"]["version"]}, seed '
+              f'{res["cohort"]["fingerprint"]["seed"]}. {res["method"]} Commit `{a["commit"][:10]}`'
+              f'{" with uncommitted changes" if a["dirty"] else " with a clean tree"}, {res["machine"]["cpu_model"]} '
+              f'({res["machine"]["cores"]} cores), {render._minutes(res["wall_seconds"])}.']
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--sizes', type=int, nargs='+', default=list(SIZES), help='development subjects per model (default: %(default)s)')
+    p.add_argument('--workers', type=int, default=2, help='trainings at a time, one thread each (default: %(default)s)')
+    a = p.parse_args(argv)
+    sizes = sorted(set(a.sizes))
+    official = tuple(sizes) == SIZES
+    dest = RESULTS if official else B.OUT / 'ceiling_results.json'
+    t0 = time.time()
+    from agenb import __version__
+    from agenb.synth import ensure_synth
+    agenb = {'version': __version__, **git_info(B.ROOT)}   # read before anything is written
+    bench_root = B.ensure_data('bench')
+    cohort_root = B.OUT / 'data_ceiling'
+    ensure_synth(cohort_root, log=lambda m: print(f'ceiling: {m}', flush=True), **COHORT)
+    out_dir = B.OUT / 'ceiling_runs'
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = split_files(cohort_root, out_dir, sizes)
+    jobs = [(n, s) for n in sizes for s in SEEDS]
+    print(f'ceiling: {len(jobs)} trainings ({len(sizes)} sizes x {len(SEEDS)} seeds), {a.workers} at a time ...', flush=True)
+    with ThreadPoolExecutor(a.workers) as ex:
+        done = list(ex.map(lambda ns: train_and_predict(cohort_root, bench_root, out_dir, *ns, splits[ns[0]]), jobs))
+    bench_j = test_table(bench_root, bench_test_subjects(bench_root))
+    held = pd.read_csv(splits[sizes[0]], dtype={'subject': str}).query("split == 'test'").subject
+    held_j = test_table(cohort_root, held)
+    bench_preds, held_preds = {}, {}
+    for r in done:
+        pb = pd.read_csv(r['bench_predictions']).set_index('filename').pred
+        ph = pd.read_csv(Path(r['run_dir']) / 'predictions.csv').set_index('filename').pred
+        assert set(held_j.filename) == set(ph.index), f'{r["run_dir"]} tested other images than the held-out subjects\''
+        bench_preds.setdefault(r['n'], []).append(bench_j.filename.map(pb).to_numpy())
+        held_preds.setdefault(r['n'], []).append(held_j.filename.map(ph).to_numpy())
+    assert all(np.isfinite(p).all() for ps in bench_preds.values() for p in ps), 'a bench test image was not predicted'
+    res = {'what': 'issue 27: the recipe trained on more people of another synthetic cohort, scored on the bench test images',
+           'spec': SPEC, 'variant': VARIANT, 'recipe_options': recipe_options(), 'sizes': sizes, 'seeds': list(SEEDS),
+           'val_share': VAL_SHARE, 'held_out_subjects': HELD_OUT,
+           'bench_test': curve(bench_j, bench_preds), 'held_out_test': curve(held_j, held_preds),
+           'runs': [{k: (B.rel(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in done],
+           'data': B.data_record(bench_root), 'cohort': B.data_record(cohort_root), 'machine': B.machine_info(),
+           'agenb': agenb, 'command': ' '.join(['bench/ceiling.py', *(argv if argv is not None else sys.argv[1:])]),
+           'created_at': datetime.now().isoformat(timespec='seconds'), 'wall_seconds': round(time.time() - t0, 1)}
+    res['method'] = res['bench_test']['method'].replace('each size\'s training seeds', 'each size\'s two training seeds')
+    dest.write_text(json.dumps(res, indent=1) + '\n')
+    print(ceiling_block(res))
+    if official: render.update_readme(render.README, res, 'ceiling', ceiling_block(res))
+    print(f'wrote {B.rel(dest)}')
+
+
+if __name__ == '__main__':
+    main()
