@@ -15,7 +15,8 @@ Reported per size: the image-level test MAE on the bench's test images (mean ove
 oracle on the same images, and over the 320-subject models (the gain from the data alone), with 95% intervals that
 resample the seeds and the test subjects (agenb.stats.boot_means); the same on the cohort's held-out subjects. About 70
 minutes on a 2-core CPU (two trainings at a time, one thread each, as the defaults' leaderboards ran).
-`--sizes 320 640` runs some sizes only (then the results go to bench/out/ instead).
+`--sizes 320 640` runs some sizes only (then the results go to bench/out/ instead); `--render` only renders the block
+again from bench/ceiling_results.json.
 """
 from __future__ import annotations
 import argparse, json, os, subprocess, sys, time
@@ -141,18 +142,19 @@ def ceiling_block(res) -> str:
              f'| test MAE, {h["n_subjects"]} held-out subjects of the cohort | over the oracle [95% CI] | over {first} subjects [95% CI] |',
              '|---:|---|---|---|---|---|---|']
     ci = lambda r, k: f'{r[k]:.3f} [{r[k + "_ci95"][0]:.3f}, {r[k + "_ci95"][1]:.3f}]'
+    rel = lambda r, n: '(reference)' if n == first else ci(r, f'mae_over_{first}')
     for n in res['sizes']:
         rb, rh = b['sizes'][str(n)], h['sizes'][str(n)]
         lines.append(f'| {n} | {rb["test_mae"]:.2f} ({", ".join(f"{x:.2f}" for x in rb["test_mae_per_seed"])}) | '
-                     f'{ci(rb, "mae_over_oracle")} | {ci(rb, f"mae_over_{first}")} | {rh["test_mae"]:.2f} | '
-                     f'{ci(rh, "mae_over_oracle")} | {ci(rh, f"mae_over_{first}")} |')
+                     f'{ci(rb, "mae_over_oracle")} | {rel(rb, n)} | {rh["test_mae"]:.2f} | '
+                     f'{ci(rh, "mae_over_oracle")} | {rel(rh, n)} |')
     o, a = res['recipe_options'], res['agenb']
     lines += ['', f'The oracle on the same images: {b["oracle_test_mae"]:.2f} years (bench test: {b["n_images"]} images of '
               f'{b["n_subjects"]} subjects) and {h["oracle_test_mae"]:.2f} (held out: {h["n_images"]} images). '
               f'`{res["spec"]}` `{res["variant"]}` ({o["arch"]} from scratch, {o["image_size"]} px, {o["epochs"]} epochs, '
               f'lr {o["lr"]}), training seeds {", ".join(map(str, res["seeds"]))}, {round(100 * res["val_share"])}% of each '
               f'size\'s subjects for validation; cohort: agenb.synth version {res["cohort"]["fingerprint"]["version"]}, seed '
-              f'{res["cohort"]["fingerprint"]["seed"]}. {res["method"]} Commit `{a["commit"][:10]}`'
+              f'{res["cohort"]["fingerprint"]["seed"]}. {res["method"]}. Commit `{a["commit"][:10]}`'
               f'{" with uncommitted changes" if a["dirty"] else " with a clean tree"}, {res["machine"]["cpu_model"]} '
               f'({res["machine"]["cores"]} cores), {render._minutes(res["wall_seconds"])}.']
     return '\n'.join(lines)
@@ -162,7 +164,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--sizes', type=int, nargs='+', default=list(SIZES), help='development subjects per model (default: %(default)s)')
     p.add_argument('--workers', type=int, default=2, help='trainings at a time, one thread each (default: %(default)s)')
+    p.add_argument('--render', action='store_true', help='only render bench/README.md\'s block again from bench/ceiling_results.json')
     a = p.parse_args(argv)
+    if a.render:
+        render.update_readme(render.README, None, 'ceiling', ceiling_block(json.loads(RESULTS.read_text())))
+        return print(f'rendered from {B.rel(RESULTS)}')
     sizes = sorted(set(a.sizes))
     official = tuple(sizes) == SIZES
     dest = RESULTS if official else B.OUT / 'ceiling_results.json'

@@ -448,4 +448,19 @@ def test_ceiling_curve_scores_each_size_against_the_oracle_and_the_smallest():
            'cohort': {'fingerprint': {'version': 4, 'seed': 5}}, 'agenb': {'commit': 'f' * 40, 'dirty': False},
            'machine': {'cpu_model': 'AMD EPYC', 'cores': 2}, 'wall_seconds': 61}
     block = C.ceiling_block(res)
-    assert '| 320 | 3.00 (4.00, 2.00) |' in block and '| 640 | 1.50 (1.50, 1.50) |' in block and 'clean tree' in block
+    assert '| 320 | 3.00 (4.00, 2.00) | 2.000 [' in block and '(reference)' in block and '| 640 | 1.50 (1.50, 1.50) |' in block and 'clean tree' in block
+
+
+def test_ceiling_block_is_rendered_from_its_results():
+    """bench/README.md's data curve (bench/ceiling.py) is bench/ceiling_results.json's, measured by a clean tree on the
+    current generator's data, on the accuracy section's test images, with every size trained with every seed."""
+    from agenb.synth import GENERATOR_VERSION
+    C = _ceiling()
+    res = json.loads((ROOT / 'bench' / 'ceiling_results.json').read_text())
+    text = (ROOT / 'bench' / 'README.md').read_text()
+    assert render.fill(text, 'ceiling', C.ceiling_block(res)) == text, 'run python bench/ceiling.py (or render its block again)'
+    assert res['agenb']['dirty'] is False and len(res['agenb']['commit']) == 40
+    assert res['data']['fingerprint']['version'] == res['cohort']['fingerprint']['version'] == GENERATOR_VERSION
+    assert res['cohort']['fingerprint']['seed'] != res['data']['fingerprint']['seed'], 'the cohort must be other people'
+    assert res['sizes'] == list(C.SIZES) and sorted((r['n'], r['seed']) for r in res['runs']) == [(n, s) for n in C.SIZES for s in C.SEEDS]
+    assert res['bench_test']['n_images'] == render.detail_source('accuracy', RES)[1]['accuracy']['n_test_images']
