@@ -149,12 +149,14 @@ def ceiling_block(res) -> str:
                      f'{ci(rb, "mae_over_oracle")} | {rel(rb, n)} | {rh["test_mae"]:.2f} | '
                      f'{ci(rh, "mae_over_oracle")} | {rel(rh, n)} |')
     o, a = res['recipe_options'], res['agenb']
+    method = res['method'].replace(f'the {b["n_subjects"]} test subjects',
+                                   f'the test subjects ({b["n_subjects"]} of the bench, {h["n_subjects"]} held out)')
     lines += ['', f'The oracle on the same images: {b["oracle_test_mae"]:.2f} years (bench test: {b["n_images"]} images of '
               f'{b["n_subjects"]} subjects) and {h["oracle_test_mae"]:.2f} (held out: {h["n_images"]} images). '
               f'`{res["spec"]}` `{res["variant"]}` ({o["arch"]} from scratch, {o["image_size"]} px, {o["epochs"]} epochs, '
               f'lr {o["lr"]}), training seeds {", ".join(map(str, res["seeds"]))}, {round(100 * res["val_share"])}% of each '
               f'size\'s subjects for validation; cohort: agenb.synth version {res["cohort"]["fingerprint"]["version"]}, seed '
-              f'{res["cohort"]["fingerprint"]["seed"]}. {res["method"]}. Commit `{a["commit"][:10]}`'
+              f'{res["cohort"]["fingerprint"]["seed"]}. {method}. Commit `{a["commit"][:10]}`'
               f'{" with uncommitted changes" if a["dirty"] else " with a clean tree"}, {res["machine"]["cpu_model"]} '
               f'({res["machine"]["cores"]} cores), {render._minutes(res["wall_seconds"])}.']
     return '\n'.join(lines)
