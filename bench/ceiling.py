@@ -13,13 +13,13 @@ cohort's own 200 held-out subjects are each run's test set, a second, larger tes
 
 Reported per size: the image-level test MAE on the bench's test images (mean over seeds, and per seed), over the
 oracle on the same images, and over the 320-subject models (the gain from the data alone), with 95% intervals that
-resample the seeds and the test subjects (agenb.stats.boot_means); the same on the cohort's held-out subjects. About 70
+resample the seeds and the test subjects (agenb.stats.boot_means); the same on the cohort's held-out subjects. About 45
 minutes on a 2-core CPU (two trainings at a time, one thread each, as the defaults' leaderboards ran).
 `--sizes 320 640` runs some sizes only (then the results go to bench/out/ instead); `--render` only renders the block
 again from bench/ceiling_results.json.
 """
 from __future__ import annotations
-import argparse, json, os, subprocess, sys, time
+import argparse, hashlib, json, os, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -69,15 +69,18 @@ def split_files(cohort_root, out_dir, sizes) -> dict:
     return files
 
 
-def train_and_predict(cohort_root, bench_root, out_dir, n, seed, split_file, timeout=4 * 3600):
+def train_and_predict(cohort_root, bench_root, out_dir, n, seed, split_file, from_runs=False, timeout=4 * 3600):
     """One model: trained on `n` development subjects of the cohort, then predicting the bench's TA healthy images.
-    A job whose record (`n<N>_s<SEED>.json`) says it finished from the same split and code is not trained again."""
+    A job whose record (`n<N>_s<SEED>.json`) says it finished from the same split at the current commit, with a clean
+    tree now, is not trained again; with `from_runs`, any finished record of the same split is kept (and none is an
+    error): the results then say which commit trained each run (`run_record`)."""
     record = Path(out_dir) / f'n{n}_s{seed}.json'
     if record.is_file():
-        r = json.loads(record.read_text())
-        if r['split_sha256'] == file_sha256(split_file) and r['commit'] == git_info(B.ROOT)['commit']:
+        r, now = json.loads(record.read_text()), git_info(B.ROOT)
+        if r['split_sha256'] == file_sha256(split_file) and (from_runs or (r['commit'] == now['commit'] and not now['dirty'])):
             print(f'ceiling: n={n} seed={seed}: kept from {B.rel(record)}', flush=True)
             return {**r, 'run_dir': Path(r['run_dir']), 'bench_predictions': Path(r['bench_predictions'])}
+    if from_runs: sys.exit(f'ceiling: --from-runs: no finished record {B.rel(record)} of this split; run without --from-runs')
     opts = {**recipe_options(), 'seed': seed, 'split_file': split_file, 'deterministic': True, 'num_workers': 1}
     for k in ('pretrained', 'image_dir', 'excel_path'): opts.pop(k, None)
     cmd = [sys.executable] + B.train_cmd(cohort_root, out_dir, f'n{n}_s{seed}', **opts)
@@ -92,6 +95,16 @@ def train_and_predict(cohort_root, bench_root, out_dir, n, seed, split_file, tim
                                   'split_sha256': file_sha256(split_file), 'commit': git_info(B.ROOT)['commit']}))
     print(f'ceiling: n={n} seed={seed} done in {render._minutes(wall)}', flush=True)
     return out
+
+
+OPTION_KEYS = ('arch', 'pretrained', 'image_size', 'epochs', 'batch_size', 'loss', 'lr', 'warmup_epochs', 'brightness',
+               'contrast', 'dropout', 'rotation', 'num_workers', 'deterministic')
+
+def run_record(run_dir) -> dict:
+    "What a finished run's config.json says it ran: its options (OPTION_KEYS), seed, commit, threads and best epoch."
+    c = json.loads((Path(run_dir) / 'config.json').read_text())
+    return {'options': {k: c['args'].get(k) for k in OPTION_KEYS}, 'seed': c['args']['seed'], 'git': c['environment']['git'],
+            'threads': c['environment']['threads'], 'best_epoch': c.get('best_epoch'), 'status': c.get('status')}
 
 
 def test_table(root, subjects) -> pd.DataFrame:
@@ -130,6 +143,7 @@ def curve(j, preds, n_boot=2000, boot_seed=0) -> dict:
                         f'mae_over_{first}': round(float(point[n] / point[first]), 3),
                         f'mae_over_{first}_ci95': [round(x, 3) for x in percentile_interval(M[n] / M[first])]}
     return {'n_images': len(j), 'n_subjects': int(j.subject.nunique()), 'oracle_test_mae': mae(j.oracle), 'sizes': rows,
+            'test_filenames_sha256': hashlib.sha256('\n'.join(sorted(j.filename)).encode()).hexdigest(),
             'method': f'{n_boot} bootstrap resamples: each size\'s training seeds drawn with replacement on their own, '
                       f'the {j.subject.nunique()} test subjects drawn once for all (seed {boot_seed}); percentile interval'}
 
@@ -166,6 +180,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--sizes', type=int, nargs='+', default=list(SIZES), help='development subjects per model (default: %(default)s)')
     p.add_argument('--workers', type=int, default=2, help='trainings at a time, one thread each (default: %(default)s)')
+    p.add_argument('--from-runs', action='store_true', help='rebuild the results from the finished runs in bench/out/ceiling_runs '
+                   '(whatever commit trained them: each run\'s is recorded) instead of training')
     p.add_argument('--render', action='store_true', help='only render bench/README.md\'s block again from bench/ceiling_results.json')
     a = p.parse_args(argv)
     if a.render:
@@ -187,7 +203,12 @@ def main(argv=None):
     jobs = [(n, s) for n in sizes for s in SEEDS]
     print(f'ceiling: {len(jobs)} trainings ({len(sizes)} sizes x {len(SEEDS)} seeds), {a.workers} at a time ...', flush=True)
     with ThreadPoolExecutor(a.workers) as ex:
-        done = list(ex.map(lambda ns: train_and_predict(cohort_root, bench_root, out_dir, *ns, splits[ns[0]]), jobs))
+        done = list(ex.map(lambda ns: train_and_predict(cohort_root, bench_root, out_dir, *ns, splits[ns[0]], a.from_runs), jobs))
+    for r in done: r.update(run_record(r['run_dir']))
+    options = {json.dumps(r['options'], sort_keys=True) for r in done}
+    assert len(options) == 1, f'the runs were trained with different options: {options}'
+    trained_by = {json.dumps(r['git'], sort_keys=True) for r in done}
+    for r in done: del r['options']
     bench_j = test_table(bench_root, bench_test_subjects(bench_root))
     held = pd.read_csv(splits[sizes[0]], dtype={'subject': str}).query("split == 'test'").subject
     held_j = test_table(cohort_root, held)
@@ -200,12 +221,14 @@ def main(argv=None):
         held_preds.setdefault(r['n'], []).append(held_j.filename.map(ph).to_numpy())
     assert all(np.isfinite(p).all() for ps in bench_preds.values() for p in ps), 'a bench test image was not predicted'
     res = {'what': 'issue 27: the recipe trained on more people of another synthetic cohort, scored on the bench test images',
-           'spec': SPEC, 'variant': VARIANT, 'recipe_options': recipe_options(), 'sizes': sizes, 'seeds': list(SEEDS),
+           'spec': SPEC, 'variant': VARIANT, 'recipe_options': done[0]['options'], 'sizes': sizes, 'seeds': list(SEEDS),
            'val_share': VAL_SHARE, 'held_out_subjects': HELD_OUT,
            'bench_test': curve(bench_j, bench_preds), 'held_out_test': curve(held_j, held_preds),
            'runs': [{k: (B.rel(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in done],
            'data': B.data_record(bench_root), 'cohort': B.data_record(cohort_root), 'machine': B.machine_info(),
-           'agenb': agenb, 'command': ' '.join(['bench/ceiling.py', *(argv if argv is not None else sys.argv[1:])]),
+           'agenb': {'version': agenb['version'], **json.loads(trained_by.pop())} if len(trained_by) == 1 else
+                    {'version': agenb['version'], 'commit': None, 'dirty': None, 'runs_trained_by': sorted(trained_by)},
+           'results_written_by': agenb, 'command': ' '.join(['bench/ceiling.py', *(argv if argv is not None else sys.argv[1:])]),
            'created_at': datetime.now().isoformat(timespec='seconds'), 'wall_seconds': round(time.time() - t0, 1)}
     res['method'] = res['bench_test']['method'].replace('each size\'s training seeds', 'each size\'s two training seeds')
     dest.write_text(json.dumps(res, indent=1) + '\n')

@@ -464,3 +464,27 @@ def test_ceiling_block_is_rendered_from_its_results():
     assert res['cohort']['fingerprint']['seed'] != res['data']['fingerprint']['seed'], 'the cohort must be other people'
     assert res['sizes'] == list(C.SIZES) and sorted((r['n'], r['seed']) for r in res['runs']) == [(n, s) for n in C.SIZES for s in C.SEEDS]
     assert res['bench_test']['n_images'] == render.detail_source('accuracy', RES)[1]['accuracy']['n_test_images']
+    assert res['bench_test']['test_filenames_sha256'] == render.detail_source('ensemble', RES)[1]['ensemble']['test_filenames_sha256']
+    assert res['data']['fingerprint']['content_sha256'] == RES['data']['fingerprint']['content_sha256'], 'other bench data than make bench\'s'
+    assert res['recipe_options']['num_workers'] == 1 and res['recipe_options']['lr'] == C.recipe_options()['lr']
+
+
+def test_ceiling_keeps_a_finished_run_only_for_its_split_and_clean_code(tmp_path, monkeypatch):
+    """A finished job's record is kept when its split is unchanged and the tree is clean at the same commit; with
+    --from-runs whatever commit trained it; a changed split under --from-runs is an error, not a silent retraining."""
+    C = _ceiling()
+    split = tmp_path / 'split_20.csv'; split.write_text('subject,split\n1,train\n')
+    from agenb.core import file_sha256
+    rec = {'n': 20, 'seed': 1, 'run_dir': str(tmp_path / 'run'), 'bench_predictions': str(tmp_path / 'b.csv'), 'wall_seconds': 1.0,
+           'split_sha256': file_sha256(split), 'commit': 'a' * 40}
+    (tmp_path / 'n20_s1.json').write_text(json.dumps(rec))
+    trained = []
+    monkeypatch.setattr(C.B, 'run_cli', lambda *a, **k: trained.append(a) or (_ for _ in ()).throw(RuntimeError('trained')))
+    for now, from_runs, kept in (({'commit': 'a' * 40, 'dirty': False}, False, True), ({'commit': 'a' * 40, 'dirty': True}, False, False),
+                                 ({'commit': 'b' * 40, 'dirty': False}, False, False), ({'commit': 'b' * 40, 'dirty': True}, True, True)):
+        monkeypatch.setattr(C, 'git_info', lambda root, now=now: now)
+        if kept: assert C.train_and_predict(tmp_path, tmp_path, tmp_path, 20, 1, split, from_runs)['run_dir'] == tmp_path / 'run'
+        else:
+            with pytest.raises(RuntimeError, match='trained'): C.train_and_predict(tmp_path, tmp_path, tmp_path, 20, 1, split, from_runs)
+    split.write_text('subject,split\n1,val\n')
+    with pytest.raises(SystemExit, match='no finished record'): C.train_and_predict(tmp_path, tmp_path, tmp_path, 20, 1, split, True)
