@@ -208,6 +208,7 @@ def main(argv=None):
     options = {json.dumps(r['options'], sort_keys=True) for r in done}
     assert len(options) == 1, f'the runs were trained with different options: {options}'
     trained_by = {json.dumps(r['git'], sort_keys=True) for r in done}
+    run_options = json.loads(options.pop())
     for r in done: del r['options']
     bench_j = test_table(bench_root, bench_test_subjects(bench_root))
     held = pd.read_csv(splits[sizes[0]], dtype={'subject': str}).query("split == 'test'").subject
@@ -221,7 +222,7 @@ def main(argv=None):
         held_preds.setdefault(r['n'], []).append(held_j.filename.map(ph).to_numpy())
     assert all(np.isfinite(p).all() for ps in bench_preds.values() for p in ps), 'a bench test image was not predicted'
     res = {'what': 'issue 27: the recipe trained on more people of another synthetic cohort, scored on the bench test images',
-           'spec': SPEC, 'variant': VARIANT, 'recipe_options': done[0]['options'], 'sizes': sizes, 'seeds': list(SEEDS),
+           'spec': SPEC, 'variant': VARIANT, 'recipe_options': run_options, 'sizes': sizes, 'seeds': list(SEEDS),
            'val_share': VAL_SHARE, 'held_out_subjects': HELD_OUT,
            'bench_test': curve(bench_j, bench_preds), 'held_out_test': curve(held_j, held_preds),
            'runs': [{k: (B.rel(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in done],
