@@ -172,7 +172,8 @@ def ceiling_block(res) -> str:
               f'size\'s subjects for validation; cohort: agenb.synth version {res["cohort"]["fingerprint"]["version"]}, seed '
               f'{res["cohort"]["fingerprint"]["seed"]}. {method}. Commit `{a["commit"][:10]}`'
               f'{" with uncommitted changes" if a["dirty"] else " with a clean tree"}, {res["machine"]["cpu_model"]} '
-              f'({res["machine"]["cores"]} cores), {render._minutes(res["wall_seconds"])}.']
+              f'({res["machine"]["cores"]} cores); the {len(res["runs"])} trainings took '
+              f'{render._minutes(sum(r["wall_seconds"] for r in res["runs"]))} in all, {res["workers"]} at a time.']
     return '\n'.join(lines)
 
 
@@ -223,7 +224,7 @@ def main(argv=None):
     assert all(np.isfinite(p).all() for ps in bench_preds.values() for p in ps), 'a bench test image was not predicted'
     res = {'what': 'issue 27: the recipe trained on more people of another synthetic cohort, scored on the bench test images',
            'spec': SPEC, 'variant': VARIANT, 'recipe_options': run_options, 'sizes': sizes, 'seeds': list(SEEDS),
-           'val_share': VAL_SHARE, 'held_out_subjects': HELD_OUT,
+           'val_share': VAL_SHARE, 'held_out_subjects': HELD_OUT, 'workers': a.workers,
            'bench_test': curve(bench_j, bench_preds), 'held_out_test': curve(held_j, held_preds),
            'runs': [{k: (B.rel(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in done],
            'data': B.data_record(bench_root), 'cohort': B.data_record(cohort_root), 'machine': B.machine_info(),

@@ -446,9 +446,11 @@ def test_ceiling_curve_scores_each_size_against_the_oracle_and_the_smallest():
            'spec': 'bench/defaults/augment.yaml', 'variant': 'recipe', 'method': c['method'],
            'recipe_options': {'arch': 'resnet18', 'image_size': 64, 'epochs': 20, 'lr': 0.001},
            'cohort': {'fingerprint': {'version': 4, 'seed': 5}}, 'agenb': {'commit': 'f' * 40, 'dirty': False},
-           'machine': {'cpu_model': 'AMD EPYC', 'cores': 2}, 'wall_seconds': 61}
+           'machine': {'cpu_model': 'AMD EPYC', 'cores': 2}, 'wall_seconds': 61, 'workers': 2,
+           'runs': [{'wall_seconds': 30}, {'wall_seconds': 31.4}]}
     block = C.ceiling_block(res)
     assert '| 320 | 3.00 (4.00, 2.00) | 2.000 [' in block and '(reference)' in block and '| 640 | 1.50 (1.50, 1.50) |' in block and 'clean tree' in block
+    assert 'the 2 trainings took 1 min 1 s in all, 2 at a time' in block
 
 
 def test_ceiling_block_is_rendered_from_its_results():
