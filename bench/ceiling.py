@@ -37,6 +37,7 @@ import render     # bench/render.py: fills the marked blocks of bench/README.md
 SIZES = (320, 640, 1280, 2560)   # development subjects (train + validation) per model
 HELD_OUT = 200                   # the cohort's own test subjects, the same for every size
 VAL_SHARE = 0.1                  # of the development subjects, as `experiment final` holds out for its single models
+PLAIN_SIZES = (320, 2560)        # sizes at which --plain-loop also trains the bench's plain loop
 SEEDS = (1, 2)                   # the training seeds of the bench's single models (section `ensemble`)
 COHORT = dict(preset='bench', subjects=max(SIZES) + HELD_OUT, pathological=0, seed=5)
 SPEC, VARIANT = 'bench/defaults/augment.yaml', 'recipe'
@@ -94,6 +95,45 @@ def train_and_predict(cohort_root, bench_root, out_dir, n, seed, split_file, fro
     record.write_text(json.dumps({**out, 'run_dir': str(run_dir), 'bench_predictions': str(pred_csv),
                                   'split_sha256': file_sha256(split_file), 'commit': git_info(B.ROOT)['commit']}))
     print(f'ceiling: n={n} seed={seed} done in {render._minutes(wall)}', flush=True)
+    return out
+
+
+def plain_loop_job(run, out_dir, timeout=4 * 3600) -> dict:
+    """bench/run.py's plain PyTorch loop on an agenb run's own split (same train, validation and held-out test
+    subjects), with its seed, image size, batch, epochs, learning rate and weight decay: its record, predictions
+    included. Kept (not trained again) while its record names the same run."""
+    record = Path(out_dir) / f'plain_n{run["n"]}_s{run["seed"]}.json'
+    if record.is_file() and json.loads(record.read_text()).get('agenb_run') == B.rel(run['run_dir']):
+        print(f'ceiling: plain loop n={run["n"]} seed={run["seed"]}: kept from {B.rel(record)}', flush=True)
+        return json.loads(record.read_text())
+    args = json.loads((Path(run['run_dir']) / 'config.json').read_text())['args']
+    settings = {k: args[k] for k in ('image_size', 'batch_size', 'epochs', 'lr', 'weight_decay')}
+    out = {**B.plain_loop_subprocess(run['run_dir'], settings, timeout, run['seed']), 'settings': settings,
+           'agenb_run': B.rel(run['run_dir']), 'n': run['n']}
+    record.write_text(json.dumps(out))
+    print(f'ceiling: plain loop n={run["n"]} seed={run["seed"]} done in {render._minutes(out["wall_seconds"])}', flush=True)
+    return out
+
+
+def plain_comparison(j, runs, plains, n_boot=2000, boot_seed=0) -> dict:
+    """Per size with plain-loop runs: the recipe's and the plain loop's image MAE on the held-out images `j` (mean
+    over the seeds, each seed the same split for both), and `mae_over_plain_loop` with its 95% interval as the bench's
+    accuracy section computes it (bench/run.py seeds_ratios: each side's seeds resampled, the subjects together)."""
+    out = {}
+    for n in sorted({p['n'] for p in plains}):
+        seeds = sorted(p['seed'] for p in plains if p['n'] == n)
+        get = lambda rows, s: next(r for r in rows if r['n'] == n and r['seed'] == s)
+        agenb = [j.filename.map(pd.read_csv(Path(get(runs, s)['run_dir']) / 'predictions.csv').set_index('filename').pred) for s in seeds]
+        plain = [j.filename.map(pd.Series(get(plains, s)['predictions'])) for s in seeds]
+        assert all(x.notna().all() for x in agenb + plain), f'n={n}: a held-out image was not predicted'
+        cubes = {'agenb': np.stack([B.subject_error_sums(j, x) for x in agenb]),
+                 'plain': np.stack([B.subject_error_sums(j, x) for x in plain])}
+        r = B.seeds_ratios(cubes, n_boot, boot_seed)
+        mae = lambda x: round(float((x - j.age).abs().mean()), 3)
+        out[str(n)] = {'seeds': seeds, 'agenb_test_mae_per_seed': [mae(x) for x in agenb],
+                       'plain_test_mae_per_seed': [mae(x) for x in plain],
+                       'plain_best_epoch_per_seed': [get(plains, s)['best_epoch'] for s in seeds],
+                       'mae_over_plain_loop': r['mae_over_plain_loop'], 'mae_over_plain_loop_ci95': r['mae_over_plain_loop_ci95']}
     return out
 
 
@@ -174,6 +214,16 @@ def ceiling_block(res) -> str:
               f'{" with uncommitted changes" if a["dirty"] else " with a clean tree"}, {res["machine"]["cpu_model"]} '
               f'({res["machine"]["cores"]} cores); the {len(res["runs"])} trainings took '
               f'{render._minutes(sum(r["wall_seconds"] for r in res["runs"]))} in all, {res["workers"]} at a time.']
+    if res.get('plain_loop'):
+        P = res['plain_loop']['sizes']
+        seeds = lambda xs: ', '.join(f'{x:.2f}' for x in xs)
+        lines += ['', f'The plain PyTorch loop of the bench\'s accuracy section (no augmentation, no warm-up, no clipping), trained '
+                      'on the same runs\' splits with the same seeds and budget, on the cohort\'s held-out subjects:', '',
+                  '| development subjects | recipe, test MAE per seed | plain loop, test MAE per seed | `mae_over_plain_loop` [95% CI] |',
+                  '|---:|---|---|---|']
+        lines += [f'| {n} | {seeds(r["agenb_test_mae_per_seed"])} | {seeds(r["plain_test_mae_per_seed"])} | '
+                  f'{r["mae_over_plain_loop"]:.3f} [{r["mae_over_plain_loop_ci95"][0]:.3f}, {r["mae_over_plain_loop_ci95"][1]:.3f}] |'
+                  for n, r in P.items()]
     return '\n'.join(lines)
 
 
@@ -183,6 +233,9 @@ def main(argv=None):
     p.add_argument('--workers', type=int, default=2, help='trainings at a time, one thread each (default: %(default)s)')
     p.add_argument('--from-runs', action='store_true', help='rebuild the results from the finished runs in bench/out/ceiling_runs '
                    '(whatever commit trained them: each run\'s is recorded) instead of training')
+    p.add_argument('--plain-loop', type=int, nargs='*', metavar='N',
+                   help='also train bench/run.py\'s plain loop on the runs of these sizes (default, flag alone: '
+                        f'{" and ".join(map(str, PLAIN_SIZES))}), one at a time, and compare it with the recipe on the held-out subjects')
     p.add_argument('--render', action='store_true', help='only render bench/README.md\'s block again from bench/ceiling_results.json')
     a = p.parse_args(argv)
     if a.render:
@@ -232,6 +285,13 @@ def main(argv=None):
                     {'version': agenb['version'], 'commit': None, 'dirty': None, 'runs_trained_by': sorted(trained_by)},
            'results_written_by': agenb, 'command': ' '.join(['bench/ceiling.py', *(argv if argv is not None else sys.argv[1:])]),
            'created_at': datetime.now().isoformat(timespec='seconds'), 'wall_seconds': round(time.time() - t0, 1)}
+    if a.plain_loop is not None:
+        todo = [r for r in done if r['n'] in (a.plain_loop or PLAIN_SIZES)]
+        print(f'ceiling: the plain loop on {len(todo)} runs\' splits, one at a time ...', flush=True)
+        plains = [plain_loop_job(r, out_dir) for r in todo]
+        res['plain_loop'] = {'what': B.PLAIN_LOOP, 'on': 'each agenb run\'s split.csv: the same subjects, seed and budget; scored on '
+                                                      'the cohort\'s held-out subjects', 'sizes': plain_comparison(held_j, done, plains),
+                             'runs': [{k: v for k, v in p.items() if k != 'predictions'} for p in plains]}
     res['method'] = res['bench_test']['method'].replace('each size\'s training seeds', 'each size\'s two training seeds')
     dest.write_text(json.dumps(res, indent=1) + '\n')
     print(ceiling_block(res))

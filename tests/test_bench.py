@@ -490,3 +490,22 @@ def test_ceiling_keeps_a_finished_run_only_for_its_split_and_clean_code(tmp_path
             with pytest.raises(RuntimeError, match='trained'): C.train_and_predict(tmp_path, tmp_path, tmp_path, 20, 1, split, from_runs)
     split.write_text('subject,split\n1,val\n')
     with pytest.raises(SystemExit, match='no finished record'): C.train_and_predict(tmp_path, tmp_path, tmp_path, 20, 1, split, True)
+
+
+def test_ceiling_plain_comparison_pairs_each_seed_on_the_held_out_images(tmp_path):
+    """The recipe against the plain loop at one size: both sides' predictions of the same held-out images, matched by
+    file name, the ratio of the seed-averaged MAEs with an interval around it; a missing image is refused."""
+    import pandas as pd
+    C = _ceiling()
+    j = pd.DataFrame({'filename': list('abcd'), 'subject': ['1', '1', '2', '2'], 'age': 50.0})
+    runs, plains = [], []
+    for seed, (ea, ep) in {1: (2.0, 4.0), 2: (4.0, 4.0)}.items():
+        d = tmp_path / f'run{seed}'; d.mkdir()
+        pd.DataFrame({'filename': list('dcba'), 'pred': 50 + ea}).to_csv(d / 'predictions.csv', index=False)
+        runs.append({'n': 320, 'seed': seed, 'run_dir': d})
+        plains.append({'n': 320, 'seed': seed, 'best_epoch': 3, 'predictions': {f: 50 - ep for f in 'abcd'}})
+    r = C.plain_comparison(j, runs, plains, n_boot=200)['320']
+    assert (r['agenb_test_mae_per_seed'], r['plain_test_mae_per_seed'], r['mae_over_plain_loop']) == ([2.0, 4.0], [4.0, 4.0], 0.75)
+    assert r['mae_over_plain_loop_ci95'][0] < 0.75 < r['mae_over_plain_loop_ci95'][1]
+    del plains[0]['predictions']['a']
+    with pytest.raises(AssertionError, match='not predicted'): C.plain_comparison(j, runs, plains, n_boot=50)
