@@ -469,6 +469,10 @@ def test_ceiling_block_is_rendered_from_its_results():
     assert res['bench_test']['test_filenames_sha256'] == render.detail_source('ensemble', RES)[1]['ensemble']['test_filenames_sha256']
     assert res['data']['fingerprint']['content_sha256'] == RES['data']['fingerprint']['content_sha256'], 'other bench data than make bench\'s'
     assert res['recipe_options']['num_workers'] == 1 and res['recipe_options']['lr'] == C.recipe_options()['lr']
+    P = res['plain_loop']
+    assert sorted(map(int, P['sizes'])) == list(C.PLAIN_SIZES) and len(P['runs']) == len(C.PLAIN_SIZES) * len(C.SEEDS)
+    assert all(p['settings']['epochs'] == res['recipe_options']['epochs'] and p['n_test_images'] == res['held_out_test']['n_images']
+               for p in P['runs']), 'the plain loop ran another budget or another test set than the recipe'
 
 
 def test_ceiling_keeps_a_finished_run_only_for_its_split_and_clean_code(tmp_path, monkeypatch):
