@@ -15,6 +15,8 @@ Reported per size: the image-level test MAE on the bench's test images (mean ove
 oracle on the same images, and over the 320-subject models (the gain from the data alone), with 95% intervals that
 resample the seeds and the test subjects (agenb.stats.boot_means); the same on the cohort's held-out subjects. About 45
 minutes on a 2-core CPU (two trainings at a time, one thread each, as the defaults' leaderboards ran).
+`--plain-loop` also trains bench/run.py's plain PyTorch loop on the 320- and 2560-subject runs' own splits (same
+subjects, seeds and budget) and reports `mae_over_plain_loop` on the held-out subjects at both sizes (about 35 minutes).
 `--sizes 320 640` runs some sizes only (then the results go to bench/out/ instead); `--render` only renders the block
 again from bench/ceiling_results.json.
 """
@@ -27,7 +29,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+from agenb import __version__
 from agenb.core import file_sha256, git_info
+from agenb.data import load_dataset
+from agenb.split import make_split
+from agenb.stats import boot_means, percentile_interval
+from agenb.synth import ensure_synth
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -156,8 +163,6 @@ def test_table(root, subjects) -> pd.DataFrame:
 
 def bench_test_subjects(bench_root) -> list:
     "The bench's 80 test subjects: the accuracy section's split of seed 42 (test_size 0.2), drawn as the trainer draws it."
-    from agenb.data import load_dataset
-    from agenb.split import make_split
     image_dir, excel = B.data_paths(bench_root)
     table, _ = load_dataset(image_dir, excel)
     split, _ = make_split(table, test_size=0.2, val_size=0.1, seed=42)
@@ -167,7 +172,6 @@ def bench_test_subjects(bench_root) -> list:
 def curve(j, preds, n_boot=2000, boot_seed=0) -> dict:
     """Per size: image MAE (mean over seeds, per seed), over the oracle and over the smallest size's models, each with
     a 95% interval (agenb.stats.boot_means: seeds resampled per size, test subjects resampled once for all: paired)."""
-    from agenb.stats import boot_means, percentile_interval
     sums = lambda pred: B.subject_error_sums(j, pred)
     cubes = {n: np.stack([sums(p) for p in ps]) for n, ps in preds.items()}
     cubes['oracle'] = sums(j.oracle)[None]
@@ -245,8 +249,6 @@ def main(argv=None):
     official = tuple(sizes) == SIZES
     dest = RESULTS if official else B.OUT / 'ceiling_results.json'
     t0 = time.time()
-    from agenb import __version__
-    from agenb.synth import ensure_synth
     agenb = {'version': __version__, **git_info(B.ROOT)}   # read before anything is written
     bench_root = B.ensure_data('bench')
     cohort_root = B.OUT / 'data_ceiling'
