@@ -110,9 +110,10 @@ def plain_loop_job(run, out_dir, timeout=4 * 3600) -> dict:
     subjects), with its seed, image size, batch, epochs, learning rate and weight decay: its record, predictions
     included. Kept (not trained again) while its record names the same run."""
     record = Path(out_dir) / f'plain_n{run["n"]}_s{run["seed"]}.json'
-    if record.is_file() and json.loads(record.read_text()).get('agenb_run') == B.rel(run['run_dir']):
+    kept = json.loads(record.read_text()) if record.is_file() else {}
+    if kept.get('agenb_run') == B.rel(run['run_dir']):
         print(f'ceiling: plain loop n={run["n"]} seed={run["seed"]}: kept from {B.rel(record)}', flush=True)
-        return json.loads(record.read_text())
+        return kept
     args = json.loads((Path(run['run_dir']) / 'config.json').read_text())['args']
     settings = {k: args[k] for k in ('image_size', 'batch_size', 'epochs', 'lr', 'weight_decay')}
     out = {**B.plain_loop_subprocess(run['run_dir'], settings, timeout, run['seed']), 'settings': settings,
@@ -154,7 +155,7 @@ def run_record(run_dir) -> dict:
             'threads': c['environment']['threads'], 'best_epoch': c.get('best_epoch'), 'status': c.get('status')}
 
 
-def test_table(root, subjects) -> pd.DataFrame:
+def scored_images(root, subjects) -> pd.DataFrame:
     "filename, subject, age and the generator's oracle of `root`'s healthy TA images of `subjects`, sorted by filename."
     lat = pd.read_csv(Path(root) / 'synth_latents.csv', dtype={'subject': str})
     lat = lat[(lat.muscle == 'TA') & (lat.cohort == 'Healthy') & lat.subject.isin(set(map(str, subjects)))]
@@ -266,9 +267,9 @@ def main(argv=None):
     trained_by = {json.dumps(r['git'], sort_keys=True) for r in done}
     run_options = json.loads(options.pop())
     for r in done: del r['options']
-    bench_j = test_table(bench_root, bench_test_subjects(bench_root))
+    bench_j = scored_images(bench_root, bench_test_subjects(bench_root))
     held = pd.read_csv(splits[sizes[0]], dtype={'subject': str}).query("split == 'test'").subject
-    held_j = test_table(cohort_root, held)
+    held_j = scored_images(cohort_root, held)
     bench_preds, held_preds = {}, {}
     for r in done:
         pb = pd.read_csv(r['bench_predictions']).set_index('filename').pred
@@ -281,7 +282,7 @@ def main(argv=None):
            'spec': SPEC, 'variant': VARIANT, 'recipe_options': run_options, 'sizes': sizes, 'seeds': list(SEEDS),
            'val_share': VAL_SHARE, 'held_out_subjects': HELD_OUT, 'workers': a.workers,
            'bench_test': curve(bench_j, bench_preds), 'held_out_test': curve(held_j, held_preds),
-           'runs': [{k: (B.rel(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in done],
+           'runs': [{k: (B.rel(v) if isinstance(v, Path) else v) for k, v in r.items() if k != 'commit'} for r in done],   # r['git'] has it
            'data': B.data_record(bench_root), 'cohort': B.data_record(cohort_root), 'machine': B.machine_info(),
            'agenb': {'version': agenb['version'], **json.loads(trained_by.pop())} if len(trained_by) == 1 else
                     {'version': agenb['version'], 'commit': None, 'dirty': None, 'runs_trained_by': sorted(trained_by)},
@@ -294,7 +295,7 @@ def main(argv=None):
         res['plain_loop'] = {'what': B.PLAIN_LOOP, 'on': 'each agenb run\'s split.csv: the same subjects, seed and budget; scored on '
                                                       'the cohort\'s held-out subjects', 'sizes': plain_comparison(held_j, done, plains),
                              'runs': [{k: v for k, v in p.items() if k != 'predictions'} for p in plains]}
-    res['method'] = res['bench_test']['method'].replace('each size\'s training seeds', 'each size\'s two training seeds')
+    res['method'] = res['bench_test']['method']
     dest.write_text(json.dumps(res, indent=1) + '\n')
     print(ceiling_block(res))
     if official: render.update_readme(render.README, res, 'ceiling', ceiling_block(res))
