@@ -513,3 +513,80 @@ def test_ceiling_plain_comparison_pairs_each_seed_on_the_held_out_images(tmp_pat
     assert r['mae_over_plain_loop_ci95'][0] < 0.75 < r['mae_over_plain_loop_ci95'][1]
     del plains[0]['predictions']['a']
     with pytest.raises(AssertionError, match='not predicted'): C.plain_comparison(j, runs, plains, n_boot=50)
+
+
+def _gap():
+    spec = importlib.util.spec_from_file_location('gap', ROOT / 'bench' / 'gap.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gap_spacing_image_puts_every_scan_at_one_scale():
+    """bench/gap.py's probe: a scan 4 cm deep shrinks to 4/6 of its size, top-aligned and centred on black, so that a
+    centimetre spans as many pixels as in a 6 cm scan; a 6 cm scan is unchanged; a depth beyond the reference is refused."""
+    from PIL import Image
+    G = _gap()
+    a = np.zeros((60, 90), np.uint8); a[30:, :] = 200             # bright from 3 cm down in a 6 cm scan of 60 rows
+    out = np.asarray(G.spacing_image(Image.fromarray(a), 4.0, 6.0))
+    assert out.shape == (60, 90) and (out[40:] == 0).all() and (out[:, :15] == 0).all() and (out[:, 75:] == 0).all()
+    assert (out[:19, 15:75] == 0).all() and (out[21:40, 15:75] == 200).all()   # 3 cm of a 4 cm scan: row 20 of 40
+    assert (np.asarray(G.spacing_image(Image.fromarray(a), 6.0, 6.0)) == a).all()
+    with pytest.raises(ValueError, match='must lie in'): G.spacing_image(Image.fromarray(a), 7.0, 6.0)
+
+
+def test_gap_tables_find_an_error_that_depends_on_the_depth_setting():
+    """By age band, each predictor's MAE is the mean over its seeds beside the oracle's; the children's depth contrast
+    is the mean signed error at the shallowest depth minus the deepest, with an interval around it, and zero for a
+    predictor whose error does not depend on the depth (the oracle here)."""
+    import pandas as pd
+    G = _gap()
+    n = 40
+    j = pd.DataFrame({'filename': [f'{i}_{k}.png' for i in range(n) for k in (1, 2)], 'subject': [str(i) for i in range(n) for _ in (1, 2)],
+                      'age': [5.0 + (i % 2) * 50 for i in range(n) for _ in (1, 2)], 'depth_cm': [(4.0, 6.0)[(i // 2) % 2] for i in range(n) for _ in (1, 2)]})
+    j['oracle'] = j.age + np.where(j.index % 2, 1.0, -1.0)
+    child_at_4 = ((j.age < 18) & (j.depth_cm == 4)).to_numpy()
+    preds = {'320': [j.age + np.where(child_at_4, 6.0, 0.0), j.age + np.where(child_at_4, 4.0, 0.0) + 2 * (j.age >= 18)]}
+    rows = {r['band']: r for r in G.by_age(j, preds)}
+    assert rows['0-10']['n_images'] == 40 and rows['0-10']['n_subjects'] == 20 and rows['0-10']['oracle'] == 1.0
+    assert rows['0-10']['320'] == 2.5 and rows['40-60']['320'] == 1.0 and (rows['10-18']['n_images'], rows['10-18']['320']) == (0, None)
+    d = G.depth_contrast(j, preds, n_boot=300)
+    assert (d['shallow_cm'], d['deep_cm'], d['n_children'], d['n_subjects']) == (4.0, 6.0, 20, {'4.0': 10, '6.0': 10})
+    r = d['predictors']['320']
+    assert (r['shallow'], r['deep'], r['difference']) == (5.0, 0.0, 5.0) and r['difference_ci95'][0] < 5.0 < r['difference_ci95'][1]
+    assert d['predictors']['oracle']['difference'] == 0.0 and d['predictors']['oracle']['difference_ci95'][1] < 1.0
+
+
+def test_gap_block_is_rendered_from_its_results():
+    """bench/README.md's gap tables are bench/gap_results.json's, measured by a clean tree from the committed ceiling
+    runs, and the probe trained the recipe's options (only its data differ) on the ceiling's smallest split."""
+    from agenb.synth import GENERATOR_VERSION
+    G = _gap()
+    res = json.loads((ROOT / 'bench' / 'gap_results.json').read_text())
+    text = (ROOT / 'bench' / 'README.md').read_text()
+    assert render.fill(text, 'gap', G.gap_block(res)) == text, 'run python bench/gap.py (or render its block again)'
+    ceil = json.loads((ROOT / 'bench' / 'ceiling_results.json').read_text())
+    assert res['ceiling_commit'] == ceil['agenb']['commit'] and res['sizes'] == ceil['sizes'] and res['seeds'] == ceil['seeds']
+    assert res['agenb']['dirty'] is False and len(res['agenb']['commit']) == 40
+    assert res['cohort']['fingerprint']['content_sha256'] == ceil['cohort']['fingerprint']['content_sha256']
+    assert res['cohort']['fingerprint']['version'] == GENERATOR_VERSION and res['probe']['data']['probe_version'] == G.PROBE_VERSION
+    assert res['n_images'] == ceil['held_out_test']['n_images'] and sum(r['n_images'] for r in res['by_age']) == res['n_images']
+    assert res['probe']['options'] == {**ceil['recipe_options']} and sorted(r['seed'] for r in res['probe']['runs']) == ceil['seeds']
+    q = res['probe']['comparison']
+    assert q['recipe_test_mae_per_seed'] == ceil['plain_loop']['sizes'][str(G.PROBE_SIZE)]['agenb_test_mae_per_seed']
+
+
+def test_gap_probe_is_trained_again_when_its_data_change(tmp_path, monkeypatch):
+    "A finished probe run is kept for the same split and probe data at a clean tree on the same commit, else trained."
+    G = _gap()
+    split = tmp_path / 'split_320.csv'; split.write_text('subject,split\n1,train\n')
+    from agenb.core import file_sha256
+    rec = {'n': 320, 'seed': 1, 'run_dir': str(tmp_path / 'run'), 'wall_seconds': 1.0, 'split_sha256': file_sha256(split),
+           'probe_content_sha256': 'p' * 64, 'commit': 'a' * 40}
+    (tmp_path / 'probe_n320_s1.json').write_text(json.dumps(rec))
+    monkeypatch.setattr(G.B, 'run_cli', lambda *a, **k: (_ for _ in ()).throw(RuntimeError('trained')))
+    monkeypatch.setattr(G, 'git_info', lambda root: {'commit': 'a' * 40, 'dirty': False})
+    assert G.probe_job(tmp_path, {'content_sha256': 'p' * 64}, tmp_path, 1, split)['run_dir'] == tmp_path / 'run'
+    with pytest.raises(RuntimeError, match='trained'): G.probe_job(tmp_path, {'content_sha256': 'q' * 64}, tmp_path, 1, split)
+    monkeypatch.setattr(G, 'git_info', lambda root: {'commit': 'a' * 40, 'dirty': True})
+    with pytest.raises(RuntimeError, match='trained'): G.probe_job(tmp_path, {'content_sha256': 'p' * 64}, tmp_path, 1, split)
+    assert G.probe_job(tmp_path, {'content_sha256': 'p' * 64}, tmp_path, 1, split, from_runs=True)['run_dir'] == tmp_path / 'run'

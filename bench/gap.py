@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Where does the recipe lose to the oracle? `python bench/gap.py` -> bench/gap_results.json and a block of bench/README.md.
+
+bench/ceiling.py measured how much more people buy the recipe. This script reads the same runs (it needs
+bench/ceiling.py's finished runs in bench/out/ceiling_runs) and asks where, on the cohort's 200 held-out subjects,
+their error exceeds the oracle's, and why.
+
+1. **By age.** The image MAE of each size's models (mean over the 2 seeds) and of the oracle per age band.
+2. **Children and the depth setting.** Before 18 the generator's muscle carries age only in its thickness in cm (the
+   echo level is flat), and each subject is scanned at a depth of 4, 5 or 6 cm (drawn independently of age), so a
+   muscle's thickness in pixels depends on the depth as much as on age. The scale is in the image only as the depth
+   ticks along the bottom edge. If a model cannot read it, a child scanned at 4 cm looks older than one at 6 cm. The
+   script reports, per size, the children's mean signed error at the shallowest depth minus at the deepest, with a 95%
+   interval (the seeds and the children resampled), and the oracle's (which knows the thickness in cm) as a control.
+3. **A probe: the scale given.** The recipe trained on the 320-subject split of a copy of the cohort whose images are
+   resampled to one scale (pixels per cm) with the depth the generator drew: each image shrinks by its depth over the
+   deepest, top-aligned and centred on a black field. This is information the spreadsheet of the real data does not
+   hold and the plain loop does not get, so the probe is a yardstick, not a candidate default: it measures how much of
+   the gap a model that knew the scale would close. It is scored like the sizes above, and against the recipe on the
+   same split and seeds (paired).
+
+About 8 minutes on a 2-core CPU (two trainings at a time, one thread each). `--render` only renders the block again.
+"""
+from __future__ import annotations
+import argparse, hashlib, json, shutil, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from agenb import __version__
+from agenb.core import file_sha256, git_info
+from agenb.stats import boot_means, percentile_interval, resample_counts
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import run as B       # bench/run.py: paths, data records, CLI runner, machine record
+import render         # bench/render.py: fills the marked blocks of bench/README.md
+import ceiling as C   # bench/ceiling.py: the cohort, its splits, the recipe and its runs
+
+AGE_BANDS = (0, 10, 18, 40, 60, 75, 90)
+ADULT = 18                      # before this age the generator's echo level is flat: thickness alone carries age
+PROBE_SIZE = 320                # development subjects of the probe (the bench's size)
+PROBE_VERSION = 1               # bump when spacing_image changes what it writes
+RESULTS = HERE / 'gap_results.json'
+
+
+def spacing_image(img: Image.Image, depth_cm: float, ref_cm: float) -> Image.Image:
+    """`img` (a scan `depth_cm` deep) at the scale of one `ref_cm` deep: shrunk by depth_cm / ref_cm (bilinear), placed
+    at the top and centred on a black field of the same size, so that a centimetre spans as many pixels in every image."""
+    if not 0 < depth_cm <= ref_cm: raise ValueError(f'depth {depth_cm} cm must lie in (0, {ref_cm}]')
+    W, H = img.size
+    w, h = round(W * depth_cm / ref_cm), round(H * depth_cm / ref_cm)
+    out = Image.new(img.mode, (W, H), 0)
+    out.paste(img.resize((w, h), Image.Resampling.BILINEAR), ((W - w) // 2, 0))
+    return out
+
+
+def ensure_probe_data(src_root, dst_root) -> dict:
+    """The cohort's healthy TA images resampled by `spacing_image` to its deepest depth, with its spreadsheet, under
+    `dst_root`; reused while its probe.json names the same source data and PROBE_VERSION. Returns that record."""
+    src_root, dst_root = Path(src_root), Path(dst_root)
+    fp = B.data_record(src_root)['fingerprint']
+    want = {'source': B.rel(src_root), 'source_content_sha256': fp['content_sha256'], 'probe_version': PROBE_VERSION}
+    meta = dst_root / 'probe.json'
+    if meta.is_file() and {k: v for k, v in json.loads(meta.read_text()).items() if k in want} == want:
+        return json.loads(meta.read_text())
+    shutil.rmtree(dst_root, ignore_errors=True)
+    lat = pd.read_csv(src_root / 'synth_latents.csv').query("muscle == 'TA' and cohort == 'Healthy'")
+    ref = float(lat.depth_cm.max())
+    src_img, _ = B.data_paths(src_root)
+    dst_img, dst_xlsx = B.data_paths(dst_root)
+    dst_img.mkdir(parents=True)
+    shutil.copy(src_root / 'TA' / 'characteristics.xlsx', dst_xlsx)
+    for name, depth in zip(lat.filename, lat.depth_cm):
+        with Image.open(src_img / name) as im: spacing_image(im, float(depth), ref).save(dst_img / name)
+    digest = hashlib.sha256()
+    for p in sorted(dst_img.iterdir()): digest.update(p.name.encode() + file_sha256(p).encode())
+    rec = {**want, 'reference_depth_cm': ref, 'n_images': len(lat), 'content_sha256': digest.hexdigest()}
+    meta.write_text(json.dumps(rec, indent=1) + '\n')
+    return rec
+
+
+def probe_job(probe_root, probe, out_dir, seed, split_file, from_runs=False, timeout=4 * 3600) -> dict:
+    """The recipe (as bench/ceiling.py trains it) on the probe data with `split_file`: kept, not trained again, while its
+    record names the same split and probe data and the tree is clean at the same commit (any commit with `from_runs`)."""
+    record = Path(out_dir) / f'probe_n{PROBE_SIZE}_s{seed}.json'
+    key = {'split_sha256': file_sha256(split_file), 'probe_content_sha256': probe['content_sha256']}
+    if record.is_file():
+        r, now = json.loads(record.read_text()), git_info(B.ROOT)
+        if {k: r.get(k) for k in key} == key and (from_runs or (r['commit'] == now['commit'] and not now['dirty'])):
+            print(f'gap: probe seed={seed}: kept from {B.rel(record)}', flush=True)
+            return {**r, 'run_dir': Path(r['run_dir'])}
+    opts = {**C.recipe_options(), 'seed': seed, 'split_file': split_file, 'deterministic': True, 'num_workers': 1}
+    for k in ('pretrained', 'image_dir', 'excel_path'): opts.pop(k, None)
+    cmd = [sys.executable] + B.train_cmd(probe_root, out_dir, f'probe_n{PROBE_SIZE}_s{seed}', **opts)
+    run_dir, wall = B.run_cli(cmd, C.ENV, Path(out_dir) / f'probe_n{PROBE_SIZE}_s{seed}.log', timeout)
+    out = {'n': PROBE_SIZE, 'seed': seed, 'run_dir': run_dir, 'wall_seconds': round(wall, 1)}
+    record.write_text(json.dumps({**out, 'run_dir': str(run_dir), **key, 'commit': git_info(B.ROOT)['commit']}))
+    print(f'gap: probe seed={seed} done in {render._minutes(wall)}', flush=True)
+    return out
+
+
+def held_out_images(cohort_root, split_file) -> pd.DataFrame:
+    "bench/ceiling.py's scored images of the held-out subjects of `split_file`, with each image's depth setting in cm."
+    held = pd.read_csv(split_file, dtype={'subject': str}).query("split == 'test'").subject
+    j = C.scored_images(cohort_root, held)
+    lat = pd.read_csv(Path(cohort_root) / 'synth_latents.csv').query("muscle == 'TA' and cohort == 'Healthy'")
+    return j.assign(depth_cm=j.filename.map(lat.set_index('filename').depth_cm))
+
+
+def band_of(age) -> np.ndarray:
+    "Index of each age's band in AGE_BANDS (the last band includes its upper edge)."
+    return np.digitize(np.asarray(age, float), AGE_BANDS[1:-1])
+
+
+def by_age(j, preds) -> list:
+    """Per age band: images, subjects, the oracle's image MAE and each predictor's (`preds`: name -> list of one
+    prediction array per seed; its MAE is the mean over the seeds)."""
+    band, err = band_of(j.age), lambda p: np.abs(np.asarray(p, float) - j.age.to_numpy())
+    rows = []
+    for b in range(len(AGE_BANDS) - 1):
+        m = band == b
+        mae = lambda ps: round(float(np.mean([err(p)[m].mean() for p in ps])), 2) if m.any() else None   # None: nobody
+        row = {'band': f'{AGE_BANDS[b]}-{AGE_BANDS[b + 1]}', 'n_images': int(m.sum()),
+               'n_subjects': int(j.subject[m].nunique()), 'oracle': mae([j.oracle])}
+        row.update({name: mae(ps) for name, ps in preds.items()})
+        rows.append(row)
+    return rows
+
+
+def depth_contrast(j, preds, n_boot=2000, boot_seed=0) -> dict:
+    """Children (age < ADULT): each predictor's mean signed error (years) at the shallowest depth setting minus at the
+    deepest, with a 95% interval: the children resampled by subject (once for all predictors: paired), each
+    predictor's seeds resampled on their own. The oracle (which knows the thickness in cm) is the control."""
+    c = j[j.age < ADULT]
+    ids, inv = np.unique(c.subject.astype(str).to_numpy(), return_inverse=True)
+    depth = pd.Series(c.depth_cm.to_numpy()).groupby(inv).first().to_numpy()
+    lo, hi = depth.min(), depth.max()
+    n_img = np.bincount(inv, minlength=len(ids)).astype(float)
+    rng = np.random.default_rng(boot_seed)
+    w = resample_counts(len(ids), n_boot, rng).astype(float)
+    out = {'shallow_cm': float(lo), 'deep_cm': float(hi), 'n_children': len(ids),
+           'n_subjects': {str(lo): int((depth == lo).sum()), str(hi): int((depth == hi).sum())}, 'predictors': {}}
+
+    def means(e_sums, weights):   # weights (k, subjects) -> (k,) mean signed error at lo and at hi
+        g = lambda d: (e_sums * weights * (depth == d)).sum(1) / (n_img * weights * (depth == d)).sum(1)
+        return g(lo), g(hi)
+    for name, ps in {'oracle': [j.oracle], **preds}.items():
+        E = np.stack([np.bincount(inv, np.asarray(p, float)[(j.age < ADULT).to_numpy()] - c.age.to_numpy(), minlength=len(ids))
+                      for p in ps])
+        a, b = means(E.mean(0)[None], np.ones((1, len(ids))))
+        sw = resample_counts(len(ps), n_boot, rng) / len(ps) if len(ps) > 1 else np.ones((n_boot, 1))
+        with np.errstate(invalid='ignore', divide='ignore'): A, Bm = means(sw @ E, w)
+        d = (A - Bm)[np.isfinite(A - Bm)]   # a resample that drew no child at one depth has no contrast
+        out['predictors'][name] = {'shallow': round(float(a[0]), 2), 'deep': round(float(b[0]), 2),
+                                   'difference': round(float(a[0] - b[0]), 2),
+                                   'difference_ci95': [round(x, 2) for x in percentile_interval(d)], 'n_boot_used': int(len(d))}
+    out['method'] = (f'{n_boot} bootstrap resamples of the {len(ids)} held-out children (seed {boot_seed}), shared by all '
+                     'predictors; each predictor\'s training seeds resampled on their own; percentile interval')
+    return out
+
+
+def probe_comparison(j, probe, recipe, n_boot=2000, boot_seed=0) -> dict:
+    """The probe against the recipe on the same split and seeds, and both against the oracle, on the images `j`:
+    image MAE per seed, the ratio of the seed means with 95% intervals (agenb.stats.boot_means: paired subjects)."""
+    cubes = {'probe': np.stack([B.subject_error_sums(j, p) for p in probe]),
+             'recipe': np.stack([B.subject_error_sums(j, p) for p in recipe]), 'oracle': B.subject_error_sums(j, j.oracle)[None]}
+    M = dict(zip(cubes, boot_means(cubes, n_boot, boot_seed)))
+    pt = {k: c.mean(0).sum() for k, c in cubes.items()}
+    mae = lambda p: round(float(np.mean(np.abs(np.asarray(p, float) - j.age))), 3)
+    ratio = lambda a, b: {'point': round(float(pt[a] / pt[b]), 3), 'ci95': [round(x, 3) for x in percentile_interval(M[a] / M[b])]}
+    return {'probe_test_mae_per_seed': [mae(p) for p in probe], 'recipe_test_mae_per_seed': [mae(p) for p in recipe],
+            'probe_over_recipe': ratio('probe', 'recipe'), 'probe_over_oracle': ratio('probe', 'oracle'),
+            'recipe_over_oracle': ratio('recipe', 'oracle'),
+            'method': f'{n_boot} bootstrap resamples: each side\'s seeds drawn with replacement on their own, the '
+                      f'{j.subject.nunique()} held-out subjects drawn once for all (seed {boot_seed}); percentile interval'}
+
+
+PROBE = f'{PROBE_SIZE}, scale given'
+
+def gap_block(res) -> str:
+    "bench/README.md's block of where the gap lies, rendered from gap_results.json."
+    names = [str(n) for n in res['sizes']] + [PROBE]
+    cell = lambda x: '-' if x is None else f'{x:.2f}'
+    lines = ['Image MAE (years) on the cohort\'s held-out subjects per age band; a size\'s models are averaged over their seeds.', '',
+             '| age | images (subjects) | oracle | ' + ' | '.join(f'{n} subjects' for n in names) + ' |',
+             '|---|---:|---:|' + '---:|' * len(names)]
+    lines += [f'| {r["band"]} | {r["n_images"]} ({r["n_subjects"]}) | {cell(r["oracle"])} | ' + ' | '.join(cell(r[n]) for n in names) + ' |'
+              for r in res['by_age']]
+    d = res['children_by_depth']
+    s, t = d['shallow_cm'], d['deep_cm']
+    lines += ['', f'Children (under {ADULT}): mean signed error (years; positive: predicted too old) of the {d["n_subjects"][str(s)]} '
+              f'held-out children scanned at {s:g} cm and the {d["n_subjects"][str(t)]} at {t:g} cm. {d["method"]}.', '',
+              f'| predictor | at {s:g} cm | at {t:g} cm | {s:g} cm minus {t:g} cm [95% CI] |', '|---|---:|---:|---|']
+    for n, r in d['predictors'].items():
+        label = 'oracle (knows the thickness in cm)' if n == 'oracle' else f'{n} subjects'
+        lines.append(f'| {label} | {r["shallow"]:+.2f} | {r["deep"]:+.2f} | {r["difference"]:+.2f} '
+                     f'[{r["difference_ci95"][0]:+.2f}, {r["difference_ci95"][1]:+.2f}] |')
+    p, q = res['probe'], res['probe']['comparison']
+    ci = lambda r: f'{r["point"]:.3f} [{r["ci95"][0]:.3f}, {r["ci95"][1]:.3f}]'
+    seeds = lambda xs: ', '.join(f'{x:.2f}' for x in xs)
+    a = res['agenb']
+    lines += ['', f'The probe: the recipe on the {PROBE_SIZE}-subject split of a copy of the cohort resampled to one scale '
+              f'({p["data"]["reference_depth_cm"]:g} cm deep; version {p["data"]["probe_version"]}), seeds '
+              f'{", ".join(map(str, res["seeds"]))}: test MAE {seeds(q["probe_test_mae_per_seed"])} against the recipe\'s '
+              f'{seeds(q["recipe_test_mae_per_seed"])} on the same split; over the recipe {ci(q["probe_over_recipe"])}, over '
+              f'the oracle {ci(q["probe_over_oracle"])} (the recipe: {ci(q["recipe_over_oracle"])}). {q["method"]}. '
+              f'Commit `{a["commit"][:10]}`{" with uncommitted changes" if a["dirty"] else " with a clean tree"}; the '
+              f'{len(p["runs"])} probe trainings took {render._minutes(sum(r["wall_seconds"] for r in p["runs"]))} in all.']
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--workers', type=int, default=2, help='probe trainings at a time, one thread each (default: %(default)s)')
+    p.add_argument('--from-runs', action='store_true', help='keep finished probe runs whatever commit trained them')
+    p.add_argument('--render', action='store_true', help='only render bench/README.md\'s block again from bench/gap_results.json')
+    a = p.parse_args(argv)
+    if a.render:
+        render.update_readme(render.README, None, 'gap', gap_block(json.loads(RESULTS.read_text())))
+        return print(f'rendered from {B.rel(RESULTS)}')
+    t0 = time.time()
+    agenb = {'version': __version__, **git_info(B.ROOT)}   # read before anything is written
+    ceil = json.loads(C.RESULTS.read_text())
+    cohort_root, out_dir = B.OUT / 'data_ceiling', B.OUT / 'ceiling_runs'
+    runs = [{**r, 'run_dir': B.ROOT / r['run_dir']} for r in ceil['runs']]
+    if missing := [B.rel(r['run_dir']) for r in runs if not (r['run_dir'] / 'predictions.csv').is_file()]:
+        print(f'gap: {len(missing)} runs of {B.rel(C.RESULTS)} are missing (e.g. {missing[0]}): run python bench/ceiling.py '
+              'first (about 45 minutes)', file=sys.stderr)
+        sys.exit(2)
+    splits = C.split_files(cohort_root, out_dir, ceil['sizes'])
+    j = held_out_images(cohort_root, splits[ceil['sizes'][0]])
+    pred = lambda run_dir: j.filename.map(pd.read_csv(Path(run_dir) / 'predictions.csv').set_index('filename').pred).to_numpy()
+    preds = {str(n): [pred(r['run_dir']) for r in runs if r['n'] == n] for n in ceil['sizes']}
+    probe = ensure_probe_data(cohort_root, B.OUT / 'data_ceiling_spacing')
+    with ThreadPoolExecutor(a.workers) as ex:
+        done = list(ex.map(lambda s: probe_job(B.OUT / 'data_ceiling_spacing', probe, out_dir, s, splits[PROBE_SIZE], a.from_runs),
+                           ceil['seeds']))
+    for r in done: r.update(C.run_record(r['run_dir']))
+    assert all(r['options'] == C.run_record(next(x['run_dir'] for x in runs if x['n'] == PROBE_SIZE))['options'] for r in done), \
+        'the probe ran other options than the recipe'
+    preds[PROBE] = [pred(r['run_dir']) for r in done]
+    assert all(np.isfinite(x).all() for ps in preds.values() for x in ps), 'a held-out image was not predicted'
+    trained_by = {json.dumps(r['git'], sort_keys=True) for r in done}
+    res = {'what': 'issue 27: where the recipe\'s error exceeds the oracle\'s on bench/ceiling.py\'s held-out subjects, and a '
+                   'probe that gives the model the scale', 'ceiling_results': B.rel(C.RESULTS), 'ceiling_commit': ceil['agenb']['commit'],
+           'sizes': ceil['sizes'], 'seeds': ceil['seeds'], 'n_images': len(j), 'n_subjects': int(j.subject.nunique()),
+           'age_bands': list(AGE_BANDS), 'by_age': by_age(j, preds), 'children_by_depth': depth_contrast(j, preds),
+           'probe': {'size': PROBE_SIZE, 'data': probe, 'comparison': probe_comparison(j, preds[PROBE], preds[str(PROBE_SIZE)]),
+                     'runs': [{k: (B.rel(v) if isinstance(v, Path) else v) for k, v in r.items() if k not in ('commit', 'options')}
+                              for r in done], 'options': done[0]['options']},
+           'cohort': B.data_record(cohort_root), 'machine': B.machine_info(),
+           'agenb': {'version': agenb['version'], **json.loads(trained_by.pop())} if len(trained_by) == 1 else
+                    {'version': agenb['version'], 'commit': None, 'dirty': None, 'runs_trained_by': sorted(trained_by)},
+           'results_written_by': agenb, 'command': ' '.join(['bench/gap.py', *(argv if argv is not None else sys.argv[1:])]),
+           'created_at': datetime.now().isoformat(timespec='seconds'), 'wall_seconds': round(time.time() - t0, 1)}
+    RESULTS.write_text(json.dumps(res, indent=1) + '\n')
+    print(gap_block(res))
+    render.update_readme(render.README, res, 'gap', gap_block(res))
+    print(f'wrote {B.rel(RESULTS)}')
+
+
+if __name__ == '__main__':
+    main()
