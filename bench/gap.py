@@ -19,7 +19,7 @@ their error exceeds the oracle's, and why.
    the gap a model that knew the scale would close. It is scored like the sizes above, and against the recipe on the
    same split and seeds (paired).
 
-About 8 minutes on a 2-core CPU (two trainings at a time, one thread each). `--render` only renders the block again.
+About 5 minutes on a 2-core CPU (two trainings at a time, one thread each). `--render` only renders the block again.
 """
 from __future__ import annotations
 import argparse, hashlib, json, shutil, sys, time
@@ -185,8 +185,9 @@ def gap_block(res) -> str:
     "bench/README.md's block of where the gap lies, rendered from gap_results.json."
     names = [str(n) for n in res['sizes']] + [PROBE]
     cell = lambda x: '-' if x is None else f'{x:.2f}'
+    label = lambda n: f'{PROBE_SIZE} subjects, scale given (probe)' if n == PROBE else f'{n} subjects'
     lines = ['Image MAE (years) on the cohort\'s held-out subjects per age band; a size\'s models are averaged over their seeds.', '',
-             '| age | images (subjects) | oracle | ' + ' | '.join(f'{n} subjects' for n in names) + ' |',
+             '| age | images (subjects) | oracle | ' + ' | '.join(label(n) for n in names) + ' |',
              '|---|---:|---:|' + '---:|' * len(names)]
     lines += [f'| {r["band"]} | {r["n_images"]} ({r["n_subjects"]}) | {cell(r["oracle"])} | ' + ' | '.join(cell(r[n]) for n in names) + ' |'
               for r in res['by_age']]
@@ -196,8 +197,7 @@ def gap_block(res) -> str:
               f'held-out children scanned at {s:g} cm and the {d["n_subjects"][str(t)]} at {t:g} cm. {d["method"]}.', '',
               f'| predictor | at {s:g} cm | at {t:g} cm | {s:g} cm minus {t:g} cm [95% CI] |', '|---|---:|---:|---|']
     for n, r in d['predictors'].items():
-        label = 'oracle (knows the thickness in cm)' if n == 'oracle' else f'{n} subjects'
-        lines.append(f'| {label} | {r["shallow"]:+.2f} | {r["deep"]:+.2f} | {r["difference"]:+.2f} '
+        lines.append(f'| {"oracle (knows the thickness in cm)" if n == "oracle" else label(n)} | {r["shallow"]:+.2f} | {r["deep"]:+.2f} | {r["difference"]:+.2f} '
                      f'[{r["difference_ci95"][0]:+.2f}, {r["difference_ci95"][1]:+.2f}] |')
     p, q = res['probe'], res['probe']['comparison']
     ci = lambda r: f'{r["point"]:.3f} [{r["ci95"][0]:.3f}, {r["ci95"][1]:.3f}]'
