@@ -18,8 +18,12 @@ their error exceeds the oracle's, and why.
    hold and the plain loop does not get, so the probe is a yardstick, not a candidate default: it measures how much of
    the gap a model that knew the scale would close. It is scored like the sizes above, and against the recipe on the
    same split and seeds (paired).
+4. **A probe: a finer image.** The same recipe at 128 px instead of 64, on the cohort itself: the ticks then lie 9 to
+   14 pixels apart instead of 5 to 7. Does the network read the scale from them when they are sharper? This one needs
+   nothing the plain loop lacks, but the plain loop at 128 px would get it too: it bears on the budget, not on
+   `mae_over_plain_loop`.
 
-About 5 minutes on a 2-core CPU (two trainings at a time, one thread each). `--render` only renders the block again.
+About 25 minutes on a 2-core CPU (two trainings at a time, one thread each). `--render` only renders the block again.
 """
 from __future__ import annotations
 import argparse, hashlib, json, shutil, sys, time
@@ -83,23 +87,33 @@ def ensure_probe_data(src_root, dst_root) -> dict:
     return rec
 
 
-def probe_job(probe_root, probe, out_dir, seed, split_file, from_runs=False, timeout=4 * 3600) -> dict:
-    """The recipe (as bench/ceiling.py trains it) on the probe data with `split_file`: kept, not trained again, while its
-    record names the same split and probe data and the tree is clean at the same commit (any commit with `from_runs`)."""
-    record = Path(out_dir) / f'probe_n{PROBE_SIZE}_s{seed}.json'
-    key = {'split_sha256': file_sha256(split_file), 'probe_content_sha256': probe['content_sha256']}
+PROBES = {   # record name: (label, its data: the scale-given copy or the cohort itself, the recipe's options it changes)
+    'probe': ('scale given', 'spacing', {}),
+    'probe128': ('128 px', 'cohort', {'image_size': 128}),
+}
+
+
+def probe_job(name, data_root, data_sha, out_dir, seed, split_file, changed=None, from_runs=False, timeout=4 * 3600) -> dict:
+    """The recipe (as bench/ceiling.py trains it, with the options `changed`) on `data_root` with `split_file`: kept, not
+    trained again, while its record names the same split, data and changes and the tree is clean at the same commit
+    (any commit with `from_runs`)."""
+    record = Path(out_dir) / f'{name}_n{PROBE_SIZE}_s{seed}.json'
+    changed = dict(changed or {})
+    key = {'split_sha256': file_sha256(split_file), 'probe_content_sha256': data_sha}
     if record.is_file():
         r, now = json.loads(record.read_text()), git_info(B.ROOT)
-        if {k: r.get(k) for k in key} == key and (from_runs or (r['commit'] == now['commit'] and not now['dirty'])):
-            print(f'gap: probe seed={seed}: kept from {B.rel(record)}', flush=True)
+        if ({k: r.get(k) for k in key} == key and r.get('changed', {}) == changed
+                and (from_runs or (r['commit'] == now['commit'] and not now['dirty']))):
+            print(f'gap: {name} seed={seed}: kept from {B.rel(record)}', flush=True)
             return {**r, 'run_dir': Path(r['run_dir'])}
-    opts = {**C.recipe_options(), 'seed': seed, 'split_file': split_file, 'deterministic': True, 'num_workers': 1}
+    opts = {**C.recipe_options(), **changed, 'seed': seed, 'split_file': split_file, 'deterministic': True, 'num_workers': 1}
     for k in ('pretrained', 'image_dir', 'excel_path'): opts.pop(k, None)
-    cmd = [sys.executable] + B.train_cmd(probe_root, out_dir, f'probe_n{PROBE_SIZE}_s{seed}', **opts)
-    run_dir, wall = B.run_cli(cmd, C.ENV, Path(out_dir) / f'probe_n{PROBE_SIZE}_s{seed}.log', timeout)
+    cmd = [sys.executable] + B.train_cmd(data_root, out_dir, f'{name}_n{PROBE_SIZE}_s{seed}', **opts)
+    run_dir, wall = B.run_cli(cmd, C.ENV, Path(out_dir) / f'{name}_n{PROBE_SIZE}_s{seed}.log', timeout)
     out = {'n': PROBE_SIZE, 'seed': seed, 'run_dir': run_dir, 'wall_seconds': round(wall, 1)}
-    record.write_text(json.dumps({**out, 'run_dir': str(run_dir), **key, 'commit': git_info(B.ROOT)['commit']}))
-    print(f'gap: probe seed={seed} done in {render._minutes(wall)}', flush=True)
+    record.write_text(json.dumps({**out, 'run_dir': str(run_dir), **key, **({'changed': changed} if changed else {}),
+                                  'commit': git_info(B.ROOT)['commit']}))
+    print(f'gap: {name} seed={seed} done in {render._minutes(wall)}', flush=True)
     return out
 
 
@@ -179,13 +193,12 @@ def probe_comparison(j, probe, recipe, n_boot=2000, boot_seed=0) -> dict:
                       f'{j.subject.nunique()} held-out subjects drawn once for all (seed {boot_seed}); percentile interval'}
 
 
-PROBE = f'{PROBE_SIZE}, scale given'
-
 def gap_block(res) -> str:
     "bench/README.md's block of where the gap lies, rendered from gap_results.json."
-    names = [str(n) for n in res['sizes']] + [PROBE]
+    P = res['probes']
+    names = [str(n) for n in res['sizes']] + [p['column'] for p in P.values()]
     cell = lambda x: '-' if x is None else f'{x:.2f}'
-    label = lambda n: f'{PROBE_SIZE} subjects, scale given (probe)' if n == PROBE else f'{n} subjects'
+    label = lambda n: f'{n} (probe)' if n in [p['column'] for p in P.values()] else f'{n} subjects'
     lines = ['Image MAE (years) on the cohort\'s held-out subjects per age band; a size\'s models are averaged over their seeds.', '',
              '| age | images (subjects) | oracle | ' + ' | '.join(label(n) for n in names) + ' |',
              '|---|---:|---:|' + '---:|' * len(names)]
@@ -199,17 +212,24 @@ def gap_block(res) -> str:
     for n, r in d['predictors'].items():
         lines.append(f'| {"oracle (knows the thickness in cm)" if n == "oracle" else label(n)} | {r["shallow"]:+.2f} | {r["deep"]:+.2f} | {r["difference"]:+.2f} '
                      f'[{r["difference_ci95"][0]:+.2f}, {r["difference_ci95"][1]:+.2f}] |')
-    p, q = res['probe'], res['probe']['comparison']
     ci = lambda r: f'{r["point"]:.3f} [{r["ci95"][0]:.3f}, {r["ci95"][1]:.3f}]'
     seeds = lambda xs: ', '.join(f'{x:.2f}' for x in xs)
+    lines += ['', f'The probes: the recipe on the {PROBE_SIZE}-subject split, seeds {", ".join(map(str, res["seeds"]))}, against the '
+              f'recipe on the same split and seeds. {next(iter(P.values()))["comparison"]["method"]}.', '',
+              '| probe | what changes | test MAE per seed (the recipe\'s) | over the recipe [95% CI] | over the oracle [95% CI] | trainings |',
+              '|---|---|---|---|---|---|']
+    for p in P.values():
+        q = p['comparison']
+        what = (f'images resampled to one scale ({p["data"]["reference_depth_cm"]:g} cm deep; version {p["data"]["probe_version"]})'
+                if p['data'].get('probe_version') else ', '.join(f'`{k}` {v}' for k, v in p['changed'].items()))
+        lines.append(f'| {p["column"]} | {what} | {seeds(q["probe_test_mae_per_seed"])} ({seeds(q["recipe_test_mae_per_seed"])}) | '
+                     f'{ci(q["probe_over_recipe"])} | {ci(q["probe_over_oracle"])} (the recipe: {ci(q["recipe_over_oracle"])}) | '
+                     f'{len(p["runs"])}, {render._minutes(sum(r["wall_seconds"] for r in p["runs"]))} in all |')
     a = res['agenb']
-    lines += ['', f'The probe: the recipe on the {PROBE_SIZE}-subject split of a copy of the cohort resampled to one scale '
-              f'({p["data"]["reference_depth_cm"]:g} cm deep; version {p["data"]["probe_version"]}), seeds '
-              f'{", ".join(map(str, res["seeds"]))}: test MAE {seeds(q["probe_test_mae_per_seed"])} against the recipe\'s '
-              f'{seeds(q["recipe_test_mae_per_seed"])} on the same split; over the recipe {ci(q["probe_over_recipe"])}, over '
-              f'the oracle {ci(q["probe_over_oracle"])} (the recipe: {ci(q["recipe_over_oracle"])}). {q["method"]}. '
-              f'Commit `{a["commit"][:10]}`{" with uncommitted changes" if a["dirty"] else " with a clean tree"}; the '
-              f'{len(p["runs"])} probe trainings took {render._minutes(sum(r["wall_seconds"] for r in p["runs"]))} in all.']
+    gits = [a] if a.get('commit') else [json.loads(g) for g in a['runs_trained_by']]
+    trained = ('commit ' if len(gits) == 1 else 'commits ') + ', '.join(
+        f'`{g["commit"][:10]}`' + (' with uncommitted changes' if g['dirty'] else ' with a clean tree') for g in gits)
+    lines += ['', f'The probes were trained by {trained}; two at a time, one thread each.']
     return '\n'.join(lines)
 
 
@@ -235,26 +255,34 @@ def main(argv=None):
     j = held_out_images(cohort_root, splits[ceil['sizes'][0]])
     pred = lambda run_dir: j.filename.map(pd.read_csv(Path(run_dir) / 'predictions.csv').set_index('filename').pred).to_numpy()
     preds = {str(n): [pred(r['run_dir']) for r in runs if r['n'] == n] for n in ceil['sizes']}
-    probe = ensure_probe_data(cohort_root, B.OUT / 'data_ceiling_spacing')
-    with ThreadPoolExecutor(a.workers) as ex:
-        done = list(ex.map(lambda s: probe_job(B.OUT / 'data_ceiling_spacing', probe, out_dir, s, splits[PROBE_SIZE], a.from_runs),
-                           ceil['seeds']))
-    for r in done: r.update(C.run_record(r['run_dir']))
-    assert all(r['options'] == C.run_record(next(x['run_dir'] for x in runs if x['n'] == PROBE_SIZE))['options'] for r in done), \
-        'the probe ran other options than the recipe'
-    preds[PROBE] = [pred(r['run_dir']) for r in done]
+    cohort = B.data_record(cohort_root)
+    data = {'spacing': (B.OUT / 'data_ceiling_spacing', ensure_probe_data(cohort_root, B.OUT / 'data_ceiling_spacing')),
+            'cohort': (cohort_root, {'source': B.rel(cohort_root), 'content_sha256': cohort['fingerprint']['content_sha256']})}
+    jobs = [(name, s) for name in PROBES for s in ceil['seeds']]
+    job = lambda ns: probe_job(ns[0], data[PROBES[ns[0]][1]][0], data[PROBES[ns[0]][1]][1]['content_sha256'], out_dir, ns[1],
+                               splits[PROBE_SIZE], PROBES[ns[0]][2], a.from_runs)
+    with ThreadPoolExecutor(a.workers) as ex: done = dict(zip(jobs, ex.map(job, jobs)))
+    for r in done.values(): r.update(C.run_record(r['run_dir']))
+    recipe = C.run_record(next(x['run_dir'] for x in runs if x['n'] == PROBE_SIZE))['options']
+    probes = {}
+    for name, (label, data_name, changed) in PROBES.items():
+        mine = [done[name, s] for s in ceil['seeds']]
+        assert all(r['options'] == {**recipe, **changed} for r in mine), f'{name} ran other options than the recipe with {changed}'
+        column = f'{PROBE_SIZE} subjects, {label}'
+        preds[column] = [pred(r['run_dir']) for r in mine]
+        probes[name] = {'column': column, 'size': PROBE_SIZE, 'changed': changed, 'data': data[data_name][1], 'options': mine[0]['options'],
+                        'comparison': probe_comparison(j, preds[column], preds[str(PROBE_SIZE)]),
+                        'runs': [{k: (B.rel(v) if isinstance(v, Path) else v) for k, v in r.items() if k not in ('commit', 'options', 'changed')}
+                                 for r in mine]}
     assert all(np.isfinite(x).all() for ps in preds.values() for x in ps), 'a held-out image was not predicted'
-    trained_by = {json.dumps(r['git'], sort_keys=True) for r in done}
-    res = {'what': 'issue 27: where the recipe\'s error exceeds the oracle\'s on bench/ceiling.py\'s held-out subjects, and a '
-                   'probe that gives the model the scale', 'ceiling_results': B.rel(C.RESULTS), 'ceiling_commit': ceil['agenb']['commit'],
+    trained_by = sorted({json.dumps(r['git'], sort_keys=True) for r in done.values()})
+    res = {'what': 'issue 27: where the recipe\'s error exceeds the oracle\'s on bench/ceiling.py\'s held-out subjects, and '
+                   'probes of why', 'ceiling_results': B.rel(C.RESULTS), 'ceiling_commit': ceil['agenb']['commit'],
            'sizes': ceil['sizes'], 'seeds': ceil['seeds'], 'n_images': len(j), 'n_subjects': int(j.subject.nunique()),
            'age_bands': list(AGE_BANDS), 'by_age': by_age(j, preds), 'children_by_depth': depth_contrast(j, preds),
-           'probe': {'size': PROBE_SIZE, 'data': probe, 'comparison': probe_comparison(j, preds[PROBE], preds[str(PROBE_SIZE)]),
-                     'runs': [{k: (B.rel(v) if isinstance(v, Path) else v) for k, v in r.items() if k not in ('commit', 'options')}
-                              for r in done], 'options': done[0]['options']},
-           'cohort': B.data_record(cohort_root), 'machine': B.machine_info(),
-           'agenb': {'version': agenb['version'], **json.loads(trained_by.pop())} if len(trained_by) == 1 else
-                    {'version': agenb['version'], 'commit': None, 'dirty': None, 'runs_trained_by': sorted(trained_by)},
+           'probes': probes, 'cohort': cohort, 'machine': B.machine_info(),
+           'agenb': {'version': agenb['version'], **json.loads(trained_by[0])} if len(trained_by) == 1 else
+                    {'version': agenb['version'], 'commit': None, 'dirty': None, 'runs_trained_by': trained_by},
            'results_written_by': agenb, 'command': ' '.join(['bench/gap.py', *(argv if argv is not None else sys.argv[1:])]),
            'created_at': datetime.now().isoformat(timespec='seconds'), 'wall_seconds': round(time.time() - t0, 1)}
     RESULTS.write_text(json.dumps(res, indent=1) + '\n')

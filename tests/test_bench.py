@@ -566,17 +566,21 @@ def test_gap_block_is_rendered_from_its_results():
     assert render.fill(text, 'gap', G.gap_block(res)) == text, 'run python bench/gap.py (or render its block again)'
     ceil = json.loads((ROOT / 'bench' / 'ceiling_results.json').read_text())
     assert res['ceiling_commit'] == ceil['agenb']['commit'] and res['sizes'] == ceil['sizes'] and res['seeds'] == ceil['seeds']
-    assert res['agenb']['dirty'] is False and len(res['agenb']['commit']) == 40
+    gits = [r['git'] for p in res['probes'].values() for r in p['runs']]
+    assert all(g['dirty'] is False and len(g['commit']) == 40 for g in gits), 'a probe ran on uncommitted code'
     assert res['cohort']['fingerprint']['content_sha256'] == ceil['cohort']['fingerprint']['content_sha256']
-    assert res['cohort']['fingerprint']['version'] == GENERATOR_VERSION and res['probe']['data']['probe_version'] == G.PROBE_VERSION
+    assert res['cohort']['fingerprint']['version'] == GENERATOR_VERSION and res['probes']['probe']['data']['probe_version'] == G.PROBE_VERSION
     assert res['n_images'] == ceil['held_out_test']['n_images'] and sum(r['n_images'] for r in res['by_age']) == res['n_images']
-    assert res['probe']['options'] == {**ceil['recipe_options']} and sorted(r['seed'] for r in res['probe']['runs']) == ceil['seeds']
-    q = res['probe']['comparison']
-    assert q['recipe_test_mae_per_seed'] == ceil['plain_loop']['sizes'][str(G.PROBE_SIZE)]['agenb_test_mae_per_seed']
+    assert set(res['probes']) == set(G.PROBES)
+    for name, p in res['probes'].items():
+        assert p['options'] == {**ceil['recipe_options'], **G.PROBES[name][2]} and sorted(r['seed'] for r in p['runs']) == ceil['seeds']
+        q = p['comparison']
+        assert q['recipe_test_mae_per_seed'] == ceil['plain_loop']['sizes'][str(G.PROBE_SIZE)]['agenb_test_mae_per_seed']
 
 
 def test_gap_probe_is_trained_again_when_its_data_change(tmp_path, monkeypatch):
-    "A finished probe run is kept for the same split and probe data at a clean tree on the same commit, else trained."
+    """A finished probe run is kept for the same split, data and options at a clean tree on the same commit (any commit
+    with --from-runs), else trained."""
     G = _gap()
     split = tmp_path / 'split_320.csv'; split.write_text('subject,split\n1,train\n')
     from agenb.core import file_sha256
@@ -585,8 +589,10 @@ def test_gap_probe_is_trained_again_when_its_data_change(tmp_path, monkeypatch):
     (tmp_path / 'probe_n320_s1.json').write_text(json.dumps(rec))
     monkeypatch.setattr(G.B, 'run_cli', lambda *a, **k: (_ for _ in ()).throw(RuntimeError('trained')))
     monkeypatch.setattr(G, 'git_info', lambda root: {'commit': 'a' * 40, 'dirty': False})
-    assert G.probe_job(tmp_path, {'content_sha256': 'p' * 64}, tmp_path, 1, split)['run_dir'] == tmp_path / 'run'
-    with pytest.raises(RuntimeError, match='trained'): G.probe_job(tmp_path, {'content_sha256': 'q' * 64}, tmp_path, 1, split)
+    job = lambda sha, changed=None, from_runs=False: G.probe_job('probe', tmp_path, sha, tmp_path, 1, split, changed, from_runs)
+    assert job('p' * 64)['run_dir'] == tmp_path / 'run'
+    with pytest.raises(RuntimeError, match='trained'): job('q' * 64)
+    with pytest.raises(RuntimeError, match='trained'): job('p' * 64, {'image_size': 128})   # other options: another probe
     monkeypatch.setattr(G, 'git_info', lambda root: {'commit': 'a' * 40, 'dirty': True})
-    with pytest.raises(RuntimeError, match='trained'): G.probe_job(tmp_path, {'content_sha256': 'p' * 64}, tmp_path, 1, split)
-    assert G.probe_job(tmp_path, {'content_sha256': 'p' * 64}, tmp_path, 1, split, from_runs=True)['run_dir'] == tmp_path / 'run'
+    with pytest.raises(RuntimeError, match='trained'): job('p' * 64)
+    assert job('p' * 64, from_runs=True)['run_dir'] == tmp_path / 'run'
