@@ -8,9 +8,9 @@ their error exceeds the oracle's, and why.
 1. **By age.** The image MAE of each size's models (mean over the 2 seeds) and of the oracle per age band.
 2. **Children and the depth setting.** Before 18 the generator's muscle carries age only in its thickness in cm (the
    echo level is flat), and each subject is scanned at a depth of 4, 5 or 6 cm (drawn independently of age), so a
-   muscle's thickness in pixels depends on the depth as much as on age. The scale is in the image only as the depth
-   ticks along the bottom edge. If a model cannot read it, a child scanned at 4 cm looks older than one at 6 cm. The
-   script reports, per size, the children's mean signed error at the shallowest depth minus at the deepest, with a 95%
+   muscle is 1.5 times as thick in pixels at 4 cm as at 6 cm: more than it grows from 5 to 10 years (1.18 times). The
+   scale is in the image only as the depth ticks along the bottom edge. If a model cannot read it, a child scanned at
+   4 cm looks older than one at 6 cm. The script reports, per size, the children's mean signed error at the shallowest depth minus at the deepest, with a 95%
    interval (the seeds and the children resampled), and the oracle's (which knows the thickness in cm) as a control.
 3. **A probe: the scale given.** The recipe trained on the 320-subject split of a copy of the cohort whose images are
    resampled to one scale (pixels per cm) with the depth the generator drew: each image shrinks by its depth over the
