@@ -145,10 +145,27 @@ def by_age(j, preds) -> list:
     return rows
 
 
-def depth_contrast(j, preds, n_boot=2000, boot_seed=0) -> dict:
+def _at_depths(E, weights, n_img, depth, lo, hi):
+    "Mean signed error at depth `lo` and at `hi` for each row of weights (k, subjects); E: (k, subjects) error sums."
+    with np.errstate(invalid='ignore', divide='ignore'):   # a resample that drew no child at one depth: nan
+        g = lambda d: (E * weights * (depth == d)).sum(1) / (n_img * weights * (depth == d)).sum(1)
+        return g(lo), g(hi)
+
+
+def _contrast_ci(E, n_img, depth, lo, hi, w, rng):
+    "The 95% percentile interval of the lo-minus-hi contrast over the subject weights `w`, seeds resampled; resamples used."
+    sw = resample_counts(len(E), len(w), rng) / len(E) if len(E) > 1 else np.ones((len(w), 1))
+    a, b = _at_depths(sw @ E, w, n_img, depth, lo, hi)
+    d = (a - b)[np.isfinite(a - b)]
+    return percentile_interval(d), len(d)
+
+
+def depth_contrast(j, preds, n_boot=2000, boot_seed=0, n_perm=2000, n_sim=1000) -> dict:
     """Children (age < ADULT): each predictor's mean signed error (years) at the shallowest depth setting minus at the
-    deepest, with a 95% interval: the children resampled by subject (once for all predictors: paired), each
-    predictor's seeds resampled on their own. The oracle (which knows the thickness in cm) is the control."""
+    deepest, with a 95% interval (the children resampled by subject, once for all predictors: paired; each predictor's
+    seeds resampled on their own) and a permutation p-value (the depth settings shuffled among the children). The
+    oracle (which knows the thickness in cm) is the control. `interval_false_alarm`: how often the interval of the
+    first model leaves out 0 when its depth settings are shuffled (`n_sim` shuffles), i.e. where nothing differs."""
     c = j[j.age < ADULT]
     ids, inv = np.unique(c.subject.astype(str).to_numpy(), return_inverse=True)
     depth = pd.Series(c.depth_cm.to_numpy()).groupby(inv).first().to_numpy()
@@ -156,24 +173,27 @@ def depth_contrast(j, preds, n_boot=2000, boot_seed=0) -> dict:
     n_img = np.bincount(inv, minlength=len(ids)).astype(float)
     rng = np.random.default_rng(boot_seed)
     w = resample_counts(len(ids), n_boot, rng).astype(float)
+    perms = np.stack([rng.permutation(depth) for _ in range(n_perm)])
     out = {'shallow_cm': float(lo), 'deep_cm': float(hi), 'n_children': len(ids),
            'n_subjects': {str(lo): int((depth == lo).sum()), str(hi): int((depth == hi).sum())}, 'predictors': {}}
-
-    def means(e_sums, weights):   # weights (k, subjects) -> (k,) mean signed error at lo and at hi
-        g = lambda d: (e_sums * weights * (depth == d)).sum(1) / (n_img * weights * (depth == d)).sum(1)
-        return g(lo), g(hi)
-    for name, ps in {'oracle': [j.oracle], **preds}.items():
-        E = np.stack([np.bincount(inv, np.asarray(p, float)[(j.age < ADULT).to_numpy()] - c.age.to_numpy(), minlength=len(ids))
-                      for p in ps])
-        a, b = means(E.mean(0)[None], np.ones((1, len(ids))))
-        sw = resample_counts(len(ps), n_boot, rng) / len(ps) if len(ps) > 1 else np.ones((n_boot, 1))
-        with np.errstate(invalid='ignore', divide='ignore'): A, Bm = means(sw @ E, w)
-        d = (A - Bm)[np.isfinite(A - Bm)]   # a resample that drew no child at one depth has no contrast
+    sums = {name: np.stack([np.bincount(inv, np.asarray(p, float)[(j.age < ADULT).to_numpy()] - c.age.to_numpy(),
+                                        minlength=len(ids)) for p in ps]) for name, ps in {'oracle': [j.oracle], **preds}.items()}
+    for name, E in sums.items():
+        a, b = _at_depths(E.mean(0)[None], np.ones((1, len(ids))), n_img, depth, lo, hi)
+        ci, used = _contrast_ci(E, n_img, depth, lo, hi, w, rng)
+        pa, pb = _at_depths(E.mean(0)[None], np.ones((1, len(ids))), n_img, perms, lo, hi)   # one row per shuffle
+        null = np.abs(pa - pb)
         out['predictors'][name] = {'shallow': round(float(a[0]), 2), 'deep': round(float(b[0]), 2),
-                                   'difference': round(float(a[0] - b[0]), 2),
-                                   'difference_ci95': [round(x, 2) for x in percentile_interval(d)], 'n_boot_used': int(len(d))}
+                                   'difference': round(float(a[0] - b[0]), 2), 'difference_ci95': [round(x, 2) for x in ci],
+                                   'n_boot_used': used,
+                                   'permutation_p': round(float((1 + (null >= abs(a[0] - b[0]) - 1e-12).sum()) / (1 + n_perm)), 4)}
+    first = next(iter(preds))
+    hits = [not (lo_ <= 0 <= hi_) for lo_, hi_ in (_contrast_ci(sums[first], n_img, rng.permutation(depth), lo, hi, w[:1000], rng)[0]
+                                                   for _ in range(n_sim))]
+    out['interval_false_alarm'] = {'predictor': first, 'n_shuffles': n_sim, 'n_boot': min(1000, n_boot), 'rate': round(float(np.mean(hits)), 3)}
     out['method'] = (f'{n_boot} bootstrap resamples of the {len(ids)} held-out children (seed {boot_seed}), shared by all '
-                     'predictors; each predictor\'s training seeds resampled on their own; percentile interval')
+                     'predictors; each predictor\'s training seeds resampled on their own; percentile interval. Permutation '
+                     f'p: {n_perm} shuffles of the depth settings among the children, two-sided')
     return out
 
 
@@ -206,12 +226,15 @@ def gap_block(res) -> str:
               for r in res['by_age']]
     d = res['children_by_depth']
     s, t = d['shallow_cm'], d['deep_cm']
+    fa = d['interval_false_alarm']
     lines += ['', f'Children (under {ADULT}): mean signed error (years; positive: predicted too old) of the {d["n_subjects"][str(s)]} '
-              f'held-out children scanned at {s:g} cm and the {d["n_subjects"][str(t)]} at {t:g} cm. {d["method"]}.', '',
-              f'| predictor | at {s:g} cm | at {t:g} cm | {s:g} cm minus {t:g} cm [95% CI] |', '|---|---:|---:|---|']
+              f'held-out children scanned at {s:g} cm and the {d["n_subjects"][str(t)]} at {t:g} cm. {d["method"]}. Where nothing '
+              f'differs (the {label(fa["predictor"])}\' depth settings shuffled, {fa["n_shuffles"]} times) the interval leaves out 0 '
+              f'in {100 * fa["rate"]:.1f}% of the shuffles.', '',
+              f'| predictor | at {s:g} cm | at {t:g} cm | {s:g} cm minus {t:g} cm [95% CI] | permutation p |', '|---|---:|---:|---|---:|']
     for n, r in d['predictors'].items():
         lines.append(f'| {"oracle (knows the thickness in cm)" if n == "oracle" else label(n)} | {r["shallow"]:+.2f} | {r["deep"]:+.2f} | {r["difference"]:+.2f} '
-                     f'[{r["difference_ci95"][0]:+.2f}, {r["difference_ci95"][1]:+.2f}] |')
+                     f'[{r["difference_ci95"][0]:+.2f}, {r["difference_ci95"][1]:+.2f}] | {r["permutation_p"]:.3f} |')
     ci = lambda r: f'{r["point"]:.3f} [{r["ci95"][0]:.3f}, {r["ci95"][1]:.3f}]'
     seeds = lambda xs: ', '.join(f'{x:.2f}' for x in xs)
     lines += ['', f'The probes: the recipe on the {PROBE_SIZE}-subject split, seeds {", ".join(map(str, res["seeds"]))}, against the '

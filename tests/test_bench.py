@@ -536,8 +536,9 @@ def test_gap_spacing_image_puts_every_scan_at_one_scale():
 
 def test_gap_tables_find_an_error_that_depends_on_the_depth_setting():
     """By age band, each predictor's MAE is the mean over its seeds beside the oracle's; the children's depth contrast
-    is the mean signed error at the shallowest depth minus the deepest, with an interval around it, and zero for a
-    predictor whose error does not depend on the depth (the oracle here)."""
+    is the mean signed error at the shallowest depth minus the deepest, with an interval around it and a permutation
+    p-value, and zero for a predictor whose error does not depend on the depth (the oracle here); the interval's
+    false-alarm rate is measured with the depth settings shuffled."""
     import pandas as pd
     G = _gap()
     n = 40
@@ -554,6 +555,9 @@ def test_gap_tables_find_an_error_that_depends_on_the_depth_setting():
     r = d['predictors']['320']
     assert (r['shallow'], r['deep'], r['difference']) == (5.0, 0.0, 5.0) and r['difference_ci95'][0] < 5.0 < r['difference_ci95'][1]
     assert d['predictors']['oracle']['difference'] == 0.0 and d['predictors']['oracle']['difference_ci95'][1] < 1.0
+    assert r['permutation_p'] < 0.01 and d['predictors']['oracle']['permutation_p'] == 1.0   # no shuffle beats a zero contrast
+    fa = d['interval_false_alarm']
+    assert (fa['predictor'], fa['n_shuffles']) == ('320', 1000) and 0 <= fa['rate'] <= 0.2
 
 
 def test_gap_block_is_rendered_from_its_results():
