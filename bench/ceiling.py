@@ -77,6 +77,15 @@ def split_files(cohort_root, out_dir, sizes) -> dict:
     return files
 
 
+def train_recipe(root, out_dir, name, seed, split_file, changed=None, timeout=4 * 3600):
+    """The recipe, with the options `changed`, trained by the trainer CLI on `root` with `split_file` as the ceiling's
+    runs are (one thread, deterministic); output in `out_dir`/`name`.log. Returns the run folder and the wall seconds."""
+    opts = {**recipe_options(), **(changed or {}), 'seed': seed, 'split_file': split_file, 'deterministic': True, 'num_workers': 1}
+    for k in ('pretrained', 'image_dir', 'excel_path'): opts.pop(k, None)
+    cmd = [sys.executable] + B.train_cmd(root, out_dir, name, **opts)
+    return B.run_cli(cmd, ENV, Path(out_dir) / f'{name}.log', timeout)
+
+
 def train_and_predict(cohort_root, bench_root, out_dir, n, seed, split_file, from_runs=False, timeout=4 * 3600):
     """One model: trained on `n` development subjects of the cohort, then predicting the bench's TA healthy images.
     A job whose record (`n<N>_s<SEED>.json`) says it finished from the same split at the current commit, with a clean
@@ -89,10 +98,7 @@ def train_and_predict(cohort_root, bench_root, out_dir, n, seed, split_file, fro
             print(f'ceiling: n={n} seed={seed}: kept from {B.rel(record)}', flush=True)
             return {**r, 'run_dir': Path(r['run_dir']), 'bench_predictions': Path(r['bench_predictions'])}
     if from_runs: sys.exit(f'ceiling: --from-runs: no finished record {B.rel(record)} of this split; run without --from-runs')
-    opts = {**recipe_options(), 'seed': seed, 'split_file': split_file, 'deterministic': True, 'num_workers': 1}
-    for k in ('pretrained', 'image_dir', 'excel_path'): opts.pop(k, None)
-    cmd = [sys.executable] + B.train_cmd(cohort_root, out_dir, f'n{n}_s{seed}', **opts)
-    run_dir, wall = B.run_cli(cmd, ENV, Path(out_dir) / f'n{n}_s{seed}.log', timeout)
+    run_dir, wall = train_recipe(cohort_root, out_dir, f'n{n}_s{seed}', seed, split_file, timeout=timeout)
     pred_csv = Path(out_dir) / f'n{n}_s{seed}_bench.csv'
     p = subprocess.run([sys.executable, '-m', 'agenb.predict', str(run_dir), '--image-dir', str(B.data_paths(bench_root)[0]),
                         '--out', str(pred_csv), '--device', 'cpu'], cwd=B.ROOT, env={**os.environ, **ENV},

@@ -536,28 +536,39 @@ def test_gap_spacing_image_puts_every_scan_at_one_scale():
 
 def test_gap_tables_find_an_error_that_depends_on_the_depth_setting():
     """By age band, each predictor's MAE is the mean over its seeds beside the oracle's; the children's depth contrast
-    is the mean signed error at the shallowest depth minus the deepest, with an interval around it and a permutation
-    p-value, and zero for a predictor whose error does not depend on the depth (the oracle here); the interval's
-    false-alarm rate is measured with the depth settings shuffled."""
+    is the image-weighted mean signed error at the shallowest depth minus the deepest, with an interval that resamples
+    the children, a permutation p-value, and the first model's contrast minus each later one's; zero for a predictor
+    whose error does not depend on the depth (the oracle here); the interval's false-alarm rate is measured with the
+    depth settings shuffled."""
     import pandas as pd
     G = _gap()
-    n = 40
-    j = pd.DataFrame({'filename': [f'{i}_{k}.png' for i in range(n) for k in (1, 2)], 'subject': [str(i) for i in range(n) for _ in (1, 2)],
-                      'age': [5.0 + (i % 2) * 50 for i in range(n) for _ in (1, 2)], 'depth_cm': [(4.0, 6.0)[(i // 2) % 2] for i in range(n) for _ in (1, 2)]})
-    j['oracle'] = j.age + np.where(j.index % 2, 1.0, -1.0)
+    rows = []
+    for i in range(40):                                  # even subjects children, odd adults; 1 to 3 images each
+        age, depth = 5.0 + (i % 2) * 50, (4.0, 6.0)[(i // 2) % 2]
+        rows += [{'filename': f'{i}_{k}.png', 'subject': str(i), 'age': age, 'depth_cm': depth} for k in range(1 + i % 3)]
+    j = pd.DataFrame(rows)
+    j['oracle'] = j.age + 1.0                            # off by the same year everywhere: no depth contrast
     child_at_4 = ((j.age < 18) & (j.depth_cm == 4)).to_numpy()
-    preds = {'320': [j.age + np.where(child_at_4, 6.0, 0.0), j.age + np.where(child_at_4, 4.0, 0.0) + 2 * (j.age >= 18)]}
-    rows = {r['band']: r for r in G.by_age(j, preds)}
-    assert rows['0-10']['n_images'] == 40 and rows['0-10']['n_subjects'] == 20 and rows['0-10']['oracle'] == 1.0
-    assert rows['0-10']['320'] == 2.5 and rows['40-60']['320'] == 1.0 and (rows['10-18']['n_images'], rows['10-18']['320']) == (0, None)
-    d = G.depth_contrast(j, preds, n_boot=300)
+    spread = j.subject.astype(int).to_numpy() % 5 - 2.0           # errors differ between subjects of one group
+    e1 = np.where(child_at_4, 6.0, 0.0) + spread
+    preds = {'320': [j.age + e1, j.age + e1], '2560': [j.age + spread, j.age + spread]}
+    bands = {r['band']: r for r in G.by_age(j, preds)}
+    kids = j.age < 18
+    assert bands['0-10']['n_images'] == int(kids.sum()) and bands['0-10']['n_subjects'] == 20
+    assert bands['0-10']['320'] == round(float(np.abs(e1[kids]).mean()), 2) and (bands['10-18']['n_images'], bands['10-18']['320']) == (0, None)
+    d = G.depth_contrast(j, preds, n_boot=300, n_perm=500, n_sim=50)
     assert (d['shallow_cm'], d['deep_cm'], d['n_children'], d['n_subjects']) == (4.0, 6.0, 20, {'4.0': 10, '6.0': 10})
+    c = j[kids].assign(e=e1[kids])
+    want = c[c.depth_cm == 4].e.mean() - c[c.depth_cm == 6].e.mean()   # per image, not per subject
     r = d['predictors']['320']
-    assert (r['shallow'], r['deep'], r['difference']) == (5.0, 0.0, 5.0) and r['difference_ci95'][0] < 5.0 < r['difference_ci95'][1]
-    assert d['predictors']['oracle']['difference'] == 0.0 and d['predictors']['oracle']['difference_ci95'][1] < 1.0
+    assert r['difference'] == round(float(want), 2) and r['difference_ci95'][0] < r['difference'] < r['difference_ci95'][1]
+    assert r['difference_ci95'][1] - r['difference_ci95'][0] > 0.5, 'one seed twice: the width comes from resampling the children'
     assert r['permutation_p'] < 0.01 and d['predictors']['oracle']['permutation_p'] == 1.0   # no shuffle beats a zero contrast
+    assert d['predictors']['oracle']['difference'] == 0.0 and 'first_minus_this' not in r
+    v = d['predictors']['2560']
+    assert v['first_minus_this'] == round(r['difference'] - v['difference'], 2) and v['first_minus_this_ci95'][0] > 0
     fa = d['interval_false_alarm']
-    assert (fa['predictor'], fa['n_shuffles']) == ('320', 1000) and 0 <= fa['rate'] <= 0.2
+    assert (fa['predictor'], fa['n_shuffles']) == ('320', 50) and 0 <= fa['rate'] <= 0.3 and d['n_boot_used'] <= 300
 
 
 def test_gap_block_is_rendered_from_its_results():
@@ -583,20 +594,31 @@ def test_gap_block_is_rendered_from_its_results():
 
 
 def test_gap_probe_is_trained_again_when_its_data_change(tmp_path, monkeypatch):
-    """A finished probe run is kept for the same split, data and options at a clean tree on the same commit (any commit
-    with --from-runs), else trained."""
+    """A finished probe run is kept for the same split, data and changed options, with its predictions and the
+    expected options in its config.json, at a clean tree on the same commit (any commit with --from-runs); else it
+    is trained again."""
     G = _gap()
     split = tmp_path / 'split_320.csv'; split.write_text('subject,split\n1,train\n')
     from agenb.core import file_sha256
-    rec = {'n': 320, 'seed': 1, 'run_dir': str(tmp_path / 'run'), 'wall_seconds': 1.0, 'split_sha256': file_sha256(split),
+    run = tmp_path / 'run'; run.mkdir()
+    (run / 'predictions.csv').write_text('filename,pred\n')
+    (run / 'config.json').write_text(json.dumps({'args': {'image_size': 64, 'seed': 1}, 'environment': {'git': {}, 'threads': {}}}))
+    expected = {k: (64 if k == 'image_size' else None) for k in G.C.OPTION_KEYS}
+    rec = {'n': 320, 'seed': 1, 'run_dir': str(run), 'wall_seconds': 1.0, 'split_sha256': file_sha256(split),
            'probe_content_sha256': 'p' * 64, 'commit': 'a' * 40}
     (tmp_path / 'probe_n320_s1.json').write_text(json.dumps(rec))
-    monkeypatch.setattr(G.B, 'run_cli', lambda *a, **k: (_ for _ in ()).throw(RuntimeError('trained')))
-    monkeypatch.setattr(G, 'git_info', lambda root: {'commit': 'a' * 40, 'dirty': False})
-    job = lambda sha, changed=None, from_runs=False: G.probe_job('probe', tmp_path, sha, tmp_path, 1, split, changed, from_runs)
-    assert job('p' * 64)['run_dir'] == tmp_path / 'run'
-    with pytest.raises(RuntimeError, match='trained'): job('q' * 64)
-    with pytest.raises(RuntimeError, match='trained'): job('p' * 64, {'image_size': 128})   # other options: another probe
-    monkeypatch.setattr(G, 'git_info', lambda root: {'commit': 'a' * 40, 'dirty': True})
-    with pytest.raises(RuntimeError, match='trained'): job('p' * 64)
-    assert job('p' * 64, from_runs=True)['run_dir'] == tmp_path / 'run'
+    monkeypatch.setattr(G.C, 'train_recipe', lambda *a, **k: (_ for _ in ()).throw(RuntimeError('trained')))
+    now = {'commit': 'a' * 40, 'dirty': False}
+    monkeypatch.setattr(G, 'git_info', lambda root: now)
+    job = lambda sha='p' * 64, changed={}, exp=expected, from_runs=False: G.probe_job('probe', tmp_path, sha, tmp_path, 1, split, changed, exp, from_runs)
+    assert job()['run_dir'] == run
+    for kw in ({'sha': 'q' * 64}, {'changed': {'image_size': 128}}, {'exp': {**expected, 'image_size': 128}}):
+        with pytest.raises(RuntimeError, match='trained'): job(**kw)   # other data, another probe, other options ran
+    for state in ({'commit': 'a' * 40, 'dirty': True}, {'commit': 'b' * 40, 'dirty': False}):
+        now.update(state)
+        with pytest.raises(RuntimeError, match='trained'): job()
+        assert job(from_runs=True)['run_dir'] == run
+    (run / 'predictions.csv').unlink()
+    with pytest.raises(RuntimeError, match='trained'): job(from_runs=True)
+    split.write_text('subject,split\n1,val\n'); (run / 'predictions.csv').write_text('filename,pred\n')
+    with pytest.raises(RuntimeError, match='trained'): job(from_runs=True)
