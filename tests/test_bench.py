@@ -587,10 +587,14 @@ def test_gap_block_is_rendered_from_its_results():
     assert res['cohort']['fingerprint']['version'] == GENERATOR_VERSION and res['probes']['probe']['data']['probe_version'] == G.PROBE_VERSION
     assert res['n_images'] == ceil['held_out_test']['n_images'] and sum(r['n_images'] for r in res['by_age']) == res['n_images']
     assert set(res['probes']) == set(G.PROBES)
+    seeds = ceil['seeds'] + list(G.EXTRA_SEEDS)
+    extra = res['recipe_extra_seeds']
+    assert sorted(r['seed'] for r in extra['runs']) == list(G.EXTRA_SEEDS) and extra['options'] == ceil['recipe_options']
     for name, p in res['probes'].items():
-        assert p['options'] == {**ceil['recipe_options'], **G.PROBES[name][2]} and sorted(r['seed'] for r in p['runs']) == ceil['seeds']
+        assert p['options'] == {**ceil['recipe_options'], **G.PROBES[name][2]} and sorted(r['seed'] for r in p['runs']) == seeds
         q = p['comparison']
-        assert q['recipe_test_mae_per_seed'] == ceil['plain_loop']['sizes'][str(G.PROBE_SIZE)]['agenb_test_mae_per_seed']
+        assert q['seeds'] == seeds and len(q['probe_test_mae_per_seed']) == len(q['recipe_test_mae_per_seed']) == len(seeds)
+        assert q['recipe_test_mae_per_seed'][:2] == ceil['plain_loop']['sizes'][str(G.PROBE_SIZE)]['agenb_test_mae_per_seed']
 
 
 def test_gap_probe_is_trained_again_when_its_data_change(tmp_path, monkeypatch):
