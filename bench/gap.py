@@ -46,6 +46,7 @@ import render         # bench/render.py: fills the marked blocks of bench/README
 import ceiling as C   # bench/ceiling.py: the cohort, its splits, the recipe and its runs
 
 AGE_BANDS = (0, 10, 18, 40, 60, 75, 90)
+POWER_SHIFTS = (3.0, 6.0)       # contrasts (years) at which the depth interval's power is simulated
 ADULT = 18                      # before this age the generator's echo level is flat: thickness alone carries age
 PROBE_SIZE = 320                # development subjects of the probe (the bench's size)
 EXTRA_SEEDS = (3, 4)            # the probes' and the recipe's seeds beyond the ceiling's, for the probe comparison only
@@ -71,8 +72,8 @@ def ensure_probe_data(src_root, dst_root) -> dict:
     fp = B.data_record(src_root)['fingerprint']
     want = {'source': B.rel(src_root), 'source_content_sha256': fp['content_sha256'], 'probe_version': PROBE_VERSION}
     meta = dst_root / 'probe.json'
-    if meta.is_file() and {k: v for k, v in json.loads(meta.read_text()).items() if k in want} == want:
-        return json.loads(meta.read_text())
+    kept = json.loads(meta.read_text()) if meta.is_file() else {}
+    if {k: kept.get(k) for k in want} == want: return kept
     shutil.rmtree(dst_root, ignore_errors=True)
     lat = pd.read_csv(src_root / 'synth_latents.csv').query("muscle == 'TA' and cohort == 'Healthy'")
     ref = float(lat.depth_cm.max())
@@ -164,10 +165,11 @@ def depth_contrast(j, preds, n_boot=2000, boot_seed=0, n_perm=2000, n_sim=1000) 
     """Children (age < ADULT): each predictor's mean signed error (years) at the shallowest depth setting minus at the
     deepest, with a 95% interval (the children resampled by subject, once for all predictors: paired; each predictor's
     seeds resampled on their own; a resample that drew no child at one of the two depths is left out), a permutation
-    p-value (the depth settings
-    shuffled among the children), and the first model's contrast minus this one's with its interval (paired). The
-    oracle (which knows the thickness in cm) is the control. `interval_false_alarm`: how often the interval of the
-    first model leaves out 0 when its depth settings are shuffled (`n_sim` shuffles), i.e. where nothing differs."""
+    p-value (the depth settings shuffled among the children), and the first model's contrast minus this one's with its
+    interval (paired). The oracle (which knows the thickness in cm) is the control. `interval_false_alarm`: how often
+    the interval of the first model leaves out 0 when its depth settings are shuffled (`n_sim` shuffles), i.e. where
+    nothing differs; `interval_power`: how often it leaves out 0 when a known contrast of POWER_SHIFTS years is then
+    added to the shuffled children's errors."""
     c = j[j.age < ADULT]
     ids, inv = np.unique(c.subject.astype(str).to_numpy(), return_inverse=True)
     per_subject = pd.Series(c.depth_cm.to_numpy()).groupby(inv)
@@ -199,13 +201,16 @@ def depth_contrast(j, preds, n_boot=2000, boot_seed=0, n_perm=2000, n_sim=1000) 
         if name not in ('oracle', first):
             out['predictors'][name].update(first_minus_this=round(point[first] - point[name], 2),
                                            first_minus_this_ci95=ci(reps[first] - reps[name]))
-    hits = []
+    hits = {s: [] for s in (0.0, *POWER_SHIFTS)}
     for _ in range(n_sim):
         d = rng.permutation(depth)
-        x = _contrasts(sums[first], w[:1000], n_img, d, lo, hi, rng)
-        lo_, hi_ = percentile_interval(x[np.isfinite(x)])
-        hits.append(not lo_ <= 0 <= hi_)
-    out['interval_false_alarm'] = {'predictor': first, 'n_shuffles': n_sim, 'n_boot': 1000, 'rate': round(float(np.mean(hits)), 3)}
+        for s in hits:   # s years added to every image of the children now at the shallow depth
+            x = _contrasts(sums[first] + s * n_img * (d == lo), w[:1000], n_img, d, lo, hi, rng)
+            lo_, hi_ = percentile_interval(x[np.isfinite(x)])
+            hits[s].append(not lo_ <= 0 <= hi_)
+    sim = {'predictor': first, 'n_shuffles': n_sim, 'n_boot': min(1000, n_boot)}
+    out['interval_false_alarm'] = {**sim, 'rate': round(float(np.mean(hits[0.0])), 3)}
+    out['interval_power'] = {**sim, 'rate_by_shift': {f'{s:g}': round(float(np.mean(hits[s])), 3) for s in POWER_SHIFTS}}
     out['n_boot_used'] = used
     out['method'] = (f'{n_boot} bootstrap resamples of the {len(ids)} held-out children (seed {boot_seed}), shared by all predictors; '
                      f'each predictor\'s training seeds resampled on their own; the {n_boot - used} resamples that drew no child at '
@@ -215,7 +220,7 @@ def depth_contrast(j, preds, n_boot=2000, boot_seed=0, n_perm=2000, n_sim=1000) 
 
 
 def probe_comparison(j, probe, recipe, n_boot=2000, boot_seed=0) -> dict:
-    """The probe against the recipe on the same split and seeds, and both against the oracle, on the images `j`:
+    """The probe against the recipe on the same split and seeds, and against the oracle, on the images `j`:
     image MAE per seed, the ratio of the seed means with 95% intervals (agenb.stats.boot_means: paired subjects)."""
     cubes = {'probe': np.stack([B.subject_error_sums(j, p) for p in probe]),
              'recipe': np.stack([B.subject_error_sums(j, p) for p in recipe]), 'oracle': B.subject_error_sums(j, j.oracle)[None]}
@@ -246,7 +251,9 @@ def gap_block(res) -> str:
     lines += ['', f'Children (under {ADULT}): mean signed error (years; positive: predicted too old) of the {d["n_subjects"][str(s)]} '
               f'held-out children scanned at {s:g} cm and the {d["n_subjects"][str(t)]} at {t:g} cm. {d["method"]}. Where nothing '
               f'differs (the {label(fa["predictor"])}\' depth settings shuffled, {fa["n_shuffles"]} times) the interval leaves out 0 '
-              f'in {100 * fa["rate"]:.1f}% of the shuffles.', '',
+              f'in {100 * fa["rate"]:.1f}% of the shuffles; with a contrast of '
+              + ' and '.join(f'{s} years added it does in {100 * r:.1f}%' for s, r in d['interval_power']['rate_by_shift'].items())
+              + ' (power).', '',
               f'| predictor | at {s:g} cm | at {t:g} cm | {s:g} cm minus {t:g} cm [95% CI] | permutation p | '
               f'{label(d["first"])}\' contrast minus this one [95% CI] |', '|---|---:|---:|---|---:|---|']
     pm = lambda x, c: f'{x:+.2f} [{c[0]:+.2f}, {c[1]:+.2f}]'

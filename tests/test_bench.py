@@ -568,7 +568,9 @@ def test_gap_tables_find_an_error_that_depends_on_the_depth_setting():
     v = d['predictors']['2560']
     assert v['first_minus_this'] == round(r['difference'] - v['difference'], 2) and v['first_minus_this_ci95'][0] > 0
     fa = d['interval_false_alarm']
-    assert (fa['predictor'], fa['n_shuffles']) == ('320', 50) and 0 <= fa['rate'] <= 0.3 and d['n_boot_used'] <= 300
+    assert (fa['predictor'], fa['n_shuffles'], fa['n_boot']) == ('320', 50, 300) and 0 <= fa['rate'] <= 0.3 and d['n_boot_used'] <= 300
+    pw = d['interval_power']['rate_by_shift']
+    assert set(pw) == {'3', '6'} and fa['rate'] < pw['3'] <= pw['6'], 'a known contrast must be found more often than none'
 
 
 def test_gap_block_is_rendered_from_its_results():
