@@ -90,7 +90,12 @@ OPTIONS = [
     ('brightness', float, 0.1, 'random brightness jitter (additive, fraction of full scale)'),
     ('contrast', float, 0.1, 'random contrast jitter (multiplicative around the image mean)'),
     ('hflip', float, 0.0, 'probability of a horizontal flip (off by default, as in the users\' scripts: p 0.5 did not beat no flips in bench/defaults/flips)'),
-    ('vflip', float, 0.0, 'probability of a vertical flip')),
+    ('vflip', float, 0.0, 'probability of a vertical flip'),
+    ('mixup', float, None, 'mixup: train on pairs of images mixed with their ages, the weight of each pair drawn from '
+                           'Beta(A, A) (C-Mixup uses 2.0); off by default'),
+    ('mixup_sigma', float, None, 'with --mixup, C-Mixup: draw the partner with weight exp(-d^2 / 2 SIGMA^2), d the '
+                                 'age difference in years (e.g. 5), so mostly close ages are mixed; default: any other '
+                                 'image of the batch')),
     *_rows('training',
     ('loss', str, 'mae', 'mae (train_mae.py recipe), mse (train.py recipe), huber, smoothl1'),
     ('epochs', int, 500, 'number of epochs'),
@@ -232,6 +237,7 @@ def _check_options(o):
     check_arch(o['arch'])
     if o['crop_size'] is None: check_image_size(o['arch'], o['image_size'])   # with crops the network sees the window
     _check_crops(o, need)
+    _check_mixup(o, need)
     _check_model_options(o, need, flag)
     if o['run_name'] is not None:
         need(bool(_PLAIN_NAME.match(str(o['run_name']))), f'--run-name {o["run_name"]!r} must be a plain name '
@@ -249,6 +255,16 @@ def _check_crops(o, need):
          'distributions would have to be mixed, not averaged as outputs); use the regression head or drop --crop-size')
     try: check_image_size(o['arch'], c)
     except InputError as e: raise InputError(str(e).replace('--image-size', '--crop-size')) from None
+
+def _check_mixup(o, need):
+    "--mixup and --mixup-sigma: positive numbers, the width only with the mixing, and the regression head."
+    if o['mixup'] is not None: need(o['mixup'] > 0, f'--mixup must be > 0 (the Beta distribution\'s parameter, e.g. 2.0), got {o["mixup"]}')
+    if o['mixup_sigma'] is not None:
+        need(o['mixup'] is not None, '--mixup-sigma needs --mixup (the mixing it narrows); give both or neither')
+        need(o['mixup_sigma'] > 0, f'--mixup-sigma must be > 0 years, got {o["mixup_sigma"]}')
+    if o['mixup'] is not None:
+        need(o['head'] != 'distribution', '--mixup cannot be combined with --head distribution (a mixed age would need a '
+             'mixed soft label, not the soft label of the mean age); use the regression head or drop --mixup')
 
 def _check_model_options(o, need, flag):
     "The fine-tuning, EMA, optimizer, schedule and head options."

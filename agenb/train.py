@@ -80,6 +80,7 @@ def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: 
                                            'averaged epoch; BatchNorm statistics recomputed by update_bn on that '
                                            "epoch's training batches",
                          'used_for': 'validation, best-model choice, best_model.pth and the test, from the first averaged epoch on'},
+                     'mixup': None if trainer.mixup is None else trainer.mixup.describe(),
                      'lr_scheduler': sched_name, 'scheduler_params': sched_params,
                      'warmup_epochs': o.warmup_epochs, 'max_grad_norm': o.max_grad_norm, 'epochs': o.epochs,
                      'patience': o.patience, 'min_delta': o.min_delta, 'batch_size': o.batch_size,

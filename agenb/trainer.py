@@ -27,8 +27,8 @@ from .runs import make_checkpoint, curves_figure, per_subject_rows
 
 # %% auto #0
 __all__ = ['LOSSES', 'Dist', 'gpu_names', 'read_table', 'PreparedData', 'preprocessing', 'augmentation', 'prepare_data',
-           'output_head', 'build_optimizer', 'LRSchedule', 'train_batches', 'eval_shard', 'NonFiniteLoss', 'fault',
-           'Trainer', 'make_ema', 'make_swa', 'RunWriter']
+           'output_head', 'build_optimizer', 'LRSchedule', 'train_batches', 'eval_shard', 'Mixup', 'NonFiniteLoss',
+           'fault', 'Trainer', 'make_ema', 'make_swa', 'RunWriter']
 
 # %% ../nbs/10_trainer.ipynb #63171103
 class Dist:
@@ -217,6 +217,39 @@ def eval_shard(n, rank=0, world=1):
     "Positions this rank evaluates: every sample exactly once over all ranks."
     return list(range(rank, n, world))
 
+# %% ../nbs/10_trainer.ipynb #ed2124f8
+@dataclasses.dataclass(frozen=True)
+class Mixup:
+    "Mix each training sample and its age with another sample of the batch: mixup, or C-Mixup with `sigma` (years)."
+    alpha: float
+    sigma: float | None = None
+
+    def draw(self, y: torch.Tensor, gen: torch.Generator):
+        "(partner of each sample, its weight lam) for the ages `y` of one batch, from the seeded generator `gen`."
+        a = y.detach().double().cpu().reshape(len(y), -1)[:, 0]
+        logw = torch.zeros(len(a), len(a), dtype=torch.float64) if self.sigma is None else -(a[:, None] - a[None]) ** 2 / (2 * self.sigma ** 2)
+        logw.fill_diagonal_(-math.inf)                             # never itself; the row's largest weight is 1, so
+        w = (logw - logw.max(1, keepdim=True).values).exp()        # no row underflows to all zeros
+        partner = torch.multinomial(w, 1, generator=gen).view(-1)
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen)))
+        return partner, torch.from_numpy(rng.beta(self.alpha, self.alpha, len(a)))
+
+    def __call__(self, inputs: tuple, y: torch.Tensor, gen: torch.Generator):
+        "The batch's `inputs` (images[, covariates]) and ages, mixed; a batch of one sample is left as it is."
+        if len(y) < 2: return inputs, y
+        partner, lam = self.draw(y, gen)
+        def mix(t):
+            l = lam.to(t.device, t.dtype).view(-1, *[1] * (t.ndim - 1))
+            return l * t + (1 - l) * t[partner.to(t.device)]
+        return tuple(mix(t) for t in inputs), mix(y)
+
+    def describe(self) -> dict:
+        return {'alpha': self.alpha, 'partner': 'uniform among the batch\'s other samples' if self.sigma is None else
+                f'C-Mixup: weight exp(-(age difference)^2 / (2 * {self.sigma:g}^2)) among the batch\'s other samples',
+                'sigma_years': self.sigma, 'lam': f'Beta({self.alpha:g}, {self.alpha:g}), drawn per sample',
+                'applies_to': 'training batches (images, covariates and ages); validation and test see real images',
+                'train_loss': 'measured on the mixed samples and ages'}
+
 # %% ../nbs/10_trainer.ipynb #8815eeb1
 class NonFiniteLoss(RuntimeError): pass
 
@@ -251,6 +284,7 @@ class Trainer:
         self.opt = build_optimizer(o, model)
         self.frozen = any(not p.requires_grad for p in model.parameters())
         self.ema, self.swa = make_ema(model, o.ema_decay), make_swa(model, o.swa_epochs)
+        self.mixup = Mixup(o.mixup, o.mixup_sigma) if o.mixup else None
         self.sched = LRSchedule(o, self.opt)
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)
         self.gen = torch.Generator().manual_seed(o.seed * 1000 + dist_ctx.rank)  # augmentation draws, per rank
@@ -314,6 +348,7 @@ def train_epoch(self: Trainer, progress=None):
         if fault('raise', self.d.rank, self.epoch + 1, step + 1): raise RuntimeError(f'injected fault on rank {self.d.rank}')
         if fault('kill', self.d.rank, self.epoch + 1, step + 1): os.kill(os.getpid(), signal.SIGKILL)
         x, y = self.batch(b, 'train', train=True)
+        if self.mixup is not None: x, y = self.mixup(x, y, self.gen)
         accumulate = (step + 1) % self.o.accum_steps and step + 1 < len(batches)
         with self.net.no_sync() if accumulate and self.d.ddp else contextlib.nullcontext():  # all-reduce once per step
             with self.autocast():
