@@ -354,6 +354,35 @@ def test_batches_are_the_split_images_in_order(data):
     assert not torch.equal(xa, x)                                        # training batches are augmented
 
 
+
+def test_mixup_trains_on_mixed_ages_and_a_restored_trainer_continues_exactly(data):
+    targets = {}
+    for name, kw in (('plain', {}), ('mixed', dict(mixup=2.0, mixup_sigma=5.0))):
+        t = trainer(data, **kw)
+        loss, seen = t.head.loss, targets.setdefault(name, [])
+        t.head.loss = lambda out, y, loss=loss, seen=seen: (seen.append(y.clone()), loss(out, y))[1]
+        t.train_epoch()
+    train_ages = data.ages[data.idx['train']]
+    plain, mixed = torch.cat(targets['plain']), torch.cat(targets['mixed'])
+    assert all(bool((train_ages == a).any()) for a in plain)                 # without mixup: the training ages
+    new = [a for a in mixed if not bool((train_ages == a).any())]
+    assert len(new) >= len(mixed) - 2                                       # with it: ages between two people's
+    assert train_ages.min() <= mixed.min() and mixed.max() <= train_ages.max()
+    a, saved = trainer(data, mixup=2.0, mixup_sigma=5.0), []
+    def keep(t, improved, final):
+        if t.epoch == 2:                                                     # through bytes, as last.pth is
+            buf = io.BytesIO(); torch.save(t.state(), buf); buf.seek(0); saved.append(torch.load(buf, weights_only=True))
+    a.fit(keep)
+    b = trainer(data, seed=7, mixup=2.0, mixup_sigma=5.0)
+    b.load_state(saved[0]); b.fit()                                          # the generator's state: the same mixing
+    assert [e['train_loss'] for e in b.history] == [e['train_loss'] for e in a.history]
+    for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), k
+    c = trainer(data, mixup=2.0)                                            # another partner rule: other training
+    c.fit()
+    assert [e['train_loss'] for e in c.history] != [e['train_loss'] for e in a.history]
+
+
 # ---------------------------------------------------------------------------------------------------- RunWriter
 class Run:
     "A RunWriter and a stand-in trainer whose epochs are scripted."
