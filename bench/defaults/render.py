@@ -18,7 +18,7 @@ SOURCES = {'lr_scratch': 'lr_scratch.yaml', 'lr_confirm': 'lr_confirm.yaml', 'fi
            'rotation': 'rotation.yaml', 'optim': 'optim.yaml', 'geometry': 'geometry.yaml',
            'plain': 'plain.yaml', 'head_bias': 'head_bias.yaml', 'budget': 'budget.yaml', 'budget_half': 'budget_half.yaml',
            'batch': 'batch.yaml', 'echo': 'echo.yaml',
-           'loss_arch': 'loss_arch.yaml'}
+           'loss_arch': 'loss_arch.yaml', 'mixup': 'mixup.yaml'}
 EXPERIMENTS = [n for n in SOURCES if (HERE / f'{n}_leaderboard.csv').is_file()]
 RULES = {'best': 'lowest validation MAE (best_model.pth)', 'last': 'last epoch', 'best+tta': 'best, test-time views',
          'last+tta': 'last epoch, test-time views'}
