@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_options.ipynb #9a311370
 from __future__ import annotations
-import argparse, dataclasses, re
+import argparse, dataclasses, math, re
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -257,11 +257,13 @@ def _check_crops(o, need):
     except InputError as e: raise InputError(str(e).replace('--image-size', '--crop-size')) from None
 
 def _check_mixup(o, need):
-    "--mixup and --mixup-sigma: positive numbers, the width only with the mixing, and the regression head."
-    if o['mixup'] is not None: need(o['mixup'] > 0, f'--mixup must be > 0 (the Beta distribution\'s parameter, e.g. 2.0), got {o["mixup"]}')
+    "--mixup and --mixup-sigma: finite positive numbers, the width only with the mixing, batches to mix in, the regression head."
+    if o['mixup'] is not None:
+        need(0 < o['mixup'] < math.inf, f'--mixup must be a finite number > 0 (the Beta distribution\'s parameter, e.g. 2.0), got {o["mixup"]}')
+        need(o['batch_size'] >= 2, f'--mixup needs --batch-size >= 2 (a sample is mixed with another of its batch), got {o["batch_size"]}')
     if o['mixup_sigma'] is not None:
         need(o['mixup'] is not None, '--mixup-sigma needs --mixup (the mixing it narrows); give both or neither')
-        need(o['mixup_sigma'] > 0, f'--mixup-sigma must be > 0 years, got {o["mixup_sigma"]}')
+        need(0.01 <= o['mixup_sigma'] < math.inf, f'--mixup-sigma must be a finite number of years >= 0.01, got {o["mixup_sigma"]}')
     if o['mixup'] is not None:
         need(o['head'] != 'distribution', '--mixup cannot be combined with --head distribution (a mixed age would need a '
              'mixed soft label, not the soft label of the mean age); use the regression head or drop --mixup')

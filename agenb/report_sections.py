@@ -326,6 +326,10 @@ def training_section(r) -> Html:
             ('gradient accumulation', t.get('accum_steps')), ('effective batch size', t.get('effective_batch_size')),
             ('non-finite loss policy', t.get('nan_policy', ...)), ('seed', t.get('seed', ...)),
             ('data loading', t.get('data_loading', ...)), ('image cache', r.config.get('image_cache') or ...)]
+    if 'mixup' in t:                                     # runs of agenb 0.2.0 before mixup existed do not say
+        m = t['mixup']
+        rows.insert(6, ('mixup', 'off' if m is None else f"lam ~ {m['lam']}; partner: {m['partner']}; the training loss "
+                                                         'is on mixed samples, so not comparable with the validation loss'))
     return kv_table(rows)
 
 # %% ../nbs/15_report_sections.ipynb #276cc694

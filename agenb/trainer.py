@@ -224,9 +224,9 @@ class Mixup:
     alpha: float
     sigma: float | None = None
 
-    def draw(self, y: torch.Tensor, gen: torch.Generator):
-        "(partner of each sample, its weight lam) for the ages `y` of one batch, from the seeded generator `gen`."
-        a = y.detach().double().cpu().reshape(len(y), -1)[:, 0]
+    def draw(self, ages, gen: torch.Generator):
+        "(partner of each sample, its weight lam) for the `ages` of one batch (on the CPU), from the seeded generator `gen`."
+        a = torch.as_tensor(ages, dtype=torch.float64).reshape(len(ages), -1)[:, 0]
         logw = torch.zeros(len(a), len(a), dtype=torch.float64) if self.sigma is None else -(a[:, None] - a[None]) ** 2 / (2 * self.sigma ** 2)
         logw.fill_diagonal_(-math.inf)                             # never itself; the row's largest weight is 1, so
         w = (logw - logw.max(1, keepdim=True).values).exp()        # no row underflows to all zeros
@@ -234,10 +234,11 @@ class Mixup:
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen)))
         return partner, torch.from_numpy(rng.beta(self.alpha, self.alpha, len(a)))
 
-    def __call__(self, inputs: tuple, y: torch.Tensor, gen: torch.Generator):
-        "The batch's `inputs` (images[, covariates]) and ages, mixed; a batch of one sample is left as it is."
+    def __call__(self, inputs: tuple, y: torch.Tensor, gen: torch.Generator, ages=None):
+        """The batch's `inputs` (images[, covariates]) and ages `y`, mixed; a batch of one sample is left as it is.
+        `ages`: the same ages on the CPU, to draw from without a device sync (default: `y`)."""
         if len(y) < 2: return inputs, y
-        partner, lam = self.draw(y, gen)
+        partner, lam = self.draw(y.detach().cpu() if ages is None else ages, gen)
         def mix(t):
             l = lam.to(t.device, t.dtype).view(-1, *[1] * (t.ndim - 1))
             return l * t + (1 - l) * t[partner.to(t.device)]
@@ -247,8 +248,11 @@ class Mixup:
         return {'alpha': self.alpha, 'partner': 'uniform among the batch\'s other samples' if self.sigma is None else
                 f'C-Mixup: weight exp(-(age difference)^2 / (2 * {self.sigma:g}^2)) among the batch\'s other samples',
                 'sigma_years': self.sigma, 'lam': f'Beta({self.alpha:g}, {self.alpha:g}), drawn per sample',
-                'applies_to': 'training batches (images, covariates and ages); validation and test see real images',
-                'train_loss': 'measured on the mixed samples and ages'}
+                'partners_from': 'each process\'s batch of --batch-size samples (not the effective batch); a batch of one '
+                                 'is left unmixed; with --subject-views, view k of a subject is mixed with view k of its partner',
+                'applies_to': 'training steps (images, covariates and ages; covariates such as sex become fractions); '
+                              'validation, the test and the BatchNorm statistics --swa-epochs recomputes see real images',
+                'train_loss': 'measured on the mixed samples and ages, so not comparable with the validation loss'}
 
 # %% ../nbs/10_trainer.ipynb #8815eeb1
 class NonFiniteLoss(RuntimeError): pass
@@ -343,12 +347,13 @@ def train_epoch(self: Trainer, progress=None):
     if self.frozen: freeze_batchnorm(self.model)          # frozen stages keep their running statistics
     batches = train_batches(self.data.n_samples('train'), self.o.batch_size, self.epoch, self.o.seed, self.d.rank, self.d.world)
     dev = self.d.device
+    train_ages = self.data.sample_ages('train') if self.mixup is not None else None   # on the CPU: no sync to draw
     total, count, bad = (torch.zeros((), dtype=torch.float64, device=dev) for _ in range(3))  # summed on the device:
     for step, b in enumerate(batches):                                                      # no GPU sync per step
         if fault('raise', self.d.rank, self.epoch + 1, step + 1): raise RuntimeError(f'injected fault on rank {self.d.rank}')
         if fault('kill', self.d.rank, self.epoch + 1, step + 1): os.kill(os.getpid(), signal.SIGKILL)
         x, y = self.batch(b, 'train', train=True)
-        if self.mixup is not None: x, y = self.mixup(x, y, self.gen)
+        if self.mixup is not None: x, y = self.mixup(x, y, self.gen, ages=train_ages[b])
         accumulate = (step + 1) % self.o.accum_steps and step + 1 < len(batches)
         with self.net.no_sync() if accumulate and self.d.ddp else contextlib.nullcontext():  # all-reduce once per step
             with self.autocast():

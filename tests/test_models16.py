@@ -116,6 +116,20 @@ def test_ema_is_what_the_best_model_holds(data_args, tmp_path):
     np.testing.assert_allclose(p.pred.to_numpy(), preds.pred.to_numpy(), atol=1e-4)   # predict uses the EMA weights
 
 
+
+def test_mixup_is_recorded_and_reported_and_bad_mixup_is_one_line(data_args, tmp_path):
+    from agenb.report_sections import load_run, training_section
+    run = _train(data_args, tmp_path / 'ok', '--mixup', '2', '--mixup-sigma', '5')
+    m = _cfg(run)['training']['mixup']
+    assert (m['alpha'], m['sigma_years'], m['lam']) == (2.0, 5.0, 'Beta(2, 2), drawn per sample') and 'C-Mixup' in m['partner']
+    html = str(training_section(load_run(run)))
+    assert 'mixup' in html and 'Beta(2, 2)' in html and 'not comparable with the validation loss' in html
+    plain = _train(data_args, tmp_path / 'plain')
+    assert _cfg(plain)['training']['mixup'] is None
+    r = agenb('train', *data_args, *ONE, '--output-dir', tmp_path / 'bad', '--mixup', '2', '--batch-size', '1')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and '--batch-size >= 2' in r.stderr, r.stderr[-500:]
+    assert not (tmp_path / 'bad').exists() or not any((tmp_path / 'bad').iterdir())
+
 @pytest.mark.slow   # a killed run and its resume: make test-all
 def test_exact_resume_with_ema(data_args, tmp_path):
     three = [*TINY, '--epochs', '3', '--no-report', '--gradcam-n', '0', '--image-size', '32', '--ema-decay', '0.8']
