@@ -68,7 +68,7 @@ def split_files(cohort_root, out_dir, sizes) -> dict:
     test, rest = order[:HELD_OUT], order[HELD_OUT:]
     files = {}
     for n in sizes:
-        if n > len(rest): sys.exit(f'ceiling: the cohort has {len(rest)} development subjects, fewer than {n}')
+        if n > len(rest): B.refuse(f'ceiling: the cohort has {len(rest)} development subjects, fewer than {n}')
         n_val = round(VAL_SHARE * n)
         lab = {**{s: 'excluded' for s in rest[n:]}, **{s: 'val' for s in rest[:n_val]},
                **{s: 'train' for s in rest[n_val:n]}, **{s: 'test' for s in test}}
@@ -97,7 +97,7 @@ def train_and_predict(cohort_root, bench_root, out_dir, n, seed, split_file, fro
         if r['split_sha256'] == file_sha256(split_file) and (from_runs or (r['commit'] == now['commit'] and not now['dirty'])):
             print(f'ceiling: n={n} seed={seed}: kept from {B.rel(record)}', flush=True)
             return {**r, 'run_dir': Path(r['run_dir']), 'bench_predictions': Path(r['bench_predictions'])}
-    if from_runs: sys.exit(f'ceiling: --from-runs: no finished record {B.rel(record)} of this split; run without --from-runs')
+    if from_runs: B.refuse(f'ceiling: --from-runs: no finished record {B.rel(record)} of this split; run without --from-runs')
     run_dir, wall = train_recipe(cohort_root, out_dir, f'n{n}_s{seed}', seed, split_file, timeout=timeout)
     pred_csv = Path(out_dir) / f'n{n}_s{seed}_bench.csv'
     p = subprocess.run([sys.executable, '-m', 'agenb.predict', str(run_dir), '--image-dir', str(B.data_paths(bench_root)[0]),

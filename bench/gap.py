@@ -111,7 +111,7 @@ def probe_job(name, data_root, data_sha, out_dir, seed, split_file, changed, exp
             print(f'gap: {name} seed={seed}: kept from {B.rel(record)}', flush=True)
             return {**r, 'run_dir': Path(r['run_dir'])}
     run_dir, wall = C.train_recipe(data_root, out_dir, f'{name}_n{PROBE_SIZE}_s{seed}', seed, split_file, changed, timeout)
-    if not fine(run_dir): sys.exit(f'gap: {B.rel(run_dir)} trained other options than the recipe with {changed}, or wrote no predictions')
+    if not fine(run_dir): B.refuse(f'gap: {B.rel(run_dir)} trained other options than the recipe with {changed}, or wrote no predictions')
     r = {'n': PROBE_SIZE, 'seed': seed, 'run_dir': str(run_dir), 'wall_seconds': round(wall, 1), **key, 'commit': git_info(B.ROOT)['commit']}
     record.write_text(json.dumps(r))
     print(f'gap: {name} seed={seed} done in {render._minutes(wall)}', flush=True)
@@ -303,18 +303,17 @@ def main(argv=None):
     cohort_root, out_dir = B.OUT / 'data_ceiling', B.OUT / 'ceiling_runs'
     runs = [{**r, 'run_dir': B.ROOT / r['run_dir']} for r in ceil['runs']]
     if missing := [B.rel(r['run_dir']) for r in runs if not (r['run_dir'] / 'predictions.csv').is_file()]:
-        print(f'gap: {len(missing)} runs of {B.rel(C.RESULTS)} are missing (e.g. {missing[0]}): run python bench/ceiling.py '
-              'first (about 45 minutes)', file=sys.stderr)
-        sys.exit(2)
+        B.refuse(f'gap: {len(missing)} runs of {B.rel(C.RESULTS)} are missing (e.g. {missing[0]}): run python bench/ceiling.py '
+                 'first (about 45 minutes)')
     splits = C.split_files(cohort_root, out_dir, ceil['sizes'])
     if changed := sorted({r['n'] for r in runs if r['split_sha256'] != file_sha256(splits[r['n']])}):
-        sys.exit(f'gap: the split of {", ".join(map(str, changed))} subjects is no longer the one the ceiling runs were trained '
+        B.refuse(f'gap: the split of {", ".join(map(str, changed))} subjects is no longer the one the ceiling runs were trained '
                  'on: run python bench/ceiling.py again first')
     j = held_out_images(cohort_root, splits[ceil['sizes'][0]])
 
     def pred(run_dir):
         p = j.filename.map(pd.read_csv(Path(run_dir) / 'predictions.csv').set_index('filename').pred).to_numpy()
-        if not np.isfinite(p).all(): sys.exit(f'gap: {B.rel(run_dir)} did not predict every held-out image: train it again')
+        if not np.isfinite(p).all(): B.refuse(f'gap: {B.rel(run_dir)} did not predict every held-out image: train it again')
         return p
     preds = {str(n): [pred(r['run_dir']) for r in runs if r['n'] == n] for n in ceil['sizes']}
     cohort = B.data_record(cohort_root)

@@ -129,9 +129,9 @@ def seeds_row(runs, seeds, n_boot=2000, boot_seed=0):
     from agenb.stats import boot_means, percentile_interval
     res = [r for r, _ in runs]
     for k in SAME:
-        if len({r[k] for r in res}) > 1: sys.exit(f'models bench: the seeds of {res[0]["run_dir"]} disagree on {k}: another split?')
+        if len({r[k] for r in res}) > 1: B.refuse(f'models bench: the seeds of {res[0]["run_dir"]} disagree on {k}: another split?')
     E = pd.concat([e.err for _, e in runs], axis=1)
-    if E.isna().any().any(): sys.exit(f'models bench: the seeds of {res[0]["run_dir"]} predicted other test subjects')
+    if E.isna().any().any(): B.refuse(f'models bench: the seeds of {res[0]["run_dir"]} predicted other test subjects')
     M = boot_means({'row': E.to_numpy().T, 'oracle': runs[0][1].oracle_err.loc[E.index].to_numpy()[None]}, n_boot, boot_seed)
     r4 = lambda v: [round(float(x), 3) for x in v]
     row = {**{k: round(float(np.mean([r[k] for r in res])), 3) for k in MEANS}, **{k: res[0][k] for k in SAME}}
@@ -178,7 +178,7 @@ def collected_row(out_dir, root, name, seeds):
             r, e = row_result(d, root, wall, errors=True)
             runs.append((dict(r, agenb_commit=(cfg.get('environment') or {}).get('git')), e))
             break
-        else: sys.exit(f'models bench: no completed run folder run_*_{rn} in {out_dir}')
+        else: B.refuse(f'models bench: no completed run folder run_*_{rn} in {out_dir}')
     return dict(seeds_row(runs, seeds), wall_from='config.json started_at/finished_at')
 
 
@@ -246,7 +246,7 @@ def main(argv=None):
     dest = RESULTS if official else B.OUT / 'models_results.json'
     old = json.loads(dest.read_text()) if dest.is_file() and a.only else {}
     if old and tuple(old.get('seeds') or (old['budget']['seed'],)) != seeds:
-        sys.exit(f'models bench: {B.rel(dest)} was written with seeds {old.get("seeds") or [old["budget"]["seed"]]}; '
+        B.refuse(f'models bench: {B.rel(dest)} was written with seeds {old.get("seeds") or [old["budget"]["seed"]]}; '
                  f'--only keeps its other rows, so give the same --seeds or rerun every row')
     t0 = time.time()
     from agenb import __version__
@@ -264,7 +264,7 @@ def main(argv=None):
     plain_split = lambda: B.ROOT / rows['plain']['run_dir'] / 'split.csv'   # the plain row's first seed's split
     for name in ROWS:
         if name not in todo: continue
-        if name != 'plain' and 'plain' not in rows: sys.exit(f'models bench: {name} needs the plain row first (its split)')
+        if name != 'plain' and 'plain' not in rows: B.refuse(f'models bench: {name} needs the plain row first (its split)')
         split = plain_split() if name == 'three_muscles' else None   # by subject: the same test subjects
         rows[name] = train_row(root, out_dir, name, budget, ROWS[name], seeds, split,
                                first_split=None if name == 'plain' else plain_split())

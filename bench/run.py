@@ -44,6 +44,19 @@ def rel(p):
     p = Path(p).resolve()
     try: return p.relative_to(ROOT).as_posix()
     except ValueError: return str(p)
+
+class Refused(SystemExit):
+    "A bench script's refusal: exit code 2 (agenb's code for bad input); `str()` is the message, so tests can match it."
+    def __init__(self, msg):
+        super().__init__(2); self.msg = msg
+    def __str__(self): return self.msg
+
+def refuse(msg):
+    """Stop on input a bench script cannot use (a stale run, a missing record, too few subjects): the message as one
+    line on stderr, exit code 2, as agenb's own commands do, not Python's exit code 1."""
+    msg = ' '.join(str(msg).split())
+    print(msg, file=sys.stderr, flush=True)
+    raise Refused(msg)
 SECTIONS = ('loader', 'efficiency', 'ddp', 'accuracy', 'ensemble')
 
 # Sizes: the full benchmark took 56 min on an idle 2-core CPU machine (results.json of 46bec10): about 39 min the accuracy
@@ -118,7 +131,7 @@ def ensure_data(preset, data_root=None):
     from agenb.synth import ensure_synth
     if data_root is not None:
         root = Path(data_root)
-        if not (root / 'synth_meta.json').is_file(): sys.exit(f'bench: {root} has no synth_meta.json; give a folder written by agenb.synth')
+        if not (root / 'synth_meta.json').is_file(): refuse(f'bench: {root} has no synth_meta.json; give a folder written by agenb.synth')
         return root
     name, params = DATA[preset]
     ensure_synth(OUT / name, log=lambda m: print(f'bench: {m}', flush=True), **params)

@@ -1,6 +1,6 @@
 """The committed benchmark results: provenance recorded, no machine paths, and bench/README.md's figures rendered
 from them (bench/render.py), so that the two cannot disagree."""
-import importlib.util, json, shutil, sys
+import importlib.util, json, shutil, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +87,8 @@ def test_models_row_over_seeds_is_the_mean_with_seed_and_subject_intervals():
     assert hi - lo > one[1] - one[0]
     assert row['wall_seconds'] == 20.0 and [p['seed'] for p in row['per_seed']] == [1, 2] and row['run_dir'] == 'r1'
     c = (b[0], b[1].rename(index=lambda s: s + 'x'))
-    with pytest.raises(SystemExit, match='other test subjects'): M.seeds_row([a, c], (1, 2))
+    with pytest.raises(SystemExit, match='other test subjects') as e: M.seeds_row([a, c], (1, 2))
+    assert e.value.code == 2                                        # a refusal, as agenb's bad-input exit
 
 
 @pytest.fixture(scope='module')
@@ -168,7 +169,8 @@ def test_selection_scores_each_rule_on_the_same_fold_runs(tmp_path, synth_root):
     # a run that did not train every epoch has no "last epoch" to score
     cfg = json.loads((run / 'config.json').read_text()); cfg['epochs_completed'] = 2
     (run / 'config.json').write_text(json.dumps(cfg))
-    with pytest.raises(SystemExit, match='stopped after 2 of 3 epochs'): sel.last_checkpoint(run)
+    with pytest.raises(SystemExit, match='stopped after 2 of 3 epochs') as e: sel.last_checkpoint(run)
+    assert e.value.code == 2
 
 
 def test_accuracy_block_is_rendered_and_recorded():
@@ -237,6 +239,17 @@ def _bench_run():
     return mod
 
 
+
+def test_a_bench_refusal_is_one_line_and_exit_2(capsys):
+    "bench/run.py's `refuse`: the bench scripts stop on input they cannot use as agenb's commands do."
+    B = _bench_run()
+    with pytest.raises(SystemExit) as e: B.refuse('gap: the split of 320 subjects\n is no longer the one')
+    assert e.value.code == 2 and str(e.value) == 'gap: the split of 320 subjects is no longer the one'
+    assert capsys.readouterr().err == 'gap: the split of 320 subjects is no longer the one\n'
+    r = subprocess.run([sys.executable, '-c', 'import sys; sys.path.insert(0, "bench"); import run; run.refuse("x: stale")'],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (2, 'x: stale\n'), r.stderr[-500:]
+
 def _cubes(rng, factor=1.0, n=80, seeds=3, noise=2.3, shift=0.1):
     "Per-subject error sums of agenb and the plain loop (`seeds` runs each) and the oracle: agenb's errors x `factor`."
     u = rng.normal(0, 6, n)                                       # what every predictor gets wrong about a subject
@@ -293,7 +306,6 @@ def _remove_combined(out):
 def test_combine_pools_only_experiments_of_one_protocol(tmp_path):
     """bench/defaults/combine.py pools variants of experiments that share data, base and protocol into agenb's
     leaderboard, and refuses (exit 2, one line) any that differ in folds, base or protocol."""
-    import subprocess
     import pandas as pd
     cmd = lambda *a: subprocess.run([sys.executable, str(ROOT / 'bench' / 'defaults' / 'combine.py'), *map(str, a)],
                                     capture_output=True, text=True, cwd=tmp_path)
@@ -424,7 +436,8 @@ def test_ceiling_splits_are_nested_with_one_held_out_set(tmp_path, monkeypatch):
     dev20, dev40 = set(s20[s20.isin(['train', 'val'])].index), set(s40[s40.isin(['train', 'val'])].index)
     assert (len(dev20), len(dev40)) == (20, 40) and dev20 < dev40
     assert ((s20 == 'val').sum(), (s40 == 'val').sum(), (s40 == 'excluded').sum()) == (2, 4, 20)
-    with pytest.raises(SystemExit, match='fewer than 80'): C.split_files(tmp_path, tmp_path, [80])
+    with pytest.raises(SystemExit, match='fewer than 80') as e: C.split_files(tmp_path, tmp_path, [80])
+    assert e.value.code == 2
 
 
 def test_ceiling_curve_scores_each_size_against_the_oracle_and_the_smallest():
