@@ -147,7 +147,7 @@ def start_bias(o: Options, train_ages: torch.Tensor):
 def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, quiet=False) -> Path:
     "Run a training described by options `o`; returns the run folder (on every rank)."
     source = source or {'entry': 'cli', 'script_name': 'agenb.train'}
-    d = Dist(o.device)
+    d, trainer = Dist(o.device), None
     try:
         if o.sync_bn and d.ddp and d.device.type != 'cuda':
             raise InputError('--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU); drop --sync-bn')
@@ -189,7 +189,8 @@ def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, 
             if line := folder_matching(data.summary): files.log(line)
         run_dir = Path(d.broadcast(str(run_dir)))
     except BaseException:
-        d.close(); raise
+        trainer.close() if trainer is not None else d.close()
+        raise
     return _fit_and_finish(o, d, data, trainer, files, run_dir, quiet)
 
 # %% ../nbs/19_train.ipynb #04dbda45
@@ -219,7 +220,7 @@ def _fit_and_finish(o, d, data, trainer, files, run_dir, quiet):
         raise
     finally:
         for s, h in old.items(): signal.signal(s, h)
-        d.close()
+        trainer.close()   # every rank: the process group and the DDP wrapper go before the interpreter does
     if files: render_report_safely(run_dir, files)
     return run_dir
 

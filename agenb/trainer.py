@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_trainer.ipynb #cd0e4c80
 from __future__ import annotations
-import contextlib, dataclasses, math, os, random, signal, time
+import contextlib, dataclasses, gc, math, os, random, signal, time
 from pathlib import Path
 
 import numpy as np
@@ -511,6 +511,14 @@ def _set_rng_state(s, gen):
     np.random.set_state(('MT19937', np.array(s['numpy'], dtype=np.uint32), s['numpy_pos'], 0, 0.0))
     torch.set_rng_state(s['torch']); gen.set_state(s['augment'])
     if s['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
+
+# %% ../nbs/10_trainer.ipynb #0f1dc33c
+@patch
+def close(self: Trainer):
+    "End the process group and free the DDP wrapper that holds it (every rank, once training is over). Idempotent."
+    self.d.close()
+    self.net = self.model
+    gc.collect()
 
 # %% ../nbs/10_trainer.ipynb #6ac66a15
 class RunWriter:

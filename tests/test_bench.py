@@ -641,3 +641,22 @@ def test_gap_probe_is_trained_again_when_its_data_change(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match='trained'): job(from_runs=True)
     split.write_text('subject,split\n1,val\n'); (run / 'predictions.csv').write_text('filename,pred\n')
     with pytest.raises(RuntimeError, match='trained'): job(from_runs=True)
+
+
+def test_ddp_teardown_bench_records_each_variant(tmp_path):
+    """bench/ddp_teardown.py: one two-rank launch per variant (no CPU load) ends cleanly through agenb's Trainer.close,
+    and the record names the code, the counts and the exact interval; a run count below 1 is refused with exit 2."""
+    out = tmp_path / 'teardown.json'
+    r = subprocess.run([sys.executable, 'bench/ddp_teardown.py', '--runs', '1', '--burners', '0', '--out', out],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert set(rec['variants']) == {'left_to_shutdown', 'trainer_close'} and rec['agenb']['commit']
+    close = rec['variants']['trainer_close']
+    assert (close['runs'], close['aborted'], close['failed_otherwise']) == (1, 0, 0)
+    assert close['abort_rate_95ci'][0] == 0 and 0.9 < close['abort_rate_95ci'][1] <= 1     # one run says little
+    assert 0 <= rec['fisher_exact_p'] <= 1
+    r = subprocess.run([sys.executable, 'bench/ddp_teardown.py', '--runs', '0', '--out', tmp_path / 'x.json'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr.count('\n')) == (2, 1) and '--runs must be at least 1' in r.stderr
+    assert not (tmp_path / 'x.json').exists()

@@ -9,10 +9,11 @@ agenb itself does not carry, each off unless its environment variable is set:
   that many years *before* they are shared, so the ranks' raw numbers differ.
 - `AGENB_PROBE_KILL_WRITE=NAME:EPOCH`: SIGKILL the process half-way through writing NAME (e.g. last.pth) at EPOCH.
 """
-import hashlib, io, json, os, signal, sys
+import hashlib, io, json, os, signal, sys, weakref
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from agenb.core import run_cli
 from agenb.trainer import Trainer
@@ -34,7 +35,7 @@ def log(t, **rec):
     with open(Path(LOG) / f'rank{t.d.rank}.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
 
 
-_init, _train_epoch, _outputs, _fit = Trainer.__init__, Trainer.train_epoch, Trainer.outputs, Trainer.fit
+_init, _train_epoch, _outputs, _fit, _close = Trainer.__init__, Trainer.train_epoch, Trainer.outputs, Trainer.fit, Trainer.close
 
 
 def __init__(self, *a, **kw):
@@ -43,6 +44,7 @@ def __init__(self, *a, **kw):
     def counted(*a, **kw):
         self.probe_steps += 1; return step(*a, **kw)
     self.opt.step = counted
+    self.probe_wrapper = weakref.ref(self.net) if isinstance(self.net, torch.nn.parallel.DistributedDataParallel) else None
 
 
 def train_epoch(self, *a, **kw):
@@ -72,6 +74,12 @@ def fit(self, end_of_epoch=None, progress_factory=None):
     return reason
 
 
+def close(self):
+    _close(self)
+    log(self, closed=True, ddp_wrapper_freed=self.probe_wrapper is not None and self.probe_wrapper() is None,
+        process_group=dist.is_initialized())
+
+
 _save = torch.save
 
 
@@ -88,7 +96,7 @@ def save(obj, f, *a, **kw):
     return _save(obj, f, *a, **kw)
 
 
-Trainer.__init__, Trainer.train_epoch, Trainer.outputs, Trainer.fit = __init__, train_epoch, outputs, fit
+Trainer.__init__, Trainer.train_epoch, Trainer.outputs, Trainer.fit, Trainer.close = __init__, train_epoch, outputs, fit, close
 if KILL: torch.save = save
 
 if __name__ == '__main__':
