@@ -5,7 +5,7 @@ Each run is `torchrun --standalone --nproc_per_node=2` of a tiny DDP job: a Line
 DistributedDataParallel, one backward pass, a barrier, then the end of the job in one of two ways:
 
   left_to_shutdown  the process group is destroyed and the DDP wrapper is left for the interpreter's shutdown to
-                    free (agenb before Trainer.close);
+                    free (before Trainer.close, a trainer in a reference cycle: --compile, or the tests' probe);
   trainer_close     agenb's own `Trainer.close` on a stand-in trainer holding the same wrapper: the process group is
                     destroyed, then the wrapper freed and collected while Python is still alive.
 
@@ -13,16 +13,17 @@ DistributedDataParallel, one backward pass, a barrier, then the end of the job i
 interpreter's shutdown is then shorter, and the race shows more often.
 
 The wrapper holds the process group, and gloo's worker threads live as long as the group object. Freed only at
-shutdown, they can touch Python objects after Python has gone; the rank then dies with SIGABRT ("terminate called
-without an active exception") although the job did all its work. It shows on a loaded machine, as in CI, where two
+shutdown, they likely touch Python objects after Python has gone (not shown directly); the rank then dies with
+SIGABRT ("terminate called without an active exception") although the job did all its work. It shows on a loaded machine, as in CI, where two
 pytest workers share 2 cores: `--burners N` busy-loop processes load the CPU while the runs go. The variants are
 interleaved (A, B, A, B, ...), so a busy patch of the machine hits both alike.
 
-Per variant: runs, aborted runs (exit code -6 or "terminate called" on stderr), other failures, the abort rate with
-its exact 95% interval, and Fisher's exact test between the two variants.
+Per variant: runs, aborted runs (exit code -6 or "terminate called" on stderr), other failures (a timeout, another
+error), the abort rate with its exact 95% interval, and Fisher's exact test of aborted against clean runs between
+the two variants (other failures left out of it).
 """
 from __future__ import annotations
-import argparse, json, os, platform, subprocess, sys, tempfile, time
+import argparse, json, os, platform, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 
 from scipy import stats
@@ -40,6 +41,7 @@ if sys.argv[2] == 'agenb':
     from agenb.trainer import Dist, Trainer
     d = Dist('cpu')
 else:   # the same steps without importing agenb (a shorter shutdown: the race shows more often)
+    import torch.distributed.nn   # as agenb.trainer does: before the group, or its functions keep the group alive
     dist.init_process_group('gloo')
     d = types.SimpleNamespace(barrier=dist.barrier, close=dist.destroy_process_group)
     class Trainer:
@@ -57,13 +59,15 @@ VARIANTS = ('left_to_shutdown', 'trainer_close')
 def one_run(script: Path, variant: str, job: str, timeout: float) -> str:
     "'ok', 'aborted' or 'failed' for one two-rank launch."
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
-    try:
-        r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                            str(script), variant, job], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script),
+                          variant, job], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                         start_new_session=True)   # its own process group: a timeout kills torchrun and its workers
+    try: _, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL); p.communicate()
         return 'failed'
-    if r.returncode == 0: return 'ok'
-    return 'aborted' if 'terminate called' in r.stderr or 'exitcode  : -6' in r.stderr else 'failed'
+    if p.returncode == 0: return 'ok'
+    return 'aborted' if 'terminate called' in err or 'exitcode  : -6' in err else 'failed'
 
 
 def summary(outcomes: list[str]) -> dict:
@@ -82,7 +86,8 @@ def main(argv=None):
     ap.add_argument('--timeout', type=float, default=120, help='seconds one launch may take (default 120)')
     ap.add_argument('--out', type=Path, default=ROOT / 'bench' / 'ddp_teardown_results.json')
     a = ap.parse_args(argv)
-    if a.runs < 1 or a.burners < 0: refuse(f'--runs must be at least 1 and --burners at least 0 (got {a.runs}, {a.burners})')
+    if a.runs < 1 or a.burners < 0 or not a.timeout > 0:
+        refuse(f'--runs must be at least 1, --burners at least 0 and --timeout above 0 (got {a.runs}, {a.burners}, {a.timeout})')
     state, t0 = {'version': __version__, **git_info(ROOT), 'dirty_files': dirty_files()}, time.time()   # before anything runs
     outcomes = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +101,7 @@ def main(argv=None):
         finally:
             for b in burners: b.kill()
     res = {v: summary(o) for v, o in outcomes.items()}
-    table = [[res[v]['aborted'], res[v]['runs'] - res[v]['aborted']] for v in VARIANTS]
+    table = [[outcomes[v].count('aborted'), outcomes[v].count('ok')] for v in VARIANTS]
     out = {'agenb': state, 'command': 'python bench/ddp_teardown.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
            'machine': {'cpus': os.cpu_count(), 'platform': platform.platform(), 'python': platform.python_version(),
                        'torch': __import__('torch').__version__},

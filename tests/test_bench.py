@@ -652,11 +652,11 @@ def test_ddp_teardown_bench_records_each_variant(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads(out.read_text())
     assert set(rec['variants']) == {'left_to_shutdown', 'trainer_close'} and rec['agenb']['commit']
-    close = rec['variants']['trainer_close']
-    assert (close['runs'], close['aborted'], close['failed_otherwise']) == (1, 0, 0)
+    close, left = rec['variants']['trainer_close'], rec['variants']['left_to_shutdown']
+    assert (close['runs'], close['aborted'], close['failed_otherwise'], left['runs'], left['failed_otherwise']) == (1, 0, 0, 1, 0)
     assert close['abort_rate_95ci'][0] == 0 and 0.9 < close['abort_rate_95ci'][1] <= 1     # one run says little
     assert 0 <= rec['fisher_exact_p'] <= 1
     r = subprocess.run([sys.executable, 'bench/ddp_teardown.py', '--runs', '0', '--out', tmp_path / 'x.json'],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert (r.returncode, r.stderr.count('\n')) == (2, 1) and '--runs must be at least 1' in r.stderr
+    assert (r.returncode, r.stderr.count('\n')) == (2, 1) and '--runs must be at least 1' in r.stderr, r.stderr
     assert not (tmp_path / 'x.json').exists()

@@ -88,7 +88,7 @@ def test_every_rank_decides_from_the_shared_numbers(decided):
     *epochs, stop, closed = log[0]
     assert stop == {'stop': 'early_stopping', 'epoch': 3}
     # every rank freed its DDP wrapper after ending the process group, before the interpreter's shutdown (Trainer.close)
-    assert closed == {'closed': True, 'ddp_wrapper_freed': True, 'process_group': False}
+    assert closed == {'closed': True, 'ddp_wrapper_freed': True, 'group_freed': True, 'process_group': False}
     assert [(e['epoch'], e['improved'], e['best_epoch'], e['bad_epochs'], e['final']) for e in epochs] == [
         (1, True, 1, 0, False), (2, False, 1, 1, False), (3, False, 1, 2, True)]
     assert [e['lr'] for e in epochs] == pytest.approx([1e-3, 1e-3, 5e-4])

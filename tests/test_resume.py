@@ -63,7 +63,12 @@ def test_kill_9_then_resume_equals_uninterrupted(data_args, tmp_path, nproc, kil
     _same_weights(_run_dir(full), run, 'best_model.pth')
     decisions = probe_log(log)
     assert len(decisions) == nproc and all(d == decisions[0] for d in decisions.values())
-    assert [(e['epoch'], e['improved'], e['best_epoch']) for e in decisions[0] if 'improved' in e] == [(2, False, 1), (3, False, 1)]
+    *epochs, stop, closed = decisions[0]
+    assert [(e['epoch'], e['improved'], e['best_epoch']) for e in epochs] == [(2, False, 1), (3, False, 1)]
+    assert stop == {'stop': 'max_epochs', 'epoch': 3}
+    if nproc == 2:   # each rank freed its wrapper and the group before the shutdown (the abort CI once saw here)
+        assert closed == {'closed': True, 'ddp_wrapper_freed': True, 'group_freed': True, 'process_group': False}
+    else: assert closed == {'closed': True, 'ddp_wrapper_freed': False, 'group_freed': False, 'process_group': False}
 
 
 def test_resume_under_another_world_size(tiny_run, tmp_path):

@@ -45,6 +45,7 @@ def __init__(self, *a, **kw):
         self.probe_steps += 1; return step(*a, **kw)
     self.opt.step = counted
     self.probe_wrapper = weakref.ref(self.net) if isinstance(self.net, torch.nn.parallel.DistributedDataParallel) else None
+    self.probe_group = weakref.ref(dist.group.WORLD) if dist.is_initialized() else None
 
 
 def train_epoch(self, *a, **kw):
@@ -77,7 +78,7 @@ def fit(self, end_of_epoch=None, progress_factory=None):
 def close(self):
     _close(self)
     log(self, closed=True, ddp_wrapper_freed=self.probe_wrapper is not None and self.probe_wrapper() is None,
-        process_group=dist.is_initialized())
+        group_freed=self.probe_group is not None and self.probe_group() is None, process_group=dist.is_initialized())
 
 
 _save = torch.save
