@@ -9,14 +9,14 @@ DistributedDataParallel, one backward pass, a barrier, then the end of the job i
   trainer_close     agenb's own `Trainer.close` on a stand-in trainer holding the same wrapper: the process group is
                     destroyed, then the wrapper freed and collected while Python is still alive.
 
-`--job plain` runs the same steps without importing agenb (its `Trainer.close` written out in three lines): the
+`--job plain` runs the same steps without importing agenb (its `Trainer.close` written out in one line): the
 interpreter's shutdown is then shorter, and the race shows more often.
 
 The wrapper holds the process group, and gloo's worker threads live as long as the group object. Freed only at
 shutdown, they likely touch Python objects after Python has gone (not shown directly); the rank then dies with
-SIGABRT ("terminate called without an active exception") although the job did all its work. It shows on a loaded machine, as in CI, where two
-pytest workers share 2 cores: `--burners N` busy-loop processes load the CPU while the runs go. The variants are
-interleaved (A, B, A, B, ...), so a busy patch of the machine hits both alike.
+SIGABRT ("terminate called without an active exception") although the job did all its work. It shows on a loaded
+machine, as in CI, where two pytest workers share 2 cores: `--burners N` busy-loop processes load the CPU while the
+runs go. The variants are interleaved (A, B, A, B, ...), so a busy patch of the machine hits both alike.
 
 Per variant: runs, aborted runs (exit code -6 or "terminate called" on stderr), other failures (a timeout, another
 error), the abort rate with its exact 95% interval, and Fisher's exact test of aborted against clean runs between
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse, json, os, platform, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 
+import torch
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ from agenb.core import atomic_write_json, git_info   # noqa: E402
 from bench.run import dirty_files, refuse     # noqa: E402
 
 WORKER = '''
-import gc, os, sys, types, torch, torch.distributed as dist
+import gc, sys, types, torch, torch.distributed as dist
 from torch import nn
 if sys.argv[2] == 'agenb':
     from agenb.trainer import Dist, Trainer
@@ -72,9 +73,9 @@ def one_run(script: Path, variant: str, job: str, timeout: float) -> str:
 
 def summary(outcomes: list[str]) -> dict:
     n, k = len(outcomes), outcomes.count('aborted')
-    ci = stats.binomtest(k, n).proportion_ci(0.95, method='exact') if n else None
-    return {'runs': n, 'aborted': k, 'failed_otherwise': outcomes.count('failed'), 'abort_rate': k / n if n else None,
-            'abort_rate_95ci': [ci.low, ci.high] if ci else None}
+    ci = stats.binomtest(k, n).proportion_ci(0.95, method='exact')
+    return {'runs': n, 'aborted': k, 'failed_otherwise': outcomes.count('failed'), 'abort_rate': k / n,
+            'abort_rate_95ci': [ci.low, ci.high]}
 
 
 def main(argv=None):
@@ -104,7 +105,7 @@ def main(argv=None):
     table = [[outcomes[v].count('aborted'), outcomes[v].count('ok')] for v in VARIANTS]
     out = {'agenb': state, 'command': 'python bench/ddp_teardown.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
            'machine': {'cpus': os.cpu_count(), 'platform': platform.platform(), 'python': platform.python_version(),
-                       'torch': __import__('torch').__version__},
+                       'torch': torch.__version__},
            'burners': a.burners, 'job': a.job, 'variants': res,
            'fisher_exact_p': float(stats.fisher_exact(table).pvalue), 'seconds': round(time.time() - t0, 1)}
     atomic_write_json(a.out, out)
