@@ -31,8 +31,19 @@ test-all:
 unit: $(STAMP)
 	@t=$$(mktemp -d); TMPDIR=$$t $(BIN)/nbdev_test --n_workers 2 $(NBDEV_TEST_FLAGS); rc=$$?; rm -rf "$$t"; exit $$rc
 
+## The integration tests run with TMPDIR in a folder of their own (readable by the PostgreSQL server's user), so that
+## what their commands leave in the temporary folder (torchrun's log folders, crash logs, pytest's base folder) goes
+## with it: removed when the tests pass, kept with a line saying where when one fails (only the failed tests' tmp_path
+## folders are in it: pytest.ini).
+PYTEST_ARGS ?= tests
+PYTEST := $(BIN)/python -m pytest -c pytest.ini -q -rs -n 2 --dist loadfile --durations=15
 integration: $(STAMP) browser
-	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --durations=15 -m "$(PYTEST_MARKS)" tests
+	@t=$$(mktemp -d); chmod 755 "$$t"; \
+	 echo "TMPDIR=$$t $(PYTEST) -m \"$(PYTEST_MARKS)\" $(PYTEST_ARGS)"; \
+	 TMPDIR=$$t $(PYTEST) -m "$(PYTEST_MARKS)" $(PYTEST_ARGS); rc=$$?; \
+	 if [ $$rc = 0 ]; then rm -rf "$$t"; \
+	 else echo "make integration: the failed tests' folders are kept in $$t (remove it when done)"; fi; \
+	 exit $$rc
 
 ## make browser: the system Chromium that tests/test_browser.py drives (through Playwright, no browser download):
 ## installed with apt-get when missing and this is root on a Debian-like system; otherwise one line says the browser

@@ -74,3 +74,39 @@ def test_settings_lists_every_package_agenb_imports():
                 dists = {d.lower() for d in dist_of.get(top, [top])}
                 if not dists & listed: missing.add(f'{top} ({", ".join(sorted(dists))}) in {path.name}')
     assert not missing, f'imported by agenb but not in settings.ini requirements: {sorted(missing)}'
+
+
+def _make_integration(tmp_path, fail):
+    "make integration on two probe tests (one writes a stray file to the temporary folder, one fails when `fail`)."
+    probe = tmp_path / 'probe'
+    probe.mkdir(exist_ok=True)
+    (probe / 'test_probe.py').write_text(
+        "import os, tempfile\n"
+        "def test_passes(tmp_path):\n"
+        "    (tmp_path / 'passed.bin').write_bytes(b'x')\n"
+        "    open(os.path.join(tempfile.gettempdir(), 'stray.log'), 'w').close()\n"
+        "def test_maybe_fails(tmp_path):\n"
+        "    (tmp_path / 'evidence.txt').write_text('look here')\n"
+        "    assert os.environ.get('PROBE_FAIL') != '1'\n")
+    root = tmp_path / ('tmp_fail' if fail else 'tmp_pass')
+    root.mkdir()
+    env = dict(ENV, TMPDIR=str(root), PROBE_FAIL='1' if fail else '0')
+    # BROWSERS=true: make's browser check is satisfied at once (never an apt-get from inside a test)
+    cmd = ['make', '-s', 'integration', f'PYTEST_ARGS={probe}', 'PYTEST_MARKS=', 'BROWSERS=true']
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return r, root
+
+
+def test_make_integration_leaves_nothing_in_the_temporary_folder(tmp_path):
+    """What the integration tests write to the temporary folder (pytest's base folder, strays of their commands) is
+    gone when they pass; when one fails, its folder is kept (and the passed test's is not) and make says where."""
+    r, root = _make_integration(tmp_path, fail=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert '2 passed' in r.stdout and list(root.iterdir()) == []
+    r, root = _make_integration(tmp_path, fail=True)
+    assert r.returncode != 0 and '1 failed, 1 passed' in r.stdout
+    [kept] = list(root.iterdir())
+    assert f'kept in {kept}' in r.stdout
+    assert (kept / 'stray.log').exists()
+    names = {p.name for p in kept.rglob('*') if p.is_file()}
+    assert 'evidence.txt' in names and 'passed.bin' not in names
