@@ -16,9 +16,11 @@ def pg_binaries():
 
 @contextlib.contextmanager
 def postgres_server():
-    "Start a server of its own on a free port (data in a new folder under /tmp); yields its URL; stops it and removes the folder."
+    """Start a server of its own on a free port (data in a new folder in the temporary folder, TMPDIR); yields its URL;
+    stops it and removes the folder."""
     initdb, pg_ctl = pg_binaries()
-    d = Path(tempfile.mkdtemp(prefix='agenb_pg_'))           # not under pytest's tmp (mode 700, root's): the server must reach it
+    # not under pytest's tmp (mode 700, root's): the server's user must reach it (make integration's TMPDIR is 755)
+    d = Path(tempfile.mkdtemp(prefix='agenb_pg_'))
     kw = {}
     if os.geteuid() == 0:
         try: u = pwd.getpwnam('postgres')

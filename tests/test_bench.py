@@ -660,3 +660,64 @@ def test_ddp_teardown_bench_records_each_variant(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert (r.returncode, r.stderr.count('\n')) == (2, 1) and '--runs must be at least 1' in r.stderr, r.stderr
     assert not (tmp_path / 'x.json').exists()
+
+
+def _target_rule():
+    spec = importlib.util.spec_from_file_location('target_rule', ROOT / 'bench' / 'target_rule.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_runs(n_runs=6, n_img=300, seed=0):
+    "Signed errors of `n_runs` runs: a method's error per image, a shift each run shares over its images, image noise."
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(0, 6, n_img)
+    return mu + rng.normal(0, 1.0, (n_runs, 1)) + rng.normal(0, 2.0, (n_runs, n_img))
+
+
+def test_target_rule_draws_seeds_that_vary_like_the_runs():
+    """bench/target_rule.py's new training seeds: on average the runs' mean error per image; per image, the runs'
+    variance; and the shift that a seed shares over its images (the runs' means vary as much); two runs at least."""
+    T = _target_rule()
+    E = _fake_runs()
+    S = T.Method(E).seeds(20000, np.random.default_rng(1))
+    assert np.allclose(S.mean(0), E.mean(0), atol=0.1)
+    ratio = S.var(0).mean() / E.var(0, ddof=1).mean()
+    assert 0.95 < ratio < 1.05
+    assert 0.9 < S.mean(1).var() / E.mean(1).var(ddof=1) < 1.1
+    assert np.allclose(T.Method(E).scaled(0.5).seeds(3, np.random.default_rng(2)),
+                       0.5 * T.Method(E).seeds(3, np.random.default_rng(2)))
+    with pytest.raises(ValueError, match='two runs'): T.Method(E[:1])
+
+
+def test_target_rule_counts_the_bench_verdicts():
+    """Where agenb is twice as good the bench's plain-loop rule says "met" every time, where it is twice as bad
+    "worse" every time, and where nothing differs it rarely says either; the oracle rule's point follows the scale."""
+    T = _target_rule()
+    E = _fake_runs(n_img=240)
+    codes = np.repeat(np.arange(80), 3)                  # 80 subjects of 3 images
+    m, oracle = T.Method(E), E.mean(0) * 0.8
+    good = T.simulate(m.scaled(0.5), m, oracle, codes, n_sims=40, n_boot=200, subjects=40)
+    bad = T.simulate(m.scaled(2.0), m, oracle, codes, n_sims=40, n_boot=200, subjects=40)
+    null = T.simulate(m, m, oracle, codes, n_sims=200, n_boot=200, subjects=40)
+    assert good['plain_rule_met']['rate'] == 1 and good['plain_rule_worse']['rate'] == 0
+    assert bad['plain_rule_worse']['rate'] == 1 and bad['plain_rule_met']['rate'] == 0
+    assert null['plain_rule_met']['rate'] < 0.1 and null['plain_rule_worse']['rate'] < 0.1
+    assert abs(null['mae_over_plain_loop']['mean'] - 1) < 0.02
+    assert good['mae_over_oracle']['mean'] < null['mae_over_oracle']['mean'] / 1.9
+    assert T.binom(5, 100) == {'count': 5, 'n': 100, 'rate': 0.05, 'ci95': [0.0164, 0.1128]}
+
+
+def test_target_rule_block_is_rendered_from_its_results():
+    """bench/README.md's verdict rates are bench/target_rule_results.json's, written by a clean tree, with enough
+    simulated benches for a rate near 2.5%; the script refuses fewer."""
+    T = _target_rule()
+    res = json.loads((ROOT / 'bench' / 'target_rule_results.json').read_text())
+    text = (ROOT / 'bench' / 'README.md').read_text()
+    assert render.fill(text, 'target_rule', T.target_block(res)) == text, 'run python bench/target_rule.py --render'
+    assert res['agenb']['dirty'] is False and res['n_sims'] >= 1000
+    assert res['design'] == {**res['design'], 'seeds': 3, 'subjects': 80, 'n_boot': 2000}
+    null = res['worlds']['plain_loop_rule'][0]
+    assert null['true_mae_over_plain_loop'] == 1.0 and null['plain_rule_met']['n'] == res['n_sims']
+    r = subprocess.run([sys.executable, 'bench/target_rule.py', '--sims', '10'], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and '--sims 10 is too few' in r.stderr
