@@ -13,8 +13,9 @@ when it is true. This script simulates the bench's design many times, in worlds 
 the verdicts. Nothing is trained: it reads finished runs.
 
 **The runs.** The recipe's runs on bench/ceiling.py's 320-subject split (its seeds 1 and 2, and bench/gap.py's seeds 3
-and 4), scored on the cohort's 200 held-out subjects (579 images). These are other people than the bench's, drawn by the same generator, and the recipe at 64 px and 20 epochs
-(the boards' budget), not at the bench's 96 px and 40 epochs.
+and 4), scored on the cohort's 200 held-out subjects (579 images). These are other people than the bench's, drawn by
+the same generator, and the recipe at 64 px and 20 epochs (the boards' budget), not at the bench's 96 px and 40
+epochs.
 
 **One simulated bench.**
 - Its test set: 80 of the 200 held-out subjects, drawn without replacement.
@@ -208,7 +209,8 @@ def main(argv=None):
            'design': {'seeds': BENCH_SEEDS, 'subjects': BENCH_SUBJECTS, 'n_boot': 2000,
                       'rule': 'bench/run.py seeds_ratios: each side\'s seeds resampled on their own, the test subjects together'},
            'n_sims': a.sims, 'n_images': len(j), 'n_subjects': int(j.subject.nunique()),
-           'runs': [str(d) for d in dirs], 'observed_image_mae_per_run': observed, 'observed_seed_sd': round(float(np.std(observed, ddof=1)), 4),
+           'runs': [str(d) for d in dirs], 'observed_image_mae_per_run': observed,
+           'observed_seed_sd': round(float(np.std(observed, ddof=1)), 4),
            'worlds': worlds(recipe, oracle_err, codes, a.sims),
            'agenb': agenb, 'command': ' '.join(['bench/target_rule.py', *(argv if argv is not None else sys.argv[1:])]),
            'created_at': datetime.now().isoformat(timespec='seconds'), 'wall_seconds': round(time.time() - t0, 1)}
