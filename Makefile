@@ -32,17 +32,18 @@ unit: $(STAMP)
 	@t=$$(mktemp -d); TMPDIR=$$t $(BIN)/nbdev_test --n_workers 2 $(NBDEV_TEST_FLAGS); rc=$$?; rm -rf "$$t"; exit $$rc
 
 ## The integration tests run with TMPDIR in a folder of their own (readable by the PostgreSQL server's user), so that
-## what their commands leave in the temporary folder (torchrun's log folders, crash logs, pytest's base folder) goes
-## with it: removed when the tests pass, kept with a line saying where when one fails (only the failed tests' tmp_path
-## folders are in it: pytest.ini).
+## what they and their commands leave in the temporary folder (pytest's base folder, torchrun's log folders, crash
+## logs) goes with it. It is removed when the tests pass or are interrupted. When pytest fails it is kept, and make says
+## where: the failed tests' tmp_path folders (pytest.ini removes the passed ones'), the shared data sets and runs of
+## the session, and whatever the commands left.
 PYTEST_ARGS ?= tests
 PYTEST := $(BIN)/python -m pytest -c pytest.ini -q -rs -n 2 --dist loadfile --durations=15
 integration: $(STAMP) browser
-	@t=$$(mktemp -d); chmod 755 "$$t"; \
+	@t=$$(mktemp -d) || exit 1; chmod 755 "$$t"; trap 'rm -rf "$$t"; exit 130' INT TERM; \
 	 echo "TMPDIR=$$t $(PYTEST) -m \"$(PYTEST_MARKS)\" $(PYTEST_ARGS)"; \
-	 TMPDIR=$$t $(PYTEST) -m "$(PYTEST_MARKS)" $(PYTEST_ARGS); rc=$$?; \
+	 TMPDIR="$$t" $(PYTEST) -m "$(PYTEST_MARKS)" $(PYTEST_ARGS); rc=$$?; \
 	 if [ $$rc = 0 ]; then rm -rf "$$t"; \
-	 else echo "make integration: the failed tests' folders are kept in $$t (remove it when done)"; fi; \
+	 else echo "make integration: pytest exited with $$rc; its temporary folder is kept in $$t (remove it when done)"; fi; \
 	 exit $$rc
 
 ## make browser: the system Chromium that tests/test_browser.py drives (through Playwright, no browser download):

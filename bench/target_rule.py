@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 from agenb import __version__
-from agenb.core import git_info
+from agenb.core import file_sha256, git_info
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -61,21 +61,27 @@ PLAIN_FACTORS = (1.0, 0.95, 0.90, 0.85)
 ORACLE_RATIOS = (1.00, 1.05, 1.10, 1.15, 1.20, 1.25, 1.30)
 ORACLE_TARGET = 1.20
 TRUTH_SEEDS = 2000
+NOISE_FACTORS = (0.6, 1.5, 2.5)         # the seed noise, estimated from 4 runs (3 degrees of freedom), times these
 
 
 class Method:
-    "A method's signed errors on the held-out images: their mean over its runs, and new seeds drawn like its runs."
-    def __init__(self, errors, scale=1.0):
+    """A method's signed errors on the held-out images: their mean over its runs, and new seeds drawn like its runs.
+    `scale` multiplies every error (a method k times better); `noise` multiplies only the seeds' deviations."""
+    def __init__(self, errors, scale=1.0, noise=1.0):
         E = np.atleast_2d(np.asarray(errors, dtype=float))
         if len(E) < 2: raise ValueError('a method needs two runs or more to say how its seeds vary')
-        self.mean, self.dev, self.scale = E.mean(0), E - E.mean(0), scale
+        self.mean, self.dev, self.scale, self.noise = E.mean(0), E - E.mean(0), scale, noise
 
-    def scaled(self, k): m = Method.__new__(Method); m.mean, m.dev, m.scale = self.mean, self.dev, self.scale * k; return m
+    def scaled(self, k=1.0, noise=1.0) -> 'Method':
+        "The same method with every error times `k` and its seeds' deviations times `noise` (on top of its own)."
+        m = Method.__new__(Method)
+        m.mean, m.dev, m.scale, m.noise = self.mean, self.dev, self.scale * k, self.noise * noise
+        return m
 
     def seeds(self, n, rng) -> np.ndarray:
         "(n, images) signed errors of n new training seeds."
         z = rng.standard_normal((n, len(self.dev)))
-        return self.scale * (self.mean + z @ self.dev / np.sqrt(len(self.dev) - 1))
+        return self.scale * (self.mean + self.noise * (z @ self.dev) / np.sqrt(len(self.dev) - 1))
 
 
 def subject_sums(abs_err, codes, n_subjects) -> np.ndarray:
@@ -101,13 +107,15 @@ def simulate(agenb: Method, plain: Method, oracle_err, codes, n_sims, n_boot=200
     rng = np.random.default_rng(seed)
     n_subj = int(codes.max()) + 1
     o_sums = subject_sums(np.abs(oracle_err), codes, n_subj)
+    n_img = np.bincount(codes, minlength=n_subj)
     met = worse = oracle_met = oracle_upper = 0
-    points, o_points, widths = [], [], []
+    points, o_points, widths, seed_var = [], [], [], []
     for i in range(n_sims):
-        pick = np.sort(rng.choice(n_subj, subjects, replace=False))
+        pick = rng.choice(n_subj, subjects, replace=True)        # new people, as the bench's interval assumes
         cubes = {'agenb': subject_sums(np.abs(agenb.seeds(seeds, rng)), codes, n_subj)[:, pick],
                  'plain': subject_sums(np.abs(plain.seeds(seeds, rng)), codes, n_subj)[:, pick],
                  'oracle': o_sums[:, pick]}
+        seed_var.append(np.var(cubes['plain'].sum(1) / n_img[pick].sum(), ddof=1))
         r = B.seeds_ratios(cubes, n_boot, seed=int(rng.integers(2**31)))
         lo, hi = r['mae_over_plain_loop_ci95']
         met += hi < 1.0; worse += lo > 1.0
@@ -118,7 +126,8 @@ def simulate(agenb: Method, plain: Method, oracle_err, codes, n_sims, n_boot=200
             'oracle_rule_met': binom(oracle_met, n_sims), 'oracle_interval_rule_met': binom(oracle_upper, n_sims),
             'mae_over_plain_loop': {'mean': round(float(np.mean(points)), 4), 'sd': round(float(np.std(points, ddof=1)), 4),
                                     'median_ci_width': round(float(np.median(widths)), 4)},
-            'mae_over_oracle': {'mean': round(float(np.mean(o_points)), 4), 'sd': round(float(np.std(o_points, ddof=1)), 4)}}
+            'mae_over_oracle': {'mean': round(float(np.mean(o_points)), 4), 'sd': round(float(np.std(o_points, ddof=1)), 4)},
+            'plain_seed_sd_on_test_set': round(float(np.sqrt(np.mean(seed_var))), 4)}
 
 
 def worlds(recipe: Method, oracle_err, codes, n_sims, n_boot=2000) -> dict:
@@ -134,6 +143,12 @@ def worlds(recipe: Method, oracle_err, codes, n_sims, n_boot=2000) -> dict:
         m = recipe.scaled(target / base)
         out['oracle_rule'].append({'world': f'agenb = recipe x {target / base:.3f}', 'true_mae_over_oracle': target,
                                    **simulate(m, recipe, oracle_err, codes, n_sims, n_boot, seed=200 + i)})
+    out['seed_noise'] = []
+    for i, f in enumerate(NOISE_FACTORS):
+        for j, k in enumerate((1.0, 0.90)):
+            out['seed_noise'].append({'noise': f, 'true_mae_over_plain_loop': k,
+                                      **simulate(recipe.scaled(k, f), recipe.scaled(1.0, f), oracle_err, codes, n_sims,
+                                                 n_boot, seed=300 + 10 * i + j)})
     out['truth'] = {k: round(v, 4) for k, v in truth.items()}
     out['drawn_seed_sd'] = round(float(maes.std(ddof=1)), 4)
     out['recipe_over_oracle'] = round(base, 4)
@@ -145,8 +160,9 @@ def target_block(res) -> str:
     pct = lambda b: f"{100 * b['rate']:.1f}% [{100 * b['ci95'][0]:.1f}, {100 * b['ci95'][1]:.1f}]"
     n = res['n_sims']
     lines = [f"{n} simulated benches per world ({res['design']['seeds']} training seeds a side, {res['design']['subjects']} "
-             f"test subjects drawn from the {res['n_subjects']} held-out subjects, {res['design']['n_boot']} bootstrap "
-             f"resamples each, as bench/run.py); rates with exact 95% intervals.", '',
+             f"test subjects drawn with replacement from the {res['n_subjects']} held-out subjects, "
+             f"{res['design']['n_boot']} bootstrap resamples each, as bench/run.py); rates with exact 95% intervals "
+             "(of the simulation's own error only).", '',
              '`mae_over_plain_loop`: "met" = the upper end of its 95% interval below 1; "worse" = the lower end above 1.', '',
              '| world | true ratio | met | worse | point: mean (SD) | interval width (median) |',
              '|---|---|---|---|---|---|']
@@ -161,11 +177,31 @@ def target_block(res) -> str:
         p = w['mae_over_oracle']
         lines.append(f"| {w['world']} | {w['true_mae_over_oracle']:.2f} | {pct(w['oracle_rule_met'])} | "
                      f"{pct(w['oracle_interval_rule_met'])} | {p['mean']:.3f} ({p['sd']:.3f}) |")
-    runs = res['observed_image_mae_per_run']
-    lines += ['', f"Seed to seed, the recipe's image MAE on the {res['n_subjects']} subjects has an SD of "
-                  f"{res['worlds']['drawn_seed_sd']:.3f} years over drawn seeds, against {res['observed_seed_sd']:.3f} over its "
-                  f"{len(runs)} runs ({', '.join(f'{x:.2f}' for x in runs)}). {res['wall_seconds']:.0f} s."]
+    runs, w0, bench = res['observed_image_mae_per_run'], res['worlds']['plain_loop_rule'][0], res['bench_seed_sd']
+    lines += ['', f"How much the seeds vary decides much of this, and it is estimated from {len(runs)} runs "
+                  f"({', '.join(f'{x:.2f}' for x in runs)}; SD {res['observed_seed_sd']:.3f} years on the "
+                  f"{res['n_subjects']} subjects, {res['worlds']['drawn_seed_sd']:.3f} over drawn seeds). Within a simulated "
+                  f"bench the 3 seeds of one side differ by an SD of {w0['plain_seed_sd_on_test_set']:.3f} years on its "
+                  f"{res['design']['subjects']} subjects; on the bench itself agenb's differed by {bench['agenb']:.3f} and "
+                  f"the plain loop's by {bench['plain']:.3f} (bench/results.json). The same rule with the seeds' deviations "
+                  "times a factor:", '',
+              '| seed noise | false "met" where nothing differs | "met" at 10% better | seeds\' SD within a bench |',
+              '|---|---|---|---|']
+    noise = {(w['noise'], w['true_mae_over_plain_loop']): w for w in res['worlds']['seed_noise']}
+    for f in sorted({k[0] for k in noise} | {1.0}):
+        null = noise.get((f, 1.0)) or res['worlds']['plain_loop_rule'][0]
+        gain = noise.get((f, 0.9)) or next(w for w in res['worlds']['plain_loop_rule'] if w['true_mae_over_plain_loop'] == 0.9)
+        lines.append(f"| x {f:g}{' (as estimated)' if f == 1.0 else ''} | {pct(null['plain_rule_met'])} | "
+                     f"{pct(gain['plain_rule_met'])} | {null['plain_seed_sd_on_test_set']:.3f} |")
+    lines += ['', f"{res['wall_seconds']:.0f} s."]
     return '\n'.join(lines)
+
+
+def bench_seed_sd() -> dict:
+    "SD of the test MAE over make bench's training seeds, agenb's and the plain loop's (bench/results.json)."
+    per_seed = json.loads(render.RESULTS.read_text())['accuracy']['seeds']['per_seed']
+    return {k: round(float(np.std([r[key] for r in per_seed], ddof=1)), 4)
+            for k, key in (('agenb', 'test_mae'), ('plain', 'plain_test_mae'))}
 
 
 def load_runs(j):
@@ -190,13 +226,17 @@ def main(argv=None):
     p.add_argument('--render', action='store_true', help='only render bench/README.md\'s block again from the results')
     a = p.parse_args(argv)
     if a.render:
+        if not RESULTS.is_file(): B.refuse(f'target_rule: {B.rel(RESULTS)} is missing: run python bench/target_rule.py first')
         render.update_readme(render.README, None, 'target_rule', target_block(json.loads(RESULTS.read_text())))
         return print(f'rendered from {B.rel(RESULTS)}')
     if a.sims < 100: B.refuse(f'target_rule: --sims {a.sims} is too few for a rate near 2.5%: give 100 or more')
     t0, agenb = time.time(), {'version': __version__, **git_info(B.ROOT)}
     ceil = json.loads(C.RESULTS.read_text())
-    cohort_root = B.OUT / 'data_ceiling'
-    split = C.split_files(cohort_root, B.OUT / 'ceiling_runs', ceil['sizes'])[ceil['sizes'][0]]
+    cohort_root, split = B.OUT / 'data_ceiling', B.OUT / 'ceiling_runs' / 'split_320.csv'
+    for f in (cohort_root / 'synth_latents.csv', split):
+        if not f.is_file(): B.refuse(f'target_rule: {B.rel(f)} is missing: run python bench/ceiling.py and python bench/gap.py first')
+    if file_sha256(split) not in {r['split_sha256'] for r in ceil['runs'] if r['n'] == 320}:
+        B.refuse(f'target_rule: {B.rel(split)} is not the split the runs were trained on: run python bench/ceiling.py again')
     held = pd.read_csv(split, dtype={'subject': str}).query("split == 'test'").subject
     j = C.scored_images(cohort_root, held)
     codes = np.unique(j.subject.astype(str).to_numpy(), return_inverse=True)[1]
@@ -210,7 +250,7 @@ def main(argv=None):
                       'rule': 'bench/run.py seeds_ratios: each side\'s seeds resampled on their own, the test subjects together'},
            'n_sims': a.sims, 'n_images': len(j), 'n_subjects': int(j.subject.nunique()),
            'runs': [str(d) for d in dirs], 'observed_image_mae_per_run': observed,
-           'observed_seed_sd': round(float(np.std(observed, ddof=1)), 4),
+           'observed_seed_sd': round(float(np.std(observed, ddof=1)), 4), 'bench_seed_sd': bench_seed_sd(),
            'worlds': worlds(recipe, oracle_err, codes, a.sims),
            'agenb': agenb, 'command': ' '.join(['bench/target_rule.py', *(argv if argv is not None else sys.argv[1:])]),
            'created_at': datetime.now().isoformat(timespec='seconds'), 'wall_seconds': round(time.time() - t0, 1)}

@@ -687,6 +687,8 @@ def test_target_rule_draws_seeds_that_vary_like_the_runs():
     assert 0.9 < S.mean(1).var() / E.mean(1).var(ddof=1) < 1.1
     assert np.allclose(T.Method(E).scaled(0.5).seeds(3, np.random.default_rng(2)),
                        0.5 * T.Method(E).seeds(3, np.random.default_rng(2)))
+    noisy = T.Method(E).scaled(noise=2.0).seeds(20000, np.random.default_rng(1))    # the deviations only
+    assert np.allclose(noisy.mean(0), E.mean(0), atol=0.2) and 3.8 < noisy.var(0).mean() / S.var(0).mean() < 4.2
     with pytest.raises(ValueError, match='two runs'): T.Method(E[:1])
 
 
@@ -702,6 +704,9 @@ def test_target_rule_counts_the_bench_verdicts():
     null = T.simulate(m, m, oracle, codes, n_sims=200, n_boot=200, subjects=40)
     assert good['plain_rule_met']['rate'] == 1 and good['plain_rule_worse']['rate'] == 0
     assert bad['plain_rule_worse']['rate'] == 1 and bad['plain_rule_met']['rate'] == 0
+    # the oracle's errors are 0.8 of the method's mean error: half of them is well under 1.20, twice them well over
+    assert good['oracle_rule_met']['rate'] == 1 and good['oracle_interval_rule_met']['rate'] == 1
+    assert bad['oracle_rule_met']['rate'] == 0 and bad['oracle_interval_rule_met']['rate'] == 0
     assert null['plain_rule_met']['rate'] < 0.1 and null['plain_rule_worse']['rate'] < 0.1
     assert abs(null['mae_over_plain_loop']['mean'] - 1) < 0.02
     assert good['mae_over_oracle']['mean'] < null['mae_over_oracle']['mean'] / 1.9
@@ -719,5 +724,11 @@ def test_target_rule_block_is_rendered_from_its_results():
     assert res['design'] == {**res['design'], 'seeds': 3, 'subjects': 80, 'n_boot': 2000}
     null = res['worlds']['plain_loop_rule'][0]
     assert null['true_mae_over_plain_loop'] == 1.0 and null['plain_rule_met']['n'] == res['n_sims']
+    for w in res['worlds']['plain_loop_rule'] + res['worlds']['seed_noise']:     # each world is what it says
+        assert abs(w['mae_over_plain_loop']['mean'] - w['true_mae_over_plain_loop']) < 0.01, w
+    for w in res['worlds']['oracle_rule']:
+        assert abs(w['mae_over_oracle']['mean'] - w['true_mae_over_oracle']) < 0.01, w
+        assert w['oracle_interval_rule_met']['rate'] <= w['oracle_rule_met']['rate']    # the upper end is above the point
+        if w['true_mae_over_oracle'] >= 1.2: assert w['oracle_interval_rule_met']['rate'] < 0.1, w
     r = subprocess.run([sys.executable, 'bench/target_rule.py', '--sims', '10'], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and '--sims 10 is too few' in r.stderr
