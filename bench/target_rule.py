@@ -18,7 +18,8 @@ the same generator, and the recipe at 64 px and 20 epochs (the boards' budget), 
 epochs.
 
 **One simulated bench.**
-- Its test set: 80 of the 200 held-out subjects, drawn without replacement.
+- Its test set: 80 of the 200 held-out subjects, drawn with replacement (new people, as the bench's interval assumes;
+  drawn without, the test set's share of the variance would be too small).
 - A training seed of a method: the method's mean signed error per image over its runs, plus a new seed's deviation,
   drawn as a Gaussian combination of the runs' deviations from that mean (`z @ D / sqrt(n - 1)`, z ~ N(0, I)). Its
   covariance across images is, in expectation, the runs' (each image's seed variance and the correlation between
@@ -29,9 +30,15 @@ epochs.
 **The worlds.**
 - `plain loop rule`: the plain loop is the recipe (the bench finds the two level: 1.03 [0.946, 1.12]), and agenb is
   the recipe with every signed error times k, so its MAE is k times the plain loop's, k = 1 (nothing differs: every
-  "met" is a false alarm), 0.95, 0.90, 0.85. (The 640-subject runs, what twice the people buy, are not a world here:
-  with two runs, their drawn seeds could only vary along the one direction in which those two differ.)
+  "met" is a false alarm), 0.95, 0.90, 0.85. Such an agenb errs where the plain loop errs, image by image: the best
+  case for a paired comparison; a method with errors of its own would pass less often. (The 640-subject runs, what
+  twice the people buy, are not a world here: with two runs, their drawn seeds could only vary along the one direction
+  in which those two differ.)
 - `oracle rule`: the recipe scaled so that its MAE over the oracle's is 1.00 to 1.30, on all 200 subjects.
+- `seed noise`: how much seeds vary is estimated from 4 runs (3 degrees of freedom: the true SD may be 0.57 to 3.7
+  times the estimate), so the plain-loop rule's null and 10%-better worlds are run again with the seeds' deviations
+  times 0.6, 1.5 and 2.5. The share of the runs' noise left in their mean (a quarter of a seed's) raises both sides'
+  MAE alike.
 The true ratio of each world is the ratio of the methods' expected MAEs over all 200 held-out subjects (seeds drawn
 `TRUTH_SEEDS` times).
 
