@@ -30,10 +30,12 @@ epochs.
 **The worlds.**
 - `plain loop rule`: the plain loop is the recipe (the bench finds the two level: 1.03 [0.946, 1.12]), and agenb is
   the recipe with every signed error times k, so its MAE is k times the plain loop's, k = 1 (nothing differs: every
-  "met" is a false alarm), 0.95, 0.90, 0.85. Such an agenb errs where the plain loop errs, image by image: the best
+  "met" is a false alarm), 0.95, 0.90, 0.85, and worse: 1.05, 1.10. Such an agenb errs where the plain loop errs, image by image: the best
   case for a paired comparison; a method with errors of its own would pass less often. (The 640-subject runs, what
   twice the people buy, are not a world here: with two runs, their drawn seeds could only vary along the one direction
   in which those two differ.)
+- `non-inferiority`: the same worlds judged by a rule the owner might put in the target's place, "not worse than
+  the plain loop by more than a margin m": the upper end of the interval below m, for m = 1.05 and 1.10.
 - `oracle rule`: the recipe scaled so that its MAE over the oracle's is 1.00 to 1.30, on all 200 subjects.
 - `seed noise`: how much seeds vary is estimated from 4 runs (3 degrees of freedom: the true SD may be 0.57 to 3.7
   times the estimate), so the plain-loop rule's null and 10%-better worlds are run again with the seeds' deviations
@@ -64,7 +66,8 @@ import ceiling as C   # bench/ceiling.py: the cohort, its splits and runs
 
 RESULTS = HERE / 'target_rule_results.json'
 BENCH_SEEDS, BENCH_SUBJECTS = 3, 80     # bench/run.py's design: training seeds a side, test subjects
-PLAIN_FACTORS = (1.0, 0.95, 0.90, 0.85)
+PLAIN_FACTORS = (1.0, 0.95, 0.90, 0.85, 1.05, 1.10)
+NI_MARGINS = (1.05, 1.10)               # non-inferiority: "not worse" when the upper end is below the margin
 ORACLE_RATIOS = (1.00, 1.05, 1.10, 1.15, 1.20, 1.25, 1.30)
 ORACLE_TARGET = 1.20
 TRUTH_SEEDS = 2000
@@ -116,6 +119,7 @@ def simulate(agenb: Method, plain: Method, oracle_err, codes, n_sims, n_boot=200
     o_sums = subject_sums(np.abs(oracle_err), codes, n_subj)
     n_img = np.bincount(codes, minlength=n_subj)
     met = worse = oracle_met = oracle_upper = 0
+    ni = dict.fromkeys(NI_MARGINS, 0)
     points, o_points, widths, seed_var = [], [], [], []
     for i in range(n_sims):
         pick = rng.choice(n_subj, subjects, replace=True)        # new people, as the bench's interval assumes
@@ -126,11 +130,13 @@ def simulate(agenb: Method, plain: Method, oracle_err, codes, n_sims, n_boot=200
         r = B.seeds_ratios(cubes, n_boot, seed=int(rng.integers(2**31)))
         lo, hi = r['mae_over_plain_loop_ci95']
         met += hi < 1.0; worse += lo > 1.0
+        for m in ni: ni[m] += hi < m
         oracle_met += r['mae_over_oracle'] <= ORACLE_TARGET
         oracle_upper += r['mae_over_oracle_ci95'][1] <= ORACLE_TARGET
         points.append(r['mae_over_plain_loop']); o_points.append(r['mae_over_oracle']); widths.append(hi - lo)
     return {'plain_rule_met': binom(met, n_sims), 'plain_rule_worse': binom(worse, n_sims),
             'oracle_rule_met': binom(oracle_met, n_sims), 'oracle_interval_rule_met': binom(oracle_upper, n_sims),
+            'non_inferior': {f'{m:g}': binom(c, n_sims) for m, c in ni.items()},
             'mae_over_plain_loop': {'mean': round(float(np.mean(points)), 4), 'sd': round(float(np.std(points, ddof=1)), 4),
                                     'median_ci_width': round(float(np.median(widths)), 4)},
             'mae_over_oracle': {'mean': round(float(np.mean(o_points)), 4), 'sd': round(float(np.std(o_points, ddof=1)), 4)},
@@ -173,10 +179,16 @@ def target_block(res) -> str:
              '`mae_over_plain_loop`: "met" = the upper end of its 95% interval below 1; "worse" = the lower end above 1.', '',
              '| world | true ratio | met | worse | point: mean (SD) | interval width (median) |',
              '|---|---|---|---|---|---|']
-    for w in res['worlds']['plain_loop_rule']:
+    for w in sorted(res['worlds']['plain_loop_rule'], key=lambda w: -w['true_mae_over_plain_loop']):
         p = w['mae_over_plain_loop']
         lines.append(f"| {w['world']} | {w['true_mae_over_plain_loop']:.3f} | {pct(w['plain_rule_met'])} | "
                      f"{pct(w['plain_rule_worse'])} | {p['mean']:.3f} ({p['sd']:.3f}) | {p['median_ci_width']:.3f} |")
+    margins = list(res['worlds']['plain_loop_rule'][0]['non_inferior'])
+    lines += ['', 'Non-inferiority, a rule that could replace the target: "not worse than the plain loop by more than m" '
+                  'when the upper end is below m. Where the true ratio is m or more, every "met" is a false alarm.', '',
+              '| true ratio | ' + ' | '.join(f'met with m = {m}' for m in margins) + ' |', '|---' * (len(margins) + 1) + '|']
+    for w in sorted(res['worlds']['plain_loop_rule'], key=lambda w: -w['true_mae_over_plain_loop']):
+        lines.append(f"| {w['true_mae_over_plain_loop']:.2f} | " + ' | '.join(pct(w['non_inferior'][m]) for m in margins) + ' |')
     lines += ['', f"`mae_over_oracle` at most {ORACLE_TARGET:.2f}: \"met\" by the point (the issue's rule), and by the upper "
                   f"end of its 95% interval. The recipe on these subjects: {res['worlds']['recipe_over_oracle']:.3f}.", '',
               '| world | true ratio | met (point) | met (upper end) | point: mean (SD) |', '|---|---|---|---|---|']

@@ -704,6 +704,11 @@ def test_target_rule_counts_the_bench_verdicts():
     null = T.simulate(m, m, oracle, codes, n_sims=200, n_boot=200, subjects=40)
     assert good['plain_rule_met']['rate'] == 1 and good['plain_rule_worse']['rate'] == 0
     assert bad['plain_rule_worse']['rate'] == 1 and bad['plain_rule_met']['rate'] == 0
+    assert [b['rate'] for b in good['non_inferior'].values()] == [1, 1] and list(good['non_inferior']) == ['1.05', '1.1']
+    assert [b['rate'] for b in bad['non_inferior'].values()] == [0, 0]
+    # a margin lets more through than the strict rule, a wider one more still
+    assert null['plain_rule_met']['rate'] <= null['non_inferior']['1.05']['rate'] <= null['non_inferior']['1.1']['rate']
+    assert null['non_inferior']['1.1']['rate'] > 0.2
     # the oracle's errors are 0.8 of the method's mean error: half of them is well under 1.20, twice them well over
     assert good['oracle_rule_met']['rate'] == 1 and good['oracle_interval_rule_met']['rate'] == 1
     assert bad['oracle_rule_met']['rate'] == 0 and bad['oracle_interval_rule_met']['rate'] == 0
@@ -724,6 +729,8 @@ def test_target_rule_block_is_rendered_from_its_results():
     assert res['design'] == {**res['design'], 'seeds': 3, 'subjects': 80, 'n_boot': 2000}
     null = res['worlds']['plain_loop_rule'][0]
     assert null['true_mae_over_plain_loop'] == 1.0 and null['plain_rule_met']['n'] == res['n_sims']
+    at_margin = {w['true_mae_over_plain_loop']: w['non_inferior'] for w in res['worlds']['plain_loop_rule']}
+    assert at_margin[1.05]['1.05']['rate'] < 0.05 and at_margin[1.1]['1.1']['rate'] < 0.05   # false alarms at the margin
     for w in res['worlds']['plain_loop_rule'] + res['worlds']['seed_noise']:     # each world is what it says
         assert abs(w['mae_over_plain_loop']['mean'] - w['true_mae_over_plain_loop']) < 0.01, w
     for w in res['worlds']['oracle_rule']:
