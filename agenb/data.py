@@ -285,6 +285,13 @@ def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, ag
                            subj=subj, by_file=by_file, dup_rows=dup_rows, rows_without_id=rows_without_id)
 
 # %% ../nbs/04_data.ipynb #0c89d2fa
+def _bmi(weight_kg, height_cm):
+    """Weight over length (m) squared; NaN (so: implausible) where a length typed far too large or too small leaves a
+    float no room for the square (Python's `**` raises OverflowError there, and a square that underflows to 0 divides
+    by zero)."""
+    try: return weight_kg / (height_cm / 100) ** 2
+    except (OverflowError, ZeroDivisionError): return float('nan')
+
 def _table(image_dir, matched, subj, layout_match, cohort, extra_columns=()):
     "(tidy table of the matched images [(file, subject, index)] sorted by subject, index, name; counts for the summary)."
     masks_dir = next((p for p in (image_dir.parent / 'Masks', image_dir.parent / 'masks') if p.is_dir()), None)
@@ -295,7 +302,7 @@ def _table(image_dir, matched, subj, layout_match, cohort, extra_columns=()):
         h, w = s['height'], s['weight']
         h = h if isinstance(h, float) and h > 0 else None
         w = w if isinstance(w, float) and w > 0 else None
-        bmi = w / (h / 100) ** 2 if (h and w) else None
+        bmi = _bmi(w, h) if (h and w) else None
         if h is None or w is None: bmi_missing.add(sid)
         elif not (BMI_RANGE[0] <= bmi <= BMI_RANGE[1]): bmi_bad.add(sid); bmi = None
         mp = _mask_for(masks_dir, f)

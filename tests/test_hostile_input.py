@@ -253,6 +253,9 @@ header = st.one_of(st.just(HDR), st.permutations(HDR),
 @given(rows=st.lists(row, max_size=6), grouped=st.booleans(), header=header)
 @example(rows=[('²', 30.5, 170, 70, 'M'), ('٣', 8.0, 130, 28, 'F'), ('9' * 5000, 40, 10 ** 30, 1e308, '=A1')],
          grouped=False, header=HDR)
+@example(rows=[('٣', 0.0, 1.3407807929942595e+156, 2.0, None), ('1', 30.0, 1e200, 70.0, 'M'),
+               ('2', 30.0, 1e-200, 70.0, 'F')], grouped=False, header=HDR)
+# lengths whose square overflows or underflows (the first found by this test in a make test of 4e6a720)
 def test_any_cell_values_give_a_table_or_an_input_error(rows, grouped, header):
     with tempfile.TemporaryDirectory() as tmp:
         d, _ = make(tmp, files=[f'anon_{i}_1.png' for i in range(4)])
