@@ -71,6 +71,7 @@ NI_MARGINS = (1.05, 1.10)               # non-inferiority: "not worse" when the 
 ORACLE_RATIOS = (1.00, 1.05, 1.10, 1.15, 1.20, 1.25, 1.30)
 ORACLE_TARGET = 1.20
 TRUTH_SEEDS = 2000
+N_BOOT = 2000                           # bootstrap resamples per bench, as bench/run.py
 NOISE_FACTORS = (0.6, 1.5, 2.5)         # the seed noise, estimated from 4 runs (3 degrees of freedom), times these
 
 
@@ -110,7 +111,7 @@ def binom(k, n) -> dict:
     return {'count': int(k), 'n': int(n), 'rate': round(k / n, 4), 'ci95': [round(ci.low, 4), round(ci.high, 4)]}
 
 
-def simulate(agenb: Method, plain: Method, oracle_err, codes, n_sims, n_boot=2000, seed=0,
+def simulate(agenb: Method, plain: Method, oracle_err, codes, n_sims, n_boot=N_BOOT, seed=0,
              seeds=BENCH_SEEDS, subjects=BENCH_SUBJECTS) -> dict:
     """`n_sims` simulated benches: per bench, `subjects` test subjects of the held-out ones and `seeds` new seeds of each
     method, scored by bench/run.py's `seeds_ratios`. Returns the verdicts of both rules and the spread of the points."""
@@ -143,7 +144,7 @@ def simulate(agenb: Method, plain: Method, oracle_err, codes, n_sims, n_boot=200
             'plain_seed_sd_on_test_set': round(float(np.sqrt(np.mean(seed_var))), 4)}
 
 
-def worlds(recipe: Method, oracle_err, codes, n_sims, n_boot=2000) -> dict:
+def worlds(recipe: Method, oracle_err, codes, n_sims, n_boot=N_BOOT) -> dict:
     "Every world of the docstring: its true ratios and its simulated verdicts."
     maes = seed_maes(recipe)
     truth = {'recipe': float(maes.mean()), 'oracle': float(np.abs(oracle_err).mean())}
@@ -265,7 +266,7 @@ def main(argv=None):
     observed = [round(float(np.abs(e).mean()), 3) for e in errs]
     res = {'what': "issue 27: the false-alarm rate and the power of the bench's two accuracy verdicts, by simulating "
                    "bench/run.py's design on bench/ceiling.py's held-out subjects",
-           'design': {'seeds': BENCH_SEEDS, 'subjects': BENCH_SUBJECTS, 'n_boot': 2000,
+           'design': {'seeds': BENCH_SEEDS, 'subjects': BENCH_SUBJECTS, 'n_boot': N_BOOT,
                       'rule': 'bench/run.py seeds_ratios: each side\'s seeds resampled on their own, the test subjects together'},
            'n_sims': a.sims, 'n_images': len(j), 'n_subjects': int(j.subject.nunique()),
            'runs': [str(d) for d in dirs], 'observed_image_mae_per_run': observed,
@@ -274,8 +275,9 @@ def main(argv=None):
            'agenb': agenb, 'command': ' '.join(['bench/target_rule.py', *(argv if argv is not None else sys.argv[1:])]),
            'created_at': datetime.now().isoformat(timespec='seconds'), 'wall_seconds': round(time.time() - t0, 1)}
     RESULTS.write_text(json.dumps(res, indent=1) + '\n')
-    print(target_block(res))
-    render.update_readme(render.README, res, 'target_rule', target_block(res))
+    block = target_block(res)
+    print(block)
+    render.update_readme(render.README, res, 'target_rule', block)
     print(f'wrote {B.rel(RESULTS)}')
 
 
