@@ -42,7 +42,7 @@ def ignored(key, ignore=IGNORE) -> bool:
     return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(last, p) for p in ignore)
 
 # %% ../nbs/13_compare.ipynb #bf3e16c6
-METRIC_COLS = ('status', 'best_val_mae', 'best_epoch', 'epochs', 'test_mae', 'test_rmse', 'test_r', 'test_subject_mae',
+METRIC_COLS = ('status', 'best_val_mae', 'best_epoch', 'epochs', 'test_mae', 'test_rmse', 'test_r', 'test_subject_mean_mae',
                'test_corrected_mae', 'test_baseline_mae', 'shortcut_score')
 TEST_COLS = tuple(c for c in METRIC_COLS if c.startswith('test_'))   # measured on each run's test set
 
@@ -83,7 +83,7 @@ def run_summary(run_dir) -> dict:
     vals = [(h.get('val_mae'), h.get('epoch')) for h in hist if isinstance(h, dict) and h.get('val_mae') is not None]
     if best is None and vals: best = min(vals, key=lambda x: x[0])[1]
     return {'run': run.name, 'status': _status(cfg), 'test_mae': mae, 'test_rmse': rmse, 'test_r': r,
-            'test_subject_mae': _get(m, 'subject_level', 'mae'), 'test_corrected_mae': _get(m, 'corrected', 'mae'),
+            'test_subject_mean_mae': _get(m, 'subject_level', 'mae'), 'test_corrected_mae': _get(m, 'corrected', 'mae'),
             'test_baseline_mae': _get(m, 'baseline', 'mae'), 'shortcut_score': _get(m, 'shortcut_score'), 'best_epoch': best if best is not None else NAN,
             'best_val_mae': min(v for v, _ in vals) if vals else NAN, 'epochs': len(hist), 'path': str(run)}
 

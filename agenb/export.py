@@ -340,7 +340,7 @@ def _readme(card) -> str:
     inp, tm, bc = card['input'], card['test_metrics'], card['bias_correction']
     f = lambda v, k=2: 'n/a' if v is None else f'{v:.{k}f}'
     rows = []
-    for label, key in (('images', 'raw'), ('subjects (mean over images)', 'subject_level'),
+    for label, key in (('images', 'raw'), ('subjects (mean prediction per subject)', 'subject_level'),
                        ('images, bias-corrected', 'corrected'), ('subjects, bias-corrected', 'corrected_subject_level')):
         m = tm.get(key)
         if m: rows.append(f'| {label} | {m["n"]} | {f(m["mae"])} | {f(m["rmse"])} | {f(m["pearson_r"], 3)} |')

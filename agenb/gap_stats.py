@@ -88,8 +88,9 @@ def compare_gaps(x, y, n_boot=2000, seed=0, level=0.95) -> dict:
 
 # %% ../nbs/21_gap_stats.ipynb #20884b4f
 def age_bands(ages, n_bands=3) -> np.ndarray:
-    "Band edges: quantiles of `ages` (tertiles by default), duplicates dropped."
-    return np.unique(np.quantile(np.asarray(ages, float), np.linspace(0, 1, n_bands + 1)))
+    "Band edges: quantiles of `ages` (tertiles by default), duplicates dropped; one band [a, a] when all ages are a."
+    e = np.unique(np.quantile(np.asarray(ages, float), np.linspace(0, 1, n_bands + 1)))
+    return np.r_[e, e] if len(e) == 1 else e
 
 def band_table(x_age, x_gap, y_age, y_gap, n_bands=3, min_n=5, n_boot=2000, seed=0) -> list:
     "The comparison within age bands of both groups' ages together; bands with under `min_n` subjects per group: counts and a note."

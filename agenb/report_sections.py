@@ -365,7 +365,7 @@ def metrics_frame(m) -> pd.DataFrame:
     def add(label, d):
         if isinstance(d, dict): rows.append({'': label, **{name: d.get(k) for k, name, _ in METRIC_COLUMNS}})
     add('test, image level', m.get('overall'))
-    add('test, subject level', m.get('subject_level'))
+    add('test, subject level (mean prediction per subject)', m.get('subject_level'))
     add('test, bias-corrected', m.get('corrected'))
     add('test, bias-corrected, subject level', m.get('corrected_subject_level'))
     b = m.get('baseline')

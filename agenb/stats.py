@@ -52,6 +52,11 @@ def paired_difference(a, b, n_boot: int = 2000, seed=0, level: float = LEVEL) ->
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape: raise InputError(f'a paired difference needs the same subjects on both sides ({len(a)} vs {len(b)})')
     d = a - b
+    if not np.isfinite(d).all():
+        raise InputError(f'a paired difference needs a finite value on both sides for every subject ({int((~np.isfinite(d)).sum())} '
+                         f'of {len(d)} are missing or not finite)')
+    if len(d) < 2: return {'diff': float(d.mean()) if len(d) else math.nan, 'ci_low': math.nan, 'ci_high': math.nan,
+                           'p': math.nan, 'n': len(d), 'n_boot': n_boot}   # one subject: no spread to resample
     reps = resample_counts(len(d), n_boot, seed) @ d / len(d)
     lo, hi = percentile_interval(reps, level)
     p = 1.0 if np.ptp(d) == 0 and d[0] == 0 else float(min(1.0, 2 * min((reps <= 0).mean(), (reps >= 0).mean())))
@@ -85,6 +90,10 @@ def check_oof(oof: pd.DataFrame, where: str = 'out-of-fold predictions') -> pd.D
     "The OOF table with typed columns (subject and variant as text); refuses missing columns and non-finite values."
     missing = [c for c in OOF_COLUMNS if c not in oof.columns]
     if missing: raise InputError(f'{where}: missing column(s) {", ".join(missing)}; the columns are {", ".join(OOF_COLUMNS)}')
+    for c in ('variant', 'seed', 'fold', 'subject'):       # a blank key would drop its rows from the groups, unseen
+        blank = oof.index[oof[c].isna().to_numpy() | (oof[c].astype(str).str.strip() == '').to_numpy()]
+        if len(blank): raise InputError(f'{where}: column {c} is blank in {len(blank)} row(s), first data row {blank[0] + 2}; '
+                                        'every row needs its variant, seed, fold and subject')
     out = oof.assign(variant=oof['variant'].astype(str), subject=oof['subject'].astype(str))
     for c in ('age', 'prediction'):
         v = pd.to_numeric(out[c], errors='coerce')
@@ -196,7 +205,7 @@ def leaderboard(oof: pd.DataFrame, baseline=None, n_boot: int = 2000, seed=0, le
     for i, v in enumerate(variants):
         ev, er = e[e['variant'] == v], errs[errs['variant'] == v]
         fold, by_seed = er.groupby(['seed', 'fold'])['err'].mean(), er.groupby('seed')['err'].mean()
-        lo, hi = percentile_interval(M[i], level)
+        lo, hi = percentile_interval(M[i], level) if len(subjects) > 1 else (np.nan, np.nan)
         n_seeds = len(cubes[v])
         rows.append({'variant': v, 'subject_mae': means[i], 'subject_mae_ci_low': lo, 'subject_mae_ci_high': hi,
                      'image_mae': ev['ae'].mean(), 'fold_mae_mean': fold.mean(),
@@ -216,7 +225,7 @@ def leaderboard(oof: pd.DataFrame, baseline=None, n_boot: int = 2000, seed=0, le
     for ref, tag in ((base, 'baseline'), (best, 'best')):
         for c in ('diff', 'ci_low', 'ci_high'): board[f'{c}_to_{tag}' if c == 'diff' else f'diff_to_{tag}_{c}'] = np.nan
         board[f'p_to_{tag}'], board[f'distinguishable_from_{tag}'] = np.nan, False
-        if ref is None or len(variants) < 2: continue
+        if ref is None or len(variants) < 2 or len(subjects) < 2: continue   # one subject: nothing to resample
         r = pos[ref]
         others = [pos[v] for v in board['variant'] if v != ref]
         fam = [(r, j) for j in others] if tag == 'baseline' else [(i, j) for i in range(len(variants)) for j in range(i + 1, len(variants))]
@@ -227,7 +236,8 @@ def leaderboard(oof: pd.DataFrame, baseline=None, n_boot: int = 2000, seed=0, le
         board.loc[at, f'distinguishable_from_{tag}'] = res['flag'].to_numpy()
         board.loc[board['variant'] == ref, f'diff_to_{tag}'] = 0.0
     board['best'], board['baseline'], board['n_variants'] = best, base, len(board)
-    board.attrs['notes'] = board_notes(board)
+    board.attrs['notes'] = board_notes(board) + (['One subject only: no intervals and no comparisons (a bootstrap needs two '
+                                                  'subjects or more).'] if len(subjects) < 2 else [])
     return board
 
 # %% ../nbs/12_stats.ipynb #1cab43c4

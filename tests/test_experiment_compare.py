@@ -22,7 +22,10 @@ def test_compare_bad_input_is_one_line(tmp_path):
     oof.drop(columns=['fold']).to_csv(tmp_path / 'nofold.csv', index=False)
     oof[oof['subject'] != '3'].to_csv(tmp_path / 'gap.csv', index=False)          # unpaired: v0 and v1 both lack 3: fine
     oof[~((oof['variant'] == 'v1') & (oof['subject'] == '3'))].to_csv(tmp_path / 'unpaired.csv', index=False)
+    oof.assign(seed=oof['seed'].where(oof['variant'] == 'v0')).to_csv(tmp_path / 'noseed.csv', index=False)   # another tool left v1's blank
+    oof.assign(subject=oof['subject'].where(oof['subject'] != '4')).to_csv(tmp_path / 'nosubject.csv', index=False)
     for name, msg in (('nofold.csv', 'missing column(s) fold'), ('unpaired.csv', 'variant v1 (seed 0) has no prediction for 1 of the 10'),
+                      ('noseed.csv', 'column seed is blank in 30 row(s)'), ('nosubject.csv', 'column subject is blank in 6 row(s)'),
                       ('absent.csv', 'no such file')):
         r = agenb('experiment', 'compare', tmp_path / name)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr, (name, r.stderr)
