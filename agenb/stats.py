@@ -90,10 +90,10 @@ def check_oof(oof: pd.DataFrame, where: str = 'out-of-fold predictions') -> pd.D
     "The OOF table with typed columns (subject and variant as text); refuses missing columns and non-finite values."
     missing = [c for c in OOF_COLUMNS if c not in oof.columns]
     if missing: raise InputError(f'{where}: missing column(s) {", ".join(missing)}; the columns are {", ".join(OOF_COLUMNS)}')
-    for c in ('variant', 'seed', 'fold', 'subject'):       # a blank key would drop its rows from the groups, unseen
+    for c in ('variant', 'seed', 'subject'):   # a blank key would drop its rows unseen (not fold: a final model's rows have none)
         blank = oof.index[oof[c].isna().to_numpy() | (oof[c].astype(str).str.strip() == '').to_numpy()]
         if len(blank): raise InputError(f'{where}: column {c} is blank in {len(blank)} row(s), first data row {blank[0] + 2}; '
-                                        'every row needs its variant, seed, fold and subject')
+                                        'every row needs its variant, seed and subject')
     out = oof.assign(variant=oof['variant'].astype(str), subject=oof['subject'].astype(str))
     for c in ('age', 'prediction'):
         v = pd.to_numeric(out[c], errors='coerce')
