@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 import agenb
-from .core import InputError, run_cli, environment_info, atomic_write, atomic_write_json
+from .core import InputError, run_cli, environment_info, atomic_write, atomic_write_json, file_sha256
 from .data import data_fingerprint, folder_matching
 from .split import save_split
 from .model import build_model, describe_model, set_trainable
@@ -25,21 +25,47 @@ from .explain import explain_run
 from .report import render_report
 
 # %% auto #0
-__all__ = ['parse_command_line', 'build_config', 'check_subject_views', 'Interrupted', 'seed_everything', 'start_bias', 'train',
-           'finish_run', 'write_intervals', 'render_report_safely', 'main']
+__all__ = ['RESUME_FREE', 'check_resume_flags', 'expected_files', 'parse_command_line', 'build_config', 'check_subject_views',
+           'Interrupted', 'seed_everything', 'start_bias', 'check_expected', 'train', 'finish_run', 'write_intervals',
+           'render_report_safely', 'main']
 
 # %% ../nbs/19_train.ipynb #bdca8d07
+RESUME_FREE = ('image_dir', 'excel_path', 'device', 'num_workers', 'cache_dir', 'report', 'gradcam_n', 'plot_interval',
+               'checkpoint_every', 'keep_checkpoints', 'max_table_mb', 'max_expanded_mb')
+
+def _same(a, b) -> bool: return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
+
+def check_resume_flags(cfg: dict, given: dict, run_dir) -> None:
+    "Refuse a flag given with `--resume` that would change what the run trains (any option outside RESUME_FREE)."
+    rec = cfg.get('args') or {}
+    for k, v in given.items():
+        if k in RESUME_FREE or _same(v, rec.get(k)): continue
+        flag = '--' + k.replace('_', '-')
+        raise InputError(f'--resume {run_dir}: {flag} {json.dumps(v, default=str)} differs from the run\'s own '
+                         f'({json.dumps(rec.get(k), default=str)}); a resumed run continues as it started: drop {flag}, '
+                         f'or start a new run with --config {Path(run_dir) / "config.json"} {flag} ...')
+
+def expected_files(cfg: dict, given: dict, source, resume: bool) -> dict:
+    "What the recorded run says its data, split and weights were, for those not changed on the command line."
+    out = {'source': str(source)}
+    if resume or not {'image_dir', 'excel_path'} & set(given):
+        out['data_fingerprint'] = cfg.get('data_fingerprint')
+    if resume: out['split_sha256'] = (cfg.get('dataset') or {}).get('split_sha256')
+    elif 'weights' not in given and (cfg.get('args') or {}).get('weights'):
+        out['weights_sha256'] = (cfg.get('model') or {}).get('weights_sha256')
+    return {k: v for k, v in out.items() if v is not None}
+
 def parse_command_line(argv=None) -> tuple:
-    "(options, explicit option names, resume_dir or None) from the trainer's command line."
+    "(options, explicit option names, resume_dir or None, what the recorded run's files were) from the command line."
     ns = vars(build_parser().parse_args(argv))
     config, resume = ns.pop('config', None), ns.pop('resume', None)
     if resume and config: raise InputError('give either --resume or --config, not both')
     if resume or config:
         cfg = read_run_config(resume or config)
-        if resume: check_resumable(cfg, Path(resume))
+        if resume: check_resumable(cfg, Path(resume)); check_resume_flags(cfg, ns, Path(resume))
         return (resolve_options(given_from_config(cfg, ns)), set(cfg.get('args_explicit', [])) | set(ns),
-                Path(resume) if resume else None)
-    return resolve_options(ns), set(ns), None
+                Path(resume) if resume else None, expected_files(cfg, ns, resume or config, bool(resume)))
+    return resolve_options(ns), set(ns), None, {}
 
 # %% ../nbs/19_train.ipynb #760c45cb
 def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: Dist, run_dir, source: dict, gpus: list) -> dict:
@@ -144,8 +170,24 @@ def start_bias(o: Options, train_ages: torch.Tensor):
     if h is None: return float(train_ages.mean())
     return h.soft_labels(train_ages).mean(0).clamp_min(1e-6).log().tolist()
 
-def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, quiet=False) -> Path:
-    "Run a training described by options `o`; returns the run folder (on every rank)."
+def check_expected(expect: dict, o: Options, data: PreparedData) -> None:
+    "Refuse data, a split or a weights file other than those `expect` (from `parse_command_line`) says the run had."
+    src = expect.get('source')
+    was, now = expect.get('data_fingerprint'), data_fingerprint(data.table, o.excel_path) if 'data_fingerprint' in expect else None
+    if was is not None and not _same({k: was.get(k) for k in now}, now):
+        raise InputError(f'the images or spreadsheet(s) differ from those {src} recorded (data_fingerprint: '
+                         f'{was.get("n_images")} images then, {now["n_images"]} now): restore them, or give --image-dir and '
+                         '--excel-path to train on these data as a new run')
+    if expect.get('split_sha256') and expect['split_sha256'] != data.split_info.get('split_sha256'):
+        raise InputError(f'the subjects would be split differently than when {src} started (split_sha256): resume only '
+                         'with the data and split it started with')
+    if expect.get('weights_sha256') and o.weights and Path(o.weights).is_file() and file_sha256(o.weights) != expect['weights_sha256']:
+        raise InputError(f'the weights file {o.weights} differs from the one {src} recorded (weights_sha256): restore it, or '
+                         'give --weights to start from this file as a new run')
+
+def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, quiet=False, expect: dict | None = None) -> Path:
+    """Run a training described by options `o`; returns the run folder (on every rank). `expect`: what a `--config` or
+    `--resume` run recorded about its files (`parse_command_line`), checked before anything is written."""
     source = source or {'entry': 'cli', 'script_name': 'agenb.train'}
     d, trainer = Dist(o.device), None
     try:
@@ -160,7 +202,8 @@ def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, 
             raise InputError(f'{resume_dir} already trained {state["epoch"]} of {o.epochs} epochs; nothing to resume')
         seed_everything(o.seed)                          # model initialisation identical on every rank
         data = prepare_data(o)
-        check_subject_views(o.subject_views, data.table.subject)   # before the run folder exists
+        check_expected(expect or {}, o, data)           # before the run folder exists (every rank: the same verdict)
+        check_subject_views(o.subject_views, data.table.subject)
         init_bias = start_bias(o, data.ages[data.idx['train']])
         model = build_model(o.arch, pretrained=o.pretrained, weights=o.weights, init_bias=init_bias, **model_kwargs(o))
         set_trainable(model, o.arch, o.freeze_backbone, o.unfreeze_last)
@@ -280,13 +323,13 @@ def render_report_safely(run_dir, files):
 def _master(): return int(os.environ.get('RANK', 0)) == 0
 
 def main(argv=None):
-    o, explicit, resume_dir = parse_command_line(argv)
+    o, explicit, resume_dir, expect = parse_command_line(argv)
     source = None
     if os.environ.get('AGENB_SOURCE_JSON'):  # set by nbs/train.ipynb when it launches torchrun
         try: source = json.loads(os.environ['AGENB_SOURCE_JSON'])
         except json.JSONDecodeError: raise InputError('AGENB_SOURCE_JSON is not valid JSON; unset it or fix it')
     try:
-        run_dir = train(o, explicit, resume_dir, source=source)
+        run_dir = train(o, explicit, resume_dir, source=source, expect=expect)
     except NonFiniteLoss as e:
         if _master(): print(f'agenb: error: {e}', file=sys.stderr)
         sys.exit(3)

@@ -161,6 +161,60 @@ def test_checkpoint_of_another_architecture_or_size_is_refused(tiny_run, tmp_pat
     shutil.copytree(tiny_run, run)
     cfg = json.loads((run / 'config.json').read_text()); cfg['status'] = 'interrupted'; cfg['args']['epochs'] = 4
     (run / 'config.json').write_text(json.dumps(cfg))
-    for flag, value, needle in (('--arch', 'resnet34', "arch='resnet18'"), ('--image-size', '96', 'image_size=64')):
-        r = agenb('train', '--resume', run, flag, value)
+    for key, value, needle in (('arch', 'resnet34', "arch='resnet18'"), ('image_size', 96, 'image_size=64')):
+        bad = dict(cfg, args={**cfg['args'], key: value})          # a config.json that no longer fits its last.pth
+        (run / 'config.json').write_text(json.dumps(bad))
+        r = agenb('train', '--resume', run)
         assert r.returncode == 2 and needle in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
+def _xlsx_with_older_first_subject(src, dst, years=20):
+    "A copy of the spreadsheet `src` at `dst` with the first subject's age raised by `years`."
+    import openpyxl
+    wb = openpyxl.load_workbook(src); ws = wb.active
+    row, col = next((c.row, c.column) for r in ws.iter_rows(max_row=3) for c in r if str(c.value).strip().lower() == 'age')
+    ws.cell(row + 1, col).value = float(ws.cell(row + 1, col).value) + years
+    wb.save(dst)
+
+
+def test_resume_refuses_another_setting_or_other_data(tiny_run, tmp_path, synth_root):
+    """--resume continues the run as it started: a flag that changes what it trains (a new --seed re-split the
+    subjects, and test images of the new split had been training images), or other data, is refused with one line
+    before anything is written; the data may move, and workers may change."""
+    run = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    cfg = json.loads((run / 'config.json').read_text()); cfg['status'] = 'interrupted'; cfg['args']['epochs'] = 3
+    (run / 'config.json').write_text(json.dumps(cfg))
+    files = lambda: {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    before = files()
+    for flag, value in (('--seed', '7'), ('--lr', '0.5'), ('--loss', 'mse'), ('--epochs', '9')):
+        r = agenb('train', '--resume', run, flag, value)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and f'{flag} ' in lines[0] and 'differs from the run' in lines[0], r.stderr
+        assert files() == before
+    moved = tmp_path / 'moved'; shutil.copytree(synth_root / 'TA', moved)
+    edited = tmp_path / 'edited'; shutil.copytree(synth_root / 'TA', edited)
+    _xlsx_with_older_first_subject(synth_root / 'TA' / 'characteristics.xlsx', edited / 'characteristics.xlsx')
+    r = agenb('train', '--resume', run, '--image-dir', edited / 'Healthy' / 'Images', '--excel-path', edited / 'characteristics.xlsx')
+    assert r.returncode == 2 and 'differ from those' in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert files() == before
+    r = agenb('train', '--resume', run, '--image-dir', moved / 'Healthy' / 'Images', '--excel-path', moved / 'characteristics.xlsx',
+              '--num-workers', '0', '--no-report', '--gradcam-n', '0')
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = json.loads((run / 'config.json').read_text())
+    assert after['status'] == 'completed' and after['epochs_completed'] == 3
+    assert after['dataset']['split_sha256'] == cfg['dataset']['split_sha256'] and after['data_fingerprint'] == cfg['data_fingerprint']
+
+
+def test_config_reproduction_refuses_changed_data_unless_given(tiny_run, tmp_path, synth_root):
+    """--config reproduces the recorded run: other data under the recorded paths are refused (one line, no run
+    folder); naming the data on the command line says the change is meant."""
+    edited = tmp_path / 'edited'; shutil.copytree(synth_root / 'TA', edited)
+    cfg = json.loads((tiny_run / 'config.json').read_text())
+    cfg['args'] = {**cfg['args'], 'image_dir': str(edited / 'Healthy' / 'Images'), 'excel_path': str(edited / 'characteristics.xlsx'),
+                   'output_dir': str(tmp_path / 'runs')}
+    (tmp_path / 'config.json').write_text(json.dumps(cfg))
+    _xlsx_with_older_first_subject(synth_root / 'TA' / 'characteristics.xlsx', edited / 'characteristics.xlsx')
+    r = agenb('train', '--config', tmp_path / 'config.json')
+    assert r.returncode == 2 and 'differ from those' in r.stderr and 'give --image-dir and --excel-path' in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / 'runs').exists()
