@@ -223,6 +223,9 @@ def load_run_model(run_dir, checkpoint='best_model.pth', device='cpu') -> RunMod
     if not isinstance(cfg.get('preprocessing'), dict):
         raise InputError(f'{run_dir / "config.json"} has no "preprocessing" record; this run cannot be used for prediction')
     ck_path = run_dir / checkpoint
+    if not ck_path.resolve().is_relative_to(run_dir.resolve()):   # another run's weights would be reported as this run's
+        raise InputError(f'--checkpoint {checkpoint} is not in the run folder {run_dir}: give a checkpoint of this run by its '
+                         'name (best_model.pth, last.pth, checkpoint_epoch_*.pth), or pass the run folder it belongs to')
     ck = load_checkpoint(ck_path, o.arch, o.image_size)
     if ck.get('preprocessing') is not None and ck['preprocessing'] != cfg['preprocessing']:
         raise InputError(f'{ck_path} was saved with other preprocessing than {run_dir / "config.json"} records; '

@@ -265,6 +265,20 @@ def test_load_run_model_refuses_what_does_not_fit(run, tmp_path):
         with pytest.raises(InputError, match=msg): load_run_model(other)
     torch.save(dict(ck, model={'fc.weight': torch.zeros(1)}), other / 'best_model.pth')
     with pytest.raises(InputError, match=r'weights do not fit a resnet18 \(RuntimeError\)'): load_run_model(other)
+    # another run's checkpoint would be reported as this run's (its epoch, hash, bias correction): refused, however named
+    for ck_arg in (run / 'best_model.pth', f'../{run.parent.name}/{run.name}/best_model.pth'):
+        with pytest.raises(InputError, match='is not in the run folder'): load_run_model(other, ck_arg)
+    (other / 'sub').mkdir(); shutil.copy(run / 'best_model.pth', other / 'sub' / 'kept.pth')
+    assert load_run_model(other, 'sub/kept.pth').checkpoint.name == 'kept.pth'     # inside the folder: fine
+
+
+def test_predict_with_another_runs_checkpoint_is_one_line(run, tmp_path):
+    from conftest import agenb
+    other = tmp_path / run.name; shutil.copytree(run, other)
+    imgs = Path(json.loads((run / 'config.json').read_text())['args']['image_dir'])
+    r = agenb('predict', other, '--image-dir', imgs, '--out', tmp_path / 'p.csv', '--checkpoint', run / 'best_model.pth')
+    assert r.returncode == 2 and 'is not in the run folder' in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / 'p.csv').exists()
 
 
 def test_subject_table_of_a_distribution_run_is_the_mixture_of_its_images():
