@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #d2bea071
 from __future__ import annotations
-import argparse, contextlib, errno, hashlib, json, math, os, platform, shutil, socket, subprocess, sys, tempfile, traceback, uuid
+import argparse, contextlib, hashlib, io, json, math, os, platform, socket, subprocess, sys, tempfile, traceback, uuid
 from datetime import datetime
 from contextlib import contextmanager
 from importlib.metadata import version, PackageNotFoundError
@@ -15,10 +15,10 @@ from jupyter_client.manager import KernelManager
 from traitlets import default
 
 # %% auto #0
-__all__ = ['FULL_DISK_BYTES', 'THREAD_VARS', 'InputError', 'Parser', 'run_cli', 'show_path', 'ensure_output_dir', 'timestamped',
-           'IPCKernelManager', 'IPCEngine', 'atomic_write', 'atomic_write_text', 'atomic_write_json',
-           'atomic_torch_save', 'atomic_savefig', 'load_json', 'file_sha256', 'git_info', 'package_versions',
-           'thread_info', 'environment_info', 'run_process_state']
+__all__ = ['THREAD_VARS', 'InputError', 'Parser', 'run_cli', 'show_path', 'ensure_output_dir', 'timestamped', 'IPCKernelManager',
+           'IPCEngine', 'atomic_write', 'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'atomic_savefig',
+           'load_json', 'file_sha256', 'git_info', 'package_versions', 'thread_info', 'environment_info',
+           'run_process_state']
 
 # %% ../nbs/00_core.ipynb #13fbd2fa
 class InputError(Exception):
@@ -119,8 +119,10 @@ def atomic_write(path):
         with open(tmp, 'rb') as f: os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files: give them the permissions open() would
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:   # a write's ENOSPC names no file: name the one being written
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 def atomic_write_text(path, text):
@@ -139,18 +141,16 @@ def _json_safe(o):
     if isinstance(o, Path): return str(o)
     return o
 
-FULL_DISK_BYTES = 64 * 2 ** 20   # below this much free space, a failed write is taken for a full disk
-
 def atomic_torch_save(obj, path):
-    """`torch.save` to `path` atomically. torch's zip writer reports a full disk as a bare RuntimeError ("unexpected
-    pos ...", "iostream error") without an errno: when the disk is (nearly) full at that moment, it becomes the
-    OSError(ENOSPC) it is, naming `path`, which `run_cli` turns into one line."""
+    """`torch.save` to `path` atomically, through memory. torch's own zip writer reports a full disk as a bare
+    RuntimeError ("unexpected pos ...") and keeps the half-written file open after the error, so its space stays taken
+    and even the run's "failed" status could not be written; Python's write raises OSError(ENOSPC), which
+    `atomic_write` names and `run_cli` turns into one line. (The file is held in memory once: about 130 MB for a
+    ResNet-18 checkpoint with its optimizer state.)"""
     import torch  # heavy, and only the trainer saves tensors: imported where used so core stays light
-    with atomic_write(path) as tmp:
-        try: torch.save(obj, tmp)
-        except RuntimeError as e:
-            if shutil.disk_usage(Path(tmp).parent).free >= FULL_DISK_BYTES: raise
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_write(path) as tmp: Path(tmp).write_bytes(buf.getbuffer())
 
 def atomic_savefig(fig, path, **kw):
     "Save a matplotlib figure atomically."

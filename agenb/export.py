@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_export.ipynb #78472b54
 from __future__ import annotations
-import importlib.util, json, platform, sys, warnings
+import importlib.util, io, json, platform, sys, warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -83,7 +83,8 @@ def export_torchscript(module: nn.Module, example: torch.Tensor, path):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # torch.jit is deprecated in favour of torch.export, but still the portable format
         traced = torch.jit.trace(module, example, check_trace=True)  # example: the image, or (image, covariates)
-        with atomic_write(path) as tmp: torch.jit.save(traced, str(tmp))
+        buf = io.BytesIO(); torch.jit.save(traced, buf)   # through memory: torch's file writer aborts the process on a full disk
+        with atomic_write(path) as tmp: Path(tmp).write_bytes(buf.getbuffer())
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path, opset=ONNX_OPSET):
     "Export `module` to ONNX (legacy exporter, dynamic batch axis) atomically; input 'image', output 'age'."
