@@ -4,10 +4,11 @@
 
 # %% ../nbs/04_data.ipynb #b07b7264
 from __future__ import annotations
-import hashlib, json, math, os, re, stat, unicodedata
+import hashlib, io, json, math, os, re, stat, unicodedata, warnings
 from pathlib import Path, PureWindowsPath
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -18,8 +19,9 @@ from .tables import (AGE_NAMES, FILE_NAMES, HEIGHT_NAMES, ID_NAMES, MAX_EXPANDED
                           _Uncomputed, _why)
 
 # %% auto #0
-__all__ = ['DEFAULT_PATTERN', 'IMAGE_EXTS', 'COLUMNS', 'BMI_RANGE', 'list_images', 'load_dataset', 'as_list', 'data_fingerprint',
-           'pair_folders', 'distinct_folders', 'load_folders', 'folder_matching', 'format_summary', 'main']
+__all__ = ['DEFAULT_PATTERN', 'IMAGE_EXTS', 'COLUMNS', 'BMI_RANGE', 'list_images', 'decode_grey', 'load_dataset', 'as_list',
+           'data_fingerprint', 'pair_folders', 'distinct_folders', 'load_folders', 'folder_matching', 'format_summary',
+           'main']
 
 # %% ../nbs/04_data.ipynb #d38f9517
 DEFAULT_PATTERN = r'^anon_(\d+)_(\d+)\.(png|jpe?g|tiff?|bmp)$'
@@ -102,6 +104,50 @@ def _rows_list(items, n=10):
     s = ', '.join(items[:n])
     return s + (f' and {len(items) - n} more' if len(items) > n else '')
 
+# %% ../nbs/04_data.ipynb #d3c0de02
+_SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
+
+def _open_image(src):
+    "PIL's `Image.open` without its decompression-bomb warning: `decode_grey` refuses such a file, in one line."
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        return Image.open(src)
+
+def decode_grey(path, data: bytes | None = None) -> np.ndarray:
+    """Decode the image at `path` (or its bytes `data`) to a greyscale `uint8` array (H, W); `InputError` naming
+    the file on failure. agenb's only image decoder: what `data check` accepts, training accepts."""
+    shown, replace = show_name(path), 'replace the file or remove it from the folder'
+    def refuse(what, todo=replace):
+        return InputError(f'could not read image {shown}: {what}: {todo} (agenb never substitutes a blank image)')
+    resave = 'save it as an 8- or 16-bit greyscale image, or remove it from the folder'
+    try:
+        with _open_image(io.BytesIO(data) if data is not None else path) as im:
+            w, h = im.size
+            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+                raise InputError(f'image {shown} declares {w} x {h} pixels, more than PIL decodes safely '
+                                 f'({Image.MAX_IMAGE_PIXELS:,}; a decompression bomb?): {replace}')
+            im.load()  # decode now, so a truncated or corrupt file fails here
+            if im.mode == 'L': a = np.asarray(im)
+            elif im.mode in _SIXTEEN_BIT:
+                a = np.asarray(im).astype(np.int64)
+                if a.size and (a.min() < 0 or a.max() > 65535):
+                    raise refuse(f'its {im.mode} pixel values run from {a.min()} to {a.max()}, outside the 0..65535 of a '
+                                 '16-bit image', resave)
+                a = ((a * 255 + 32767) // 65535).astype(np.uint8)
+            elif im.mode == 'F': raise refuse('it is a 32-bit floating-point image (mode F), which agenb does not read', resave)
+            else: a = np.asarray(im.convert('L'))
+    except InputError: raise
+    except Image.DecompressionBombError as e:   # beyond twice the limit PIL refuses in Image.open, before the size is seen
+        raise InputError(f'image {shown} declares more pixels than PIL decodes safely ({_why(e)}): {replace}') from None
+    except Exception as e:   # PIL raises many types (OSError, SyntaxError, ValueError, struct.error...) for bad files
+        if denied(e): raise no_read_access('image', path, ', or remove it from the folder') from None
+        if isinstance(e, OSError) and e.errno is not None:   # the system could not read it (PIL's own errors have no errno)
+            raise InputError(f'could not read image {shown} ({_why(e)}): check the file and its disk, or remove it from '
+                             'the folder') from None
+        raise refuse(f'it cannot be decoded ({_why(e, path)})') from None
+    if a.ndim != 2 or 0 in a.shape: raise refuse(f'it has shape {a.shape}, not that of a non-empty 2-D greyscale image')
+    return np.ascontiguousarray(a, dtype=np.uint8)
+
 # %% ../nbs/04_data.ipynb #fdb5d030
 def _table_file(v, root):
     "(file name, None) for a file-column cell inside the image folder `root` (resolved); (None, reason) otherwise."
@@ -132,26 +178,6 @@ def _mask_for(masks_dir, name):
         return p if stat.S_ISREG(os.stat(p).st_mode) else None
     except (OSError, RuntimeError): return None   # no mask for this image (missing, dangling)
 
-def _verify_image(path):
-    "Check that `path` is a whole image file of a sane size (beyond PIL's decompression-bomb limit is an error)."
-    import warnings
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', Image.DecompressionBombWarning)   # said below, in one line
-            with Image.open(path) as im:
-                w, h = im.size
-                if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-                    raise InputError(f'image {show_name(path)} declares {w} x {h} pixels, more than PIL decodes safely '
-                                     f'({Image.MAX_IMAGE_PIXELS:,}; a decompression bomb?): replace the file or remove it from the folder')
-                im.verify()
-    except InputError: raise
-    except Exception as e:   # PIL raises many types (OSError, SyntaxError, ValueError, struct.error...) for bad files
-        if denied(e): raise no_read_access('image', path, ', or remove it from the folder') from None
-        if isinstance(e, OSError) and e.errno is not None:   # the system could not read it (PIL's own errors have no errno)
-            raise InputError(f'image {show_name(path)} cannot be read ({_why(e)}): check the file and its disk, or remove '
-                             'it from the folder') from None
-        raise InputError(f'image {show_name(path)} cannot be decoded ({_why(e, path)}): replace the file or remove it from the folder')
-
 def _uncomputed(rows, row_range, cols):
     "Addresses of the never-computed formula cells in `rows[row_range]`, columns `cols` (None: all)."
     return [v.address for k in row_range if k < len(rows) for c, v in enumerate(rows[k])
@@ -168,6 +194,16 @@ def _raise_uncomputed(src, cells):
     raise InputError(f'{src}, cell{"s" if len(cells) > 1 else ""} {_rows_list(cells, 5)}: a formula whose value was never '
                      'computed (the file was written by a program, not saved by a spreadsheet program); open and save the '
                      'file in Excel or LibreOffice, or type the value')
+
+def _same(a, b):
+    "Do two parsed cells (float, None, text, or 'bad') of one subject's rows agree?"
+    if isinstance(a, float) and isinstance(b, float): return abs(a - b) < 1e-9 or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+def _shown_value(v, numeric):
+    if v is None: return 'blank'
+    if numeric and v == 'bad': return 'not a number'
+    return f'{v:g}' if isinstance(v, float) else repr(v)
 
 def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, age_col, file_col, max_table_mb, max_expanded_mb,
                    extra_columns=()):
@@ -267,19 +303,27 @@ def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, ag
     if not recs_with_id and table_format != 'per_image':
         raise InputError(f'{where} column {label(ii)}: no row has a subject ID: fill in the IDs, or pass --id-col with the right column')
 
-    # subjects: one age per subject
-    subj, dup_rows, conflicts = {}, 0, []
+    # subjects: one age, sex, length and weight (and covariate) per subject
+    subj, dup_rows, conflicts, differ = {}, 0, [], []
+    fields = [(si, lambda r: r['sex'], False), (hi, lambda r: r['height'], True), (wi, lambda r: r['weight'], True),
+              *((i, lambda r, n=n: r['extra'][n], True) for n, i in xi.items())]
     for rec in recs_with_id:
         s = subj.get(rec['id'])
         if s is None: subj[rec['id']] = dict(rec, rows=[rec['row']]); continue
-        same = (s['age'] is None and rec['age'] is None) or (s['age'] is not None and rec['age'] is not None
-                                                            and abs(s['age'] - rec['age']) < 1e-9)
-        if not same: conflicts.append(f'subject {rec["id"]} in rows {s["rows"][0]} and {rec["row"]} ({s["age"]} vs {rec["age"]})')
-        else: dup_rows += table_format != 'per_image'
+        if not _same(s['age'], rec['age']):
+            conflicts.append(f'subject {rec["id"]} in rows {s["rows"][0]} and {rec["row"]} ({s["age"]} vs {rec["age"]})')
+        else:
+            d = [f'{label(i)} {_shown_value(v(s), num)} vs {_shown_value(v(rec), num)}' for i, v, num in fields
+                 if i is not None and not _same(v(s), v(rec))]
+            if d: differ.append(f'subject {rec["id"]} in rows {s["rows"][0]} and {rec["row"]} ({", ".join(d)})')
+            elif table_format != 'per_image': dup_rows += 1
         s['rows'].append(rec['row'])
     if conflicts:
         raise InputError(f'{where} column {label(ai)}: the same subject has different ages: {_rows_list(conflicts, 5)}: '
                          'keep one age per subject')
+    if differ:   # the first row's values would be used for BMI and the covariates, silently
+        raise InputError(f'{where}: the same subject has different values in two rows: {_rows_list(differ, 5)}: '
+                         'correct the rows so that they agree, or keep one row per subject')
     return SimpleNamespace(sheet_name=sheet_name, src=src, where=where, table_format=table_format, table_cohort=table_cohort,
                            layout_match=layout_match, headers=headers, ii=ii, ai=ai, fi=fi, label=label, recs=recs,
                            subj=subj, by_file=by_file, dup_rows=dup_rows, rows_without_id=rows_without_id)
@@ -398,13 +442,15 @@ def load_dataset(image_dir, excel_path, cohort=None, sheet=None, pattern=DEFAULT
         if unmatched: probs.append(f'{len(unmatched)} images without a spreadsheet row ({shown(unmatched, 5)})')
         if without_images: probs.append(f'{len(without_images)} subjects without images ({shown(without_images, 5)})')
         if missing_age: probs.append(f'{len(missing_age)} subjects with images but a blank age ({shown(missing_age, 5)})')
+        if not_matching: probs.append(f'{len(not_matching)} image files whose name does not match the pattern {_q(pattern)} '
+                                      f'({shown(not_matching, 5)}; rename them or pass --pattern)')
         if probs: raise InputError(f'strict check of {shown_dir} against {where}: ' + '; '.join(probs) +
                                    ': fix the spreadsheet or the folder, or run without --strict')
     if not matched:
         raise InputError(f'every subject with images in {shown_dir} has a blank age in {where}: fill in the ages')
     table, counts = _table(image_dir, matched, subj, t.layout_match, t.table_cohort, extra_columns)
     if verify:
-        for p in table['path']: _verify_image(p)
+        for p in table['path']: decode_grey(p)   # as training decodes it: check and training accept the same files
     summary = _summary(table, counts, t, image_dir, excel_path, pattern, unmatched, without_images, missing_age, not_matching, strict)
     return table, summary
 
@@ -507,7 +553,7 @@ def format_summary(s):
     lst('Subjects without images', s['subjects_without_images'])
     lst('Subjects with images but a blank age (left out)', s['subjects_missing_age'])
     lst('Image files not matching the pattern', s['files_not_matching_pattern'])
-    if s['duplicate_rows']: L.append(f"Repeated rows (same subject and age, ignored): {s['duplicate_rows']}")
+    if s['duplicate_rows']: L.append(f"Repeated rows (same subject, same values, ignored): {s['duplicate_rows']}")
     if s['rows_without_id']: L.append(f"Rows without a subject ID (ignored): {s['rows_without_id']}")
     if line := folder_matching(s): L.append(line[0].upper() + line[1:])
     return '\n'.join(L)
@@ -523,7 +569,7 @@ def main(argv=None):
     c.add_argument('--sheet', help='sheet name (default: the first sheet)')
     c.add_argument('--pattern', default=DEFAULT_PATTERN, help='file-name regex: group 1 subject ID, group 2 image index')
     c.add_argument('--id-col'); c.add_argument('--age-col'); c.add_argument('--file-col')
-    c.add_argument('--strict', action='store_true', help='unmatched images, subjects without images or blank ages are errors')
+    c.add_argument('--strict', action='store_true', help='unmatched images, subjects without images, blank ages and image files not matching --pattern are errors')
     c.add_argument('--json', action='store_true', help='print the summary as JSON')
     c.add_argument('--max-table-mb', help=f'largest spreadsheet file to read, MB (default {MAX_TABLE_MB}, or env AGENB_MAX_TABLE_MB)')
     c.add_argument('--max-expanded-mb', help=f'largest unzipped size of an .xlsx, MB (default {MAX_EXPANDED_MB}, or env AGENB_MAX_EXPANDED_MB)')

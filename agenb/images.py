@@ -17,40 +17,16 @@ from PIL import Image
 
 from .core import InputError, atomic_write, atomic_write_json
 from .tables import denied, no_read_access
+from .data import decode_grey
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CACHE_FORMAT_VERSION', 'ROIS', 'ANNOTATION_REGIONS', 'ROI_ORDER', 'MASK_RULE',
-           'CROP_RULE', 'last_cache_info', 'ECHO_REGION', 'decode_grey', 'covering_grid', 'Preprocessing',
-           'affine_warp', 'Augmentation', 'mask_path_for', 'find_mask', 'read_mask', 'load_images', 'load_image',
-           'echo_statistics']
+           'CROP_RULE', 'last_cache_info', 'ECHO_REGION', 'covering_grid', 'Preprocessing', 'affine_warp',
+           'Augmentation', 'mask_path_for', 'find_mask', 'read_mask', 'load_images', 'load_image', 'echo_statistics',
+           'decode_grey']
 
 # %% ../nbs/06_images.ipynb #00b91f6d
-_SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
-
-def decode_grey(path, data: bytes | None = None) -> np.ndarray:
-    "Decode the image at `path` (or its bytes `data`) to a greyscale `uint8` array (H, W); `InputError` on failure."
-    try:
-        src = io.BytesIO(data) if data is not None else path
-        with Image.open(src) as im:
-            im.load()  # decode now, so a truncated or corrupt file fails here
-            if im.mode == 'L': a = np.asarray(im)
-            elif im.mode in _SIXTEEN_BIT:
-                a = np.asarray(im).astype(np.int64)
-                if a.size and (a.min() < 0 or a.max() > 65535):
-                    raise ValueError(f'{im.mode} pixel values outside 0..65535')
-                a = ((a * 255 + 32767) // 65535).astype(np.uint8)
-            elif im.mode == 'F':
-                raise ValueError('32-bit float images are not supported; save it as 8- or 16-bit')
-            else: a = np.asarray(im.convert('L'))
-    except InputError: raise
-    except Exception as e:
-        if denied(e): raise no_read_access('image', path, ', or remove it from the folder') from None
-        why = e.strerror if isinstance(e, OSError) and e.strerror else e   # the system's reason: the path is named once
-        raise InputError(f'could not read image {str(path)!r} ({type(e).__name__}: {why}); '
-                         'replace or remove the file (agenb never substitutes a blank image)') from None
-    if a.ndim != 2 or 0 in a.shape:
-        raise InputError(f'image {str(path)!r} has shape {a.shape}, expected a non-empty 2-D greyscale image')
-    return np.ascontiguousarray(a, dtype=np.uint8)
+_all_ = ['decode_grey']   # defined in agenb.data, exported here too
 
 # %% ../nbs/06_images.ipynb #06285822
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

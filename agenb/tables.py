@@ -49,12 +49,14 @@ def norm_id(v):
     return _digits(m.group(1)) if m else s   # no int(): a 5000-digit ID would pass Python's int-to-str limit
 
 def _num(v):
-    "A float, None when blank, or the string 'bad' when it is not a number."
+    "A float, None when blank, or the string 'bad' when it is not a number (a decimal comma is read as a point)."
     if _blank(v): return None
     if isinstance(v, (bool, np.bool_)): return 'bad'
     try:
         if isinstance(v, (int, float, np.integer, np.floating)): return float(v)
-        return float(str(v).strip().replace(',', '.'))
+        s = str(v).strip().replace(',', '.')
+        if '_' in s: return 'bad'   # float() reads '4_5' as 45 (Python's digit grouping); a typo, not a number
+        return float(s)
     except (ValueError, OverflowError): return 'bad'   # OverflowError: an integer beyond a float
 
 def _norm_sex(v):

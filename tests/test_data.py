@@ -201,3 +201,88 @@ def test_plain_per_image_table(tmp_path):
     p.write_text('filename;subject;age\nanon_1_1.png;1;30.5\nanon_1_2.png;1;30.5\nanon_2_1.png;2;8\n')
     s = json.loads(check('--image-dir', d, '--excel-path', p, '--json').stdout)
     assert (s['table_format'], s['n_images'], s['n_subjects'], s['cohort'], s['muscle']) == ('per_image', 3, 2, 'Healthy', 'TA')
+
+
+# ---- check and training accept exactly the same image files (one decoder: agenb.data.decode_grey) -------------
+
+def _write_kind(path, kind):
+    "Write image `path` (a .png) as `kind`; returns the path of the file written."
+    g = (np.arange(6 * 7) * 6 % 256).astype(np.uint8).reshape(6, 7)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    path.unlink()
+    if kind == 'truncated_jpeg':
+        p = path.with_suffix('.jpg'); Image.fromarray(noise).save(p)
+        p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+        with Image.open(p) as im: im.verify()          # PIL's verify, which check used, passes it
+    elif kind == 'float_tiff': p = path.with_suffix('.tif'); Image.fromarray(g.astype(np.float32)).save(p)
+    elif kind == 'int32_tiff_beyond_16_bit': p = path.with_suffix('.tif'); Image.fromarray(g.astype(np.int32) * 1000).save(p)
+    elif kind == 'int32_tiff': p = path.with_suffix('.tif'); Image.fromarray(g.astype(np.int32) * 257).save(p)
+    elif kind == 'sixteen_bit_png': p = path; Image.fromarray(g.astype(np.uint16) * 257).save(p)
+    elif kind == 'rgb_jpeg': p = path.with_suffix('.jpg'); Image.fromarray(np.stack([g] * 3, -1)).save(p)
+    return p
+
+
+@pytest.mark.parametrize('kind', ['truncated_jpeg', 'float_tiff', 'int32_tiff_beyond_16_bit'])
+def test_check_refuses_the_images_training_refuses(tmp_path, kind):
+    from agenb.core import InputError
+    from agenb.images import Preprocessing, load_images
+    d, x = make(tmp_path, GOOD)
+    p = _write_kind(d / 'anon_2_1.png', kind)
+    assert_error(check('--image-dir', d, '--excel-path', x), str(p), 'could not read image')
+    with pytest.raises(InputError, match=p.name):      # training's loader refuses it too
+        load_images([p], Preprocessing(image_size=8))
+
+
+@pytest.mark.parametrize('kind', ['int32_tiff', 'sixteen_bit_png', 'rgb_jpeg'])
+def test_training_accepts_the_images_check_accepts(tmp_path, kind):
+    from agenb.images import Preprocessing, load_images
+    d, x = make(tmp_path, GOOD)
+    _write_kind(d / 'anon_2_1.png', kind)
+    r = check('--image-dir', d, '--excel-path', x, '--json')
+    assert r.returncode == 0, r.stderr
+    t, _ = load_dataset(d, x)
+    assert len(t) == 3 and load_images(t.path.tolist(), Preprocessing(image_size=8)).shape == (3, 1, 8, 8)
+
+
+# ---- rows of one subject must agree ------------------------------------------------------------------------
+
+@pytest.mark.parametrize('row, needle', [((1, 30.5, 170, 70, 'F'), "'Sex' (column E) 'M' vs 'F'"),
+                                         ((1, 30.5, 180, 70, 'M'), "'Length (cm)' (column C) 170 vs 180"),
+                                         ((1, 30.5, 170, 90, 'M'), "'Weight (kg)' (column D) 70 vs 90"),
+                                         ((1, 30.5, 170, None, 'M'), "'Weight (kg)' (column D) 70 vs blank")])
+def test_repeated_subject_rows_that_disagree_are_an_error(tmp_path, row, needle):
+    d, x = make(tmp_path, GOOD + [row])
+    assert_error(check('--image-dir', d, '--excel-path', x), 'subject 1 in rows 3 and 5', needle, 'agree')
+    # the same in a plain table, one row per image
+    p = tmp_path / 'per_image.csv'
+    p.write_text('filename;subject;age;sex\nanon_1_1.png;1;30.5;M\nanon_1_2.png;1;30.5;F\nanon_2_1.png;2;8;F\n')
+    assert_error(check('--image-dir', d, '--excel-path', p), 'subject 1 in rows 2 and 3', "'sex' 'M' vs 'F'")
+
+
+def test_repeated_subject_rows_that_agree_are_a_note(tmp_path):
+    d, x = make(tmp_path, GOOD + [(1, 30.5, 170, 70, 'm')])        # 'm' is 'M'
+    r = check('--image-dir', d, '--excel-path', x)
+    assert r.returncode == 0, r.stderr
+    assert 'Repeated rows (same subject, same values, ignored): 1' in r.stdout
+
+
+# ---- --strict and file names the pattern does not match ------------------------------------------------------
+
+def test_strict_refuses_a_file_the_pattern_does_not_match(tmp_path):
+    d, x = make(tmp_path, GOOD)
+    Image.fromarray(np.full((6, 7), 90, np.uint8)).save(d / 'anon_102-1.png')
+    r = check('--image-dir', d, '--excel-path', x, '--json')
+    assert r.returncode == 0 and json.loads(r.stdout)['files_not_matching_pattern'] == ['anon_102-1.png']
+    assert 'Image files not matching the pattern: 1  (anon_102-1.png)' in check('--image-dir', d, '--excel-path', x).stdout
+    assert_error(check('--image-dir', d, '--excel-path', x, '--strict'), 'strict check', 'anon_102-1.png',
+                 'does not match the pattern', '--pattern')
+
+
+# ---- numbers typed with an underscore ----------------------------------------------------------------------
+
+def test_underscore_in_a_number_is_not_a_digit_separator(tmp_path):
+    d, x = make(tmp_path, [(1, 30.5, 170, 70, 'M'), (2, '4_5', 130, 28, 'F')])
+    assert_error(check('--image-dir', d, '--excel-path', x), "'Age' (column B)", "row 4 ('4_5')", 'between 0 and 120')
+    d2, x2 = make(tmp_path / 'b', [(1, 30.5, '17_0', 70, 'M'), (2, 8.0, 130, 28, 'F')])   # length: not a number -> missing
+    s = json.loads(check('--image-dir', d2, '--excel-path', x2, '--json').stdout)
+    assert s['bmi_missing'] == 1 and s['bmi_implausible'] == 0
