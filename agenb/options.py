@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_options.ipynb #9a311370
 from __future__ import annotations
-import argparse, dataclasses, math, re
+import argparse, dataclasses, json, math, re
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -15,8 +15,8 @@ from .model import ARCHS, check_arch, check_image_size, parse_age_bins, parse_co
 
 # %% auto #0
 __all__ = ['RECIPE', 'OPTIONS', 'OPTION_NAMES', 'OPTION_TYPES', 'MANY', 'PLAIN_DEFAULTS', 'RECIPES', 'RECIPE_KEYS',
-           'DEMO_OPTIONS', 'SCRATCH', 'SCRATCH_RULE', 'Options', 'CHOICES', 'Option', 'rule_defaults', 'option_rules',
-           'resolve_options', 'build_parser', 'given_from_config', 'cli_flags', 'options_from_params']
+           'DEMO_OPTIONS', 'SCRATCH', 'SCRATCH_RULE', 'Options', 'CHOICES', 'MAX_SEED', 'Option', 'rule_defaults',
+           'option_rules', 'resolve_options', 'build_parser', 'given_from_config', 'cli_flags', 'options_from_params']
 
 # %% ../nbs/08_options.ipynb #00770f9d
 RECIPE = 'from the recipe'  # the default of an option whose value comes from the loss's recipe
@@ -217,12 +217,14 @@ def resolve_options(given: dict) -> Options:
     for k, (v, _) in rule_defaults(o, given).items(): o[k] = v
     if o['t_max'] is None and o['scheduler'] == 'cosine': o['t_max'] = o['epochs']
     _check_options(o)
+    _check_given_together(o, {k for k, v in given.items() if v is not None and v != PLAIN_DEFAULTS.get(k)})
     return Options(**o)
 
 def _check_options(o):
     def need(cond, msg):
         if not cond: raise InputError(msg)
     flag = lambda k: '--' + k.replace('_', '-')
+    _check_types(o, need, flag)
     need(o['image_dir'] and o['excel_path'], 'give --image-dir and --excel-path (or --config of an earlier run)')
     pair_folders(o['image_dir'], o['excel_path'])
     for k, allowed in CHOICES.items():
@@ -239,10 +241,66 @@ def _check_options(o):
     _check_crops(o, need)
     _check_mixup(o, need)
     _check_model_options(o, need, flag)
+    _check_training_options(o, need, flag)
     if o['run_name'] is not None:
         need(bool(_PLAIN_NAME.match(str(o['run_name']))), f'--run-name {o["run_name"]!r} must be a plain name '
              '(letters, digits, . _ -; no path separator): the run folder is run_<timestamp>_<name> in --output-dir')
     if o['weights']: need(Path(o['weights']).is_file(), f'--weights {o["weights"]}: file not found')
+
+def _check_types(o, need, flag):
+    """Every value of its option's type, whatever door it came through (the parser, a spec, a config.json, code): a bool
+    True or False, an int a whole number, a float a finite number (nan or inf would fail only inside the training).
+    None only where the option has no default."""
+    for k, typ in OPTION_TYPES.items():
+        v = o[k]
+        if v is None: need(PLAIN_DEFAULTS[k] is None, f'{flag(k)} needs a value (default {PLAIN_DEFAULTS[k]!r}), got None; drop it to use the default')
+        elif typ is bool: need(isinstance(v, bool), f'{flag(k)} must be true or false, got {_show(v)}')
+        elif typ is int: need(isinstance(v, int) and not isinstance(v, bool), f'{flag(k)} must be a whole number, got {_show(v)}')
+        elif typ is float:
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), f'{flag(k)} must be a finite number, got {_show(v)}')
+
+def _show(v, n=40) -> str:
+    "repr(v) cut to `n` characters (a message shows a value, never a whole document)."
+    try: t = repr(v)
+    except ValueError: t = f'a {type(v).__name__} too long to show'   # an int of more than 4300 digits
+    return t if len(t) <= n else t[:n - 4] + ' ...'
+
+MAX_SEED = 2**32 - 1   # numpy's generators take seeds 0 .. 2**32 - 1
+
+def _check_training_options(o, need, flag):
+    """The seed and folds, and the optimizer, schedule, clipping and early-stopping values: each in the range where it
+    means what its help says (a negative --max-grad-norm would reverse the gradients, a negative --patience stop
+    after one epoch; others fail only later, inside torch or after the run folder exists)."""
+    need(0 <= o['seed'] <= MAX_SEED, f'--seed must be a whole number from 0 to {MAX_SEED} (numpy\'s seed range), got {o["seed"]}')
+    if o['folds'] is not None:
+        need(o['folds'] >= 2, f'--folds must be a whole number >= 2, got {o["folds"]}')
+        need(0 <= o['fold'] < o['folds'], f'--fold must be from 0 to {o["folds"] - 1} with --folds {o["folds"]}, got {o["fold"]}')
+    need(o['weight_decay'] >= 0, f'--weight-decay must be >= 0 (0: none), got {o["weight_decay"]}')
+    need(o['max_grad_norm'] >= 0, f'--max-grad-norm must be >= 0 (0: no clipping; a negative limit would reverse the '
+                                  f'gradients), got {o["max_grad_norm"]}')
+    need(o['eta_min'] >= 0, f'--eta-min must be >= 0 (the cosine schedule\'s final learning rate), got {o["eta_min"]}')
+    need(0 < o['plateau_factor'] < 1, f'--plateau-factor must be in (0, 1) (the learning rate is multiplied by it on a '
+                                      f'plateau), got {o["plateau_factor"]}')
+    for k, off in (('warmup_epochs', ' (0: no warm-up)'), ('plateau_patience', ''), ('patience', ' (0: no early stopping)')):
+        need(o[k] >= 0, f'{flag(k)} must be a whole number >= 0{off}, got {o[k]}')
+    if o['t_max'] is not None: need(o['t_max'] >= 1, f'--t-max must be a whole number of epochs >= 1 (default: --epochs), got {o["t_max"]}')
+    need(o['min_delta'] >= 0, f'--min-delta must be >= 0 years (the smallest val MAE improvement that counts), got {o["min_delta"]}')
+
+def _check_given_together(o, given):
+    """Options that mean something only with another, refused when `given` (the options given a value other than the
+    default; a default recorded in a config.json never counts) without it, instead of being silently ignored."""
+    def need(cond, msg):
+        if not cond: raise InputError(msg)
+    if 'view_pool' in given:
+        need(o['subject_views'] is not None, f'--view-pool {o["view_pool"]} pools the images of --subject-views; give --subject-views K too, or drop --view-pool')
+    for k in ('momentum', 'nesterov'):
+        if k in given: need(o['optimizer'] == 'sgd', f'--{k} is used by --optimizer sgd only, and this run\'s optimizer is '
+                                                     f'{o["optimizer"]}; drop --{k} or give --optimizer sgd')
+    if 't_max' in given:
+        need(o['scheduler'] == 'cosine', f'--t-max is used by --scheduler cosine only, and this run\'s scheduler is '
+                                         f'{o["scheduler"]}; drop --t-max or give --scheduler cosine')
+    if 'fold' in given: need(o['folds'] is not None, '--fold picks the test fold of --folds K; give --folds too, or drop --fold')
+    need(o['folds'] is None or o['split_file'] is None, '--folds and --split-file each decide the split; give one of them, not both')
 
 def _check_crops(o, need):
     "--crop-size and --crop-grid: the window and grid rules are `Preprocessing`'s; here, what the rest of the run allows."
@@ -313,21 +371,57 @@ def build_parser(prog='python -m agenb.train') -> argparse.ArgumentParser:
         flag = '--' + o.name.replace('_', '-')
         if o.type is bool: g.add_argument(flag, action=argparse.BooleanOptionalAction, help=f'{o.help} (default {o.default})')
         elif o.name in MANY: g.add_argument(flag, action=_Many, metavar='PATH', help=o.help)
-        else: g.add_argument(flag, type=o.type, metavar=o.type.__name__.upper(), help=f'{o.help} (default {o.default})')
+        else: g.add_argument(flag, type=_finite_float if o.type is float else o.type, metavar=o.type.__name__.upper(),
+                             help=f'{o.help} (default {o.default})')
     return p
 
-def given_from_config(cfg: dict, overrides: dict) -> dict:
-    "The options a `--config` reproduction starts from (a run's `config.json`), with `overrides` typed on the command line."
-    args, explicit = dict(cfg['args']), set(cfg.get('args_explicit', cfg['args']))
+def _finite_float(text: str) -> float:
+    "The parser's type of a float option: a finite number (nan and inf would fail only later, inside the training)."
+    try: v = float(text)
+    except ValueError: raise argparse.ArgumentTypeError(f'invalid float value: {text!r}') from None
+    if not math.isfinite(v): raise argparse.ArgumentTypeError(f'must be a finite number, got {text!r}')
+    return v
+
+_JSON_TYPES = {bool: 'true or false (a JSON boolean, not text)', int: 'a whole number (a JSON integer)',
+               float: 'a finite number (a JSON number, not text)', str: 'text (a JSON string)'}
+
+def _config_value(k, v, source):
+    "A value of config.json's `args`, checked against the option's declared type (nothing else checks a hand-edited file)."
+    typ = OPTION_TYPES[k]
+    if v is None and PLAIN_DEFAULTS[k] is None: return v   # not set, where the option has no default (or the recipe's)
+    if k in MANY and isinstance(v, list) and v and all(isinstance(x, str) for x in v): return v
+    ok = (isinstance(v, bool) if typ is bool else isinstance(v, int) and not isinstance(v, bool) if typ is int else
+          isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) if typ is float else isinstance(v, str))
+    if not ok:
+        try: shown = json.dumps(v)
+        except ValueError: shown = f'a {type(v).__name__} too long to show'
+        shown = shown if len(shown) <= 40 else shown[:36] + ' ...'
+        raise InputError(f'{source}: "args" key {k!r} must be {_JSON_TYPES[typ]}{", or a list of them" if k in MANY else ""}, '
+                         f'got {shown}; correct it or re-create the run')
+    return float(v) if typ is float else v
+
+def given_from_config(cfg: dict, overrides: dict, source='config.json') -> dict:
+    """The options a `--config` reproduction starts from (a run's `config.json`, called `source` in messages), with
+    `overrides` typed on the command line. Each value must have its option's type. Every recorded value is given back
+    (a later default must not change a reproduction), except a `t_max` derived from `epochs`, derived again."""
+    args = dict(cfg['args'])
     unknown = sorted(set(args) - set(OPTION_NAMES))
-    if unknown: raise InputError(f'config.json names unknown option(s) {", ".join(unknown)}; '
+    if unknown: raise InputError(f'{source} names unknown option(s) {", ".join(unknown)}; '
                                  'it was written by another agenb version: remove them or re-create the run')
+    args = {k: _config_value(k, v, source) for k, v in args.items()}
+    if 'args_explicit' in cfg:
+        explicit = cfg['args_explicit']
+        if not isinstance(explicit, list) or not all(isinstance(k, str) for k in explicit):
+            raise InputError(f'{source}: "args_explicit" must be a list of option names; correct it or re-create the run')
+        explicit = set(explicit)
+    else: explicit = {k for k, v in args.items() if v != PLAIN_DEFAULTS[k]}   # an older config.json: what differs was given
     if 'loss' in overrides and overrides['loss'] != args.get('loss'):
         for k in RECIPE_KEYS + ['description', 't_max']:
             if k not in explicit: args.pop(k, None)
     if any(k in overrides and overrides[k] != args.get(k) for k in ('pretrained', 'weights')):
         for k in SCRATCH:   # the rules decide again for the new starting point
             if k not in explicit: args.pop(k, None)
+    if 't_max' not in explicit: args.pop('t_max', None)   # derived from --epochs (cosine): derived again, for this run's
     return {**args, **overrides}
 
 # %% ../nbs/08_options.ipynb #461a9b50

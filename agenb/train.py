@@ -63,7 +63,8 @@ def parse_command_line(argv=None) -> tuple:
     if resume or config:
         cfg = read_run_config(resume or config)
         if resume: check_resumable(cfg, Path(resume)); check_resume_flags(cfg, ns, Path(resume))
-        return (resolve_options(given_from_config(cfg, ns)), set(cfg.get('args_explicit', [])) | set(ns),
+        src = Path(resume) / 'config.json' if resume else config
+        return (resolve_options(given_from_config(cfg, ns, str(src))), set(cfg.get('args_explicit', [])) | set(ns),
                 Path(resume) if resume else None, expected_files(cfg, ns, resume or config, bool(resume)))
     return resolve_options(ns), set(ns), None, {}
 

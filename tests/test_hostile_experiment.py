@@ -372,3 +372,11 @@ def test_report_kernel_is_not_interrupted_at_shutdown():
         km.shutting_down = False; asyncio.run(km._async_interrupt_kernel())
         assert calls == [1]                                      # an interrupt asked for while it runs still goes
     finally: IPCKernelManager._async_interrupt_kernel = old
+
+
+@pytest.mark.parametrize('key,says', [('max_grad_norm', '--max-grad-norm must be >= 0 (0: no clipping'),
+                                      ('weight_decay', '--weight-decay must be >= 0')])
+def test_trainer_option_out_of_range_in_base_is_refused(tmp_path, synth_root, key, says):
+    "The spec's options go through the trainer's own checks: refused when read, not as an internal error of every job."
+    spec = write_spec(tmp_path / 'spec.yaml', synth_root, base={**TINY, key: -1})
+    refuse_spec(tmp_path, spec, str(spec), 'variant loss=mae', says)

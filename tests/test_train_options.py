@@ -130,3 +130,55 @@ def test_a_rule_sets_the_scratch_learning_rate_and_the_run_records_why(data_args
     from agenb.options import given_from_config, resolve_options
     assert resolve_options(given_from_config(cfg, {})).lr == 2e-3                  # reproduced from config.json alone
     assert resolve_options(given_from_config(cfg, {'pretrained': True})).lr == 1e-4   # fine-tuning: the recipe
+
+
+# Out-of-range and contradictory options, and a hand-edited config.json: exit 2, one line naming the flag or key,
+# no traceback, and no run folder (each was accepted, or failed inside torch or numpy after the folder existed).
+def refused(r, out, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    assert 'Traceback' not in r.stderr + r.stdout, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('agenb: error:'), r.stderr
+    for n in needles: assert n in lines[0], (n, lines[0])
+    assert not Path(out).exists()
+
+
+@pytest.mark.parametrize('flags,says', [
+    (['--max-grad-norm', '-1'], '--max-grad-norm must be >= 0 (0: no clipping'),
+    (['--max-grad-norm', 'nan'], "--max-grad-norm: must be a finite number, got 'nan'"),
+    (['--lr', 'inf'], "--lr: must be a finite number, got 'inf'"),
+    (['--eta-min', '-1'], '--eta-min must be >= 0'),
+    (['--weight-decay', '-1'], '--weight-decay must be >= 0'),
+    (['--seed', '-1'], '--seed must be a whole number from 0 to 4294967295'),
+    (['--seed', str(2 ** 32)], '--seed must be a whole number from 0 to 4294967295'),
+    (['--scheduler', 'plateau', '--plateau-factor', '2'], '--plateau-factor must be in (0, 1)'),
+    (['--warmup-epochs', '-1'], '--warmup-epochs must be a whole number >= 0'),
+    (['--t-max', '0', '--warmup-epochs', '0'], '--t-max must be a whole number of epochs >= 1'),
+    (['--patience', '-1'], '--patience must be a whole number >= 0'),
+    (['--min-delta', '-1'], '--min-delta must be >= 0'),
+    (['--view-pool', 'attention'], '--view-pool attention pools the images of --subject-views'),
+    (['--optimizer', 'adam', '--momentum', '0.5'], '--momentum is used by --optimizer sgd only'),
+    (['--scheduler', 'plateau', '--t-max', '3'], '--t-max is used by --scheduler cosine only'),
+    (['--fold', '2'], '--fold picks the test fold of --folds'),
+    (['--folds', '5', '--split-file', 'S.csv'], '--folds and --split-file'),
+])
+def test_bad_or_contradictory_options_are_refused_before_the_run_folder(data_args, tmp_path, flags, says):
+    out = tmp_path / 'out'
+    refused(agenb('train', *data_args, *FAST, '--output-dir', out, *flags), out, says)
+
+
+@pytest.mark.parametrize('key,value,says', [('pretrained', 'false', 'true or false'), ('lr', '1e-3', 'a finite number'),
+                                            ('seed', 42.5, 'a whole number'), ('epochs', None, 'a whole number')])
+def test_hand_edited_config_values_must_have_the_options_type(data_args, tmp_path, key, value, says):
+    "config.json's args are typed like the flags: a quoted false is not true, a quoted number not a number."
+    from agenb.options import resolve_options
+    from agenb.train import parse_command_line
+    given = dict(image_dir=data_args[1], excel_path=data_args[3], arch='resnet18', image_size=64, epochs=1, pretrained=False)
+    args = resolve_options(given).to_dict()
+    good, bad = tmp_path / 'good' / 'config.json', tmp_path / 'bad' / 'config.json'
+    for path, a in ((good, args), (bad, {**args, key: value})):
+        path.parent.mkdir()
+        path.write_text(json.dumps({'args': a, 'args_explicit': sorted(given)}))
+    assert parse_command_line(['--config', str(good)])[0] == resolve_options(given)   # the file is otherwise fine
+    out = tmp_path / 'out'
+    refused(agenb('train', '--config', bad, '--output-dir', out), out, f'"args" key {key!r} must be {says}', 'config.json')

@@ -451,14 +451,14 @@ def test_run_writer_replaces_files_atomically(tmp_path):
 def test_a_crash_in_the_middle_of_a_write_keeps_the_old_file(tmp_path, monkeypatch):
     r = Run(tmp_path)
     r.epoch(5.0, True)
-    real_save = torch.save
-    def dying_save(obj, f, *a, **kw):
-        if Path(f).name.startswith('.last.pth'):
-            Path(f).write_bytes(b'PK\x03\x04 half a checkpoint'); raise KeyboardInterrupt('killed while writing')
-        return real_save(obj, f, *a, **kw)
-    monkeypatch.setattr(torch, 'save', dying_save)
+    real_write = Path.write_bytes   # checkpoints are serialised in memory, then written by Path.write_bytes
+    def dying_write(self, data):
+        if self.name.startswith('.last.pth'):
+            real_write(self, b'PK\x03\x04 half a checkpoint'); raise KeyboardInterrupt('killed while writing')
+        return real_write(self, data)
+    monkeypatch.setattr(Path, 'write_bytes', dying_write)
     with pytest.raises(KeyboardInterrupt): r.epoch(4.0, True)
-    monkeypatch.setattr(torch, 'save', real_save)
+    monkeypatch.setattr(Path, 'write_bytes', real_write)
     assert load_checkpoint(tmp_path / 'last.pth')['epoch'] == 1          # the previous epoch, complete
     assert load_checkpoint(tmp_path / 'best_model.pth')['epoch'] == 2    # written before the crash, complete
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith('.tmp')]

@@ -81,24 +81,29 @@ def close(self):
         group_freed=self.probe_group is not None and self.probe_group() is None, process_group=dist.is_initialized())
 
 
-_save = torch.save
+_save, _write_bytes = torch.save, Path.write_bytes
+_saving = {}
 
 
 def save(obj, f, *a, **kw):
-    "torch.save that dies half-way through the file named in AGENB_PROBE_KILL_WRITE (atomic_write's temporary file)."
-    name, epoch = KILL.split(':')
-    p = Path(f) if isinstance(f, (str, os.PathLike)) else None
-    if p is not None and isinstance(obj, dict) and obj.get('epoch') == int(epoch) and (
-            p.name == name or p.name.startswith(f'.{name}.')):
-        buf = io.BytesIO(); _save(obj, buf, *a, **kw)
-        with open(p, 'wb') as out:
-            out.write(buf.getvalue()[: len(buf.getvalue()) // 2]); out.flush(); os.fsync(out.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
+    "torch.save that notes the epoch of the checkpoint it serialises (agenb saves to memory, then writes the bytes)."
+    if isinstance(obj, dict): _saving['epoch'] = obj.get('epoch')
     return _save(obj, f, *a, **kw)
 
 
+def write_bytes(self, data):
+    "Path.write_bytes that dies half-way through the file named in AGENB_PROBE_KILL_WRITE (atomic_write's temporary file)."
+    name, epoch = KILL.split(':')
+    if (self.name == name or self.name.startswith(f'.{name}.')) and _saving.get('epoch') == int(epoch):
+        data = bytes(data)
+        with open(self, 'wb') as out:
+            out.write(data[: len(data) // 2]); out.flush(); os.fsync(out.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _write_bytes(self, data)
+
+
 Trainer.__init__, Trainer.train_epoch, Trainer.outputs, Trainer.fit, Trainer.close = __init__, train_epoch, outputs, fit, close
-if KILL: torch.save = save
+if KILL: torch.save, Path.write_bytes = save, write_bytes
 
 if __name__ == '__main__':
     if LOG: Path(LOG).mkdir(parents=True, exist_ok=True)
