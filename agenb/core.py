@@ -121,7 +121,7 @@ def atomic_write(path):
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:   # a write's ENOSPC names no file: name the one being written
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:   # a write's ENOSPC names no file
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 

@@ -305,16 +305,21 @@ def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, ag
 
     # subjects: one age, sex, length and weight (and covariate) per subject
     subj, dup_rows, conflicts, differ = {}, 0, [], []
-    fields = [(si, lambda r: r['sex'], False), (hi, lambda r: r['height'], True), (wi, lambda r: r['weight'], True),
-              *((i, lambda r, n=n: r['extra'][n], True) for n, i in xi.items())]
+    fields = [(si, ('sex',), False), (hi, ('height',), True), (wi, ('weight',), True), *((i, ('extra', n), True) for n, i in xi.items())]
+    get = lambda r, k: r[k[0]] if len(k) == 1 else r['extra'][k[1]]
+    def put(r, k, v):
+        if len(k) == 1: r[k[0]] = v
+        else: r['extra'] = {**r['extra'], k[1]: v}   # a copy: the record's own dict stays as read
     for rec in recs_with_id:
         s = subj.get(rec['id'])
         if s is None: subj[rec['id']] = dict(rec, rows=[rec['row']]); continue
         if not _same(s['age'], rec['age']):
             conflicts.append(f'subject {rec["id"]} in rows {s["rows"][0]} and {rec["row"]} ({s["age"]} vs {rec["age"]})')
         else:
-            d = [f'{label(i)} {_shown_value(v(s), num)} vs {_shown_value(v(rec), num)}' for i, v, num in fields
-                 if i is not None and not _same(v(s), v(rec))]
+            d = [f'{label(i)} {_shown_value(get(s, k), num)} vs {_shown_value(get(rec, k), num)}' for i, k, num in fields
+                 if i is not None and get(rec, k) is not None and get(s, k) is not None and not _same(get(s, k), get(rec, k))]
+            for i, k, _ in fields:   # a blank agrees with a value (e.g. sex filled in on a subject's first image row only)
+                if i is not None and get(s, k) is None and get(rec, k) is not None: put(s, k, get(rec, k))
             if d: differ.append(f'subject {rec["id"]} in rows {s["rows"][0]} and {rec["row"]} ({", ".join(d)})')
             elif table_format != 'per_image': dup_rows += 1
         s['rows'].append(rec['row'])

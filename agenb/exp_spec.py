@@ -43,9 +43,10 @@ def trainer_options() -> dict:
     "name -> type of every trainer option, from the option table (agenb.options)."
     return dict(OPTION_TYPES)
 
-def resolve_trainer_options(given: dict):
-    "The trainer's own defaults, recipe and checks applied to `given` (InputError when the trainer would refuse it)."
-    return resolve_options(given)
+def resolve_trainer_options(given: dict, together=None):
+    """The trainer's own defaults, recipe and checks applied to `given` (InputError when the trainer would refuse it);
+    `together`: the options a variant sets, checked as typed flags are (a job passes them to the trainer as flags)."""
+    return resolve_options(given, together)
 
 def _closest(name, names):
     m = difflib.get_close_matches(str(name)[:100], list(names), n=1)   # a long name would make difflib slow
@@ -258,12 +259,13 @@ def check_spec(raw, where='spec', files=True) -> dict:
 def _check_with_trainer(s, where, files=True):
     "Every variant (and every corner of the search space) through the trainer's option check (without `files`: not weights:)."
     given = {**s['data'], **s['base']}
-    trials = [(f'{where} variant {v["name"]}', {**given, **v['options']}) for v in s['static']]
-    if s['search']:
+    trials = [(f'{where} variant {v["name"]}', {**given, **v['options']}, True) for v in s['static']]
+    if s['search']:   # one key at a time: a corner is not a trial, so options that need another are not checked here
         for k, (kind, args) in s['search']['space'].items():
-            trials += [(f'{where} search.space {k}={value_text(a)}', {**given, k: a}) for a in args]
-    for w, g in trials or [(f'{where} base', given)]:
-        try: resolve_trainer_options(g if files else {**g, 'weights': None})
+            trials += [(f'{where} search.space {k}={value_text(a)}', {**given, k: a}, False) for a in args]
+    for w, g, whole in trials or [(f'{where} base', given, True)]:
+        together = {k for k, v in g.items() if v is not None} - set(s['data']) if whole else None
+        try: resolve_trainer_options(g if files else {**g, 'weights': None}, together)
         except InputError as e: _fail(w, str(e))
 
 # %% ../nbs/23_exp_spec.ipynb #e930b438

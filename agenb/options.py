@@ -202,8 +202,10 @@ CHOICES = dict(loss=tuple(RECIPES), optimizer=('adam', 'adamw', 'sgd'), schedule
                channels_last=('auto', 'on', 'off'), split_method=('by_subject_id', 'by_image'), head=('regression', 'distribution'),
                roi=('none', 'mask', 'mask-bbox', 'crop'), view_pool=('mean', 'attention'), head_bias=('mean', 'default'))
 
-def resolve_options(given: dict) -> Options:
-    "Defaults, then the loss's recipe, then what was `given`; check values. Returns the complete `Options`."
+def resolve_options(given: dict, together=None) -> Options:
+    """Defaults, then the loss's recipe, then what was `given`; check values. Returns the complete `Options`.
+    `together`: the names of the options a person typed (the trainer's command line), checked for options that mean
+    something only with another (`_check_given_together`); None (a spec, a config.json, code) skips that check."""
     unknown = sorted(set(given) - set(OPTION_NAMES))
     if unknown: raise InputError(f'unknown option(s) {", ".join(unknown)}; valid options are listed by --help')
     o = {**PLAIN_DEFAULTS, **given}
@@ -217,7 +219,7 @@ def resolve_options(given: dict) -> Options:
     for k, (v, _) in rule_defaults(o, given).items(): o[k] = v
     if o['t_max'] is None and o['scheduler'] == 'cosine': o['t_max'] = o['epochs']
     _check_options(o)
-    _check_given_together(o, {k for k, v in given.items() if v is not None and v != PLAIN_DEFAULTS.get(k)})
+    if together is not None: _check_given_together(o, set(together))
     return Options(**o)
 
 def _check_options(o):
@@ -287,20 +289,15 @@ def _check_training_options(o, need, flag):
     need(o['min_delta'] >= 0, f'--min-delta must be >= 0 years (the smallest val MAE improvement that counts), got {o["min_delta"]}')
 
 def _check_given_together(o, given):
-    """Options that mean something only with another, refused when `given` (the options given a value other than the
-    default; a default recorded in a config.json never counts) without it, instead of being silently ignored."""
+    """Options of the split and the views that mean something only with another, refused when typed (`given`) without
+    it, instead of being silently ignored. (Optimizer and schedule options another optimizer or schedule does not use,
+    e.g. --momentum with adamw, are left to the recorded recipe: a search space may pair them with a sampled choice.)"""
     def need(cond, msg):
         if not cond: raise InputError(msg)
     if 'view_pool' in given:
         need(o['subject_views'] is not None, f'--view-pool {o["view_pool"]} pools the images of --subject-views; give --subject-views K too, or drop --view-pool')
-    for k in ('momentum', 'nesterov'):
-        if k in given: need(o['optimizer'] == 'sgd', f'--{k} is used by --optimizer sgd only, and this run\'s optimizer is '
-                                                     f'{o["optimizer"]}; drop --{k} or give --optimizer sgd')
-    if 't_max' in given:
-        need(o['scheduler'] == 'cosine', f'--t-max is used by --scheduler cosine only, and this run\'s scheduler is '
-                                         f'{o["scheduler"]}; drop --t-max or give --scheduler cosine')
     if 'fold' in given: need(o['folds'] is not None, '--fold picks the test fold of --folds K; give --folds too, or drop --fold')
-    need(o['folds'] is None or o['split_file'] is None, '--folds and --split-file each decide the split; give one of them, not both')
+    need(not {'folds', 'split_file'} <= given, '--folds and --split-file each decide the split; give one of them, not both')
 
 def _check_crops(o, need):
     "--crop-size and --crop-grid: the window and grid rules are `Preprocessing`'s; here, what the rest of the run allows."
@@ -422,6 +419,10 @@ def given_from_config(cfg: dict, overrides: dict, source='config.json') -> dict:
         for k in SCRATCH:   # the rules decide again for the new starting point
             if k not in explicit: args.pop(k, None)
     if 't_max' not in explicit: args.pop('t_max', None)   # derived from --epochs (cosine): derived again, for this run's
+    for new, old in (('split_file', ('folds', 'fold')), ('folds', ('split_file',))):   # a split typed replaces the recorded one
+        if new in overrides:
+            for k in old:
+                if k not in overrides: args.pop(k, None)
     return {**args, **overrides}
 
 # %% ../nbs/08_options.ipynb #461a9b50

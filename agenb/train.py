@@ -25,13 +25,14 @@ from .explain import explain_run
 from .report import render_report
 
 # %% auto #0
-__all__ = ['RESUME_FREE', 'check_resume_flags', 'expected_files', 'parse_command_line', 'build_config', 'check_subject_views',
-           'Interrupted', 'seed_everything', 'start_bias', 'check_expected', 'train', 'finish_run', 'write_intervals',
-           'render_report_safely', 'main']
+__all__ = ['RESUME_FREE', 'DATA_SELECTION', 'check_resume_flags', 'expected_files', 'parse_command_line', 'build_config',
+           'check_subject_views', 'Interrupted', 'seed_everything', 'start_bias', 'check_expected', 'train',
+           'finish_run', 'write_intervals', 'render_report_safely', 'main']
 
 # %% ../nbs/19_train.ipynb #bdca8d07
 RESUME_FREE = ('image_dir', 'excel_path', 'device', 'num_workers', 'cache_dir', 'report', 'gradcam_n', 'plot_interval',
-               'checkpoint_every', 'keep_checkpoints', 'max_table_mb', 'max_expanded_mb')
+               'checkpoint_every', 'keep_checkpoints', 'max_table_mb', 'max_expanded_mb', 'nan_policy')
+DATA_SELECTION = ('cohort', 'pattern', 'id_col', 'age_col', 'file_col', 'min_age', 'max_age', 'split_file')
 
 def _same(a, b) -> bool: return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
 
@@ -48,8 +49,9 @@ def check_resume_flags(cfg: dict, given: dict, run_dir) -> None:
 def expected_files(cfg: dict, given: dict, source, resume: bool) -> dict:
     "What the recorded run says its data, split and weights were, for those not changed on the command line."
     out = {'source': str(source)}
-    if resume or not {'image_dir', 'excel_path'} & set(given):
-        out['data_fingerprint'] = cfg.get('data_fingerprint')
+    fp = cfg.get('data_fingerprint')
+    if fp and (resume or not {'image_dir', 'excel_path'} & set(given)):   # the images used depend on the selection:
+        out['data_fingerprint'] = fp if not set(DATA_SELECTION) & set(given) else {'excel_sha256': fp.get('excel_sha256')}
     if resume: out['split_sha256'] = (cfg.get('dataset') or {}).get('split_sha256')
     elif 'weights' not in given and (cfg.get('args') or {}).get('weights'):
         out['weights_sha256'] = (cfg.get('model') or {}).get('weights_sha256')
@@ -64,9 +66,10 @@ def parse_command_line(argv=None) -> tuple:
         cfg = read_run_config(resume or config)
         if resume: check_resumable(cfg, Path(resume)); check_resume_flags(cfg, ns, Path(resume))
         src = Path(resume) / 'config.json' if resume else config
-        return (resolve_options(given_from_config(cfg, ns, str(src))), set(cfg.get('args_explicit', [])) | set(ns),
-                Path(resume) if resume else None, expected_files(cfg, ns, resume or config, bool(resume)))
-    return resolve_options(ns), set(ns), None, {}
+        return (resolve_options(given_from_config(cfg, ns, str(src)), together=None if resume else set(ns)),
+                set(cfg.get('args_explicit', [])) | set(ns), Path(resume) if resume else None,
+                expected_files(cfg, ns, resume or config, bool(resume)))
+    return resolve_options(ns, together=set(ns)), set(ns), None, {}
 
 # %% ../nbs/19_train.ipynb #760c45cb
 def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: Dist, run_dir, source: dict, gpus: list) -> dict:
@@ -158,7 +161,8 @@ class Interrupted(Exception): pass
 def _raise_interrupt(signum, frame): raise Interrupted(signal.Signals(signum).name)
 
 def seed_everything(seed, rank=0):
-    random.seed(seed + rank); np.random.seed(seed + rank); torch.manual_seed(seed + rank)
+    s = (seed + rank) % 2**32          # numpy takes 0 .. 2**32 - 1: the largest --seed on rank 1 must not overflow
+    random.seed(s); np.random.seed(s); torch.manual_seed(s)
 
 def start_bias(o: Options, train_ages: torch.Tensor):
     """The head's starting bias: the mean training age, or the log of the training ages' soft-label distribution; None
@@ -175,10 +179,11 @@ def check_expected(expect: dict, o: Options, data: PreparedData) -> None:
     "Refuse data, a split or a weights file other than those `expect` (from `parse_command_line`) says the run had."
     src = expect.get('source')
     was, now = expect.get('data_fingerprint'), data_fingerprint(data.table, o.excel_path) if 'data_fingerprint' in expect else None
-    if was is not None and not _same({k: was.get(k) for k in now}, now):
-        raise InputError(f'the images or spreadsheet(s) differ from those {src} recorded (data_fingerprint: '
-                         f'{was.get("n_images")} images then, {now["n_images"]} now): restore them, or give --image-dir and '
-                         '--excel-path to train on these data as a new run')
+    if was is not None and not _same(was, {k: now.get(k) for k in was}):
+        n = f' ({was["n_images"]} images then, {now["n_images"]} now)' if 'n_images' in was else ''
+        raise InputError(f'the {"images or " if "images_sha256" in was else ""}spreadsheet(s) differ from those {src} recorded '
+                         f'(data_fingerprint{n}): restore them, or give --image-dir and --excel-path to train on these data '
+                         'as a new run')
     if expect.get('split_sha256') and expect['split_sha256'] != data.split_info.get('split_sha256'):
         raise InputError(f'the subjects would be split differently than when {src} started (split_sha256): resume only '
                          'with the data and split it started with')

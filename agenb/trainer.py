@@ -78,10 +78,12 @@ def gpu_names(d: Dist) -> list:
 
 # %% ../nbs/10_trainer.ipynb #aff0d859
 def read_table(o: Options):
-    "`agenb.data.load_dataset` with the data options of `o`: (table, summary)."
+    """`agenb.data.load_dataset` with the data options of `o`: (table, summary). Not `verify`: `load_images` decodes every
+    image with the same `decode_grey` (threaded, or from its cache), so a second serial decode here would add nothing."""
     kw = {k: getattr(o, k) for k in ('cohort', 'id_col', 'age_col', 'file_col', 'pattern', 'max_table_mb', 'max_expanded_mb')
           if getattr(o, k) is not None}
-    return load_folders(o.image_dir, o.excel_path, strict=o.strict, extra_columns=sheet_covariates(parse_covariates(o.covariates)), **kw)
+    return load_folders(o.image_dir, o.excel_path, strict=o.strict, extra_columns=sheet_covariates(parse_covariates(o.covariates)),
+                        verify=False, **kw)
 
 @dataclasses.dataclass(frozen=True)
 class PreparedData:

@@ -248,8 +248,7 @@ def test_training_accepts_the_images_check_accepts(tmp_path, kind):
 
 @pytest.mark.parametrize('row, needle', [((1, 30.5, 170, 70, 'F'), "'Sex' (column E) 'M' vs 'F'"),
                                          ((1, 30.5, 180, 70, 'M'), "'Length (cm)' (column C) 170 vs 180"),
-                                         ((1, 30.5, 170, 90, 'M'), "'Weight (kg)' (column D) 70 vs 90"),
-                                         ((1, 30.5, 170, None, 'M'), "'Weight (kg)' (column D) 70 vs blank")])
+                                         ((1, 30.5, 170, 90, 'M'), "'Weight (kg)' (column D) 70 vs 90")])
 def test_repeated_subject_rows_that_disagree_are_an_error(tmp_path, row, needle):
     d, x = make(tmp_path, GOOD + [row])
     assert_error(check('--image-dir', d, '--excel-path', x), 'subject 1 in rows 3 and 5', needle, 'agree')
@@ -264,6 +263,15 @@ def test_repeated_subject_rows_that_agree_are_a_note(tmp_path):
     r = check('--image-dir', d, '--excel-path', x)
     assert r.returncode == 0, r.stderr
     assert 'Repeated rows (same subject, same values, ignored): 1' in r.stdout
+
+
+def test_a_blank_in_a_repeated_row_agrees_and_the_value_is_kept(tmp_path):
+    # sex and sizes filled in on a subject's first row only (or only on a later one): the value is the subject's
+    d, x = make(tmp_path, [(1, 30.5, None, None, None), (2, 8.0, 130, 28, 'F'), (1, 30.5, 170, 70, 'M'), (1, 30.5, None, None, None)])
+    t, s = load_dataset(d, x)
+    one = t[t.subject == '1'].iloc[0]
+    assert (one.sex, one.height_cm, one.weight_kg) == ('M', 170, 70) and abs(one.bmi - 70 / 1.7 ** 2) < 1e-9
+    assert s['duplicate_rows'] == 2          # both later rows agree with what the subject has by then
 
 
 # ---- --strict and file names the pattern does not match ------------------------------------------------------

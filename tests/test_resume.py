@@ -184,6 +184,7 @@ def test_resume_refuses_another_setting_or_other_data(tiny_run, tmp_path, synth_
     run = tmp_path / tiny_run.name
     shutil.copytree(tiny_run, run)
     cfg = json.loads((run / 'config.json').read_text()); cfg['status'] = 'interrupted'; cfg['args']['epochs'] = 3
+    cfg['args'].update(momentum=0.95, view_pool='attention')   # recorded by an older agenb, unused by this run: no obstacle
     (run / 'config.json').write_text(json.dumps(cfg))
     files = lambda: {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     before = files()

@@ -157,8 +157,6 @@ def refused(r, out, *needles):
     (['--patience', '-1'], '--patience must be a whole number >= 0'),
     (['--min-delta', '-1'], '--min-delta must be >= 0'),
     (['--view-pool', 'attention'], '--view-pool attention pools the images of --subject-views'),
-    (['--optimizer', 'adam', '--momentum', '0.5'], '--momentum is used by --optimizer sgd only'),
-    (['--scheduler', 'plateau', '--t-max', '3'], '--t-max is used by --scheduler cosine only'),
     (['--fold', '2'], '--fold picks the test fold of --folds'),
     (['--folds', '5', '--split-file', 'S.csv'], '--folds and --split-file'),
 ])
