@@ -253,13 +253,18 @@ def _check_types(o, need, flag):
     """Every value of its option's type, whatever door it came through (the parser, a spec, a config.json, code): a bool
     True or False, an int a whole number, a float a finite number (nan or inf would fail only inside the training).
     None only where the option has no default."""
+    what = {bool: 'true or false', int: 'a whole number', float: 'a finite number'}
     for k, typ in OPTION_TYPES.items():
         v = o[k]
         if v is None: need(PLAIN_DEFAULTS[k] is None, f'{flag(k)} needs a value (default {PLAIN_DEFAULTS[k]!r}), got None; drop it to use the default')
-        elif typ is bool: need(isinstance(v, bool), f'{flag(k)} must be true or false, got {_show(v)}')
-        elif typ is int: need(isinstance(v, int) and not isinstance(v, bool), f'{flag(k)} must be a whole number, got {_show(v)}')
-        elif typ is float:
-            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), f'{flag(k)} must be a finite number, got {_show(v)}')
+        elif typ in what: need(_of_type(typ, v), f'{flag(k)} must be {what[typ]}, got {_show(v)}')
+
+def _of_type(typ, v) -> bool:
+    "Is `v` a value of option type `typ`? (a bool is no number; a float must be finite; an int is a float)"
+    if typ is bool: return isinstance(v, bool)
+    if typ is int: return isinstance(v, int) and not isinstance(v, bool)
+    if typ is float: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, typ)
 
 def _show(v, n=40) -> str:
     "repr(v) cut to `n` characters (a message shows a value, never a whole document)."
@@ -387,9 +392,7 @@ def _config_value(k, v, source):
     typ = OPTION_TYPES[k]
     if v is None and PLAIN_DEFAULTS[k] is None: return v   # not set, where the option has no default (or the recipe's)
     if k in MANY and isinstance(v, list) and v and all(isinstance(x, str) for x in v): return v
-    ok = (isinstance(v, bool) if typ is bool else isinstance(v, int) and not isinstance(v, bool) if typ is int else
-          isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) if typ is float else isinstance(v, str))
-    if not ok:
+    if not _of_type(typ, v):
         try: shown = json.dumps(v)
         except ValueError: shown = f'a {type(v).__name__} too long to show'
         shown = shown if len(shown) <= 40 else shown[:36] + ' ...'

@@ -72,7 +72,8 @@ def parse_command_line(argv=None) -> tuple:
     return resolve_options(ns, together=set(ns)), set(ns), None, {}
 
 # %% ../nbs/19_train.ipynb #760c45cb
-def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: Dist, run_dir, source: dict, gpus: list) -> dict:
+def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: Dist, run_dir, source: dict, gpus: list,
+                 fingerprint: dict | None = None) -> dict:
     "config.json: the seed document's schema plus what a reproduction needs, read from the live objects."
     sched_name, sched_params = trainer.sched.describe()
     opt_defaults = trainer.opt.defaults
@@ -135,7 +136,7 @@ def build_config(o: Options, explicit, data: PreparedData, trainer: Trainer, d: 
                           'deterministic': torch.are_deterministic_algorithms_enabled(),
                           'deterministic_warn_only': torch.is_deterministic_algorithms_warn_only_enabled()},
         'preprocessing': data.prep.to_dict(), 'augmentation': data.aug.to_dict(), 'image_cache': data.cache_info,
-        'data_fingerprint': data_fingerprint(data.table, o.excel_path),
+        'data_fingerprint': fingerprint or data_fingerprint(data.table, o.excel_path),
         'environment': environment_info(), 'source': source,
         'args': o.to_dict(), 'args_explicit': sorted(explicit), 'args_rules': option_rules(o, explicit), 'resumes': [],
         'output_dir': str(Path(o.output_dir).resolve()), 'run_dir': str(run_dir.resolve()),
@@ -175,8 +176,9 @@ def start_bias(o: Options, train_ages: torch.Tensor):
     if h is None: return float(train_ages.mean())
     return h.soft_labels(train_ages).mean(0).clamp_min(1e-6).log().tolist()
 
-def check_expected(expect: dict, o: Options, data: PreparedData) -> None:
-    "Refuse data, a split or a weights file other than those `expect` (from `parse_command_line`) says the run had."
+def check_expected(expect: dict, o: Options, data: PreparedData) -> dict | None:
+    """Refuse data, a split or a weights file other than those `expect` (from `parse_command_line`) says the run had.
+    Returns the data's fingerprint when it was computed (every image hashed: `build_config` need not do it again)."""
     src = expect.get('source')
     was, now = expect.get('data_fingerprint'), data_fingerprint(data.table, o.excel_path) if 'data_fingerprint' in expect else None
     if was is not None and not _same(was, {k: now.get(k) for k in was}):
@@ -190,6 +192,7 @@ def check_expected(expect: dict, o: Options, data: PreparedData) -> None:
     if expect.get('weights_sha256') and o.weights and Path(o.weights).is_file() and file_sha256(o.weights) != expect['weights_sha256']:
         raise InputError(f'the weights file {o.weights} differs from the one {src} recorded (weights_sha256): restore it, or '
                          'give --weights to start from this file as a new run')
+    return now
 
 def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, quiet=False, expect: dict | None = None) -> Path:
     """Run a training described by options `o`; returns the run folder (on every rank). `expect`: what a `--config` or
@@ -208,7 +211,7 @@ def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, 
             raise InputError(f'{resume_dir} already trained {state["epoch"]} of {o.epochs} epochs; nothing to resume')
         seed_everything(o.seed)                          # model initialisation identical on every rank
         data = prepare_data(o)
-        check_expected(expect or {}, o, data)           # before the run folder exists (every rank: the same verdict)
+        fingerprint = check_expected(expect or {}, o, data)   # before the run folder exists (every rank: the same verdict)
         check_subject_views(o.subject_views, data.table.subject)
         init_bias = start_bias(o, data.ages[data.idx['train']])
         model = build_model(o.arch, pretrained=o.pretrained, weights=o.weights, init_bias=init_bias, **model_kwargs(o))
@@ -221,7 +224,7 @@ def train(o: Options, explicit=(), resume_dir=None, source: dict | None = None, 
         gpus = gpu_names(d)
         if d.master:
             if run_dir is None: run_dir = new_run_dir(o.output_dir, o.run_name)
-            cfg = build_config(o, explicit, data, trainer, d, run_dir, source, gpus)
+            cfg = build_config(o, explicit, data, trainer, d, run_dir, source, gpus, fingerprint)
             if resume_dir is not None:
                 old = read_run_config(run_dir)
                 for tmp in run_dir.glob('.*.tmp'): tmp.unlink()  # left half-written by a killed process
