@@ -286,6 +286,9 @@ def _check_training_options(o, need, flag):
     need(o['max_grad_norm'] >= 0, f'--max-grad-norm must be >= 0 (0: no clipping; a negative limit would reverse the '
                                   f'gradients), got {o["max_grad_norm"]}')
     need(o['eta_min'] >= 0, f'--eta-min must be >= 0 (the cosine schedule\'s final learning rate), got {o["eta_min"]}')
+    if o['scheduler'] == 'cosine':   # above --lr the "annealing" would raise the rate over the run
+        need(o['eta_min'] <= o['lr'], f'--eta-min {o["eta_min"]} is above --lr {o["lr"]}: the cosine schedule would raise the '
+                                      'learning rate instead of lowering it; give --eta-min <= --lr (e.g. 0)')
     need(0 < o['plateau_factor'] < 1, f'--plateau-factor must be in (0, 1) (the learning rate is multiplied by it on a '
                                       f'plateau), got {o["plateau_factor"]}')
     for k, off in (('warmup_epochs', ' (0: no warm-up)'), ('plateau_patience', ''), ('patience', ' (0: no early stopping)')):

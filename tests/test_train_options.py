@@ -148,6 +148,7 @@ def refused(r, out, *needles):
     (['--max-grad-norm', 'nan'], "--max-grad-norm: must be a finite number, got 'nan'"),
     (['--lr', 'inf'], "--lr: must be a finite number, got 'inf'"),
     (['--eta-min', '-1'], '--eta-min must be >= 0'),
+    (['--scheduler', 'cosine', '--lr', '1e-4', '--eta-min', '1e-3'], '--eta-min 0.001 is above --lr 0.0001'),
     (['--weight-decay', '-1'], '--weight-decay must be >= 0'),
     (['--seed', '-1'], '--seed must be a whole number from 0 to 4294967295'),
     (['--seed', str(2 ** 32)], '--seed must be a whole number from 0 to 4294967295'),
