@@ -14,14 +14,14 @@ from PIL import Image
 
 from .core import InputError, Parser, run_cli, file_sha256
 from .tables import (AGE_NAMES, FILE_NAMES, HEIGHT_NAMES, ID_NAMES, MAX_EXPANDED_MB, MAX_TABLE_MB, SEX_NAMES,
-                          WEIGHT_NAMES, denied, no_read_access, norm_id, read_cells, show_name, _blank, _blocks,
+                          WEIGHT_NAMES, denied, no_read_access, norm_id, read_cells, sheet_names, show_name, _blank, _blocks,
                           _col_letter, _find_col, _id_key, _is_grouped, _is_utf8, _norm_sex, _num, _q, _span,
                           _Uncomputed, _why)
 
 # %% auto #0
-__all__ = ['DEFAULT_PATTERN', 'IMAGE_EXTS', 'COLUMNS', 'BMI_RANGE', 'list_images', 'decode_grey', 'load_dataset', 'as_list',
-           'data_fingerprint', 'pair_folders', 'distinct_folders', 'load_folders', 'folder_matching', 'format_summary',
-           'main']
+__all__ = ['DEFAULT_PATTERN', 'IMAGE_EXTS', 'COLUMNS', 'BMI_RANGE', 'DATA_READ_KEYS', 'list_images', 'decode_grey',
+           'load_dataset', 'as_list', 'data_fingerprint', 'pair_folders', 'distinct_folders', 'load_folders',
+           'folder_matching', 'read_kwargs', 'sheet_for', 'format_summary', 'main']
 
 # %% ../nbs/04_data.ipynb #d38f9517
 DEFAULT_PATTERN = r'^anon_(\d+)_(\d+)\.(png|jpe?g|tiff?|bmp)$'
@@ -211,9 +211,12 @@ def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, ag
     root = image_dir.resolve()
     sheet_name, rows = read_cells(excel_path, sheet, max_table_mb=max_table_mb, max_expanded_mb=max_expanded_mb)
     src = show_name(excel_path) + (f' sheet {sheet_name!r}' if sheet_name else '')
+    def other_sheets():   # the first sheet was read by default: the table may be on another one
+        others = [n for n in sheet_names(excel_path) if n != sheet_name] if sheet is None else []
+        return f'; if the table is on another sheet, pass --sheet with one of {", ".join(map(repr, others))}' if others else ''
     if not rows or all(all(_blank(v) for v in r) for r in rows):
         if bad := _uncomputed(rows, range(len(rows)), None): _raise_uncomputed(src, bad)
-        raise InputError(f'{src} is empty: it needs a header row with a subject ID and an age column')
+        raise InputError(f'{src} is empty: it needs a header row with a subject ID and an age column{other_sheets()}')
     layout_match = image_dir.name.lower() == 'images'
     folder_cohort = image_dir.parent.name if layout_match else None
 
@@ -227,7 +230,7 @@ def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, ag
             desc = ', '.join(f'{l!r} ({_span(c)})' for l, c, _ in blocks)
             if cohort is not None:
                 raise InputError(f'{src} has no block {cohort!r} in row 1; its blocks are {desc}: pass --cohort with one of them')
-            raise InputError(f'{src} has blocks {desc} and the image folder\'s parent {image_dir.parent.name!r} names none of them: pass --cohort with one of them')
+            raise InputError(f'{src} has blocks {desc} and the image folder\'s parent {image_dir.parent.name!r} names none of them: pass --cohort with one of them{other_sheets()}')
         block_label, headers, span = hit[0]
         table_cohort, data_start, table_format = block_label, 2, 'two_header_rows'
         where = f'{src} block {block_label!r} (row 2)'
@@ -238,11 +241,13 @@ def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, ag
         block_label, table_cohort, data_start = None, cohort if cohort is not None else folder_cohort, 1
         where = f'{src} (header row 1)'
         table_format = None
-    fi = _find_col(headers, file_col, FILE_NAMES, 'file name', '--file-col', where, required=file_col is not None) \
-        if table_format is None else None
-    if table_format is None: table_format = 'per_image' if fi is not None else 'per_subject'
-    ii = _find_col(headers, id_col, ID_NAMES, 'subject ID', '--id-col', where, required=table_format != 'per_image')
-    ai = _find_col(headers, age_col, AGE_NAMES, 'age', '--age-col', where)
+    try:
+        fi = _find_col(headers, file_col, FILE_NAMES, 'file name', '--file-col', where, required=file_col is not None) \
+            if table_format is None else None
+        if table_format is None: table_format = 'per_image' if fi is not None else 'per_subject'
+        ii = _find_col(headers, id_col, ID_NAMES, 'subject ID', '--id-col', where, required=table_format != 'per_image')
+        ai = _find_col(headers, age_col, AGE_NAMES, 'age', '--age-col', where)
+    except InputError as e: raise InputError(f'{e}{other_sheets()}') from None
     si = _find_col(headers, None, SEX_NAMES, 'sex', '', where, required=False)
     hi = _find_col(headers, None, HEIGHT_NAMES, 'height', '', where, required=False)
     wi = _find_col(headers, None, WEIGHT_NAMES, 'weight', '', where, required=False)
@@ -535,6 +540,19 @@ def folder_matching(summary) -> str | None:
     if not miss: return None
     return ('subjects not in every muscle folder (kept; --strict makes this an error): ' +
             '; '.join(f'{len(v)} without {m} ({_rows_list(v, 5)})' for m, v in miss.items()))
+
+# %% ../nbs/04_data.ipynb #13e44dc5
+DATA_READ_KEYS = ('cohort', 'sheet', 'pattern', 'id_col', 'age_col', 'file_col', 'max_table_mb', 'max_expanded_mb')
+
+def read_kwargs(options) -> dict:
+    "The `load_folders` keyword arguments among `options` (a dict, such as config.json's args, or an options object) that are set."
+    get = options.get if isinstance(options, dict) else lambda k: getattr(options, k, None)
+    return {k: get(k) for k in DATA_READ_KEYS if get(k) is not None}
+
+def sheet_for(excel_path, sheet):
+    """A run's recorded `sheet` applied to other spreadsheets `excel_path` (prediction, a clinical cohort): the sheet
+    for workbooks, None when they are all CSV files, which have no sheets."""
+    return sheet if sheet and any(Path(x).suffix.lower() in ('.xlsx', '.xlsm') for x in as_list(excel_path)) else None
 
 # %% ../nbs/04_data.ipynb #a661b487
 def format_summary(s):

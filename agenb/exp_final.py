@@ -12,7 +12,7 @@ import pandas as pd
 import yaml
 
 from .core import InputError, atomic_write_text
-from .data import DEFAULT_PATTERN, load_dataset
+from .data import DEFAULT_PATTERN, load_dataset, sheet_for
 from .runs import load_run_model, run_table
 from .evaluate import write_evaluation
 from .predict import closed_test_error, experiment_test_images, find_images, parse_subject, predict_images, read_images
@@ -161,12 +161,15 @@ def _variant(variants, name):
 
 def _ensemble_frame(runs, image_dir, files, excel_path, device, batch_size, num_threads) -> pd.DataFrame:
     M = ensemble_matrix(runs, files, device, batch_size, num_threads)
-    pattern = (run_config(runs[0]) or {}).get('args', {}).get('pattern') or DEFAULT_PATTERN
+    args = (run_config(runs[0]) or {}).get('args', {})
+    pattern = args.get('pattern') or DEFAULT_PATTERN
     df = pd.DataFrame({'path': [str(Path(p).resolve()) for p in files], 'filename': [Path(p).name for p in files],
                        'subject': [parse_subject(Path(p).name, pattern)[0] for p in files],
                        'pred': M.mean(axis=1).to_numpy(), 'model_sd': M.std(axis=1, ddof=1).to_numpy(), 'n_models': M.shape[1]})
     if excel_path:
-        table, _ = load_dataset(image_dir, excel_path, pattern=pattern, verify=False)
+        kw = {k: args[k] for k in ('id_col', 'age_col', 'file_col') if args.get(k)}
+        if sheet := sheet_for(excel_path, args.get('sheet')): kw['sheet'] = sheet
+        table, _ = load_dataset(image_dir, excel_path, pattern=pattern, verify=False, **kw)
         ages = {str(Path(p).resolve()): float(a) for p, a in zip(table['path'], table['age'])}
         df['age'] = df['path'].map(ages)
         df['error'] = df['pred'] - df['age']

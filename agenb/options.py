@@ -30,6 +30,7 @@ OPTIONS = [
     *_rows('data',
     ('image_dir', str, None, 'folder of images, e.g. <root>/TA/Healthy/Images; give it once per muscle to train on several'),
     ('excel_path', str, None, 'characteristics.xlsx (two header rows) or a plain CSV/xlsx table; once, or once per --image-dir'),
+    ('sheet', str, None, 'sheet of the .xlsx workbook(s) that holds the table (default: the first sheet)'),
     ('cohort', str, None, 'spreadsheet block to read (Healthy/Pathological); default: the image folder\'s parent'),
     ('pattern', str, None, 'file-name regex: group 1 subject, group 2 image index (default anon_<N>_<k>)'),
     ('id_col', str, None, 'subject-ID column of a plain table'),

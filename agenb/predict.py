@@ -15,7 +15,8 @@ import torch
 
 import agenb
 from .core import InputError, Parser, ensure_output_dir, run_cli, atomic_write, atomic_write_json, file_sha256, load_json
-from .data import (DEFAULT_PATTERN, IMAGE_EXTS, list_images, load_folders, as_list, pair_folders, distinct_folders)
+from .data import (DEFAULT_PATTERN, IMAGE_EXTS, list_images, load_folders, as_list, pair_folders, distinct_folders,
+                        sheet_for)
 from .tables import norm_id, show_name
 from .images import affine_warp, load_image
 from .runs import (RUN_OWN_FILES, RunModel, is_run_dir, load_run_model, predict_outputs, interval_tables, calibration, INTERVAL_COLS,
@@ -275,6 +276,8 @@ def build_parser():
     p.add_argument('--excel-path', action='append',
                    help='spreadsheet of true ages: also compute metrics (raw and bias-corrected); once, or once per --image-dir')
     p.add_argument('--cohort', help='spreadsheet block (Healthy/Pathological); default: the image folder\'s parent')
+    p.add_argument('--sheet', help="sheet of an .xlsx --excel-path that holds the table (default: the run's own, else the "
+                   'first sheet; a CSV has none)')
     p.add_argument('--id-col'); p.add_argument('--age-col'); p.add_argument('--file-col')
     p.add_argument('--pattern', help="file-name regex (group 1 subject, group 2 index); default: the run's")
     p.add_argument('--out', default='predictions.csv', help='per-image CSV (default predictions.csv); '
@@ -291,6 +294,7 @@ def _table(a, rm):
     "agenb.data.load_dataset's table of the spreadsheet (ages, and covariates for a covariate run) and its summary."
     kw = {k: (getattr(a, k) or rm.args.get(k)) for k in ('id_col', 'age_col', 'file_col') if getattr(a, k) or rm.args.get(k)}
     if a.cohort: kw['cohort'] = a.cohort
+    if sheet := a.sheet or sheet_for(a.excel_path, rm.args.get('sheet')): kw['sheet'] = sheet
     extra = sheet_covariates(rm.covariate_stats['names']) if rm.covariate_stats else ()
     return load_folders(a.image_dir, a.excel_path, pattern=rm.pattern, verify=False, extra_columns=extra, **kw)  # decoded already
 

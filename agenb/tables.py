@@ -14,7 +14,7 @@ from .core import InputError
 
 # %% auto #0
 __all__ = ['ID_NAMES', 'AGE_NAMES', 'SEX_NAMES', 'HEIGHT_NAMES', 'WEIGHT_NAMES', 'FILE_NAMES', 'MAX_TABLE_MB', 'MAX_EXPANDED_MB',
-           'CELLS_PER_MB', 'norm_id', 'show_name', 'denied', 'no_read_access', 'read_cells']
+           'CELLS_PER_MB', 'norm_id', 'show_name', 'denied', 'no_read_access', 'read_cells', 'sheet_names']
 
 # %% ../nbs/03_tables.ipynb #028603c1
 ID_NAMES = ('number', 'id', 'subject', 'subject_id', 'subject id', 'subjectid', 'patient_id', 'participant_id')
@@ -169,7 +169,7 @@ def _read_xlsx(path, shown, sheet, max_expanded_mb):
             names = books[0].sheetnames
             if sheet is None: name = names[0]
             elif sheet in names: name = sheet
-            else: raise InputError(f'{shown} has no sheet {sheet!r}; its sheets are {", ".join(map(repr, names))}: pass one of them as the sheet')
+            else: raise InputError(f'{shown} has no sheet {sheet!r}; its sheets are {", ".join(map(repr, names))}: pass one of them with --sheet')
             books.append(load_workbook(path, read_only=True, data_only=False))   # the same cells, formulas as text
             sheets = [b[name] for b in books]
             for s in sheets: s.reset_dimensions()   # ignore the declared range: it may claim billions of empty cells
@@ -222,6 +222,16 @@ def read_cells(path, sheet=None, max_table_mb=None, max_expanded_mb=None):
     if ext not in ('.xlsx', '.xlsm'):
         raise InputError(f'{shown}: unknown table type {_q(ext)}: pass an .xlsx workbook or a .csv file')
     return _read_xlsx(path, shown, sheet, max_expanded_mb)
+
+def sheet_names(path) -> list:
+    """The sheet names of an .xlsx workbook, in order; [] for a CSV or a file that cannot be read as one (for a hint in
+    an error message: `read_cells` says what is wrong with the file)."""
+    if Path(path).suffix.lower() not in ('.xlsx', '.xlsm'): return []
+    from openpyxl import load_workbook
+    try: b = load_workbook(path, read_only=True)
+    except Exception: return []
+    try: return list(b.sheetnames)
+    finally: b.close()
 
 # %% ../nbs/03_tables.ipynb #e93ccf81
 def _find_col(headers, wanted, defaults, what, flag, where, required=True):

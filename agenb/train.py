@@ -32,7 +32,7 @@ __all__ = ['RESUME_FREE', 'DATA_SELECTION', 'check_resume_flags', 'expected_file
 # %% ../nbs/19_train.ipynb #bdca8d07
 RESUME_FREE = ('image_dir', 'excel_path', 'device', 'num_workers', 'cache_dir', 'report', 'gradcam_n', 'plot_interval',
                'checkpoint_every', 'keep_checkpoints', 'max_table_mb', 'max_expanded_mb', 'nan_policy')
-DATA_SELECTION = ('cohort', 'pattern', 'id_col', 'age_col', 'file_col', 'min_age', 'max_age', 'split_file')
+DATA_SELECTION = ('cohort', 'sheet', 'pattern', 'id_col', 'age_col', 'file_col', 'min_age', 'max_age', 'split_file')
 
 def _same(a, b) -> bool: return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
 
@@ -294,7 +294,8 @@ def finish_run(o: Options, d: Dist, data: PreparedData, trainer: Trainer, files:
     if o.gradcam_n:
         try:
             ex = explain_run(run_dir, n=o.gradcam_n, device=d.device)
-            files.log(f'Grad-CAM: mean shortcut score {ex["shortcut_score"]:.3f} (gradcam_best_worst.png)')
+            s = ex['shortcut_score']   # None when no map has any weight: recorded as such, not a failure
+            files.log(f'Grad-CAM: mean shortcut score {"n/a (no map has any weight)" if s is None else f"{s:.3f}"} (gradcam_best_worst.png)')
         except Exception as e:  # an explanation failure is recorded, it does not fail a finished training
             files.log(f'warning: Grad-CAM failed: {type(e).__name__}: {e}'); files.write_config(gradcam_error=f'{type(e).__name__}: {e}')
 

@@ -18,7 +18,7 @@ from torch.utils.data.distributed import DistributedSampler
 from fastcore.basics import patch
 
 from .core import InputError, atomic_write_json, atomic_torch_save, atomic_savefig
-from .data import load_folders
+from .data import load_folders, read_kwargs
 from .split import make_split, split_stats
 from .images import Preprocessing, Augmentation, load_images
 from .options import Options
@@ -80,10 +80,8 @@ def gpu_names(d: Dist) -> list:
 def read_table(o: Options):
     """`agenb.data.load_dataset` with the data options of `o`: (table, summary). Not `verify`: `load_images` decodes every
     image with the same `decode_grey` (threaded, or from its cache), so a second serial decode here would add nothing."""
-    kw = {k: getattr(o, k) for k in ('cohort', 'id_col', 'age_col', 'file_col', 'pattern', 'max_table_mb', 'max_expanded_mb')
-          if getattr(o, k) is not None}
     return load_folders(o.image_dir, o.excel_path, strict=o.strict, extra_columns=sheet_covariates(parse_covariates(o.covariates)),
-                        verify=False, **kw)
+                        verify=False, **read_kwargs(o))
 
 @dataclasses.dataclass(frozen=True)
 class PreparedData:
