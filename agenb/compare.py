@@ -4,16 +4,18 @@
 
 # %% ../nbs/13_compare.ipynb #c8b95ad9
 from __future__ import annotations
-import argparse, fnmatch, json, math
+import argparse, fnmatch, hashlib, json, math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .core import InputError, run_cli, atomic_write_text, load_json, run_process_state
+from .stats import ratio_ci
 
 # %% auto #0
-__all__ = ['IGNORE', 'METRIC_COLS', 'TEST_COLS', 'NAN', 'TEST_NOTE', 'flatten', 'ignored', 'run_summary', 'compare_runs',
+__all__ = ['IGNORE', 'METRIC_COLS', 'TEST_COLS', 'N_BOOT', 'NAN', 'SAME_WHAT', 'TEST_NOTE', 'flatten', 'ignored',
+           'test_predictions', 'mae_interval', 'test_set_id', 'run_summary', 'compare_runs', 'comparability_notes',
            'find_runs', 'markdown_table', 'text_table', 'comparison_markdown', 'write_comparison', 'main']
 
 # %% ../nbs/13_compare.ipynb #b7f54993
@@ -42,9 +44,10 @@ def ignored(key, ignore=IGNORE) -> bool:
     return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(last, p) for p in ignore)
 
 # %% ../nbs/13_compare.ipynb #bf3e16c6
-METRIC_COLS = ('status', 'best_val_mae', 'best_epoch', 'epochs', 'test_mae', 'test_rmse', 'test_r', 'test_subject_mean_mae',
-               'test_corrected_mae', 'test_baseline_mae', 'shortcut_score')
+METRIC_COLS = ('status', 'best_val_mae', 'best_epoch', 'epochs', 'test_set', 'test_mae', 'test_mae_ci_low', 'test_mae_ci_high',
+               'test_rmse', 'test_r', 'test_subject_mean_mae', 'test_corrected_mae', 'test_baseline_mae', 'shortcut_score')
 TEST_COLS = tuple(c for c in METRIC_COLS if c.startswith('test_'))   # measured on each run's test set
+N_BOOT = 2000
 
 NAN = float('nan')
 
@@ -64,13 +67,64 @@ def _status(cfg):
     if s == 'running' and run_process_state(cfg) == 'gone': return 'stale (killed while running; --resume it)'
     return s if s is not None else 'unknown'
 
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+# %% ../nbs/13_compare.ipynb #d478ab4d
+def _read_rows(path, need):
+    "A run's CSV with columns `need`, or None when it was not written; InputError (one line) when it is unreadable."
+    p = Path(path)
+    if not p.is_file(): return None
+    try: df = pd.read_csv(p, dtype={'subject': str})
+    except (ValueError, UnicodeDecodeError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise InputError(f'{p} is unreadable ({type(e).__name__}: {" ".join(str(e).split())}); fix or remove this run') from None
+    miss = [c for c in need if c not in df.columns]
+    if miss: raise InputError(f'{p} has no column(s) {", ".join(miss)}; fix or remove this run')
+    return df
+
+def test_predictions(run_dir):
+    "The run's test predictions (predictions.csv, one row per image) with `abs_error` recomputed, or None if not written."
+    p = Path(run_dir) / 'predictions.csv'
+    df = _read_rows(p, ('subject', 'age', 'pred'))
+    if df is None: return None
+    err = (pd.to_numeric(df['pred'], errors='coerce') - pd.to_numeric(df['age'], errors='coerce')).abs()
+    if not len(df) or not np.isfinite(err.to_numpy(dtype=float)).all() or df['subject'].isna().any():
+        raise InputError(f'{p}: no rows, or a row without a subject or a numeric age and prediction; fix or remove this run')
+    return df.assign(abs_error=err)
+
+def mae_interval(pred, n_boot=N_BOOT, seed=0) -> tuple:
+    """(MAE, low, high): the image-level MAE of `pred` (subject, age, pred per image) with its 95% percentile bootstrap
+    interval, the subjects resampled with all their images; no interval (NaN) with fewer than 2 subjects."""
+    err = (pred['pred'].astype(float) - pred['age'].astype(float)).abs()
+    g = err.groupby(pred['subject'].astype(str))
+    s, n = g.sum().to_numpy(), g.size().to_numpy(dtype=float)
+    if len(s) < 2: return (float(s.sum() / n.sum()) if len(s) else NAN, NAN, NAN)
+    return ratio_ci(s, n, n_boot=n_boot, seed=seed)
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+def test_set_id(run_dir, pred=None):
+    "A digest of the run's test rows (subject, file name, age of each test image), or None where the run recorded none."
+    rows = pred if pred is not None else test_predictions(run_dir)
+    if rows is None:
+        s = _read_rows(Path(run_dir) / 'split.csv', ('subject', 'age', 'split'))
+        if s is None: return None
+        rows = s[s['split'] == 'test']
+    if not len(rows): return None
+    names = rows['filename'] if 'filename' in rows else rows['path'].map(lambda p: Path(str(p)).name) if 'path' in rows else ''
+    return _digest(sorted(zip(rows['subject'].astype(str), pd.Series(names, index=rows.index).astype(str),
+                              [round(float(a), 6) for a in rows['age']])))
+
+# %% ../nbs/13_compare.ipynb #36b7922b
 def run_summary(run_dir) -> dict:
-    "Headline metrics of one run folder (NaN where the run has no metrics yet)."
+    "Headline metrics of one run folder (NaN where the run has no metrics yet), and what it was tested on."
     run = Path(run_dir)
     cfg = _read_json(run / 'config.json')
     if not isinstance(cfg, dict): raise InputError(f'{run / "config.json"}: expected a JSON object')
-    m = _read_json(run / 'metrics.json', required=False)
-    if m is None: m = _read_json(run / 'test_metrics.json', required=False)
+    mfile = run / 'metrics.json'
+    m = _read_json(mfile, required=False)
+    if m is None: mfile = run / 'test_metrics.json'; m = _read_json(mfile, required=False)
     m = m if isinstance(m, dict) else {}
     hist = _read_json(run / 'history.json', required=False)
     hist = hist if isinstance(hist, list) else []
@@ -78,14 +132,29 @@ def run_summary(run_dir) -> dict:
         mae, rmse, r = _get(m, 'overall', 'mae'), _get(m, 'overall', 'rmse'), _get(m, 'overall', 'pearson_r')
     else:
         mae, rmse, r = (_get(m, 'overall_metrics', k) for k in ('MAE', 'RMSE', 'Correlation'))
-    flat = flatten(cfg)
-    best = next((v for k, v in flat.items() if k.rsplit('.', 1)[-1] == 'best_epoch' and v is not None), None)
-    vals = [(h.get('val_mae'), h.get('epoch')) for h in hist if isinstance(h, dict) and h.get('val_mae') is not None]
-    if best is None and vals: best = min(vals, key=lambda x: x[0])[1]
-    return {'run': run.name, 'status': _status(cfg), 'test_mae': mae, 'test_rmse': rmse, 'test_r': r,
+    vals = [(h.get('val_mae'), h.get('epoch')) for h in hist if isinstance(h, dict) and _number(h.get('val_mae'))]
+    best, best_val = cfg.get('best_epoch'), cfg.get('best_val_mae')    # the kept checkpoint (best_model.pth)
+    if best is None:
+        best = next((v for k, v in flatten(cfg).items() if k.rsplit('.', 1)[-1] == 'best_epoch' and v is not None), None)
+    if not _number(best_val):
+        best_val = min(vals, key=lambda x: x[0]) if vals else None
+        if best_val is not None and best is None: best = best_val[1]
+        best_val = best_val[0] if best_val is not None else NAN
+    pred = test_predictions(run)
+    lo = hi = NAN
+    if pred is not None and _number(mae):
+        pmae, lo, hi = mae_interval(pred)
+        if not math.isclose(pmae, mae, rel_tol=1e-6, abs_tol=1e-6):
+            raise InputError(f'{run / "predictions.csv"} gives a test MAE of {pmae:.6g} but {mfile} says {mae:.6g}: the two files '
+                             'come from different evaluations; restore the run\'s files or leave this run out')
+    ds, fp = cfg.get('dataset') if isinstance(cfg.get('dataset'), dict) else {}, cfg.get('data_fingerprint')
+    return {'run': run.name, 'status': _status(cfg), 'test_mae': mae, 'test_mae_ci_low': lo, 'test_mae_ci_high': hi,
+            'test_rmse': rmse, 'test_r': r,
             'test_subject_mean_mae': _get(m, 'subject_level', 'mae'), 'test_corrected_mae': _get(m, 'corrected', 'mae'),
-            'test_baseline_mae': _get(m, 'baseline', 'mae'), 'shortcut_score': _get(m, 'shortcut_score'), 'best_epoch': best if best is not None else NAN,
-            'best_val_mae': min(v for v, _ in vals) if vals else NAN, 'epochs': len(hist), 'path': str(run)}
+            'test_baseline_mae': _get(m, 'baseline', 'mae'), 'shortcut_score': _get(m, 'shortcut_score'),
+            'best_epoch': best if best is not None else NAN, 'best_val_mae': best_val, 'epochs': len(hist),
+            'test_set': test_set_id(run, pred), 'split_set': ds.get('split_sha256'),
+            'data_set': _digest(fp) if isinstance(fp, dict) and fp else None, 'path': str(run)}
 
 # %% ../nbs/13_compare.ipynb #5dedd078
 def compare_runs(run_dirs, ignore=IGNORE, sort=False):
@@ -96,6 +165,11 @@ def compare_runs(run_dirs, ignore=IGNORE, sort=False):
     names = [r['run'] for r in rows]
     if len(set(names)) < len(names): names = [r['path'] for r in rows]
     metrics = pd.DataFrame(rows, index=pd.Index(names, name='run')).drop(columns='run')
+    for col in ('test_set', 'split_set', 'data_set'):
+        letters = {}
+        for v in metrics[col]:
+            if v is not None and v not in letters: letters[v] = _letter(len(letters))
+        metrics[col] = [letters.get(v, '') if v is not None else '' for v in metrics[col]]
     flats = [{k: v for k, v in flatten(_read_json(r / 'config.json')).items() if not ignored(k, ignore)} for r in runs]
     keys = sorted(set().union(*flats))
     def same(vals): return all(json.dumps(v, sort_keys=True, default=str) == json.dumps(vals[0], sort_keys=True, default=str)
@@ -109,6 +183,31 @@ def compare_runs(run_dirs, ignore=IGNORE, sort=False):
         order = metrics[key].astype(float).sort_values(na_position='last', kind='stable').index
         metrics, diff = metrics.loc[order], diff.loc[order]
     return metrics, diff
+
+def _letter(i):
+    return chr(ord('A') + i) if i < 26 else f'Z{i - 25}'
+
+SAME_WHAT = {'test_set': ('test sets', 'test subjects and images (predictions.csv, else split.csv)',
+                          'their test_* numbers measure different subjects or images and must not be ranked against each other'),
+             'split_set': ('splits', 'subject split (config.json dataset.split_sha256)',
+                           'they trained, chose their epoch or were tested on different subjects'),
+             'data_set': ('data', 'data (config.json data_fingerprint)',
+                          'they read different spreadsheets or images')}
+
+def comparability_notes(metrics) -> list:
+    "One line for each of test set, split and data on which the runs differ, or which some runs did not record."
+    out = []
+    for col, (short, what, why) in SAME_WHAT.items():
+        if col not in metrics or len(metrics) < 2: continue
+        v = metrics[col].fillna('').astype(str)
+        known = sorted(set(v) - {''})
+        if len(known) > 1:
+            groups = '; '.join(f'{k}: {", ".join(map(str, v.index[v == k]))}' for k in known)
+            out.append(f'NOT COMPARABLE: the runs have {len(known)} different {short} ({groups}): {why}')
+        if (v == '').any() and known:
+            out.append(f'unknown {what} for {", ".join(map(str, v.index[v == ""]))} (not recorded): whether it matches the '
+                       'other runs cannot be checked')
+    return out
 
 def find_runs(folder) -> list:
     "Run folders (those with a config.json) directly inside `folder`, sorted by name."
@@ -142,11 +241,16 @@ def text_table(df) -> str:
     return shown.to_string()
 
 TEST_NOTE = ('test_* columns are measured on each run\'s test set: report them, do not choose a model by them '
-             '(rank by validation MAE, or use python -m agenb.experiment)')
+             '(rank by validation MAE, or use python -m agenb.experiment). test_mae_ci_low/high: 95% bootstrap interval '
+             f'of the image-level test MAE, the test subjects resampled ({N_BOOT} resamples, from predictions.csv): one run\'s '
+             'uncertainty; a difference between runs on the same test set needs a paired comparison. test_set: a letter per '
+             'distinct set of test subjects and images')
 
 def comparison_markdown(metrics, diff) -> str:
-    "The markdown document: headline metrics and the settings that differ."
-    out = ['## Metrics', '', TEST_NOTE + '.', '', markdown_table(metrics[list(METRIC_COLS)]), '', '## Settings that differ', '']
+    "The markdown document: what the runs cannot be compared on, headline metrics and the settings that differ."
+    notes = comparability_notes(metrics)
+    out = ['## Metrics', '', *[f'**{n}**' for n in notes], *([''] if notes else []), TEST_NOTE + '.', '',
+           markdown_table(metrics[list(METRIC_COLS)]), '', '## Settings that differ', '']
     out.append(markdown_table(diff) if diff.shape[1] else 'None: the runs have the same settings (ignoring '
                + ', '.join(IGNORE) + ').')
     return '\n'.join(out) + '\n'
@@ -177,7 +281,9 @@ def main(argv=None):
         dirs += found; board = True
     metrics, diff = compare_runs(dirs, sort=a.rank_by if board else False)
     by = {'val': 'validation MAE (best_val_mae)', 'test': 'TEST MAE: a choice made this way is no longer a test result'}
-    print(f'Leaderboard, ranked by {by[a.rank_by]}:' if board else 'Runs:'); print(f'({TEST_NOTE})')
+    print(f'Leaderboard, ranked by {by[a.rank_by]}:' if board else 'Runs:')
+    for n in comparability_notes(metrics): print(n)
+    print(f'({TEST_NOTE})')
     print(text_table(metrics[list(METRIC_COLS)]))
     print('\nSettings that differ:'); print(text_table(diff))
     paths = write_comparison(metrics, diff, a.out)

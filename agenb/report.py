@@ -17,8 +17,8 @@ from nbformat.v4 import new_notebook, new_code_cell, new_output
 import agenb
 from .core import InputError, IPCKernelManager, Parser, run_cli, atomic_write_text, show_path
 from .runs import is_run_dir
-from .report_sections import DASH, STYLE, fig_tag, fmt, load_run, note, table
-from .compare import compare_runs, find_runs, METRIC_COLS
+from .report_sections import DASH, STYLE, fig_tag, fmt, load_run, note, table, Html, check_run_files, prediction_problem
+from .compare import compare_runs, find_runs, METRIC_COLS, TEST_NOTE, comparability_notes, mae_interval
 
 # %% auto #0
 __all__ = ['repo_root', 'report_notebook', 'self_contained', 'external_refs', 'notebook_html', 'summary_markdown',
@@ -70,6 +70,11 @@ def summary_markdown(r) -> str:
     "The short experiment summary the users kept per run (report.md): script and version, time, loss, subjects, samples, results."
     c = r.config; ds = c.get('dataset') or {}; t = c.get('training') or {}; src = c.get('source') or {}
     m = (r.metrics or {}).get('overall') or {}
+    ci = ''
+    if m and r.predictions is not None and not prediction_problem(r):
+        _, lo, hi = mae_interval(r.predictions)
+        if lo == lo: ci = f' [95% interval {lo:.3f} to {hi:.3f}, bootstrap over test subjects]'
+    ep = c.get('best_epoch')
     lines = [f'# Experiment summary: {r.name}', '',
              f'- script: {c.get("script_name", DASH)} {c.get("script_version", "")} (entry: {src.get("entry", DASH)})',
              f'- time: started {fmt(c.get("started_at"))}, finished {fmt(c.get("finished_at"))}',
@@ -83,7 +88,8 @@ def summary_markdown(r) -> str:
              f'test {fmt(ds.get("test_samples"))})',
              f'- epochs: {fmt(c.get("epochs_completed", len(r.history)))} of {fmt(t.get("epochs"))}, best epoch '
              f'{fmt(c.get("best_epoch"))} (val MAE {fmt(c.get("best_val_mae"), 3)})',
-             f'- test MAE: {fmt(m.get("mae"), 3)} (RMSE {fmt(m.get("rmse"), 3)}, r {fmt(m.get("pearson_r"), 3)})'
+             f'- test MAE: {fmt(m.get("mae"), 3)}{ci} (RMSE {fmt(m.get("rmse"), 3)}, r {fmt(m.get("pearson_r"), 3)}; '
+             f'test split, image level, best_model.pth of epoch {fmt(ep)})'
              if m else '- test MAE: not evaluated', '']
     return '\n'.join(lines)
 
@@ -97,6 +103,7 @@ def render_report(run_dir, out=None, timeout=600) -> Path:
     "Execute nbs/report.ipynb for `run_dir` and write `report.html` (and `report.md`) there, atomically; returns the HTML path."
     run_dir = Path(run_dir).resolve()
     r = load_run(run_dir)                       # InputError for a missing folder, before starting a kernel
+    check_run_files(r)                          # and for a damaged file: no report that looks finished without it
     nb_path = report_notebook()
     out = Path(out) if out else run_dir / 'report.html'
     with tempfile.TemporaryDirectory(prefix='agenb_report_') as tmp:
@@ -128,7 +135,9 @@ def compare_html(run_dirs) -> str:
     runs = [load_run(d) for d in run_dirs]
     metrics, diff = compare_runs([r.dir for r in runs])
     shown = metrics[[c for c in METRIC_COLS if c in metrics]]
-    parts = [STYLE, f'<h1>Comparison of {len(runs)} runs</h1>', '<h2>Metrics (validation first; test_* columns are the test set: do not choose on them)</h2>', table(shown, nd=3, index=True),
+    parts = [STYLE, f'<h1>Comparison of {len(runs)} runs</h1>', '<h2>Metrics (validation first; test_* columns are the test set: do not choose on them)</h2>',
+             Html(''.join(note(n, 'error') for n in comparability_notes(metrics))) + note(TEST_NOTE + '.', 'ok')
+             + table(shown, nd=3, index=True),
              '<h2>Settings that differ</h2>',
              table(diff, index=True) if diff.shape[1] else note('none: the runs have the same settings'),
              '<h2>Validation curves</h2>', fig_tag(val_curves_figure(runs), 'validation MAE per epoch', width='100%'),

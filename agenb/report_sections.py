@@ -16,14 +16,15 @@ from .core import InputError
 from .split import load_split, split_summary, age_hist_figure
 from .options import RECIPE_KEYS
 from .runs import curves_figure
+from .compare import mae_interval, N_BOOT
 
 # %% auto #0
-__all__ = ['DASH', 'STYLE', 'METRIC_COLUMNS', 'PLOT_TITLES', 'load_run', 'Html', 'fmt', 'cell', 'kv_table', 'table', 'note',
-           'png_tag', 'img_file', 'fig_tag', 'header_section', 'option_sources', 'option_sources_html',
-           'identity_section', 'threads_text', 'environment_section', 'dataset_section', 'covariates_text', 'bias_text',
-           'model_section', 'training_section', 'curves_section', 'metrics_frame', 'calibration_html',
-           'metrics_section', 'plots_section', 'age_groups_section', 'gradcam_section', 'thumbnail', 'gallery',
-           'predictions_section', 'files_section']
+__all__ = ['DASH', 'STYLE', 'METRIC_COLUMNS', 'PLOT_TITLES', 'load_run', 'prediction_problem', 'check_run_files', 'Html', 'fmt',
+           'cell', 'kv_table', 'table', 'note', 'png_tag', 'img_file', 'fig_tag', 'kept_best', 'header_section',
+           'option_sources', 'option_sources_html', 'identity_section', 'threads_text', 'environment_section',
+           'split_ages', 'dataset_section', 'covariates_text', 'bias_text', 'model_section', 'training_section',
+           'curves_section', 'metrics_frame', 'calibration_html', 'test_basis', 'metrics_section', 'plots_section',
+           'age_groups_section', 'gradcam_section', 'thumbnail', 'gallery', 'predictions_section', 'files_section']
 
 # %% ../nbs/15_report_sections.ipynb #2b4f75e9
 def _read_json(path):
@@ -74,6 +75,25 @@ def load_run(run_dir, log_lines=40) -> SimpleNamespace:
     status = cfg.get('status') or ('unknown' if cfg else 'unknown (no config.json)')
     return SimpleNamespace(dir=d, name=d.name, config=cfg, history=hist, metrics=metrics, split=split,
                            predictions=preds, log_tail=log_tail, files=files, problems=problems, status=status)
+
+# %% ../nbs/15_report_sections.ipynb #2b153dbb
+def prediction_problem(r) -> str | None:
+    "Why predictions.csv and metrics.json of loaded run `r` disagree on the test MAE (None: they agree, or one is absent)."
+    mae = ((r.metrics or {}).get('overall') or {}).get('mae')
+    if r.predictions is None or not isinstance(mae, (int, float)) or isinstance(mae, bool): return None
+    pmae = float((r.predictions['pred'].astype(float) - r.predictions['age'].astype(float)).abs().mean())
+    if math.isclose(pmae, mae, rel_tol=1e-6, abs_tol=1e-6): return None
+    return (f'{r.dir / "predictions.csv"} gives a test MAE of {pmae:.6g} but {r.dir / "metrics.json"} says {mae:.6g}: '
+            'the two files come from different evaluations')
+
+def check_run_files(r):
+    "InputError naming the first file of loaded run `r` that exists but is damaged (missing files are fine: a failed run)."
+    for name, why in r.problems.items():
+        if why != 'not written':
+            raise InputError(f'{r.dir / name} {why}; restore the file (or leave the run out): a report is not rendered '
+                             'from damaged files')
+    p = prediction_problem(r)
+    if p: raise InputError(f'{p}; restore the run\'s files: a report is not rendered from them')
 
 # %% ../nbs/15_report_sections.ipynb #31609dfa
 class Html(str):
@@ -157,6 +177,17 @@ def _status_badge(status):
     cls = s if s in ('completed', 'failed', 'interrupted', 'running') else 'unknown'
     return Html(f'<span class="agenb-badge agenb-{cls}">{html.escape(str(status))}</span>')
 
+def kept_best(r) -> tuple:
+    """(epoch, validation MAE) of the checkpoint the run kept as best_model.pth: config.json's `best_epoch` and
+    `best_val_mae`; only a run that recorded neither falls back to the lowest `val_mae` of its history."""
+    c = r.config
+    ep, val = c.get('best_epoch'), c.get('best_val_mae')
+    if ep is not None and isinstance(val, (int, float)) and math.isfinite(val): return ep, val
+    h = [x for x in r.history if isinstance(x.get('val_mae'), (int, float))]
+    if not h: return None, None
+    best = min(h, key=lambda x: x['val_mae'])
+    return best.get('epoch'), best['val_mae']
+
 def header_section(r) -> Html:
     "Title, status badge, and for an unfinished run the error and how far it got."
     c = r.config; t = c.get('training', {}) if isinstance(c.get('training'), dict) else {}
@@ -177,9 +208,9 @@ def header_section(r) -> Html:
         out.append(note('The run has not recorded an end: it was still going when this report was rendered, or it was '
                         'killed without a chance to record it (SIGKILL, out of memory, power loss).', 'warn'))
     if r.status != 'completed' and r.history:
-        best = min(r.history, key=lambda h: h.get('val_mae', math.inf))
+        ep, val = kept_best(r)
         out.append(note(f'How far it got: {len(r.history)} epoch(s) finished; best validation MAE '
-                        f'{fmt(best.get("val_mae"), 3)} at epoch {best.get("epoch")}. Sections below show the files that exist.', 'warn'))
+                        f'{fmt(val, 3)} at epoch {fmt(ep)}. Sections below show the files that exist.', 'warn'))
     if c.get('report_error'): out.append(note(f'an earlier report rendering failed: {c["report_error"]}', 'warn'))
     if 'config.json' in r.problems: out.append(note(f'config.json: {r.problems["config.json"]}', 'error'))
     return Html(''.join(out))
@@ -250,6 +281,17 @@ def _leakage_text(lc):
         return f'{head}' + (f' ({detail})' if detail else '')
     return fmt(lc)
 
+def split_ages(split: pd.DataFrame) -> pd.DataFrame:
+    "Per split (train, val, test): images, subjects, and the subjects' ages (one per subject: the mean of its rows)."
+    rows = []
+    for s in ('train', 'val', 'test'):
+        t = split[split['split'] == s]
+        a = pd.to_numeric(t['age'], errors='coerce').groupby(t['subject'].astype(str)).mean().dropna()
+        rows.append({'split': s, 'images': len(t), 'subjects': int(t['subject'].nunique()),
+                     'subject age mean': a.mean() if len(a) else None, 'subject age sd': a.std(ddof=1) if len(a) > 1 else None,
+                     'subject age min': a.min() if len(a) else None, 'subject age max': a.max() if len(a) else None})
+    return pd.DataFrame(rows)
+
 def dataset_section(r) -> Html:
     "Where the data came from, how it was split, the leakage check, and the age distribution per split."
     ds = r.config.get('dataset') or {}
@@ -271,7 +313,9 @@ def dataset_section(r) -> Html:
     else: out.append(note('config.json has no dataset section'))
     if r.split is not None:
         out.append('<h3>Samples, subjects and ages per split</h3>')
-        out.append(table(split_summary(r.split).iloc[:3].rename(columns=lambda c: c.replace('_', ' ')), nd=1))
+        out.append(table(split_ages(r.split), nd=1))
+        out.append(note('Ages: one age per subject (the mean of its rows), however many images it has; the histograms '
+                        'below count images.', 'ok'))
         try: out.append(fig_tag(age_hist_figure(r.split), 'age distribution per split', width='100%'))
         except Exception as e: out.append(note(f'age histogram failed: {type(e).__name__}: {e}'))
     elif ds:
@@ -343,10 +387,17 @@ def curves_section(r) -> Html:
     else: out.append(note('no epoch finished: no training curves'))
     if r.history:
         h = pd.DataFrame(r.history)
-        best = h.loc[h['val_mae'].astype(float).idxmin()] if 'val_mae' in h and h['val_mae'].notna().any() else None
+        ep, val = kept_best(r)
+        at = h[h['epoch'] == ep] if ep is not None else h.iloc[:0]
+        low = h.loc[h['val_mae'].astype(float).idxmin()] if 'val_mae' in h and h['val_mae'].notna().any() else None
+        lower = (f'; the lowest validation MAE, {fmt(low.val_mae, 3)} at epoch {int(low.epoch)}, was not kept (it did not '
+                 f'improve on the kept one by min_delta {fmt((r.config.get("training") or {}).get("min_delta"))})'
+                 if low is not None and ep is not None and int(low.epoch) != ep else '')
         rows = [('epochs finished', len(h)),
-                ('best epoch', Html(f'{int(best.epoch)}: val MAE <b>{fmt(best.val_mae, 3)}</b>, val RMSE {fmt(best.get("val_rmse"), 3)}')
-                 if best is not None else DASH),
+                ('best epoch', Html(f'{ep}: val MAE <b>{fmt(val, 3)}</b>, val RMSE '
+                                    f'{fmt(at["val_rmse"].iloc[0] if len(at) and "val_rmse" in at else None, 3)} '
+                                    f'(the weights kept as best_model.pth{html.escape(lower)})')
+                 if ep is not None else DASH),
                 ('last epoch', f'{int(h.epoch.iloc[-1])}: train loss {fmt(h.train_loss.iloc[-1], 3)}, val MAE '
                                f'{fmt(h.val_mae.iloc[-1], 3)}, lr {fmt(h.lr.iloc[-1])}' if {'train_loss', 'val_mae', 'lr'} <= set(h) else ...),
                 ('training time', f'{h.epoch_seconds.sum() / 60:.1f} min ({h.epoch_seconds.mean():.1f} s per epoch)'
@@ -386,6 +437,19 @@ def calibration_html(cal: dict) -> Html:
                        f'{fmt(nom.get("95", 0.95), 2)} inside the 95% ones; fewer means over-confident intervals, more means too wide '
                        '(with few test subjects these shares are themselves uncertain).', 'ok'))
 
+def test_basis(r, lo=None, hi=None, bad=False) -> str:
+    "What the test numbers are computed on: split, level, checkpoint, and how the interval was made."
+    c = r.config; t = c.get('training') or {}
+    ep, _ = kept_best(r)
+    avg = ', the EMA of the weights' if t.get('ema') else ', the SWA average of the weights' if t.get('swa') else ''
+    ck = f'best_model.pth (epoch {fmt(ep)}, the epoch kept on validation MAE{avg})' if ep is not None else 'best_model.pth'
+    ci = (f'95% interval: percentile bootstrap of the test subjects with all their images ({N_BOOT} resamples, seed 0), '
+          'one run\'s uncertainty over the test set, not over training seeds.' if not _missing(lo) else
+          'No interval: ' + ('predictions.csv not written.' if r.predictions is None else
+                             'predictions.csv disagrees with metrics.json.' if bad else 'fewer than 2 test subjects.'))
+    return (f'Computed on the test split, image level (each test image\'s error; the subject-level row averages each '
+            f'subject\'s predictions first), with the weights of {ck}. {ci}')
+
 def metrics_section(r) -> Html:
     "Test metrics: raw, subject-level, bias-corrected, baseline; the bias-correction fit."
     m = r.metrics
@@ -394,9 +458,16 @@ def metrics_section(r) -> Html:
                     + ('' if r.status == 'completed' else f' (the run is {r.status}: it never reached the test evaluation)'))
     out = []
     o = m.get('overall') or {}
-    if o: out.append(f'<p style="font-size:1.3em">Test MAE <b>{fmt(o.get("mae"), 3)}</b> years '
-                     f'(RMSE {fmt(o.get("rmse"), 3)}, r {fmt(o.get("pearson_r"), 3)}) on {fmt(m.get("n_images"))} images'
-                     + (f' of {fmt(m.get("n_subjects"))} subjects' if m.get('n_subjects') else '') + '</p>')
+    bad = prediction_problem(r)
+    if bad: out.append(note(bad + ': the numbers below are metrics.json\'s; no interval is given', 'error'))
+    lo = hi = None
+    if r.predictions is not None and not bad: _, lo, hi = mae_interval(r.predictions)
+    if o:
+        out.append(f'<p style="font-size:1.3em">Test MAE <b>{fmt(o.get("mae"), 3)}</b> years'
+                   + (f' (95% interval {fmt(lo, 3)} to {fmt(hi, 3)})' if not _missing(lo) else '')
+                   + f' (RMSE {fmt(o.get("rmse"), 3)}, r {fmt(o.get("pearson_r"), 3)}) on {fmt(m.get("n_images"))} images'
+                   + (f' of {fmt(m.get("n_subjects"))} subjects' if m.get('n_subjects') else '') + '</p>')
+        out.append(note(test_basis(r, lo, hi, bool(bad)), 'ok'))
     out.append(table(metrics_frame(m), nd=3))
     out.append(note('≤5 y / ≤10 y / ≤15 y: share of predictions within 5, 10, 15 years. Bias: mean of predicted − true. '
                     'Slope: of predicted on true age (below 1: regression to the mean).', 'ok'))

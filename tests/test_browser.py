@@ -130,6 +130,7 @@ def test_run_report(browser, tiny_run):
     assert len(r.images) >= 2                                           # curves and scatter at least
     assert f'Test MAE {m["overall"]["mae"]:.3f} years' in r.text
     assert r.row(['test, image level', str(m['n_images']), f'{m["overall"]["mae"]:.3f}'])
+    assert '95% interval' in r.text and 'best_model.pth (epoch' in r.text          # its uncertainty and checkpoint
 
 
 @pytest.fixture(scope='module')

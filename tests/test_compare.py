@@ -58,7 +58,7 @@ def test_cli_writes_csv_and_markdown(tmp_path):
     assert [c for c in t.columns if '.' in c] == ['model.architecture']
     md = (tmp_path / 'cmp.md').read_text()
     assert '| run | model.architecture |' in md and '| run_20260102_110000 | resnet18 |' in md
-    assert '| run_20260101_100000 | completed | 6.50 | 3 | 4 | 7.50 | 9.50 | 0.900 | 7.20 | 6.50 | 16.00 |  |' in md
+    assert '| run_20260101_100000 | completed | 6.50 | 3 | 4 |  | 7.50 |  |  | 9.50 | 0.900 | 7.20 | 6.50 | 16.00 |  |' in md
 
 
 def test_leaderboard_of_a_runs_folder(tmp_path):
