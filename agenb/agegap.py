@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 import agenb
 from .core import (InputError, Parser, run_cli, show_path, ensure_output_dir, atomic_write, atomic_write_json,
                         atomic_savefig, atomic_write_text, file_sha256)
-from .data import load_dataset, data_fingerprint
+from .data import load_dataset, data_fingerprint, sheet_for
 from .model import sheet_covariates
 from .runs import load_run_model, read_split, refuse_run_dir
 from .evaluate import apply_bias_correction
@@ -41,8 +41,10 @@ def train_age_range(run_dir) -> tuple:
     tr = read_split(run_dir, 'train')
     return float(tr['age'].min()), float(tr['age'].max())
 
-def healthy_test_images(run_dir) -> pd.DataFrame:
-    "The run's test predictions (predictions.csv: subject, age, pred), checked to hold only test subjects of split.csv."
+def healthy_test_images(run_dir, per_subject=False) -> pd.DataFrame:
+    """The run's test predictions (predictions.csv: subject, age, pred), checked to hold only test subjects of split.csv.
+    `per_subject` (a --subject-views run, one row per subject): one row per test image of split.csv, each carrying its
+    subject's pooled prediction, so that a subject counts its images as a clinical one does."""
     run_dir = Path(run_dir)
     p = run_dir / 'predictions.csv'
     if not p.is_file():
@@ -62,7 +64,10 @@ def healthy_test_images(run_dir) -> pd.DataFrame:
         where = _few(f'{s} ({sp})' for s, sp in zip(seen.subject, seen.split)) if len(seen) else _few(not_test)
         raise InputError(f'{p} holds subjects that {run_dir / "split.csv"} does not put in test: {where}; the healthy '
                          'comparison group must be test subjects only: re-create predictions.csv with python -m agenb.evaluate')
-    return pred[['subject', 'age', 'pred']].reset_index(drop=True)
+    pred = pred[['subject', 'age', 'pred']]
+    if per_subject:
+        pred = split.loc[split.split == 'test', ['subject']].merge(pred.drop_duplicates('subject'), on='subject')
+    return pred.reset_index(drop=True)
 
 # %% ../nbs/22_agegap.ipynb #2509c3f5
 def default_excel(image_dir) -> Path:
@@ -77,6 +82,7 @@ def clinical_images(rm, image_dir, excel_path, cohort=None, batch_size=64, num_w
     `load_dataset` summary). The preprocessing, file-name pattern and column names are the run's."""
     image_dir = Path(image_dir)
     kw = {k: rm.args.get(k) for k in ('id_col', 'age_col', 'file_col') if rm.args.get(k)}
+    if sheet := sheet_for(excel_path, rm.args.get('sheet')): kw['sheet'] = sheet
     try:
         extra = sheet_covariates(rm.covariate_stats['names']) if rm.covariate_stats else ()
         tab, summary = load_dataset(image_dir, excel_path, cohort=cohort, pattern=rm.pattern, verify=False, extra_columns=extra, **kw)
@@ -84,7 +90,8 @@ def clinical_images(rm, image_dir, excel_path, cohort=None, batch_size=64, num_w
         raise InputError(f'cohort folder {image_dir}: {e}') from None
     refuse_run_data(rm.run_dir, rm.cfg, tab, summary, excel_path, f'cohort folder {image_dir}')   # by path, bytes and rows
     df, _, _ = predict_images(rm, list(tab['path']), batch_size, tta=False, skip_bad=False, num_threads=num_workers,
-                              table=tab, where=f'{excel_path} (cohort folder {image_dir})')  # a covariate run's covariates
+                              table=tab, where=f'{excel_path} (cohort folder {image_dir})',  # a covariate run's covariates
+                              per_image=True)   # a --subject-views run: every image with its subject's pooled prediction
     key = lambda p: str(Path(p).resolve())
     pred = dict(zip(map(key, df['path']), df['pred']))
     out = tab[['path', 'filename', 'subject', 'image_index', 'age']].copy()
@@ -345,7 +352,7 @@ def main(argv=None):
     bc, train_ages = rm.bias_correction, train_age_range(run_dir)
     ds = rm.cfg.get('dataset') or {}
     train_muscle, train_cohort = (ds.get('read_summary') or {}).get('muscle'), ds.get('cohort')
-    healthy = subject_gaps(healthy_test_images(run_dir), bc, HEALTHY, train_ages)
+    healthy = subject_gaps(healthy_test_images(run_dir, rm.per_subject), bc, HEALTHY, train_ages)
 
     cohorts, image_tables = [], []
     for d, x, coh in zip(map(Path, a.image_dir), excels, cohorts_given):

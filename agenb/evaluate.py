@@ -101,7 +101,8 @@ def subject_level(pred_df) -> pd.DataFrame:
         raise InputError(f'subject-level aggregation: {int(pred_df["subject"].isna().sum())} rows have no subject; '
                          'pass a subject column or file names like anon_<subject>_<k>.png')
     g = pred_df.assign(subject=pred_df['subject'].astype(str)).groupby('subject', sort=False)
-    out = pd.DataFrame({'age': g['age'].mean(), 'pred': g['pred'].mean(), 'n_images': g['pred'].size(),
+    n = g['n_images'].sum() if 'n_images' in pred_df else g['pred'].size()   # rows that pool images already count them
+    out = pd.DataFrame({'age': g['age'].mean(), 'pred': g['pred'].mean(), 'n_images': n,
                         'pred_sd': g['pred'].std(ddof=1)}).reset_index()
     return out
 
@@ -149,7 +150,9 @@ def _legacy(m, groups):
 def _evaluate(test_df, val_df=None, train_ages=None, bin_width=10, min_slope=0.1, top_n=10):
     "Metrics dict, per-image table (with error/corrected columns) and per-subject table (or None)."
     df = _frame(test_df, 'test predictions')
-    out = {'n_images': len(df), 'n_subjects': None}
+    pooled = 'n_images' in df   # rows of a --subject-views run: one pooled prediction per subject, `n_images` each
+    out = {'n_images': int(df['n_images'].sum()) if pooled else len(df), 'n_subjects': None}
+    if pooled: out['n_predictions'] = len(df)
     out['overall'] = regression_metrics(df['age'], df['pred'])
     # bias correction: fitted on validation predictions only
     if val_df is not None:
@@ -281,7 +284,7 @@ def write_evaluation(out_dir, test_df, val_df=None, train_ages=None, prefix='', 
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     m, df, subj = _evaluate(test_df, val_df, train_ages, bin_width, min_slope, top_n)
     files = {}
-    cols = [c for c in ('path', 'filename', 'subject', 'split', 'age', 'pred', 'error', 'abs_error', 'corrected',
+    cols = [c for c in ('path', 'filename', 'subject', 'split', 'n_images', 'age', 'pred', 'error', 'abs_error', 'corrected',
                         'corrected_error') if c in df.columns]
     files['predictions'] = f'{prefix}predictions.csv'; _write_csv(df[cols], out / files['predictions'])
     if subj is not None:

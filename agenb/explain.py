@@ -154,6 +154,10 @@ def _shortcut_record(ex, layer_name, prep, split, df, best, worst):
             'mask_annotations': prep.mask_annotations, 'roi': prep.roi,
             'best': df.filename.iloc[best].tolist(), 'worst': df.filename.iloc[worst].tolist()}
 
+def _model_record(rm) -> dict:
+    "Which weights were explained: the checkpoint's name, epoch and SHA-256 (an explanation of last.pth is not the best model's)."
+    return {'checkpoint': rm.checkpoint.name, 'checkpoint_epoch': rm.epoch, 'checkpoint_sha256': rm.checkpoint_sha256}
+
 def _module_name(model, arch):
     "Qualified name of the Grad-CAM target layer inside `model` (e.g. 'layer4.1'), for the record."
     layer = gradcam_target_layer(model, arch)
@@ -176,11 +180,12 @@ def explain_run(run_dir, n: int = 4, split: str = 'test', device='cpu', checkpoi
     k = max(0, min(int(n), len(df) // 2 if len(df) > 1 else len(df)))
     best, worst = order[:k].tolist(), order[::-1][:k].tolist()
     rec = _shortcut_record(ex, _module_name(rm.model, arch), rm.prep, split, df, best, worst)
+    rec.update(_model_record(rm))
     fig = overlay_figure(ex, best + worst, titles=['best'] * len(best) + ['worst'] * len(worst),
                          ages=df.age.to_numpy(float))
     atomic_savefig(fig, out / FIGURE, dpi=90)
-    cols = ['filename', 'subject', 'age', 'pred', 'abs_error', 'shortcut_score', 'muscle_share']
-    atomic_write_text(out / TABLE, df[cols].to_csv(index=False))
+    cols = ['filename', 'subject', 'age', 'pred', 'abs_error', 'shortcut_score', 'muscle_share', 'checkpoint']
+    atomic_write_text(out / TABLE, df.assign(checkpoint=rm.checkpoint.name)[cols].to_csv(index=False))
     updated = False
     mpath = run_dir / 'metrics.json'
     if update_metrics and mpath.is_file():
@@ -212,7 +217,7 @@ def explain_files(run_dir, images, out, device='cpu', checkpoint='best_model.pth
         atomic_savefig(fig, dest, dpi=90)
         rows.append(dict(image=str(p), age=ages[i], pred=float(ex['pred'][i]),
                          shortcut_score=float(ex['shortcut_score'][i]), muscle_share=float(ex['muscle_share'][i]),
-                         overlay=str(dest)))
+                         overlay=str(dest), checkpoint=rm.checkpoint.name, checkpoint_epoch=rm.epoch))
     return pd.DataFrame(rows)
 
 def main(argv=None):
@@ -233,11 +238,13 @@ def main(argv=None):
         df = explain_files(a.run_dir, a.images, out, device=a.device, checkpoint=a.checkpoint)
         for r in df.itertuples():
             age = f'true {r.age:5.1f}  ' if np.isfinite(r.age) else ''
-            print(f'{Path(r.image).name}: {age}pred {r.pred:5.1f}  shortcut {r.shortcut_score:.2f}  -> {r.overlay}')
+            print(f'{Path(r.image).name}: {age}pred {r.pred:5.1f}  shortcut {r.shortcut_score:.2f}  ({r.checkpoint}, epoch '
+                  f'{r.checkpoint_epoch})  -> {r.overlay}')
         return df
     res = explain_run(a.run_dir, n=a.n, split=a.split, device=a.device, checkpoint=a.checkpoint, out_dir=ensure_output_dir(out))
     s = res['shortcut_score']
-    print(f"{a.split}: mean shortcut score {s:.3f} over {res['shortcut']['n_images']} images; wrote "
+    print(f"{a.split}: mean shortcut score {'n/a' if s is None else f'{s:.3f}'} over {res['shortcut']['n_images']} images "
+          f"of {res['shortcut']['checkpoint']} (epoch {res['shortcut']['checkpoint_epoch']}); wrote "
           f"{out / res['files']['figure']} and {out / res['files']['table']}")
     return res
 

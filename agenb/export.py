@@ -148,7 +148,7 @@ def model_card(rm: RunModel, metrics: dict, out_dir, files: dict, verification: 
     cfg, args, prep = rm.cfg, rm.args, rm.prep
     h, w = prep.size
     ds = cfg.get('dataset', {})
-    bc = metrics.get('bias_correction')
+    bc = rm.bias_correction   # metrics.json's fit, marked not applied for weights other than best_model.pth's
     mdesc = cfg.get('model') or {}
     return {
         'card_version': 1, 'created_at': datetime.now().isoformat(timespec='seconds'),
@@ -182,7 +182,7 @@ def model_card(rm: RunModel, metrics: dict, out_dir, files: dict, verification: 
         'output': {'name': 'age', 'shape': ['batch'], 'dtype': 'float32', 'unit': 'years',
                    'meaning': 'predicted age, raw (not bias-corrected)',
                    'bias_corrected': '(age - b) / a with bias_correction.a/b' if bc and bc.get('applied') else
-                                     'no bias correction was fitted for this run',
+                                     (bc or {}).get('reason') or 'no bias correction was fitted for this run',
                    **({'meaning': 'predicted age: the mean of the predicted distribution over age bins, raw (not bias-corrected)',
                        'second_output': {'name': 'age_sd', 'shape': ['batch'], 'dtype': 'float32', 'unit': 'years',
                                          'meaning': 'SD of the predicted distribution over age bins (predictive uncertainty)'},
@@ -195,11 +195,7 @@ def model_card(rm: RunModel, metrics: dict, out_dir, files: dict, verification: 
                           'random_seed': ds.get('random_seed'), 'test_size': ds.get('test_size'), 'val_size': ds.get('val_size'),
                           'min_age_filter': ds.get('min_age'), 'max_age_filter': ds.get('max_age'),
                           'data_fingerprint': cfg.get('data_fingerprint')},
-        'test_metrics': {'n_images': metrics.get('n_images'), 'n_subjects': metrics.get('n_subjects'),
-                         'raw': metrics.get('overall'), 'subject_level': metrics.get('subject_level'),
-                         'corrected': metrics.get('corrected'), 'corrected_subject_level': metrics.get('corrected_subject_level'),
-                         'baseline': metrics.get('baseline'), 'validation': metrics.get('val'),
-                         'units': 'years; acc_Ny are fractions within N years'},
+        'test_metrics': _test_metrics(rm, metrics, cfg),
         'training': {'augmentation': cfg.get('augmentation'), 'loss': args.get('loss'), 'epochs_completed': cfg.get('epochs_completed'),
                      'best_epoch': cfg.get('best_epoch'), 'best_val_mae': cfg.get('best_val_mae'), 'status': cfg.get('status'),
                      'image_size': args.get('image_size')},
@@ -216,6 +212,19 @@ def model_card(rm: RunModel, metrics: dict, out_dir, files: dict, verification: 
         'limitations': _limitations(cfg.get('preprocessing') or {}),
     }
 
+def _test_metrics(rm: RunModel, metrics: dict, cfg: dict) -> dict:
+    """The card's test metrics: metrics.json's, which are best_model.pth's; for other weights none (the test set and
+    the train-mean baseline only), with a note, rather than another model's numbers under this model's name."""
+    out = {'n_images': metrics.get('n_images'), 'n_subjects': metrics.get('n_subjects'),
+           'raw': metrics.get('overall'), 'subject_level': metrics.get('subject_level'),
+           'corrected': metrics.get('corrected'), 'corrected_subject_level': metrics.get('corrected_subject_level'),
+           'baseline': metrics.get('baseline'), 'validation': metrics.get('val'),
+           'units': 'years; acc_Ny are fractions within N years', 'of_checkpoint': 'best_model.pth', 'note': None}
+    if rm.evaluated: return out
+    return {**out, **dict.fromkeys(('raw', 'subject_level', 'corrected', 'corrected_subject_level', 'validation')),
+            'note': f'not evaluated: the run\'s metrics.json holds the test metrics of best_model.pth (epoch '
+                    f'{cfg.get("best_epoch")}), and {rm.checkpoint.name} (epoch {rm.epoch}) holds other weights'}
+
 def _limitations(prep):
     "What a user of the exported model must know, including input preparation the exported file does not do itself."
     out = ['trained on the cohort and scanner above only; other muscles, cohorts or machines are out of range',
@@ -229,6 +238,11 @@ def _limitations(prep):
     return out
 
 # %% ../nbs/18_export.ipynb #c124c80a
+def _eager_against(rm: RunModel, what: str) -> str:
+    "The verification's reference for a checkpoint other than the evaluated one: its own weights in PyTorch."
+    return (f'the PyTorch model of {rm.checkpoint.name} on the run\'s {what} (predictions.csv holds the predictions of '
+            'best_model.pth, other weights)')
+
 def _verify_views(rm: RunModel, wrapped, out_dir, files, tol):
     """`verify_bundle` of a --subject-views run: each test subject's images as one (1, K, 1, H, W) input (its covariates:
     the mean of its images' raw values), against predictions.csv's one row per subject."""
@@ -249,8 +263,10 @@ def _verify_views(rm: RunModel, wrapped, out_dir, files, tol):
             o = wrapped(torch.from_numpy(xs), *(() if cs is None else (torch.from_numpy(cs),)))
         preds['pytorch'].append(float((o[0] if isinstance(o, tuple) else o)[0]))
         for fmt, run in runners.items(): preds[fmt].append(float(run(xs, cs)[0]))
-    ref = p['pred'].to_numpy(float)
-    res = {'tolerance_years': tol, 'against': f'{pc.name} ({len(p)} test subjects, each its images pooled)', 'n': len(ref),
+    ref, against = p['pred'].to_numpy(float), f'{pc.name} ({len(p)} test subjects, each its images pooled)'
+    if not rm.evaluated:
+        ref, against = np.array(preds['pytorch']), _eager_against(rm, f'{len(p)} test subjects, each its images pooled')
+    res = {'tolerance_years': tol, 'against': against, 'n': len(ref),
            'pytorch_max_abs_diff': float(np.abs(np.array(preds['pytorch']) - ref).max())}
     for fmt in runners:
         diff = float(np.abs(np.array(preds[fmt]) - ref).max())
@@ -283,6 +299,8 @@ def verify_bundle(rm: RunModel, out_dir, files: dict, tol=1e-4) -> dict:
         torch_pred = wrapped(torch.from_numpy(x).to(rm.device), *(() if cov is None else (torch.from_numpy(cov).to(rm.device),)))
         torch_pred = (torch_pred[0] if isinstance(torch_pred, tuple) else torch_pred).double().cpu().numpy()
     if ref is None: ref = torch_pred
+    elif not rm.evaluated:   # predictions.csv is best_model.pth's: other weights are checked against themselves
+        ref, res['against'] = torch_pred, _eager_against(rm, f'{len(ref)} test images')
     res['n'] = len(ref)
     res['pytorch_max_abs_diff'] = float(np.abs(torch_pred - ref).max())
     for fmt, name in files.items():
@@ -346,6 +364,7 @@ def _readme(card) -> str:
         m = tm.get(key)
         if m: rows.append(f'| {label} | {m["n"]} | {f(m["mae"])} | {f(m["rmse"])} | {f(m["pearson_r"], 3)} |')
     metrics = '| test set | n | MAE | RMSE | r |\n|---|---|---|---|---|\n' + '\n'.join(rows) if rows else 'no test metrics'
+    if tm.get('note'): metrics += f' ({tm["note"]})'
     examples, sec = [], inp.get('second_input')
     if sec: examples += [f"c = np.array([[{', '.join('1.0' if n == 'sex' else 'np.nan' for n in sec['columns'])}]], dtype=np.float32)"
                          f"  # {', '.join(sec['columns'])} (NaN: missing)"]

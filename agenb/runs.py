@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure  # draws with Agg whatever backend the caller's notebook uses
 
 from .core import InputError, file_sha256, run_process_state
-from .data import DEFAULT_PATTERN, load_folders
+from .data import DEFAULT_PATTERN, load_folders, read_kwargs
 from .split import load_split
 from .images import Preprocessing, load_images
 from .model import (build_model, DistributionHead, AgeOutput, parse_age_bins, coverage, parse_covariates, sheet_covariates, covariate_values,
@@ -22,10 +22,11 @@ from .model import (build_model, DistributionHead, AgeOutput, parse_age_bins, co
 from .options import Options, OPTION_NAMES, PLAIN_DEFAULTS
 
 # %% auto #0
-__all__ = ['RUN_OWN_FILES', 'CHECKPOINT_VERSION', 'TRAIN_STATE_KEYS', 'INTERVAL_COLS', 'new_run_dir', 'read_run_config',
-           'run_options', 'check_resumable', 'read_split', 'read_history', 'run_bias_correction', 'is_run_dir',
-           'refuse_run_dir', 'curves_figure', 'make_checkpoint', 'load_checkpoint', 'resolve_device', 'RunModel',
-           'distribution_head', 'model_kwargs', 'load_run_model', 'predict_outputs', 'predict_subject_outputs',
+__all__ = ['RUN_OWN_FILES', 'CHECKPOINT_VERSION', 'TRAIN_STATE_KEYS', 'EVALUATED_CHECKPOINT', 'INTERVAL_COLS', 'new_run_dir',
+           'read_run_config', 'run_options', 'check_resumable', 'read_split', 'read_history', 'run_bias_correction',
+           'is_run_dir', 'refuse_run_dir', 'curves_figure', 'make_checkpoint', 'load_checkpoint', 'resolve_device',
+           'RunModel', 'distribution_head', 'model_kwargs', 'same_weights', 'is_evaluated_checkpoint',
+           'checkpoint_bias_correction', 'load_run_model', 'predict_outputs', 'predict_subject_outputs',
            'outputs_to_age', 'predict_batches', 'interval_tables', 'calibration', 'predict_split', 'per_subject_rows',
            'run_table']
 
@@ -184,6 +185,7 @@ class RunModel:
     pattern: str; augmentation: dict; checkpoint: Path; checkpoint_sha256: str; epoch: int | None
     val_mae: float | None; bias_correction: dict | None; head: DistributionHead | None = None
     covariate_stats: dict | None = None    # --covariates: the training statistics the checkpoint keeps
+    evaluated: bool = True                 # its weights are those of metrics.json, predictions.csv and the bias correction
     @property
     def per_subject(self) -> bool:
         "A --subject-views run: one prediction per subject, from all of its images pooled."
@@ -214,6 +216,30 @@ def model_kwargs(o: Options) -> dict:
     return dict(dropout=o.dropout, outputs=h.outputs if h else 1, n_covariates=2 * len(parse_covariates(getattr(o, 'covariates', None))),
                 view_pool=(getattr(o, 'view_pool', None) or 'mean') if getattr(o, 'subject_views', None) else None)
 
+EVALUATED_CHECKPOINT = 'best_model.pth'   # the weights the run's test evaluation (metrics.json, predictions.csv) used
+
+def same_weights(a: dict, b: dict) -> bool:
+    "Whether two state dicts hold the same names and the same tensors."
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+def is_evaluated_checkpoint(run_dir, ck_path, ck: dict) -> bool:
+    "Whether checkpoint `ck` (read from `ck_path`) holds the weights of the run's test evaluation: `best_model.pth`'s."
+    best = Path(run_dir) / EVALUATED_CHECKPOINT
+    if Path(ck_path).resolve() == best.resolve(): return True
+    if not best.is_file(): return False
+    try: other = torch.load(best, map_location='cpu', weights_only=True)
+    except Exception: return False
+    return isinstance(other, dict) and isinstance(other.get('model'), dict) and same_weights(ck['model'], other['model'])
+
+def checkpoint_bias_correction(run_dir, checkpoint, evaluated: bool) -> dict | None:
+    """The run's validation-fitted bias correction when `checkpoint` holds the weights it was fitted for; for other
+    weights the same record marked not applied, with the reason: a fit of one model's predictions says nothing of another's."""
+    bc = run_bias_correction(run_dir)
+    if bc is None or evaluated or not bc.get('applied'): return bc
+    return {**bc, 'applied': False, 'fitted_for': EVALUATED_CHECKPOINT,
+            'reason': f'fitted on the validation predictions of {EVALUATED_CHECKPOINT}, not of {Path(checkpoint).name}: '
+                      'it does not apply to other weights'}
+
 def load_run_model(run_dir, checkpoint='best_model.pth', device='cpu') -> RunModel:
     "The model of a run folder in eval mode on `device`, with its preprocessing checked against the checkpoint."
     run_dir = Path(run_dir)
@@ -236,14 +262,15 @@ def load_run_model(run_dir, checkpoint='best_model.pth', device='cpu') -> RunMod
     except (RuntimeError, KeyError) as e:
         raise InputError(f'{ck_path}: weights do not fit a {o.arch} ({type(e).__name__}); is it a checkpoint of this run?')
     model.to(dev).eval()
+    evaluated = is_evaluated_checkpoint(run_dir, ck_path, ck)
     cov = ck.get('covariates')
     if model_kwargs(o)['n_covariates'] and not cov:
         raise InputError(f'{ck_path} has no covariate statistics although the run used --covariates; train the run again')
     return RunModel(run_dir=run_dir, cfg=cfg, options=o, model=model, prep=Preprocessing.from_dict(cfg['preprocessing']),
                     device=dev, pattern=o.pattern or DEFAULT_PATTERN, augmentation=cfg.get('augmentation') or {},
                     checkpoint=ck_path, checkpoint_sha256=file_sha256(ck_path), epoch=ck.get('epoch'),
-                    val_mae=ck.get('val_mae'), bias_correction=run_bias_correction(run_dir), head=distribution_head(o),
-                    covariate_stats=cov)
+                    val_mae=ck.get('val_mae'), bias_correction=checkpoint_bias_correction(run_dir, checkpoint, evaluated),
+                    head=distribution_head(o), covariate_stats=cov, evaluated=evaluated)
 
 @torch.no_grad()
 def predict_outputs(rm: RunModel, images: torch.Tensor, batch_size=64, covariates=None) -> torch.Tensor:
@@ -317,10 +344,8 @@ def per_subject_rows(table: pd.DataFrame, groups) -> pd.DataFrame:
 
 def run_table(o: Options, paths) -> pd.DataFrame:
     "The rows of the run's own spreadsheet table (its data options) for image `paths`, in that order (for covariates)."
-    kw = {k: getattr(o, k) for k in ('cohort', 'id_col', 'age_col', 'file_col', 'pattern', 'max_table_mb', 'max_expanded_mb')
-          if getattr(o, k) is not None}
     t = load_folders(o.image_dir, o.excel_path, strict=o.strict, extra_columns=sheet_covariates(parse_covariates(o.covariates)),
-                     **kw)[0].drop_duplicates('path').set_index('path')
+                     **read_kwargs(o))[0].drop_duplicates('path').set_index('path')
     missing = [p for p in paths if p not in t.index]
     if missing: raise InputError(f'{missing[0]}: no longer in the run\'s data ({o.excel_path}); its covariates cannot be read')
     return t.loc[list(paths)].reset_index()

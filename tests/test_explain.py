@@ -70,3 +70,21 @@ def test_explain_cli(run_copy, tmp_path):
     assert r.returncode == 2 and 'agenb: error' in r.stderr and 'missing.png' in r.stderr
     r = agenb('explain', tmp_path / 'not_a_run', img)
     assert r.returncode == 2 and 'agenb: error' in r.stderr
+
+
+def test_explanations_name_the_checkpoint_and_survive_maps_without_mass(run_copy, tmp_path):
+    """An explanation says which weights it explains (gradcam.csv, the record, the printed line), and a model whose maps
+    have no mass (score n/a) is reported, not an internal error ('{None:.3f}')."""
+    import torch
+    ck = torch.load(run_copy / 'last.pth', weights_only=True)
+    ck['model']['fc.1.weight'] = torch.zeros_like(ck['model']['fc.1.weight'])   # constant output: every map is 0
+    torch.save(ck, run_copy / 'checkpoint_flat.pth')
+    r = agenb('explain', run_copy, '--checkpoint', 'checkpoint_flat.pth', '--n', '1', '--out', tmp_path / 'ex')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'n/a' in r.stdout and 'checkpoint_flat.pth' in r.stdout
+    t = pd.read_csv(tmp_path / 'ex' / TABLE)
+    assert set(t.checkpoint) == {'checkpoint_flat.pth'}
+    (tmp_path / 'best').mkdir()
+    res = explain_run(run_copy, n=1, out_dir=tmp_path / 'best')
+    assert res['shortcut']['checkpoint'] == 'best_model.pth' and res['shortcut']['checkpoint_epoch'] is not None
+    assert set(pd.read_csv(tmp_path / 'best' / TABLE).checkpoint) == {'best_model.pth'}

@@ -83,3 +83,27 @@ def test_bad_input_is_one_line(tiny_run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith('agenb: error:') and err.count('\n') == 1, err
         assert ('nope' if 'nope' in argv[0] else 'missing.pth') in err
+
+
+def test_another_checkpoint_is_verified_against_its_own_weights(tiny_run, tmp_path):
+    """`--checkpoint last.pth` (weights other than the best model's, which wrote predictions.csv) is verified against
+    its own PyTorch model, passes, and its card carries neither the best model's test metrics nor its bias correction."""
+    import shutil, torch
+    run = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns('export', 'explanations', 'evaluations'))
+    ck = torch.load(run / 'last.pth', weights_only=True)
+    ck['model']['fc.1.bias'] = ck['model']['fc.1.bias'] + 1.0   # surely not the best model's weights: 1 year older
+    torch.save(ck, run / 'last.pth')
+    r = agenb('export', run, '--checkpoint', 'last.pth', '--out', tmp_path / 'b')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'above tolerance' not in r.stdout, r.stdout
+    card = json.loads((tmp_path / 'b' / 'model_card.json').read_text())
+    v = card['verification']
+    assert v['against'].startswith('the PyTorch model of last.pth')
+    for fmt in card['files']: assert v[fmt]['checked'] and v[fmt]['ok'] and v[fmt]['max_abs_diff'] < 1e-4
+    assert card['test_metrics']['raw'] is None and 'best_model.pth' in card['test_metrics']['note']
+    assert not (card['bias_correction'] or {}).get('applied')
+    # the best model is still checked against predictions.csv
+    r = agenb('export', run, '--out', tmp_path / 'best')
+    assert r.returncode == 0 and 'above tolerance' not in r.stdout
+    assert json.loads((tmp_path / 'best' / 'model_card.json').read_text())['verification']['against'].startswith('predictions.csv')

@@ -431,3 +431,24 @@ def test_load_checkpoint_reads_only_weights(run, tmp_path):
     with pytest.raises(InputError, match='cannot be read as a checkpoint'): load_checkpoint(tmp_path / 'odd.pth')
     torch.save({k: v for k, v in ck.items() if k != 'version'}, tmp_path / 'nov.pth')
     assert load_checkpoint(tmp_path / 'nov.pth')['epoch'] == 3
+
+
+def test_bias_correction_only_for_the_evaluated_weights(run, tmp_path):
+    """metrics.json's bias correction was fitted on best_model.pth's validation predictions: predicting with other
+    weights (--checkpoint last.pth) must not output "corrected" ages from it; a copy of the best weights keeps it."""
+    other = tmp_path / run.name; shutil.copytree(run, other)
+    shutil.copy(other / 'best_model.pth', other / 'checkpoint_epoch_0003.pth')   # the best epoch's periodic copy
+    ck = torch.load(other / 'best_model.pth', weights_only=True)
+    ck['model'] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ck['model'].items()}
+    ck['epoch'] = 4
+    torch.save(ck, other / 'last.pth')
+    images = [Path(p) for p in read_split(other, 'test').path]
+    last = load_run_model(other, 'last.pth')
+    df, _, _ = predict_images(last, images)
+    assert 'corrected' not in df                                                  # was (pred - 5.0) / 0.8
+    assert last.bias_correction['applied'] is False and 'best_model.pth' in last.bias_correction['reason']
+    assert not last.evaluated
+    for name in ('best_model.pth', 'checkpoint_epoch_0003.pth'):
+        rm = load_run_model(other, name)
+        assert rm.evaluated and rm.bias_correction == BC
+        assert 'corrected' in predict_images(rm, images)[0]
