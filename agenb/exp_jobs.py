@@ -121,7 +121,24 @@ def verify_run(exp, job, run_dir) -> pd.DataFrame:
     n_rows = len(want['test']) if per_subject else int((split.split == 'test').sum())
     if set(preds.subject) != want['test'] or len(preds) != n_rows:
         raise ProtocolError(f'{run_dir}/predictions.csv does not hold exactly the {"subjects" if per_subject else "images"} of its test subjects')
+    _check_ages(job, run_dir, preds)
     return preds
+
+def _check_ages(job, run_dir, preds):
+    """The ages of a run's predictions are the experiment's (those of the job's split file, made from the experiment's
+    table): a run that read another table of ages (another sheet or column) is refused, not scored against its own truth."""
+    sf = getattr(job, 'split_file', None)
+    if sf is None or not Path(sf).is_file(): return
+    s = pd.read_csv(sf, dtype={'subject': str}, keep_default_na=False, usecols=['subject', 'age'])
+    want = pd.to_numeric(s['age'], errors='coerce').groupby(s['subject']).first()
+    exp_age = preds['subject'].astype(str).map(want).to_numpy(dtype=float)
+    run_age = pd.to_numeric(preds['age'], errors='coerce').to_numpy(dtype=float)
+    off = ~np.isclose(run_age, exp_age, rtol=0, atol=1e-6)
+    if off.any():
+        i = int(np.flatnonzero(off)[0])
+        raise ProtocolError(f'{run_dir}/predictions.csv: the ages of {preds["subject"][off].nunique()} test subject(s) are not the '
+                            f'experiment\'s (subject {preds["subject"].iloc[i]}: {run_age[i]:g} in the run, {exp_age[i]:g} in {sf}); '
+                            'the run read another table of ages than the experiment (another sheet or column?)')
 
 def fold_frame(job, preds) -> pd.DataFrame:
     "The predictions of `job`'s fold run (its predictions.csv) as out-of-fold rows: `OOF_COLUMNS` and the image path."

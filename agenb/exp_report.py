@@ -152,6 +152,11 @@ def openings_note(e) -> Html:
     return note(f'WARNING: the test set was opened {n} times. Every opening after the first is a chance to choose by the '
                 'test set: its numbers are no longer an unbiased estimate. Report all openings.' + more, 'error')
 
+def _openings_count(e) -> str:
+    "How often the test set was opened, counted as the note and `status` count it: completed openings, then the others."
+    c = opening_counts(e)
+    return f'{c["completed"]} completed' + (f' ({len(c["other"])} more did not complete: not counted, listed below)' if c['other'] else '')
+
 def protocol_section(r) -> Html:
     e, p = r.exp, r.exp['protocol']
     rows = [('split', f'by subject; split seed {p["split_seed"]}' + (', age-stratified' if p['stratified'] else '')),
@@ -162,7 +167,7 @@ def protocol_section(r) -> Html:
             ('excluded by the age filter', p['n_excluded_by_age_filter'] or ...),
             ('inner validation slice', f'val_size {p["val_size"]} of the development subjects, drawn from the training folds '
                                        '(early stopping and best epoch)'),
-            ('training seeds', ', '.join(map(str, p['seeds']))), ('test set openings', len(e.get('test_openings', [])))]
+            ('training seeds', ', '.join(map(str, p['seeds']))), ('test set openings', _openings_count(e))]
     folds = pd.DataFrame([{'fold': f['fold'], 'train subjects': len(f['train_subjects']), 'val subjects': len(f['val_subjects']),
                            'held-out subjects': len(f['test_subjects']), 'train images': f['images']['train'],
                            'val images': f['images']['val'], 'held-out images': f['images']['test']} for f in e['folds']])

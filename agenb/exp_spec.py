@@ -20,7 +20,7 @@ __all__ = ['DATA_KEYS', 'SET_BY_EXPERIMENT', 'SPEC_KEYS', 'SEARCH_KEYS', 'DISTRI
            'read_spec_yaml', 'spec_from_text', 'load_spec', 'spec_paths', 'resolve_paths']
 
 # %% ../nbs/23_exp_spec.ipynb #c5a55c48
-DATA_KEYS = ('image_dir', 'excel_path', 'cohort', 'pattern', 'id_col', 'age_col', 'file_col', 'strict', 'min_age', 'max_age',
+DATA_KEYS = ('image_dir', 'excel_path', 'sheet', 'cohort', 'pattern', 'id_col', 'age_col', 'file_col', 'strict', 'min_age', 'max_age',
              'max_table_mb', 'max_expanded_mb')
 SET_BY_EXPERIMENT = {   # trainer options that belong to the protocol, and what to do instead
     'seed': 'list the training seeds under seeds: (the split has its own split_seed)',

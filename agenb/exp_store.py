@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 import agenb
 from .core import InputError
 from .model import COVARIATES, covariate_values, parse_covariates
-from .data import data_fingerprint, load_folders
+from .data import data_fingerprint, load_folders, read_kwargs
 from .split import save_split
 from .exp_spec import _fail, option_value, resolve_paths, spec_from_text, trainer_options
 from .exp_protocol import _now, make_protocol, protocol_labels
@@ -31,10 +31,8 @@ __all__ = ['METRIC', 'STUDY_LAYOUT', 'read_table', 'spec_key', 'experiment_id', 
 # %% ../nbs/26_exp_store.ipynb #5397acac
 def read_table(data: dict, verify=True, extra_columns=()):
     "The data table of the experiment's data options: agenb.data.load_dataset called as the trainer calls it."
-    kw = {k: data[k] for k in ('cohort', 'pattern', 'id_col', 'age_col', 'file_col', 'max_table_mb', 'max_expanded_mb')
-          if data.get(k) is not None}
     table, _ = load_folders(data['image_dir'], data['excel_path'], strict=bool(data.get('strict')), verify=verify,
-                            extra_columns=extra_columns, **kw)
+                            extra_columns=extra_columns, **read_kwargs(data))
     return table
 
 def spec_key(spec) -> str:

@@ -412,6 +412,14 @@ def claim_next(ctx, tried) -> tuple:
             return j, lock, busy
     return None, None, busy
 
+def _record_crash(ctx, job, e):
+    "Record job `job` failed with the error `e` that stops this worker (when its record still says running)."
+    with contextlib.suppress(Exception):
+        rec = read_record(ctx.exp_dir, job.key)
+        if rec and rec.get('status') == 'running':
+            rec.update(status='failed', error=f'the worker stopped: {type(e).__name__}: {" ".join(str(e).split())[:300]}')
+            write_record(ctx.exp_dir, rec)
+
 def worker_loop(ctx, emit):
     "Claim and run jobs until nothing is left that this worker could do (or it is asked to stop)."
     tried = set()
@@ -430,6 +438,8 @@ def worker_loop(ctx, emit):
             ev = {'variant': job.variant, 'seed': job.seed, 'fold': job.fold, 'worker': ctx.worker, 'key': job.key}
             emit({'event': 'start', **ev})
             try: res = run_job(ctx, job, lock)
+            except Exception as e:                   # the worker dies: its job is recorded failed, not left "running"
+                _record_crash(ctx, job, e); raise
             finally: lock.release()
             emit({'event': 'end', **ev, **{k: (str(v) if isinstance(v, Path) else v) for k, v in res.items()}})
             if res.get('trial_state') == 'PRUNED':

@@ -88,6 +88,15 @@ def _print_board(board, out=print):
     for n in board_notes(b): out(f'note: {n}')
 
 # %% ../nbs/31_experiment.ipynb #e6817957
+def _check_artifacts(path):
+    "The --artifacts store must be a folder this machine can write (made if missing): else one line before anything runs."
+    a = Path(path)
+    try: a.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f'--artifacts {path}: cannot make the folder ({e.strerror}); give a folder every machine mounts and may write') from None
+    if not os.access(a, os.W_OK | os.X_OK):
+        raise InputError(f'--artifacts {path}: the folder is not writable; give a folder every machine mounts and may write')
+
 def run_experiment(spec_path, out=None, workers=1, devices=None, nproc=1, storage=None, engine='papermill', lease=LEASE_SECONDS,
                    artifacts=None, allow_changed=False) -> tuple:
     "The `run` verb: returns (experiment folder, exit code)."
@@ -99,6 +108,7 @@ def run_experiment(spec_path, out=None, workers=1, devices=None, nproc=1, storag
     if not 5 <= lease <= 86400: raise InputError(f'--lease must be between 5 and 86400 seconds, got {lease:g}')
     if engine == 'papermill': train_notebook()
     groups = device_groups(devices, workers, nproc)
+    if artifacts: _check_artifacts(artifacts)
     exp_dir = Path(out) if out else Path('runs') / f'exp_{spec["name"]}_{datetime.now():%Y%m%d_%H%M%S}'
     refuse_run_dir(exp_dir, '--out', 'a new folder for the experiment')
     say = lambda m: print(m, file=sys.stderr, flush=True)
@@ -179,7 +189,12 @@ def _run_workers(ctx, spec, exp, groups, nproc, engine, workers, total, done, t0
     if res.get('report_error'): print(f'agenb: warning: the report could not be rendered: {res["report_error"]}', file=sys.stderr)
     print(f'report: {exp_dir / "report.html"}' if res.get('report') else 'report: off in the spec (python -m agenb.experiment report EXP_DIR renders it)')
     print(f'time: {(time.time() - t0) / 60:.1f} min')
-    code = 130 if stopping else (1 if failed and not complete else 0)
+    crashed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (0, None)] if not stopping else []
+    for i, rc in crashed:
+        print(f'agenb: error: worker {i} ended with exit code {rc} (its error is above): its job was not finished; '
+              'fix the cause and run the same command to continue', file=sys.stderr)
+    if crashed: status = 'failed workers'
+    code = 130 if stopping else (1 if (failed or crashed) and not complete else 0)
     return code, status
 
 def worker_main(exp_dir, worker, engine, nproc, lease=LEASE_SECONDS, artifacts=None):
