@@ -19,12 +19,16 @@ __all__ = ['PARAMETERS_HEADER', 'parameters_source', 'sync_train_notebook', 'dem
            'train_command', 'run_training', 'run_job', 'dataset_overview', 'train_from_notebook']
 
 # %% ../nbs/20_launch.ipynb #863ad341
-PARAMETERS_HEADER = ('# Parameters: one per trainer option, with the names and defaults of `python -m agenb.train --help`\n'
-                     '# (None: the loss\'s recipe decides, or not set), plus nproc. Override with papermill: -p NAME VALUE.\n')
+PARAMETERS_HEADER = ('# Parameters: one per trainer option, with the names of `python -m agenb.train --help`, plus nproc.\n'
+                     '# None: not given, as a flag left off the command line (its default is in the comment; on the demo\n'
+                     '# dataset some take the demo\'s settings). Give one with papermill: -p NAME VALUE.\n')
 
 def parameters_source() -> str:
-    "The source of nbs/train.ipynb's parameters cell: every option with its plain default and help, then `nproc`."
-    rows = [(o.name, repr(PLAIN_DEFAULTS[o.name]), o.help) for o in OPTIONS]
+    "The source of nbs/train.ipynb's parameters cell: every option None (not given) with its default and help, then `nproc`."
+    def note(o):
+        d = PLAIN_DEFAULTS[o.name]
+        return o.help if d is None else f'default {d!r}: {o.help}'
+    rows = [(o.name, 'None', note(o)) for o in OPTIONS]
     rows.append(('nproc', '1', 'number of processes: 1 runs python -m agenb.train, N > 1 torchrun with N processes (DDP)'))
     return PARAMETERS_HEADER + '\n'.join(f'{f"{n} = {v}":<30}# {h}' for n, v, h in rows)
 

@@ -456,10 +456,10 @@ def _param_value(k, v):
     return v
 
 def options_from_params(params: dict) -> dict:
-    "The options given by notebook `params` (those that differ from `PLAIN_DEFAULTS`), typed by the trainer's parser."
+    "The options given by notebook `params` (those not None), typed by the trainer's parser."
     unknown = sorted(set(params) - set(OPTION_NAMES))
     if unknown: raise InputError(f'unknown notebook parameter(s) {", ".join(unknown)}; the parameters are the trainer options')
-    changed = {k: _param_value(k, v) for k, v in params.items() if v != PLAIN_DEFAULTS[k]}
+    typed = {k: _param_value(k, v) for k, v in params.items() if v is not None}
     parser = build_parser(prog='nbs/train.ipynb')
-    given = vars(parser.parse_args(cli_flags(changed)))
-    return {k: v for k, v in given.items() if v != PLAIN_DEFAULTS[k]}
+    parsed = vars(parser.parse_args(cli_flags(typed)))
+    return {k: parsed[k] for k in typed}

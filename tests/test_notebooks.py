@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT, run_cmd
 from agenb.core import InputError
-from agenb.options import OPTION_NAMES, PLAIN_DEFAULTS
+from agenb.options import OPTION_NAMES
 from agenb.launch import run_training, demo_dataset
 
 NBS = ROOT / 'nbs'
@@ -25,7 +25,7 @@ def test_train_parameters_are_the_trainer_options():
     exec(parameters_cell(NBS / 'train.ipynb').source, ns)
     names = [k for k in ns if not k.startswith('__')]
     assert names == OPTION_NAMES + ['nproc']
-    assert {k: ns[k] for k in OPTION_NAMES} == PLAIN_DEFAULTS and ns['nproc'] == 1
+    assert {k: ns[k] for k in OPTION_NAMES} == dict.fromkeys(OPTION_NAMES) and ns['nproc'] == 1   # None: not given
 
 
 def test_report_parameters():
