@@ -447,8 +447,10 @@ def test_basis(r, lo=None, hi=None, bad=False) -> str:
           'one run\'s uncertainty over the test set, not over training seeds.' if not _missing(lo) else
           'No interval: ' + ('predictions.csv not written.' if r.predictions is None else
                              'predictions.csv disagrees with metrics.json.' if bad else 'fewer than 2 test subjects.'))
-    return (f'Computed on the test split, image level (each test image\'s error; the subject-level row averages each '
-            f'subject\'s predictions first), with the weights of {ck}. {ci}')
+    level = ('subject level (a --subject-views run: one prediction per test subject, pooled from its images)'
+             if (c.get('args') or {}).get('subject_views') else
+             'image level (each test image\'s error; the subject-level row averages each subject\'s predictions first)')
+    return f'Computed on the test split, {level}, with the weights of {ck}. {ci}'
 
 def metrics_section(r) -> Html:
     "Test metrics: raw, subject-level, bias-corrected, baseline; the bias-correction fit."
