@@ -15,7 +15,7 @@ from PIL import Image
 from .core import InputError, Parser, run_cli, atomic_write_json, atomic_savefig, atomic_write_text, ensure_output_dir, timestamped
 from .images import Preprocessing, load_images, read_mask
 from .model import gradcam_target_layer
-from .runs import load_run_model, read_split, refuse_run_dir
+from .runs import load_run_model, read_split, refuse_run_dir, run_table
 from matplotlib.figure import Figure  # never pyplot: drawing must not switch the caller's backend
 
 # %% auto #0
@@ -23,9 +23,10 @@ __all__ = ['FIGURE', 'TABLE', 'gradcam', 'shortcut_score', 'crop_gradcam', 'expl
            'explain_files', 'main']
 
 # %% ../nbs/14_explain.ipynb #dc3cf8b9
-def gradcam(model, x: torch.Tensor, arch: str, relu: bool = True) -> torch.Tensor:
+def gradcam(model, x: torch.Tensor, arch: str, relu: bool = True, cov: torch.Tensor | None = None) -> torch.Tensor:
     """Grad-CAM maps `(B, H, W)` (float32, >= 0 with `relu`) of the predicted age of `model` for the normalised batch
-    `x (B, 3, H, W)`, at `gradcam_target_layer(model, arch)`, upsampled bilinearly to the input size."""
+    `x (B, 3, H, W)` (and the covariate inputs `cov` of a covariate run), at `gradcam_target_layer(model, arch)`,
+    upsampled bilinearly to the input size."""
     from captum.attr import LayerGradCam, LayerAttribution
     layer = gradcam_target_layer(model, arch)
     was_training = model.training
@@ -33,7 +34,8 @@ def gradcam(model, x: torch.Tensor, arch: str, relu: bool = True) -> torch.Tenso
     try:
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)  # captum needs a graph back to the input
-            attr = LayerGradCam(model, layer).attribute(x, target=0, relu_attributions=relu)
+            attr = LayerGradCam(model, layer).attribute(x, target=0, relu_attributions=relu,
+                                                        additional_forward_args=None if cov is None else (cov,))
         if attr.ndim != 4:
             raise InputError(f'Grad-CAM needs a spatial feature map, but {arch}\'s last block gives a {attr.ndim}-D output '
                              '(a transformer\'s tokens); train with --gradcam-n 0')
@@ -69,16 +71,16 @@ def _image_shape(path):
     except Exception as e:
         raise InputError(f'could not read image {str(path)!r} ({type(e).__name__}: {e})') from None
 
-def crop_gradcam(model, x: torch.Tensor, arch: str, prep: Preprocessing) -> torch.Tensor:
+def crop_gradcam(model, x: torch.Tensor, arch: str, prep: Preprocessing, cov: torch.Tensor | None = None) -> torch.Tensor:
     "Grad-CAM over the whole input of a `--crop-size` run: each prediction window's map where it lies, averaged where windows overlap."
-    if not prep.crop_size: return gradcam(model, x, arch)
+    if not prep.crop_size: return gradcam(model, x, arch, cov=cov)
     c, total, n = prep.crop_size, x.new_zeros(x.shape[0], *x.shape[-2:]), x.new_zeros(x.shape[-2:])
     for (t, l), v in zip(prep.crop_offsets(), prep.crops(x)):
-        total[:, t:t + c, l:l + c] += gradcam(model, v, arch); n[t:t + c, l:l + c] += 1
+        total[:, t:t + c, l:l + c] += gradcam(model, v, arch, cov=cov); n[t:t + c, l:l + c] += 1
     return total / n.clamp_min(1)   # the grid covers every pixel (Preprocessing refuses one that does not)
 
 def explain_images(model, arch: str, prep: Preprocessing, paths, device='cpu', batch_size: int = 16,
-                   images: torch.Tensor | None = None) -> dict:
+                   images: torch.Tensor | None = None, covariates: torch.Tensor | None = None) -> dict:
     """Prediction, Grad-CAM map and regions for each of `paths`: dict with `images` uint8 (N, H, W), `cams` float32
     (N, H, W), `pred` (N,), `annotation` bool (N, H, W), `muscle` list of bool (H, W) or None, `shortcut_score` (N,),
     `muscle_share` (N,; NaN without mask)."""
@@ -89,8 +91,10 @@ def explain_images(model, arch: str, prep: Preprocessing, paths, device='cpu', b
     cams, preds = [], []
     for i in range(0, len(paths), batch_size):
         x = prep.normalize(images[i:i + batch_size].to(dev).float().div_(255))
-        with torch.no_grad(): preds.append(prep.over_crops(model.eval(), x)[:, 0].float().cpu())
-        cams.append(crop_gradcam(model, x, arch, prep).cpu())
+        c = None if covariates is None else covariates[i:i + batch_size].to(dev)   # a covariate run: the images' own values
+        fn = model.eval() if c is None else (lambda v: model.eval()(v, c))
+        with torch.no_grad(): preds.append(prep.over_crops(fn, x)[:, 0].float().cpu())
+        cams.append(crop_gradcam(model, x, arch, prep, c).cpu())
     h, w = prep.size
     cam = torch.cat(cams).numpy() if cams else np.zeros((0, h, w), np.float32)
     ann, mus = np.zeros((len(paths), h, w), bool), []
@@ -173,7 +177,9 @@ def explain_run(run_dir, n: int = 4, split: str = 'test', device='cpu', checkpoi
     rm = load_run_model(run_dir, checkpoint=checkpoint, device=device)
     df = read_split(run_dir, split)
     arch = rm.arch
-    ex = explain_images(rm.age_model, arch, rm.prep, df.path.tolist(), device=rm.device, batch_size=batch_size)
+    cov = rm.covariates_for(run_table(rm.options, df.path), str(rm.options.excel_path)) if rm.covariate_stats else None
+    ex = explain_images(rm.age_model, arch, rm.prep, df.path.tolist(), device=rm.device, batch_size=batch_size,
+                        covariates=cov)   # a covariate run's images with their own covariates, as predict and the test did
     df = df.assign(pred=ex['pred'], abs_error=np.abs(ex['pred'] - df.age.to_numpy(float)),
                    shortcut_score=ex['shortcut_score'], muscle_share=ex['muscle_share'])
     order = np.argsort(df.abs_error.to_numpy(), kind='stable')

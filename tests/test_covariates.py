@@ -157,3 +157,13 @@ def test_any_numeric_spreadsheet_column_is_a_covariate(data_args, tmp_path):
     assert r.returncode == 2 and 'Traceback' not in r.stderr
     assert "has no covariate column 'grip'; its columns are 'ID', 'Age', 'Sex', 'Grip (kg)'" in r.stderr.strip().splitlines()[-1]
     assert not list((tmp_path / 'runs').glob('run_*/config.json'))
+
+
+def test_explanations_predict_with_the_images_own_covariates(cov_run):
+    """gradcam.csv (written by the trainer's Grad-CAM) predicts each image with its own covariates, as the test did:
+    with the covariates held at their training means its predictions, and so its best and worst images, were another's."""
+    g = pd.read_csv(cov_run / 'gradcam.csv', dtype={'subject': str})
+    p = pd.read_csv(cov_run / 'predictions.csv', dtype={'subject': str})
+    m = g.merge(p[['filename', 'pred']], on='filename', suffixes=('', '_run'))
+    assert len(m) == len(g) == len(p)
+    np.testing.assert_allclose(m['pred'].to_numpy(), m['pred_run'].to_numpy(), atol=1e-4)
