@@ -87,7 +87,7 @@ export: $(STAMP)
 	$(BIN)/nbdev_clean
 
 ## make outputs: re-execute chapters in place so they keep their figures and tables (slow/gpu cells skipped)
-NBS ?= $(wildcard nbs/[0-9][0-9]_*.ipynb)
+NBS ?= $(wildcard nbs/[0-9][0-9]_*.ipynb nbs/[0-9][0-9][a-z]_*.ipynb)
 outputs: $(STAMP)
 	$(BIN)/python tools/execute_notebooks.py $(NBS)
 	$(BIN)/nbdev_clean

@@ -15,8 +15,9 @@ from .stats import ratio_ci
 
 # %% auto #0
 __all__ = ['IGNORE', 'METRIC_COLS', 'TEST_COLS', 'N_BOOT', 'NAN', 'SAME_WHAT', 'TEST_NOTE', 'flatten', 'ignored',
-           'test_predictions', 'mae_interval', 'test_set_id', 'run_summary', 'compare_runs', 'comparability_notes',
-           'find_runs', 'markdown_table', 'text_table', 'comparison_markdown', 'write_comparison', 'main']
+           'test_predictions', 'predictions_disagree', 'mae_interval', 'test_set_id', 'run_summary', 'compare_runs',
+           'comparability_notes', 'find_runs', 'markdown_table', 'text_table', 'comparison_markdown',
+           'write_comparison', 'main']
 
 # %% ../nbs/13_compare.ipynb #b7f54993
 IGNORE = (  # when, where and as which process a run ran
@@ -92,6 +93,15 @@ def test_predictions(run_dir):
         raise InputError(f'{p}: no rows, or a row without a subject or a numeric age and prediction; fix or remove this run')
     return df.assign(abs_error=err)
 
+def predictions_disagree(pred, mae, pred_file, metrics_file) -> str | None:
+    """Why a run's predictions.csv (rows `pred`, or None) and the test MAE `mae` that its metrics file gives disagree:
+    None when they agree, or when either is absent. `compare` refuses such a run, and a report is not rendered from it."""
+    if pred is None or not _number(mae): return None
+    pmae = float((pred['pred'].astype(float) - pred['age'].astype(float)).abs().mean())
+    if math.isclose(pmae, mae, rel_tol=1e-6, abs_tol=1e-6): return None
+    return (f'{pred_file} gives a test MAE of {pmae:.6g} but {metrics_file} says {mae:.6g}: the two files come from '
+            'different evaluations')
+
 def mae_interval(pred, n_boot=N_BOOT, seed=0) -> tuple:
     """(MAE, low, high): the image-level MAE of `pred` (subject, age, pred per image) with its 95% percentile bootstrap
     interval, the subjects resampled with all their images; no interval (NaN) with fewer than 2 subjects."""
@@ -142,11 +152,9 @@ def run_summary(run_dir) -> dict:
         best_val = best_val[0] if best_val is not None else NAN
     pred = test_predictions(run)
     lo = hi = NAN
-    if pred is not None and _number(mae):
-        pmae, lo, hi = mae_interval(pred)
-        if not math.isclose(pmae, mae, rel_tol=1e-6, abs_tol=1e-6):
-            raise InputError(f'{run / "predictions.csv"} gives a test MAE of {pmae:.6g} but {mfile} says {mae:.6g}: the two files '
-                             'come from different evaluations; restore the run\'s files or leave this run out')
+    if bad := predictions_disagree(pred, mae, run / 'predictions.csv', mfile):
+        raise InputError(f'{bad}; restore the run\'s files or leave this run out')
+    if pred is not None and _number(mae): _, lo, hi = mae_interval(pred)
     ds, fp = cfg.get('dataset') if isinstance(cfg.get('dataset'), dict) else {}, cfg.get('data_fingerprint')
     return {'run': run.name, 'status': _status(cfg), 'test_mae': mae, 'test_mae_ci_low': lo, 'test_mae_ci_high': hi,
             'test_rmse': rmse, 'test_r': r,

@@ -4,149 +4,28 @@
 
 # %% ../nbs/04_data.ipynb #b07b7264
 from __future__ import annotations
-import hashlib, io, json, math, os, re, stat, unicodedata, warnings
+import hashlib, json, math, os, re, stat, unicodedata
 from pathlib import Path, PureWindowsPath
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from .core import InputError, Parser, run_cli, file_sha256
+from .files import DEFAULT_PATTERN, decode_grey, list_images, _compile, _rows_list
 from .tables import (AGE_NAMES, FILE_NAMES, HEIGHT_NAMES, ID_NAMES, MAX_EXPANDED_MB, MAX_TABLE_MB, SEX_NAMES,
-                          WEIGHT_NAMES, denied, no_read_access, norm_id, read_cells, sheet_names, show_name, _blank, _blocks,
+                          WEIGHT_NAMES, norm_id, read_cells, sheet_names, show_name, _blank, _blocks,
                           _col_letter, _find_col, _id_key, _is_grouped, _is_utf8, _norm_sex, _num, _q, _span,
-                          _Uncomputed, _why)
+                          _Uncomputed)
 
 # %% auto #0
-__all__ = ['DEFAULT_PATTERN', 'IMAGE_EXTS', 'COLUMNS', 'BMI_RANGE', 'DATA_READ_KEYS', 'list_images', 'decode_grey',
-           'load_dataset', 'as_list', 'data_fingerprint', 'pair_folders', 'distinct_folders', 'load_folders',
-           'folder_matching', 'read_kwargs', 'sheet_for', 'format_summary', 'main']
+__all__ = ['COLUMNS', 'BMI_RANGE', 'DATA_READ_KEYS', 'load_dataset', 'as_list', 'data_fingerprint', 'pair_folders',
+           'distinct_folders', 'load_folders', 'folder_matching', 'read_kwargs', 'sheet_for', 'format_summary', 'main']
 
 # %% ../nbs/04_data.ipynb #d38f9517
-DEFAULT_PATTERN = r'^anon_(\d+)_(\d+)\.(png|jpe?g|tiff?|bmp)$'
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 COLUMNS = ['path', 'filename', 'subject', 'image_index', 'age', 'sex', 'height_cm', 'weight_kg', 'bmi', 'muscle',
            'cohort', 'mask_path']
 BMI_RANGE = (10.0, 60.0)
-
-# %% ../nbs/04_data.ipynb #325a1278
-def _natural(name):
-    return [int(t) if i % 2 else t.lower() for i, t in enumerate(re.split(r'(\d+)', name))]
-
-def _compile(pattern):
-    try: rx = re.compile(pattern, re.IGNORECASE)
-    except (re.error, TypeError, ValueError) as e:
-        raise InputError(f'--pattern {_q(str(pattern))} is not a valid regular expression ({e})')
-    if rx.groups < 1: raise InputError(f'--pattern {_q(pattern)} has no group: group 1 must capture the subject ID')
-    return rx
-
-def _image_key(name, rx):
-    m = rx.match(name) if rx is not None else None
-    if m and m.group(1) is not None:
-        g2 = m.group(2) if rx.groups >= 2 else None
-        return (0, _id_key(norm_id(m.group(1)) or ''), int(g2) if g2 and g2.isdecimal() else -1, _natural(name), name)
-    return (1, (0, 0, ''), -1, _natural(name), name)
-
-def list_images(folder, pattern=None) -> list[Path]:
-    """The image files directly in `folder`, as `Path(folder) / name`, in natural order (by subject, then image index,
-    when `pattern` is given). Dot-files, sub-folders and other extensions are skipped; links leading out of the folder,
-    dangling links, non-regular files and names that are not valid UTF-8 raise InputError naming them; so does an
-    empty, missing or unreadable folder."""
-    d = Path(folder)
-    rx = _compile(pattern) if pattern is not None else None
-    try: root = d.resolve(strict=True)
-    except FileNotFoundError: raise InputError(f'image folder {show_name(d)} does not exist: check --image-dir')
-    except (OSError, RuntimeError) as e:   # RuntimeError: a link loop (Python < 3.13)
-        if denied(e): raise InputError(f'image folder {show_name(d)} cannot be reached (permission denied): give your '
-                                       'user access to it and the folders above it (read and search, r-x)')
-        raise InputError(f'image folder {show_name(d)} cannot be opened ({_why(e)}): check --image-dir')
-    if not root.is_dir(): raise InputError(f'--image-dir {show_name(d)} is not a folder: pass the folder that holds the images')
-    try: names = os.listdir(root)
-    except OSError as e:
-        if denied(e): raise InputError(f'image folder {show_name(d)} cannot be listed (permission denied): give your user '
-                                       'read access to it (read and search, r-x)')
-        raise InputError(f'image folder {show_name(d)} cannot be listed ({_why(e)}): check --image-dir')
-    files, outside, broken, odd, undecodable = [], [], [], [], []
-    for name in names:
-        if name.startswith('.') or os.path.splitext(name)[1].lower() not in IMAGE_EXTS: continue
-        p = root / name
-        try:
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                target = p.resolve(strict=True)
-                if not target.is_relative_to(root): outside.append(f'{show_name(name)} -> {show_name(target)}'); continue
-                st = os.stat(p)
-        except (OSError, RuntimeError): broken.append(show_name(name)); continue   # dangling, looping, vanished
-        if stat.S_ISDIR(st.st_mode): continue
-        if not stat.S_ISREG(st.st_mode): odd.append(show_name(name)); continue
-        if not _is_utf8(name): undecodable.append(show_name(name)); continue
-        files.append(name)
-    where = show_name(d)
-    if outside:
-        raise InputError(f'{len(outside)} image link(s) in {where} lead outside it ({_rows_list(sorted(outside), 5)}): agenb reads '
-                         'images only from inside the image folder; copy the files in, or point --image-dir at the folder that holds them')
-    if broken:
-        raise InputError(f'{len(broken)} image link(s) in {where} lead nowhere (dangling or looping: {_rows_list(sorted(broken), 5)}): '
-                         'fix or remove them')
-    if odd:
-        raise InputError(f'{len(odd)} entries in {where} are named like images but are not regular files (a FIFO, socket '
-                         f'or device: {_rows_list(sorted(odd), 5)}): remove them from the image folder')
-    if undecodable:
-        raise InputError(f'{len(undecodable)} image file name(s) in {where} are not valid UTF-8 ({_rows_list(sorted(undecodable), 5)}; '
-                         'odd bytes shown as \\xNN): rename them, e.g. convmv -f latin1 -t utf-8 --notest *, '
-                         'as file names are written into UTF-8 tables and must find the same files again')
-    if not files:
-        raise InputError(f'no image files ({"/".join(e[1:] for e in IMAGE_EXTS)}) in {where}: check --image-dir')
-    return [d / n for n in sorted(files, key=lambda n: _image_key(n, rx))]
-
-def _rows_list(items, n=10):
-    s = ', '.join(items[:n])
-    return s + (f' and {len(items) - n} more' if len(items) > n else '')
-
-# %% ../nbs/04_data.ipynb #d3c0de02
-_SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
-
-def _open_image(src):
-    "PIL's `Image.open` without its decompression-bomb warning: `decode_grey` refuses such a file, in one line."
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-        return Image.open(src)
-
-def decode_grey(path, data: bytes | None = None) -> np.ndarray:
-    """Decode the image at `path` (or its bytes `data`) to a greyscale `uint8` array (H, W); `InputError` naming
-    the file on failure. agenb's only image decoder: what `data check` accepts, training accepts."""
-    shown, replace = show_name(path), 'replace the file or remove it from the folder'
-    def refuse(what, todo=replace):
-        return InputError(f'could not read image {shown}: {what}: {todo} (agenb never substitutes a blank image)')
-    resave = 'save it as an 8- or 16-bit greyscale image, or remove it from the folder'
-    try:
-        with _open_image(io.BytesIO(data) if data is not None else path) as im:
-            w, h = im.size
-            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-                raise InputError(f'image {shown} declares {w} x {h} pixels, more than PIL decodes safely '
-                                 f'({Image.MAX_IMAGE_PIXELS:,}; a decompression bomb?): {replace}')
-            im.load()  # decode now, so a truncated or corrupt file fails here
-            if im.mode == 'L': a = np.asarray(im)
-            elif im.mode in _SIXTEEN_BIT:
-                a = np.asarray(im).astype(np.int64)
-                if a.size and (a.min() < 0 or a.max() > 65535):
-                    raise refuse(f'its {im.mode} pixel values run from {a.min()} to {a.max()}, outside the 0..65535 of a '
-                                 '16-bit image', resave)
-                a = ((a * 255 + 32767) // 65535).astype(np.uint8)
-            elif im.mode == 'F': raise refuse('it is a 32-bit floating-point image (mode F), which agenb does not read', resave)
-            else: a = np.asarray(im.convert('L'))
-    except InputError: raise
-    except Image.DecompressionBombError as e:   # beyond twice the limit PIL refuses in Image.open, before the size is seen
-        raise InputError(f'image {shown} declares more pixels than PIL decodes safely ({_why(e)}): {replace}') from None
-    except Exception as e:   # PIL raises many types (OSError, SyntaxError, ValueError, struct.error...) for bad files
-        if denied(e): raise no_read_access('image', path, ', or remove it from the folder') from None
-        if isinstance(e, OSError) and e.errno is not None:   # the system could not read it (PIL's own errors have no errno)
-            raise InputError(f'could not read image {shown} ({_why(e)}): check the file and its disk, or remove it from '
-                             'the folder') from None
-        raise refuse(f'it cannot be decoded ({_why(e, path)})') from None
-    if a.ndim != 2 or 0 in a.shape: raise refuse(f'it has shape {a.shape}, not that of a non-empty 2-D greyscale image')
-    return np.ascontiguousarray(a, dtype=np.uint8)
 
 # %% ../nbs/04_data.ipynb #fdb5d030
 def _table_file(v, root):

@@ -13,7 +13,7 @@ from scipy.stats import linregress
 
 from .core import (InputError, Parser, run_cli, atomic_write, atomic_write_json, atomic_savefig, ensure_output_dir, timestamped,
                         show_path)
-from .data import DEFAULT_PATTERN
+from .files import DEFAULT_PATTERN
 from .runs import predict_split, read_split, refuse_run_dir
 from matplotlib.figure import Figure  # never pyplot: drawing must not switch the caller's backend
 

@@ -12,7 +12,8 @@ import pandas as pd
 import yaml
 
 from .core import InputError, atomic_write_text
-from .data import DEFAULT_PATTERN, load_dataset, sheet_for
+from .files import DEFAULT_PATTERN
+from .data import load_dataset, sheet_for
 from .runs import load_run_model, run_table
 from .evaluate import write_evaluation
 from .predict import closed_test_error, experiment_test_images, find_images, parse_subject, predict_images, read_images

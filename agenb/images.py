@@ -17,7 +17,7 @@ from PIL import Image
 
 from .core import InputError, atomic_write, atomic_write_json
 from .tables import denied, no_read_access
-from .data import decode_grey
+from .files import decode_grey
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CACHE_FORMAT_VERSION', 'ROIS', 'ANNOTATION_REGIONS', 'ROI_ORDER', 'MASK_RULE',
@@ -26,7 +26,7 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CACHE_FORMAT_VERSION', 'ROIS', 'ANN
            'decode_grey']
 
 # %% ../nbs/06_images.ipynb #00b91f6d
-_all_ = ['decode_grey']   # defined in agenb.data, exported here too
+_all_ = ['decode_grey']   # defined in agenb.files, exported here too
 
 # %% ../nbs/06_images.ipynb #06285822
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -15,7 +15,8 @@ import torch
 
 import agenb
 from .core import InputError, Parser, ensure_output_dir, run_cli, atomic_write, atomic_write_json, file_sha256, load_json
-from .data import (DEFAULT_PATTERN, IMAGE_EXTS, list_images, load_folders, as_list, pair_folders, distinct_folders,
+from .files import DEFAULT_PATTERN, IMAGE_EXTS, list_images
+from .data import (load_folders, as_list, pair_folders, distinct_folders,
                         sheet_for)
 from .tables import norm_id, show_name
 from .images import affine_warp, load_image
@@ -55,7 +56,7 @@ def _natural(name):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r'(\d+)', name)]
 
 def find_images(image_dir) -> list[Path]:
-    "The image files directly in `image_dir` (`agenb.data.list_images`: inside the folder, natural order); none is an error."
+    "The image files directly in `image_dir` (`agenb.files.list_images`: inside the folder, natural order); none is an error."
     files = list_images(image_dir)
     if not files: raise InputError(f'--image-dir {show_name(image_dir)} holds no image files ({", ".join(IMAGE_EXTS)})')
     return files

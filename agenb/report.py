@@ -17,8 +17,8 @@ from nbformat.v4 import new_notebook, new_code_cell, new_output
 import agenb
 from .core import InputError, IPCKernelManager, Parser, run_cli, atomic_write_text, show_path
 from .runs import is_run_dir
-from .report_sections import DASH, STYLE, fig_tag, fmt, load_run, note, table, Html, check_run_files, prediction_problem
-from .compare import compare_runs, find_runs, METRIC_COLS, TEST_NOTE, comparability_notes, mae_interval
+from .report_sections import DASH, STYLE, fig_tag, fmt, load_run, note, table, Html, check_run_files, test_mae_interval
+from .compare import compare_runs, find_runs, METRIC_COLS, TEST_NOTE, comparability_notes
 
 # %% auto #0
 __all__ = ['repo_root', 'report_notebook', 'self_contained', 'external_refs', 'notebook_html', 'summary_markdown',
@@ -71,9 +71,8 @@ def summary_markdown(r) -> str:
     c = r.config; ds = c.get('dataset') or {}; t = c.get('training') or {}; src = c.get('source') or {}
     m = (r.metrics or {}).get('overall') or {}
     ci = ''
-    if m and r.predictions is not None and not prediction_problem(r):
-        _, lo, hi = mae_interval(r.predictions)
-        if lo == lo: ci = f' [95% interval {lo:.3f} to {hi:.3f}, bootstrap over test subjects]'
+    lo, hi = test_mae_interval(r)
+    if m and lo is not None and lo == lo: ci = f' [95% interval {lo:.3f} to {hi:.3f}, bootstrap over test subjects]'
     ep = c.get('best_epoch')
     lines = [f'# Experiment summary: {r.name}', '',
              f'- script: {c.get("script_name", DASH)} {c.get("script_version", "")} (entry: {src.get("entry", DASH)})',

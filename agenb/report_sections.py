@@ -13,18 +13,19 @@ import pandas as pd
 from PIL import Image
 
 from .core import InputError
-from .split import load_split, split_summary, age_hist_figure
+from .split import load_split, age_hist_figure
 from .options import RECIPE_KEYS
 from .runs import curves_figure
-from .compare import mae_interval, N_BOOT
+from .compare import mae_interval, predictions_disagree, N_BOOT
 
 # %% auto #0
-__all__ = ['DASH', 'STYLE', 'METRIC_COLUMNS', 'PLOT_TITLES', 'load_run', 'prediction_problem', 'check_run_files', 'Html', 'fmt',
-           'cell', 'kv_table', 'table', 'note', 'png_tag', 'img_file', 'fig_tag', 'kept_best', 'header_section',
-           'option_sources', 'option_sources_html', 'identity_section', 'threads_text', 'environment_section',
-           'split_ages', 'dataset_section', 'covariates_text', 'bias_text', 'model_section', 'training_section',
-           'curves_section', 'metrics_frame', 'calibration_html', 'test_basis', 'metrics_section', 'plots_section',
-           'age_groups_section', 'gradcam_section', 'thumbnail', 'gallery', 'predictions_section', 'files_section']
+__all__ = ['DASH', 'STYLE', 'METRIC_COLUMNS', 'PLOT_TITLES', 'load_run', 'prediction_problem', 'test_mae_interval',
+           'check_run_files', 'Html', 'fmt', 'cell', 'kv_table', 'table', 'note', 'png_tag', 'img_file', 'fig_tag',
+           'kept_best', 'header_section', 'option_sources', 'option_sources_html', 'identity_section', 'threads_text',
+           'environment_section', 'split_ages', 'dataset_section', 'covariates_text', 'bias_text', 'model_section',
+           'training_section', 'curves_section', 'metrics_frame', 'calibration_html', 'test_basis', 'metrics_section',
+           'plots_section', 'age_groups_section', 'gradcam_section', 'thumbnail', 'gallery', 'predictions_section',
+           'files_section']
 
 # %% ../nbs/15_report_sections.ipynb #2b4f75e9
 def _read_json(path):
@@ -80,11 +81,16 @@ def load_run(run_dir, log_lines=40) -> SimpleNamespace:
 def prediction_problem(r) -> str | None:
     "Why predictions.csv and metrics.json of loaded run `r` disagree on the test MAE (None: they agree, or one is absent)."
     mae = ((r.metrics or {}).get('overall') or {}).get('mae')
-    if r.predictions is None or not isinstance(mae, (int, float)) or isinstance(mae, bool): return None
-    pmae = float((r.predictions['pred'].astype(float) - r.predictions['age'].astype(float)).abs().mean())
-    if math.isclose(pmae, mae, rel_tol=1e-6, abs_tol=1e-6): return None
-    return (f'{r.dir / "predictions.csv"} gives a test MAE of {pmae:.6g} but {r.dir / "metrics.json"} says {mae:.6g}: '
-            'the two files come from different evaluations')
+    return predictions_disagree(r.predictions, mae, r.dir / 'predictions.csv', r.dir / 'metrics.json')
+
+def test_mae_interval(r) -> tuple:
+    """(low, high) of loaded run `r`'s test MAE: its 95% bootstrap interval over test subjects (`mae_interval`), computed
+    once per run and shared by the page and report.md; (None, None) without predictions, or when they disagree with
+    metrics.json."""
+    if not hasattr(r, 'mae_ci'):
+        ok = r.predictions is not None and r.metrics is not None and not prediction_problem(r)
+        r.mae_ci = tuple(mae_interval(r.predictions)[1:]) if ok else (None, None)
+    return r.mae_ci
 
 def check_run_files(r):
     "InputError naming the first file of loaded run `r` that exists but is damaged (missing files are fine: a failed run)."
@@ -462,8 +468,7 @@ def metrics_section(r) -> Html:
     o = m.get('overall') or {}
     bad = prediction_problem(r)
     if bad: out.append(note(bad + ': the numbers below are metrics.json\'s; no interval is given', 'error'))
-    lo = hi = None
-    if r.predictions is not None and not bad: _, lo, hi = mae_interval(r.predictions)
+    lo, hi = test_mae_interval(r)
     if o:
         out.append(f'<p style="font-size:1.3em">Test MAE <b>{fmt(o.get("mae"), 3)}</b> years'
                    + (f' (95% interval {fmt(lo, 3)} to {fmt(hi, 3)})' if not _missing(lo) else '')

@@ -14,7 +14,8 @@ import torch
 from matplotlib.figure import Figure  # draws with Agg whatever backend the caller's notebook uses
 
 from .core import InputError, file_sha256, run_process_state
-from .data import DEFAULT_PATTERN, load_folders, read_kwargs
+from .files import DEFAULT_PATTERN
+from .data import load_folders, read_kwargs
 from .split import load_split
 from .images import Preprocessing, load_images
 from .model import (build_model, DistributionHead, AgeOutput, parse_age_bins, coverage, parse_covariates, sheet_covariates, covariate_values,

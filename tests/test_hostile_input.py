@@ -13,7 +13,8 @@ from openpyxl import Workbook
 from PIL import Image
 
 from agenb.core import InputError
-from agenb.data import IMAGE_EXTS, list_images, load_dataset
+from agenb.files import IMAGE_EXTS, list_images
+from agenb.data import load_dataset
 from conftest import ROOT
 
 HDR = ['Number', 'Age', 'Length (cm)', 'Weight (kg)', 'Sex']

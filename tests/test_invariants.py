@@ -24,7 +24,7 @@ import agenb.exp_jobs as exp_jobs
 import agenb.exp_worker as exp_worker
 from agenb.gap_stats import subject_gaps
 from agenb.core import InputError
-from agenb.data import DEFAULT_PATTERN
+from agenb.files import DEFAULT_PATTERN
 from agenb.evaluate import apply_bias_correction, fit_bias_correction
 from agenb.export import AgeRegressor, export_onnx, load_exported
 from agenb.images import Preprocessing

@@ -1564,7 +1564,7 @@ def test_interval_tables_and_calibration():
 
 # ---- agenb.predict: a --subject-views run through predict_images and its subject table --------------------------------------
 
-from agenb.data import DEFAULT_PATTERN
+from agenb.files import DEFAULT_PATTERN
 from agenb.model import fit_covariates
 from agenb.predict import predict_images, subject_table
 

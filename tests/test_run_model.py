@@ -166,7 +166,7 @@ def test_read_images_skips_only_when_asked(run, tmp_path):
 
 
 def test_parse_subject():
-    from agenb.data import DEFAULT_PATTERN
+    from agenb.files import DEFAULT_PATTERN
     assert parse_subject('anon_012_3.png', DEFAULT_PATTERN) == ('12', 3)
     assert parse_subject('/a/b/ANON_7_10.PNG', DEFAULT_PATTERN) == ('7', 10)
     assert parse_subject('scan.png', DEFAULT_PATTERN) == (None, None)
