@@ -130,6 +130,9 @@ def test_defaults_leaderboards_are_rendered_into_their_readme():
         assert f['opening'] == 1 and len(f['single']) >= 2 and f['ensemble']['n_test_subjects'] == f['ensemble_vs_single']['n']
 
 
+# A bench script's end-to-end check that trains an experiment (about 75 s on 2 cores): `make test-all` runs it,
+# `make test` does not. The script is bench code, not agenb's: a broken one fails its own bench run, not a user's result.
+@pytest.mark.slow
 def test_selection_scores_each_rule_on_the_same_fold_runs(tmp_path, synth_root):
     """bench/defaults/selection.py on a tiny experiment (one variant, 2 folds, 3 epochs, a checkpoint every epoch):
     `best` reproduces the experiment's own OOF predictions, `last` is the last epoch's checkpoint, each rule covers the
@@ -654,6 +657,9 @@ def test_gap_probe_is_trained_again_when_its_data_change(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match='trained'): job(from_runs=True)
 
 
+# A bench script's end-to-end check of two two-rank launches (about 40 s on 2 cores): `make test-all` runs it, `make
+# test` does not. Trainer.close, which the bench measures, is tested by tests/test_ddp.py in `make test`.
+@pytest.mark.slow
 def test_ddp_teardown_bench_records_each_variant(tmp_path):
     """bench/ddp_teardown.py: one two-rank launch per variant (no CPU load) ends cleanly through agenb's Trainer.close,
     and the record names the code, the counts and the exact interval; a run count below 1 is refused with exit 2."""

@@ -62,20 +62,31 @@ def unprivileged(area):
     pytest.skip('cannot run a child that honours file modes: ' + '; '.join(tried))
 
 
-@pytest.fixture()
+@pytest.fixture(scope='module')
 def run_as(unprivileged, area):
-    "Run `python -m agenb.<module> ARGS` as the unprivileged user; a CompletedProcess."
+    """Run `python -m agenb.<module> ARGS` as the unprivileged user; a CompletedProcess. Each command is a process of its
+    own, forked by one server started as that user (tests/zygote.py), which imports agenb once for all of them."""
     drop, who = unprivileged
     home = area / 'home'
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', PYTHONDONTWRITEBYTECODE='1', HOME=str(home),
                TMPDIR=str(home), MPLCONFIGDIR=str(home / 'mpl'), XDG_CACHE_HOME=str(home / 'cache'),
                JUPYTER_RUNTIME_DIR=str(home / 'jupyter'), JUPYTER_DATA_DIR=str(home / 'jupyter'))
+    server = subprocess.Popen([sys.executable, str(ROOT / 'tests' / 'zygote.py')], preexec_fn=drop, cwd=home, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert json.loads(server.stdout.readline()) == {'ready': True}
+    n = [0]
     def run(module, *args):
-        r = subprocess.run([sys.executable, '-m', f'agenb.{module}', *map(str, args)], preexec_fn=drop, cwd=home,
-                           env=env, capture_output=True, text=True, timeout=600)
+        n[0] += 1
+        out, err = home / f'cmd{n[0]}.out', home / f'cmd{n[0]}.err'
+        server.stdin.write(json.dumps({'module': f'agenb.{module}', 'args': [str(a) for a in args], 'cwd': str(home),
+                                       'out': str(out), 'err': str(err)}) + '\n')
+        server.stdin.flush()
+        code = json.loads(server.stdout.readline())['code']
+        r = subprocess.CompletedProcess(['agenb.' + module, *map(str, args)], code, out.read_text(), err.read_text())
         r.who = who
         return r
-    return run
+    yield run
+    server.stdin.close(); server.wait(60)
 
 
 def one_line_error(r, *words):
