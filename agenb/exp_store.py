@@ -13,17 +13,17 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 import agenb
-from .core import InputError
+from .core import InputError, file_sha256
 from .model import COVARIATES, covariate_values, parse_covariates
 from .data import data_fingerprint, load_folders, read_kwargs
 from .split import save_split
-from .exp_spec import _fail, option_value, resolve_paths, spec_from_text, trainer_options
+from .exp_spec import _fail, option_value, resolve_paths, spec_from_text, spec_paths, trainer_options
 from .exp_protocol import _now, make_protocol, protocol_labels
 from .exp_db import EXPERIMENTS, ExpDB, _server_args, bind, default_url, exp_db, make_engine, reachable, redact, write_local
 
 # %% auto #0
-__all__ = ['METRIC', 'STUDY_LAYOUT', 'read_table', 'spec_key', 'experiment_id', 'resume_changes', 'check_changes',
-           'machine_changes', 'local_data', 'study_names', 'open_storage', 'open_study', 'open_studies',
+__all__ = ['METRIC', 'STUDY_LAYOUT', 'read_table', 'spec_key', 'experiment_id', 'local_data', 'option_files', 'resume_changes',
+           'check_changes', 'machine_changes', 'study_names', 'open_storage', 'open_study', 'open_studies',
            'check_covariates', 'setup_experiment', 'attach_experiment', 'fixed_distributions', 'search_distributions',
            'report_folds', 'init_trials', 'add_fixed_trial', 'next_search_name', 'new_search_trial',
            'reopen_search_trial', 'study_variants']
@@ -44,34 +44,6 @@ def experiment_id(key, fp) -> str:
     "The identity of the experiment of spec `key` on the data of fingerprint `fp`."
     return hashlib.sha256(f'{key}\n{fp["images_sha256"]}\n{fp["excel_sha256"]}'.encode()).hexdigest()[:12]
 
-def resume_changes(exp, fp=None) -> list:
-    "What changed since experiment `exp` began: the agenb version, and (given `fp`) the data's content."
-    out, old = [], exp.get('data_fingerprint') or {}
-    if exp.get('agenb_version') != agenb.__version__: out.append(f'agenb {exp.get("agenb_version")} -> {agenb.__version__}')
-    if fp is not None and (old.get('images_sha256'), old.get('excel_sha256')) != (fp['images_sha256'], fp['excel_sha256']):
-        what = ['images' if old.get('images_sha256') != fp['images_sha256'] else None,
-                'spreadsheet' if old.get('excel_sha256') != fp['excel_sha256'] else None]
-        out.append(f'the data ({" and ".join(w for w in what if w)}: {old.get("n_images")} -> {fp["n_images"]} images, '
-                   f'content {str(old.get("images_sha256"))[:12]} -> {fp["images_sha256"][:12]})')
-    return out
-
-def check_changes(exp, fp=None, allow=False) -> list:
-    "`resume_changes`, refused with one line unless `allow` (--allow-changed-data); returns them."
-    ch = resume_changes(exp, fp)
-    if ch and not allow:
-        raise InputError(f'{"; ".join(ch)} since experiment {exp["name"]!r} ({exp["id"]}) began: restore them, or pass '
-                         '--allow-changed-data to go on with the change (it is recorded)')
-    return ch
-
-def machine_changes(exp, allow=False, need_data=True) -> list:
-    """`check_changes` on this machine: the agenb version, and the content of the data at this machine's paths (without
-    `need_data`, data this machine does not have are not compared: only the version is)."""
-    try: table = read_table(exp['data'], verify=False)
-    except InputError:
-        if need_data: raise
-        return check_changes(exp, None, allow)
-    return check_changes(exp, data_fingerprint(table, exp['data']['excel_path']), allow)
-
 def _spec_difference(a, b) -> str:
     for k in sorted(set(a) | set(b)):
         if a.get(k) != b.get(k): return k
@@ -83,6 +55,53 @@ def local_data(spec) -> dict:
     res = lambda v: [str(Path(x).resolve()) for x in v] if isinstance(v, list) else str(Path(v).resolve())
     out = {k: (res(v) if k in ('image_dir', 'excel_path') else v) for k, v in spec['data'].items()}
     return {**out, 'paths': p} if (p := resolve_paths(spec)) else out
+
+# %% ../nbs/26_exp_store.ipynb #5309f514
+def option_files(written, paths=None) -> dict:
+    """{path option as the spec writes it: sha256 of the file it names on this machine}, for the path options that name
+    a file (a `weights:` file; `cache_dir` names a folder); `paths`: this machine's absolute paths of relative ones."""
+    out = {}
+    for p in written:
+        f = Path((paths or {}).get(p) or p)
+        if f.is_file(): out[p] = file_sha256(f)
+    return out
+
+def resume_changes(exp, fp=None) -> list:
+    """What changed since experiment `exp` began: the agenb version, and (given `fp`) the data's content and that of the
+    files its options name (`files`: a weights file; experiments made before agenb recorded them compare the data only)."""
+    out, old = [], exp.get('data_fingerprint') or {}
+    if exp.get('agenb_version') != agenb.__version__: out.append(f'agenb {exp.get("agenb_version")} -> {agenb.__version__}')
+    if fp is not None and (old.get('images_sha256'), old.get('excel_sha256')) != (fp['images_sha256'], fp['excel_sha256']):
+        what = ['images' if old.get('images_sha256') != fp['images_sha256'] else None,
+                'spreadsheet' if old.get('excel_sha256') != fp['excel_sha256'] else None]
+        out.append(f'the data ({" and ".join(w for w in what if w)}: {old.get("n_images")} -> {fp["n_images"]} images, '
+                   f'content {str(old.get("images_sha256"))[:12]} -> {fp["images_sha256"][:12]})')
+    if fp is not None and 'files' in old:
+        now = fp.get('files') or {}
+        for p in sorted(set(old['files']) | set(now)):
+            a, b = old['files'].get(p), now.get(p)
+            if a != b: out.append(f'the file {p} (' + (f'content {a[:12]} -> {b[:12]})' if a and b else
+                                                       'not found on this machine)' if a else 'new)'))
+    return out
+
+def check_changes(exp, fp=None, allow=False) -> list:
+    "`resume_changes`, refused with one line unless `allow` (--allow-changed-data); returns them."
+    ch = resume_changes(exp, fp)
+    if ch and not allow:
+        raise InputError(f'{"; ".join(ch)} since experiment {exp["name"]!r} ({exp["id"]}) began: restore them, or pass '
+                         '--allow-changed-data to go on with the change (it is recorded)')
+    return ch
+
+def machine_changes(exp, allow=False, need_data=True) -> list:
+    """`check_changes` on this machine: the agenb version, and the content of the data and of the recorded files at this
+    machine's paths (without `need_data`, data this machine does not have are not compared: only the version is)."""
+    try: table = read_table(exp['data'], verify=False)
+    except InputError:
+        if need_data: raise
+        return check_changes(exp, None, allow)
+    fp, old = data_fingerprint(table, exp['data']['excel_path']), exp.get('data_fingerprint') or {}
+    if 'files' in old: fp['files'] = option_files(old['files'], exp['data'].get('paths'))
+    return check_changes(exp, fp, allow)
 
 # %% ../nbs/26_exp_store.ipynb #7c254842
 METRIC = 'oof_subject_mae'   # the one measure: per subject the mean absolute error of its images, mean over seeds, over subjects
@@ -199,7 +218,7 @@ def setup_experiment(spec, spec_path, exp_dir, storage=None, log=print, allow_ch
     log(f'reading the data: {data["image_dir"]}')
     table = read_table(data)
     check_covariates(spec, data, table, str(spec_path))
-    fp = data_fingerprint(table, data['excel_path'])
+    fp = {**data_fingerprint(table, data['excel_path']), 'files': option_files(spec_paths(spec), data.get('paths'))}
     if mine:
         db = exp_db(exp_dir, storage)
         old = spec_from_text(db.spec_text(), f'the spec of {exp_dir}')

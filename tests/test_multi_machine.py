@@ -159,13 +159,21 @@ def test_hung_trainer_is_stopped(tmp_path, synth_root):
 
 
 def test_resume_checks_version_and_data(tmp_path, synth_root):
-    "run refuses a changed agenb version or changed data with one line, unless --allow-changed-data (recorded)."
+    """run refuses a changed agenb version, changed data or a weights file replaced under its path with one line, unless
+    --allow-changed-data (recorded)."""
+    import torch, torchvision
     data = tmp_path / 'data'; shutil.copytree(synth_root / 'TA', data / 'TA')
+    weights = tmp_path / 'r18.pth'; torch.manual_seed(0); torch.save(torchvision.models.resnet18().state_dict(), weights)
     spec = write_spec(tmp_path / 'spec.yaml', data, grid={'loss': ['mae']},
-                      base={**TINY, 'epochs': 1}, folds=2)
+                      base={**TINY, 'epochs': 1, 'weights': str(weights)}, folds=2)
     out = tmp_path / 'exp'
     assert agenb('experiment', 'run', spec, '--out', out, '--engine', 'cli').returncode == 0
     db = ExpDB(default_url(out), json.loads((out / 'experiment.json').read_text())['id'])
+    sha = db.read()['data_fingerprint']['files'][str(weights)]
+    kept = weights.read_bytes(); torch.save(torchvision.models.resnet18().state_dict(), weights)   # other weights, same path
+    r = agenb('experiment', 'run', spec, '--out', out, '--engine', 'cli')
+    assert r.returncode == 2 and f'the file {weights} (content {sha[:12]} -> ' in r.stderr and '--allow-changed-data' in r.stderr, r.stderr
+    weights.write_bytes(kept)
     db.update(lambda e: e.update(agenb_version='0.1.0'))
     r = agenb('experiment', 'run', spec, '--out', out, '--engine', 'cli')
     assert r.returncode == 2 and 'agenb 0.1.0 -> ' in r.stderr and '--allow-changed-data' in r.stderr
