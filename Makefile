@@ -37,7 +37,7 @@ unit: $(STAMP)
 ## where: the failed tests' tmp_path folders (pytest.ini removes the passed ones'), the shared data sets and runs of
 ## the session, and whatever the commands left.
 PYTEST_ARGS ?= tests
-PYTEST := $(BIN)/python -m pytest -c pytest.ini -q -rs -n 2 --dist loadfile --durations=15
+PYTEST := $(BIN)/python -m pytest -c pytest.ini -q -rs -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 integration: $(STAMP) browser
 	@t=$$(mktemp -d) || exit 1; chmod 755 "$$t"; trap 'rm -rf "$$t"; exit 130' INT TERM; \
 	 echo "TMPDIR=$$t $(PYTEST) -m \"$(PYTEST_MARKS)\" $(PYTEST_ARGS)"; \
