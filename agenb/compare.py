@@ -96,7 +96,7 @@ def test_predictions(run_dir):
 def predictions_disagree(pred, mae, pred_file, metrics_file) -> str | None:
     """Why a run's predictions.csv (rows `pred`, or None) and the test MAE `mae` that its metrics file gives disagree:
     None when they agree, or when either is absent. `compare` refuses such a run, and a report is not rendered from it."""
-    if pred is None or not _number(mae): return None
+    if pred is None or not isinstance(mae, (int, float)) or isinstance(mae, bool): return None
     pmae = float((pred['pred'].astype(float) - pred['age'].astype(float)).abs().mean())
     if math.isclose(pmae, mae, rel_tol=1e-6, abs_tol=1e-6): return None
     return (f'{pred_file} gives a test MAE of {pmae:.6g} but {metrics_file} says {mae:.6g}: the two files come from '

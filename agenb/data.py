@@ -8,7 +8,6 @@ import hashlib, json, math, os, re, stat, unicodedata
 from pathlib import Path, PureWindowsPath
 from types import SimpleNamespace
 
-import numpy as np
 import pandas as pd
 
 from .core import InputError, Parser, run_cli, file_sha256

@@ -76,8 +76,8 @@ def resume_changes(exp, fp=None) -> list:
                 'spreadsheet' if old.get('excel_sha256') != fp['excel_sha256'] else None]
         out.append(f'the data ({" and ".join(w for w in what if w)}: {old.get("n_images")} -> {fp["n_images"]} images, '
                    f'content {str(old.get("images_sha256"))[:12]} -> {fp["images_sha256"][:12]})')
-    if fp is not None and 'files' in old:
-        now = fp.get('files') or {}
+    if fp is not None and 'files' in old and 'files' in fp:
+        now = fp['files']
         for p in sorted(set(old['files']) | set(now)):
             a, b = old['files'].get(p), now.get(p)
             if a != b: out.append(f'the file {p} (' + (f'content {a[:12]} -> {b[:12]})' if a and b else
@@ -94,13 +94,14 @@ def check_changes(exp, fp=None, allow=False) -> list:
 
 def machine_changes(exp, allow=False, need_data=True) -> list:
     """`check_changes` on this machine: the agenb version, and the content of the data and of the recorded files at this
-    machine's paths (without `need_data`, data this machine does not have are not compared: only the version is)."""
+    machine's paths. Without `need_data` (a command that trains nothing, such as `predict` with the fold models), the
+    files the training started from are not compared, and data this machine does not have are not either."""
     try: table = read_table(exp['data'], verify=False)
     except InputError:
         if need_data: raise
         return check_changes(exp, None, allow)
     fp, old = data_fingerprint(table, exp['data']['excel_path']), exp.get('data_fingerprint') or {}
-    if 'files' in old: fp['files'] = option_files(old['files'], exp['data'].get('paths'))
+    if need_data and 'files' in old: fp['files'] = option_files(old['files'], exp['data'].get('paths'))
     return check_changes(exp, fp, allow)
 
 # %% ../nbs/26_exp_store.ipynb #7c254842

@@ -203,7 +203,7 @@ def test_plain_per_image_table(tmp_path):
     assert (s['table_format'], s['n_images'], s['n_subjects'], s['cohort'], s['muscle']) == ('per_image', 3, 2, 'Healthy', 'TA')
 
 
-# ---- check and training accept exactly the same image files (one decoder: agenb.data.decode_grey) -------------
+# ---- check and training accept exactly the same image files (one decoder: agenb.files.decode_grey) -------------
 
 def _write_kind(path, kind):
     "Write image `path` (a .png) as `kind`; returns the path of the file written."

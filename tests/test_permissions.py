@@ -4,7 +4,7 @@ root without the capabilities that bypass file modes (CAP_DAC_OVERRIDE, CAP_DAC_
 the bounding set before exec, so the new process never has them); a non-root user runs them as itself. A read-only run
 folder, an unwritable output folder, an unreadable image and an unreadable spreadsheet each end in one line on stderr
 naming the path, exit code 2, no traceback, and nothing written."""
-import ctypes, hashlib, json, os, pwd, shutil, stat, subprocess, sys, tempfile
+import ctypes, hashlib, json, os, pwd, select, shutil, signal, stat, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import pandas as pd
@@ -65,28 +65,50 @@ def unprivileged(area):
 @pytest.fixture(scope='module')
 def run_as(unprivileged, area):
     """Run `python -m agenb.<module> ARGS` as the unprivileged user; a CompletedProcess. Each command is a process of its
-    own, forked by one server started as that user (tests/zygote.py), which imports agenb once for all of them."""
+    own, forked by one server started as that user (tests/zygote.py), which imports agenb once for all of them. A
+    command still running after 500 s (before the test's own 600 s limit) is killed and fails its test; a server that
+    is busy or died fails every later test with a line that says so."""
     drop, who = unprivileged
     home = area / 'home'
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', PYTHONDONTWRITEBYTECODE='1', HOME=str(home),
                TMPDIR=str(home), MPLCONFIGDIR=str(home / 'mpl'), XDG_CACHE_HOME=str(home / 'cache'),
                JUPYTER_RUNTIME_DIR=str(home / 'jupyter'), JUPYTER_DATA_DIR=str(home / 'jupyter'))
     server = subprocess.Popen([sys.executable, str(ROOT / 'tests' / 'zygote.py')], preexec_fn=drop, cwd=home, env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert json.loads(server.stdout.readline()) == {'ready': True}
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
+    buf = bytearray()
+    def answer(timeout):
+        "The server's next line as JSON; None after `timeout` seconds without one (unbuffered: select sees every byte)."
+        end = time.monotonic() + timeout
+        while b'\n' not in buf:
+            if not select.select([server.stdout], [], [], max(0.0, end - time.monotonic()))[0]: return None
+            chunk = os.read(server.stdout.fileno(), 4096)
+            if not chunk: raise RuntimeError(f'the command server (tests/zygote.py) ended with exit code {server.wait()}')
+            buf.extend(chunk)
+        line, _, rest = bytes(buf).partition(b'\n'); buf[:] = rest
+        return json.loads(line)
     n = [0]
     def run(module, *args):
         n[0] += 1
         out, err = home / f'cmd{n[0]}.out', home / f'cmd{n[0]}.err'
-        server.stdin.write(json.dumps({'module': f'agenb.{module}', 'args': [str(a) for a in args], 'cwd': str(home),
-                                       'out': str(out), 'err': str(err)}) + '\n')
-        server.stdin.flush()
-        code = json.loads(server.stdout.readline())['code']
-        r = subprocess.CompletedProcess(['agenb.' + module, *map(str, args)], code, out.read_text(), err.read_text())
+        server.stdin.write((json.dumps({'module': f'agenb.{module}', 'args': [str(a) for a in args], 'cwd': str(home),
+                                        'out': str(out), 'err': str(err)}) + '\n').encode())
+        started = answer(60)
+        if started is None: raise RuntimeError('the command server (tests/zygote.py) did not start the command within 60 s')
+        done = answer(500)
+        if done is None:
+            os.kill(started['pid'], signal.SIGKILL); answer(60)
+            pytest.fail(f'agenb.{module} {" ".join(map(str, args))} did not end within 500 s (killed); its stderr:\n'
+                        f'{err.read_text()[-3000:]}')
+        r = subprocess.CompletedProcess(['agenb.' + module, *map(str, args)], done['code'], out.read_text(), err.read_text())
         r.who = who
         return r
-    yield run
-    server.stdin.close(); server.wait(60)
+    try:
+        assert answer(300) == {'ready': True}
+        yield run
+    finally:
+        server.stdin.close()
+        try: server.wait(60)
+        except subprocess.TimeoutExpired: os.killpg(server.pid, signal.SIGKILL); server.wait()
 
 
 def one_line_error(r, *words):
