@@ -15,7 +15,7 @@ import torch
 
 import agenb
 from .core import InputError, Parser, ensure_output_dir, run_cli, atomic_write, atomic_write_json, file_sha256, load_json
-from .files import DEFAULT_PATTERN, IMAGE_EXTS, list_images
+from .files import DEFAULT_PATTERN, IMAGE_EXTS, list_images, _natural
 from .data import (load_folders, as_list, pair_folders, distinct_folders,
                         sheet_for)
 from .tables import norm_id, show_name
@@ -52,9 +52,6 @@ def apply_view(x: torch.Tensor, view: dict) -> torch.Tensor:
                        flip_y=-1.0 if view['vflip'] else 1.0, shift_x=view['shift_x'], shift_y=view['shift_y']).clamp(0, 1)
 
 # %% ../nbs/17_predict.ipynb #35dccb26
-def _natural(name):
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r'(\d+)', name)]
-
 def find_images(image_dir) -> list[Path]:
     "The image files directly in `image_dir` (`agenb.files.list_images`: inside the folder, natural order); none is an error."
     files = list_images(image_dir)
