@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+import torchvision
 import yaml
 from PIL import Image
 
@@ -164,7 +166,6 @@ def test_hung_trainer_is_stopped(tmp_path, synth_root):
 def test_resume_checks_version_and_data(tmp_path, synth_root):
     """run refuses a changed agenb version, changed data or a weights file replaced under its path with one line, unless
     --allow-changed-data (recorded)."""
-    import torch, torchvision
     data = tmp_path / 'data'; shutil.copytree(synth_root / 'TA', data / 'TA')
     weights = tmp_path / 'r18.pth'; torch.manual_seed(0); torch.save(torchvision.models.resnet18().state_dict(), weights)
     spec = write_spec(tmp_path / 'spec.yaml', data, grid={'loss': ['mae']},
