@@ -217,6 +217,19 @@ def _read_subjects(image_dir, excel_path, cohort, sheet, pattern, rx, id_col, ag
                            subj=subj, by_file=by_file, dup_rows=dup_rows, rows_without_id=rows_without_id)
 
 # %% ../nbs/04_data.ipynb #0c89d2fa
+def _check_files(table) -> list:
+    """Decode every image as training decodes it (so check and training accept the same files; an image that fails
+    raises), and each image's mask: the masks that a `--roi mask` training could not use (undecodable, or not the
+    image's size), as 'name (why)'. A mask is read only by a training that asks for masks, so it is listed, not refused."""
+    bad = []
+    for p, m in zip(table['path'], table['mask_path']):
+        a = decode_grey(p)
+        if not isinstance(m, str): continue
+        try: b = decode_grey(m)
+        except InputError: bad.append(f'{show_name(Path(m).name)} (cannot be decoded)'); continue
+        if b.shape != a.shape: bad.append(f'{show_name(Path(m).name)} ({b.shape[1]} x {b.shape[0]} pixels, its image {a.shape[1]} x {a.shape[0]})')
+    return bad
+
 def _bmi(weight_kg, height_cm):
     """Weight over length (m) squared; NaN (so: implausible) where a length typed far too large or too small leaves a
     float no room for the square (Python's `**` raises OverflowError there, and a square that underflows to 0 divides
@@ -337,10 +350,12 @@ def load_dataset(image_dir, excel_path, cohort=None, sheet=None, pattern=DEFAULT
     if not matched:
         raise InputError(f'every subject with images in {shown_dir} has a blank age in {where}: fill in the ages')
     table, counts = _table(image_dir, matched, subj, t.layout_match, t.table_cohort, extra_columns)
-    if verify:
-        for p in table['path']: decode_grey(p)   # as training decodes it: check and training accept the same files
+    bad_masks = _check_files(table) if verify else []
+    if strict and bad_masks:
+        raise InputError(f'strict check of {shown_dir}: {len(bad_masks)} masks --roi mask could not use ({_rows_list(bad_masks, 5)}): '
+                         'fix or remove them, or run without --strict')
     summary = _summary(table, counts, t, image_dir, excel_path, pattern, unmatched, without_images, missing_age, not_matching, strict)
-    return table, summary
+    return table, {**summary, 'masks_unusable': bad_masks if verify else None}   # None: not checked
 
 # %% ../nbs/04_data.ipynb #c43ab3b7
 def as_list(v) -> list:
@@ -409,6 +424,8 @@ def load_folders(image_dir, excel_path, strict=False, **kw):
                    subjects_without_images=sorted({x for s in summ for x in s['subjects_without_images']} - everyone, key=_id_key),
                    subjects_missing_age=sorted({x for s in summ for x in s['subjects_missing_age']}, key=_id_key),
                    files_not_matching_pattern=[f'{m}/{f}' for m, s in zip(labels, summ) for f in s['files_not_matching_pattern']],
+                   masks_unusable=None if any(s['masks_unusable'] is None for s in summ) else
+                                  [f'{m}/{f}' for m, s in zip(labels, summ) for f in s['masks_unusable']],
                    not_in_every_folder=missing, folders=summ)
     return t, summary
 
@@ -454,6 +471,7 @@ def format_summary(s):
     lst('Subjects without images', s['subjects_without_images'])
     lst('Subjects with images but a blank age (left out)', s['subjects_missing_age'])
     lst('Image files not matching the pattern', s['files_not_matching_pattern'])
+    if s.get('masks_unusable'): lst('Masks --roi mask could not use (listed; --strict makes this an error)', s['masks_unusable'])
     if s['duplicate_rows']: L.append(f"Repeated rows (same subject, same values, ignored): {s['duplicate_rows']}")
     if s['rows_without_id']: L.append(f"Rows without a subject ID (ignored): {s['rows_without_id']}")
     if line := folder_matching(s): L.append(line[0].upper() + line[1:])
